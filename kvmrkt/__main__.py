@@ -1,0 +1,5 @@
+"""``python -m kvmrkt`` entry point."""
+
+from kvmrkt.cli import main
+
+main()

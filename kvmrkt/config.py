@@ -1,0 +1,193 @@
+"""Runtime configuration: ``CONFIG_DIR/config.toml`` merged with command-line flags.
+
+Role: load the config file strictly (unknown tables or keys are errors naming them), apply flag overrides and
+hand the engine one frozen ``RuntimeConfig``. Trust boundary: the config file is owned by root/config
+management and trusted once it parses; values are still type-checked so a typo cannot silently fall back to
+a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmrkt.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path("/var/lib/kvmrkt")
+DEFAULT_CONFIG_DIR = Path("/etc/kvmrkt")
+DEFAULT_ASSETS_DIR = Path("/var/lib/kvmrkt/stage1")
+
+# rkt's values, plus tpm and selinux for measured launch and sVirt.
+_INSECURE_GROUPS: dict[str, frozenset[str]] = {
+    "all-fetch": frozenset({"image", "tls", "http", "pubkey"}),
+    "all-run": frozenset({"capabilities", "paths", "seccomp"}),
+}
+INSECURE_VALUES = frozenset(
+    {"none", "image", "tls", "http", "pubkey", "ondisk", "capabilities", "paths", "seccomp", "tpm", "selinux"}
+    | set(_INSECURE_GROUPS)
+    | {"all"}
+)
+ACCELS = ("auto", "kvm", "tcg")
+KERNELS = ("minimal", "debian-cloud")
+
+
+def parse_insecure_options(value: str) -> frozenset[str]:
+    """Expand a comma list of ``--insecure-options`` values into the set of individual checks disabled.
+
+    Raises:
+        ConfigError: for an unknown value.
+    """
+    out: set[str] = set()
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if item not in INSECURE_VALUES:
+            raise ConfigError(
+                f"unknown --insecure-options value {item!r}",
+                hint="valid values: " + ", ".join(sorted(INSECURE_VALUES)),
+            )
+        if item == "all":
+            for group in _INSECURE_GROUPS.values():
+                out |= group
+            out |= {"ondisk", "tpm", "selinux"}
+        elif item in _INSECURE_GROUPS:
+            out |= _INSECURE_GROUPS[item]
+        elif item != "none":
+            out.add(item)
+    return frozenset(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage1Config:
+    """The ``[stage1]`` table."""
+
+    backend: str = "qemu"
+    accel: str = "auto"
+    kernel: str = "minimal"
+    assets_dir: Path = DEFAULT_ASSETS_DIR
+    qemu: str = "qemu-system-x86_64"
+    boot_timeout: float = 60.0
+    stop_timeout: float = 10.0
+    memory_overhead_mib: int = 128
+    min_memory_mib: int = 256
+    sandbox: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Everything a command needs to know about where things are and how to run them."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    config_dir: Path = DEFAULT_CONFIG_DIR
+    debug: bool = False
+    insecure_options: frozenset[str] = frozenset()
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view, as printed by ``kvmrkt config``."""
+        s1 = {f.name: _plain(getattr(self.stage1, f.name)) for f in dataclasses.fields(self.stage1)}
+        return {
+            "paths": {"data_dir": str(self.data_dir), "config_dir": str(self.config_dir)},
+            "debug": self.debug,
+            "insecure_options": sorted(self.insecure_options),
+            "stage1": s1,
+        }
+
+
+def _plain(value: object) -> object:
+    return str(value) if isinstance(value, Path) else value
+
+
+def _check_table(table: dict[str, Any], allowed: dict[str, type | tuple[type, ...]], where: str, path: Path) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{path}: unknown key {where}{key!r}", hint="known keys: " + ", ".join(sorted(allowed))
+            )
+        want = allowed[key]
+        if isinstance(value, bool) and want is not bool and not (isinstance(want, tuple) and bool in want):
+            raise ConfigError(f"{path}: {where}{key} must be {_typename(want)}, not a boolean")
+        if not isinstance(value, want):
+            raise ConfigError(f"{path}: {where}{key} must be {_typename(want)}, not {type(value).__name__}")
+
+
+def _typename(want: type | tuple[type, ...]) -> str:
+    types = want if isinstance(want, tuple) else (want,)
+    return " or ".join(t.__name__ for t in types)
+
+
+_STAGE1_KEYS: dict[str, type | tuple[type, ...]] = {
+    "backend": str,
+    "accel": str,
+    "kernel": str,
+    "assets_dir": str,
+    "qemu": str,
+    "boot_timeout": (int, float),
+    "stop_timeout": (int, float),
+    "memory_overhead_mib": int,
+    "min_memory_mib": int,
+    "sandbox": bool,
+}
+
+
+def load_config(
+    *,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
+    data_dir: Path | None = None,
+    debug: bool = False,
+    insecure_options: str = "",
+    overrides: dict[str, Any] | None = None,
+) -> RuntimeConfig:
+    """Read ``config_dir/config.toml`` (absent is fine) and apply flag values on top.
+
+    Args:
+        config_dir: the ``--config-dir`` flag.
+        data_dir: the ``--dir`` flag; None means the file's ``paths.data_dir`` or the default.
+        debug: the ``--debug`` flag.
+        insecure_options: the ``--insecure-options`` flag, a comma list.
+        overrides: ``[stage1]`` keys set by flags (``--stage1``, ``--accel``); None values are ignored.
+
+    Raises:
+        ConfigError: unreadable or malformed file, unknown key, wrong type or invalid value.
+    """
+    path = config_dir / "config.toml"
+    doc: dict[str, Any] = {}
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        pass
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    _check_table(doc, {"paths": dict, "stage1": dict, "insecure_options": list}, "", path)
+    paths = doc.get("paths", {})
+    _check_table(paths, {"data_dir": str}, "paths.", path)
+    s1 = dict(doc.get("stage1", {}))
+    _check_table(s1, _STAGE1_KEYS, "stage1.", path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            s1[key] = value
+    if "assets_dir" in s1:
+        s1["assets_dir"] = Path(s1["assets_dir"])
+    stage1 = Stage1Config(**s1)
+    if stage1.accel not in ACCELS:
+        raise ConfigError(f"invalid accel {stage1.accel!r}", hint="use one of: " + ", ".join(ACCELS))
+    if stage1.kernel not in KERNELS:
+        raise ConfigError(f"invalid kernel {stage1.kernel!r}", hint="use one of: " + ", ".join(KERNELS))
+    if stage1.boot_timeout <= 0 or stage1.stop_timeout < 0:
+        raise ConfigError(f"{path}: stage1.boot_timeout must be > 0 and stage1.stop_timeout >= 0")
+    file_insecure = doc.get("insecure_options", [])
+    if not all(isinstance(v, str) for v in file_insecure):
+        raise ConfigError(f"{path}: insecure_options must be a list of strings")
+    insecure = parse_insecure_options(",".join([*file_insecure, insecure_options]))
+    return RuntimeConfig(
+        data_dir=data_dir or Path(paths.get("data_dir", DEFAULT_DATA_DIR)),
+        config_dir=config_dir,
+        debug=debug,
+        insecure_options=insecure,
+        stage1=stage1,
+    )

@@ -1,0 +1,133 @@
+"""The single exception tree of kvmrkt.
+
+Role: every failure that library code reports is a ``KvmrktError`` subclass carrying a human message, an
+optional hint (how to fix it) and a stable process exit code. ``kvmrkt.cli`` catches them in one place.
+Trust boundary: none; messages may quote untrusted input (image names, paths), which callers keep short.
+
+Exit codes (stable, documented in the README):
+  1 generic, 2 usage/config, 3 image, 4 policy, 5 measurement, 6 SELinux, 7 pod state, 8 stage1/VM.
+Apps' own exit codes are passed through by ``kvmrkt run``; these codes apply when kvmrkt itself fails
+before or around the apps, which is why ``run`` prints the error on stderr too.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KvmrktError(Exception):
+    """Root of all kvmrkt errors."""
+
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def diagnostics(self) -> str:
+        """The message, then the hint on its own line when there is one."""
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class CommandError(KvmrktError):
+    """A host program kvmrkt ran failed; carries its argv and the tail of its stderr."""
+
+    def __init__(self, message: str, *, argv: list[str], returncode: int | None, stderr_tail: str) -> None:
+        hint = f"command: {' '.join(argv)}"
+        super().__init__(f"{message}\n{stderr_tail}".rstrip(), hint=hint)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class ConfigError(KvmrktError):
+    """A bad flag, config file or missing host program."""
+
+    exit_code = 2
+
+
+class ManifestError(KvmrktError):
+    """A pod or image manifest that does not follow its schema."""
+
+    exit_code = 2
+
+
+class ImageError(KvmrktError):
+    """An image problem."""
+
+    exit_code = 3
+
+
+class ImageNotFoundError(ImageError):
+    """No image in the store matches the reference."""
+
+
+class DigestMismatchError(ImageError):
+    """Bytes on disk do not match the digest that names them."""
+
+
+class LayerError(ImageError):
+    """A layer tar is malformed or hostile."""
+
+
+class PolicyError(KvmrktError):
+    """A trust policy problem."""
+
+    exit_code = 4
+
+
+class MeasurementError(KvmrktError):
+    """The TPM or event log failed."""
+
+    exit_code = 5
+
+
+class SELinuxError(KvmrktError):
+    """Labels could not be allocated or applied."""
+
+    exit_code = 6
+
+
+class PodError(KvmrktError):
+    """A pod problem."""
+
+    exit_code = 7
+
+
+class PodNotFoundError(PodError):
+    """No pod has that UUID (or UUID prefix)."""
+
+
+class PodStateError(PodError):
+    """The pod is not in a state that allows the operation."""
+
+    def __init__(self, message: str, *, state: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.state = state
+
+
+class Stage1Error(KvmrktError):
+    """The VM backend failed."""
+
+    exit_code = 8
+
+
+class AssetError(Stage1Error):
+    """Guest kernel or initramfs missing, unbuilt or altered."""
+
+
+class AccelError(Stage1Error):
+    """The requested accelerator cannot be used on this host."""
+
+
+class VMLaunchError(Stage1Error):
+    """QEMU did not start, or exited before the guest reported ready."""
+
+
+class BootTimeoutError(Stage1Error):
+    """The guest did not report ready in time."""
+
+
+class AgentError(Stage1Error):
+    """The guest agent channel failed or refused a request."""

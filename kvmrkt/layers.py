@@ -1,0 +1,409 @@
+"""Apply OCI image layers (tar streams) onto a root filesystem directory.
+
+Role: turn the ordered layer blobs of an image into one directory tree, honouring OCI whiteouts and opaque
+directories, numeric ownership, permission bits (setuid/setgid/sticky included) and mtimes.
+
+Trust boundary: layer tars are hostile input. Member names are normalised and validated, and every path
+component is opened with O_NOFOLLOW relative to a directory fd that started at the root, so nothing outside
+the root is ever created, modified or removed, whatever symlinks earlier members planted. Symlink targets
+are stored verbatim (they are resolved inside the guest) but never followed on the host. Device nodes are
+not created. Size, entry-count and compression-ratio limits bound the work one image can cause. Any
+violation raises LayerError; the caller then deletes the whole root. The root directory itself (created by
+the caller) is never chmod/chown-ed: a layer's "./" entry is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import io
+import os
+import pathlib
+import shutil
+import stat
+import tarfile
+import typing
+import zlib
+from dataclasses import dataclass
+
+from kvmrkt.errors import LayerError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_UNSUPPORTED_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+_RATIO_GRACE = 1024 * 1024  # the ratio limit applies once this many uncompressed bytes were produced
+_CHUNK = 1024 * 1024
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+_MAX_ID = 2**32 - 2  # -1 / 2**32-1 mean "unchanged" to chown
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYMLINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
+_MEMBER_ERRORS = (OSError, ValueError, OverflowError, EOFError, zlib.error, tarfile.TarError, RecursionError)
+
+_Path = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLimits:
+    """Resource limits for one apply run (all layers applied through one LayerApplier)."""
+
+    max_total_bytes: int = 8 * 1024**3  # sum of regular file sizes written, across all layers
+    max_entries: int = 1_000_000  # number of tar members across all layers
+    max_ratio: int = 200  # uncompressed / compressed bytes of one layer, checked while reading
+
+
+class _Cursor:
+    """Which member is being read, so that stream-level errors can name it."""
+
+    where = "the tar header"
+
+
+class _CountingReader(io.RawIOBase):
+    """The raw layer bytes, served after the already-read magic prefix, counted as they are consumed."""
+
+    def __init__(self, raw: typing.BinaryIO, prefix: bytes, declared: int | None, cursor: _Cursor) -> None:
+        super().__init__()
+        self._raw, self._prefix, self._declared, self._cursor = raw, prefix, declared, cursor
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Read and count; raise LayerError past the declared size."""
+        if self._prefix:
+            cut = len(self._prefix) if size < 0 else size
+            data, self._prefix = self._prefix[:cut], self._prefix[cut:]
+        else:
+            data = self._raw.read(size)
+        self.consumed += len(data)
+        if self._declared is not None and self.consumed > self._declared:
+            raise LayerError(
+                f"layer is longer than its declared {self._declared} bytes ({self._cursor.where})"
+            )
+        return data
+
+
+class _RatioReader(io.RawIOBase):
+    """Decompressed layer bytes; raises when they outgrow the compressed bytes consumed by max_ratio."""
+
+    def __init__(self, inner: gzip.GzipFile, raw: _CountingReader, max_ratio: int, cursor: _Cursor) -> None:
+        super().__init__()
+        self._inner, self._raw, self._max_ratio, self._cursor = inner, raw, max_ratio, cursor
+        self.produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._inner.read(size)
+        self.produced += len(data)
+        if self.produced >= _RATIO_GRACE and self.produced > self._max_ratio * max(self._raw.consumed, 1):
+            raise LayerError(
+                f"layer decompresses more than {self._max_ratio}x ({self.produced} bytes from "
+                f"{self._raw.consumed}) while reading {self._cursor.where}: compression bomb?"
+            )
+        return data
+
+
+def _bad(member: str, what: str) -> LayerError:
+    return LayerError(f"layer member {member!r}: {what}")
+
+
+def _normalise(name: str, member: str) -> _Path:
+    """Split a member (or hardlink target) name into checked components; () is the root itself."""
+    if name.startswith("/"):
+        raise _bad(member, f"absolute path {name!r}")
+    if "\x00" in name:
+        raise _bad(member, "NUL byte in path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise _bad(member, f"'..' component in {name!r}")
+    if any(p.startswith(_WHITEOUT) for p in parts[:-1]):
+        raise _bad(member, f"whiteout name used as a directory in {name!r}")
+    return parts
+
+
+def _read_prefix(fileobj: typing.BinaryIO, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (chunk := fileobj.read(size - len(data))):
+        data += chunk
+    return data
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove(dir_fd: int, name: str) -> None:
+    """Remove dir_fd/name (a whole tree for a directory) without following symlinks; missing is fine."""
+    st = _lstat(name, dir_fd)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LayerApplier:
+    """Applies the layers of one image, in order, onto ``root`` (an existing directory, mode 0700)."""
+
+    def __init__(self, root: pathlib.Path, limits: LayerLimits = LayerLimits()) -> None:
+        self._root = root
+        self._limits = limits
+        self._entries = 0
+        self._bytes = 0
+        self._dir_mtimes: dict[_Path, float] = {}
+        self.skipped_devices: list[str] = []
+        """Paths of character/block device members, which are never created on the host."""
+
+    def apply(self, fileobj: typing.BinaryIO, *, compressed_size: int | None = None) -> None:
+        """Apply one layer read from ``fileobj`` (plain or gzip tar, detected by magic bytes).
+
+        ``compressed_size`` is the blob size declared by the manifest, if known; a longer stream is rejected.
+        Raises LayerError on malformed or hostile content or when a LayerLimits limit is exceeded.
+        """
+        prefix = _read_prefix(fileobj, 6)
+        for magic, kind in _UNSUPPORTED_MAGIC.items():
+            if prefix.startswith(magic):
+                raise LayerError(f"{kind}-compressed layers are not supported", hint="use gzip or plain tar")
+        cursor = _Cursor()
+        raw = _CountingReader(fileobj, prefix, compressed_size, cursor)
+        touched: set[_Path] = set()  # paths this layer created (with their ancestors): opaque dirs keep them
+        rootfd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with contextlib.ExitStack() as stack:
+                stream: io.RawIOBase = raw
+                if prefix.startswith(_GZIP_MAGIC):
+                    inner = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+                    stream = _RatioReader(inner, raw, self._limits.max_ratio, cursor)
+                tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # type: ignore[attr-defined]  # else stream mode keeps every TarInfo
+                    cursor.where = f"layer member {member.name!r}"
+                    try:
+                        self._apply_member(tar, member, rootfd, touched)
+                    except LayerError:
+                        raise
+                    except _MEMBER_ERRORS as exc:
+                        raise _bad(member.name, str(exc)) from exc
+                    cursor.where = f"the tar header after {member.name!r}"
+        except LayerError:
+            raise
+        except _MEMBER_ERRORS as exc:
+            raise LayerError(f"layer is not a valid tar stream ({cursor.where}): {exc}") from exc
+        finally:
+            os.close(rootfd)
+
+    def finish(self) -> None:
+        """Set directory mtimes, deepest first, once all layers are applied, so the tree is deterministic."""
+        rootfd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for path in sorted(self._dir_mtimes, key=len, reverse=True):
+                fd = self._open_dir(rootfd, path, "", create=False, strict=False)
+                if fd is not None:
+                    try:
+                        os.utime(fd, (self._dir_mtimes[path], self._dir_mtimes[path]))
+                    finally:
+                        os.close(fd)
+        finally:
+            os.close(rootfd)
+
+    def _open_dir(self, rootfd: int, path: _Path, member: str, *, create: bool, strict: bool) -> int | None:
+        """Open root/path one component at a time, never following a symlink; return the fd.
+
+        Missing directories are created (0755, root-owned) when ``create``, else None is returned. A symlink
+        or non-directory component raises LayerError when ``strict``, else None is returned.
+        """
+        fd = os.dup(rootfd)
+        try:
+            for depth, comp in enumerate(path, start=1):
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        return None
+                    os.mkdir(comp, 0o700, dir_fd=fd)
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, 0o755)
+                    self._dir_mtimes[path[:depth]] = 0
+                except OSError as exc:
+                    if exc.errno not in _SYMLINK_ERRNOS:
+                        raise
+                    if not strict:
+                        os.close(fd)
+                        return None
+                    where = "/".join(path[:depth])
+                    raise _bad(member, f"{where!r} is a symlink or not a directory") from exc
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _apply_member(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, rootfd: int, touched: set[_Path]
+    ) -> None:
+        name = member.name
+        self._entries += 1
+        if self._entries > self._limits.max_entries:
+            raise _bad(name, f"more than {self._limits.max_entries} entries in the image")
+        parts = _normalise(name, name)
+        if parts and parts[-1].startswith(_WHITEOUT):
+            self._whiteout(parts, name, rootfd, touched)
+            return
+        if member.ischr() or member.isblk():
+            self.skipped_devices.append("/".join(parts))
+            return
+        if not (member.isdir() or member.isreg() or member.issym() or member.islnk() or member.isfifo()):
+            raise _bad(name, f"unsupported tar member type {member.type!r}")
+        if not parts:
+            if member.isdir():
+                return  # the root's own metadata stays as the caller made it
+            raise _bad(name, "only a directory may name the layer root")
+        if not (0 <= member.uid <= _MAX_ID and 0 <= member.gid <= _MAX_ID):
+            raise _bad(name, f"invalid owner {member.uid}:{member.gid}")
+        if member.isreg() and self._bytes + member.size > self._limits.max_total_bytes:
+            limit = self._limits.max_total_bytes
+            raise _bad(
+                name, f"size {member.size} exceeds the image limit of {limit} bytes ({self._bytes} used)"
+            )
+        for depth in range(len(parts), 0, -1):
+            if parts[:depth] in touched:
+                break
+            touched.add(parts[:depth])
+        pfd = self._open_dir(rootfd, parts[:-1], name, create=True, strict=True)
+        assert pfd is not None  # create=True never returns None
+        try:
+            leaf = parts[-1]
+            if member.isdir():
+                self._make_dir(member, pfd, leaf)
+                self._dir_mtimes[parts] = member.mtime
+            elif member.islnk():
+                self._make_hardlink(member, parts, pfd, rootfd)
+            else:
+                _remove(pfd, leaf)
+                if member.issym():
+                    os.symlink(member.linkname, leaf, dir_fd=pfd)
+                    os.chown(leaf, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+                    os.utime(leaf, (member.mtime, member.mtime), dir_fd=pfd, follow_symlinks=False)
+                elif member.isfifo():
+                    os.mkfifo(leaf, 0o600, dir_fd=pfd)
+                    fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                    self._finish_fd(fd, member)
+                else:
+                    self._write_file(tar, member, pfd, leaf)
+        finally:
+            os.close(pfd)
+
+    def _make_dir(self, member: tarfile.TarInfo, pfd: int, leaf: str) -> None:
+        st = _lstat(leaf, pfd)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            if st is not None:
+                os.unlink(leaf, dir_fd=pfd)
+            os.mkdir(leaf, 0o700, dir_fd=pfd)
+        fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, member.mode & 0o7777)
+        finally:
+            os.close(fd)
+
+    def _make_hardlink(self, member: tarfile.TarInfo, parts: _Path, pfd: int, rootfd: int) -> None:
+        name = member.name
+        target = _normalise(member.linkname, name)
+        if not target or target == parts:
+            raise _bad(name, f"invalid hardlink target {member.linkname!r}")
+        sfd = self._open_dir(rootfd, target[:-1], name, create=False, strict=True)
+        try:
+            st = _lstat(target[-1], sfd) if sfd is not None else None
+            if st is None:
+                raise _bad(name, f"hardlink target {member.linkname!r} does not exist")
+            if stat.S_ISDIR(st.st_mode):
+                raise _bad(name, f"hardlink target {member.linkname!r} is a directory")
+            assert sfd is not None
+            _remove(pfd, parts[-1])
+            os.link(target[-1], parts[-1], src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            if sfd is not None:
+                os.close(sfd)
+
+    def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, pfd: int, leaf: str) -> None:
+        src = tar.extractfile(member)
+        if src is None:
+            raise _bad(member.name, "no file data")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(leaf, flags, 0o600, dir_fd=pfd)
+        try:
+            while chunk := src.read(_CHUNK):
+                self._bytes += len(chunk)
+                if self._bytes > self._limits.max_total_bytes:
+                    raise _bad(member.name, f"image exceeds {self._limits.max_total_bytes} bytes")
+                _write_all(fd, chunk)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._finish_fd(fd, member)
+
+    @staticmethod
+    def _finish_fd(fd: int, member: tarfile.TarInfo) -> None:
+        """Set owner, then mode (chown clears setuid), then mtime on fd, and close it."""
+        try:
+            os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, member.mode & 0o7777)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+
+    def _whiteout(self, parts: _Path, member: str, rootfd: int, touched: set[_Path]) -> None:
+        parent, leaf = parts[:-1], parts[-1]
+        for depth in range(1, len(parent) + 1):
+            touched.add(parent[:depth])
+        if leaf == _OPAQUE:
+            dfd = self._open_dir(rootfd, parent, member, create=True, strict=True)
+            assert dfd is not None
+            try:
+                self._purge(dfd, parent, touched)
+            finally:
+                os.close(dfd)
+            return
+        if leaf.startswith(_WHITEOUT + _WHITEOUT):
+            return  # other AUFS metadata (.wh..wh.plnk, ...): never created, nothing to remove
+        target = leaf[len(_WHITEOUT) :]
+        if target in ("", ".", ".."):
+            raise _bad(member, "invalid whiteout name")
+        if (*parent, target) in touched:
+            return  # whiteouts only hide lower layers
+        dfd = self._open_dir(rootfd, parent, member, create=False, strict=True)
+        if dfd is not None:
+            try:
+                _remove(dfd, target)
+            finally:
+                os.close(dfd)
+
+    def _purge(self, dfd: int, path: _Path, touched: set[_Path]) -> None:
+        """Remove everything below dfd (= root/path) that this layer did not create."""
+        for name in os.listdir(dfd):
+            child = (*path, name)
+            if child not in touched:
+                _remove(dfd, name)
+                continue
+            st = _lstat(name, dfd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    self._purge(cfd, child, touched)
+                finally:
+                    os.close(cfd)

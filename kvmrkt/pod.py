@@ -1,0 +1,241 @@
+"""Pod directories on disk: rkt's rename-and-flock state machine.
+
+Role: create, find, lock, move and delete pod directories under ``DATA_DIR/pods/<phase>/<uuid>`` and write
+their files atomically. The phase directory plus whether the directory is locked is the pod's state, so any
+later kvmrkt process (or one started after a crash) rebuilds the same view. Trust boundary: pod directories
+are root-owned (0700); their contents were written by kvmrkt or by the VM backend, never by apps.
+
+| phase dir        | locked            | unlocked          |
+|------------------|-------------------|-------------------|
+| embryo           | embryo            | embryo            |
+| prepare          | preparing         | aborted prepare   |
+| prepared         | (starting)        | prepared          |
+| run              | running           | exited            |
+| exited-garbage   | deleting          | exited garbage    |
+| garbage          | deleting          | garbage           |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmrkt.errors import PodError, PodNotFoundError, PodStateError
+
+PHASES = ("embryo", "prepare", "prepared", "run", "exited-garbage", "garbage")
+_STATES = {
+    "embryo": ("embryo", "embryo"),
+    "prepare": ("preparing", "aborted prepare"),
+    "prepared": ("prepared", "prepared"),
+    "run": ("running", "exited"),
+    "exited-garbage": ("deleting", "exited garbage"),
+    "garbage": ("deleting", "garbage"),
+}
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file so readers see the old or the new content, never a torn one (temp, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass
+class Pod:
+    """A pod directory. ``path`` follows the pod through renames done by this object."""
+
+    uuid: str
+    data_dir: Path
+    phase: str
+    _lock_fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The pod directory as of the last known phase."""
+        return self.data_dir / "pods" / self.phase / self.uuid
+
+    # --- discovery -------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, data_dir: Path) -> Pod:
+        """Make a new embryo pod directory with a fresh UUID, locked by this process."""
+        for phase in PHASES:
+            (data_dir / "pods" / phase).mkdir(parents=True, exist_ok=True, mode=0o700)
+        pod = cls(str(uuidlib.uuid4()), data_dir, "embryo")
+        pod.path.mkdir(mode=0o700)
+        pod.lock()
+        return pod
+
+    @classmethod
+    def all(cls, data_dir: Path) -> list[Pod]:
+        """Every pod directory, in any phase (a pod caught mid-rename may be listed once or not at all)."""
+        pods: list[Pod] = []
+        seen: set[str] = set()
+        for phase in PHASES:
+            base = data_dir / "pods" / phase
+            with contextlib.suppress(FileNotFoundError):
+                for entry in sorted(base.iterdir()):
+                    if entry.is_dir() and entry.name not in seen:
+                        seen.add(entry.name)
+                        pods.append(cls(entry.name, data_dir, phase))
+        return pods
+
+    @classmethod
+    def find(cls, data_dir: Path, ref: str) -> Pod:
+        """Find a pod by full UUID or by a unique UUID prefix.
+
+        Raises:
+            PodNotFoundError: no pod, or the prefix is ambiguous.
+        """
+        ref = ref.strip()
+        matches = [p for p in cls.all(data_dir) if p.uuid == ref] or [
+            p for p in cls.all(data_dir) if ref and p.uuid.startswith(ref)
+        ]
+        if not matches:
+            raise PodNotFoundError(f"no pod {ref!r}", hint="`kvmrkt list` shows the pods")
+        if len(matches) > 1:
+            raise PodNotFoundError(f"pod prefix {ref!r} is ambiguous: {', '.join(p.uuid for p in matches)}")
+        return matches[0]
+
+    def refresh(self) -> None:
+        """Find the pod's current phase (another process may have moved it).
+
+        Raises:
+            PodNotFoundError: the pod is gone.
+        """
+        for phase in PHASES:
+            if (self.data_dir / "pods" / phase / self.uuid).is_dir():
+                self.phase = phase
+                return
+        raise PodNotFoundError(f"pod {self.uuid} no longer exists")
+
+    # --- locking and state ----------------------------------------------------------------------------
+
+    def lock(self, *, blocking: bool = False, shared: bool = False) -> int:
+        """Take the pod directory's flock; returns the fd (kept until ``unlock``).
+
+        Raises:
+            PodStateError: the pod is locked by another process (running, or being handled).
+        """
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise PodStateError(f"pod {self.uuid} is in use by another kvmrkt process", state=self.state()) from exc
+            raise
+        self._lock_fd = fd
+        return fd
+
+    def unlock(self) -> None:
+        """Release the lock held by this object, if any."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The fd holding the lock (to hand to a process that must keep the pod locked)."""
+        return self._lock_fd
+
+    def is_locked(self) -> bool:
+        """True when some process (possibly this one) holds the pod lock."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def state(self) -> str:
+        """rkt's state string for this pod."""
+        locked_name, unlocked_name = _STATES[self.phase]
+        return locked_name if self.is_locked() else unlocked_name
+
+    def move(self, phase: str) -> None:
+        """Move the directory to another phase with rename(2) (the lock, on the inode, stays)."""
+        target = self.data_dir / "pods" / phase / self.uuid
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.rename(self.path, target)
+        self.phase = phase
+
+    def require(self, *states: str) -> None:
+        """Raise PodStateError unless the pod is in one of ``states``."""
+        st = self.state()
+        if st not in states:
+            raise PodStateError(f"pod {self.uuid} is {st}; this needs it {' or '.join(states)}", state=st)
+
+    # --- files ----------------------------------------------------------------------------------------
+
+    def file(self, name: str) -> Path:
+        """A path inside the pod directory."""
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Atomically write a JSON file in the pod directory."""
+        write_json(self.file(name), obj)
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """Read a JSON file of the pod directory, or ``default`` when it does not exist.
+
+        Raises:
+            PodError: the file exists but is not valid JSON.
+        """
+        try:
+            return json.loads(self.file(name).read_text())
+        except FileNotFoundError:
+            return default
+        except (OSError, ValueError) as exc:
+            raise PodError(f"pod {self.uuid}: cannot read {name}: {exc}") from exc
+
+    def age(self) -> float:
+        """Seconds since the pod directory last changed phase (rename updates its ctime)."""
+        return time.time() - self.path.stat().st_ctime
+
+    def delete(self) -> None:
+        """Remove the directory tree (caller holds the lock or knows nobody else can)."""
+        shutil.rmtree(self.path, ignore_errors=False)
+        self.unlock()
+
+    @contextlib.contextmanager
+    def locked(self, *, shared: bool = False) -> Iterator[Pod]:
+        """Context manager form of lock/unlock."""
+        self.lock(shared=shared)
+        try:
+            yield self
+        finally:
+            self.unlock()

@@ -1,0 +1,97 @@
+"""The stage0 -> stage1 contract: the interface every VM backend implements, and the backend registry.
+
+Role: the engine talks to backends only through ``Stage1``; backends are found by name and imported lazily,
+so ``import kvmrkt`` never pulls in QEMU or libvirt bindings. Trust boundary: backends receive validated
+manifests and resolved paths from the engine; they own the VM process and the pod directory's runtime files
+(pid, sockets, logs) but never the manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from kvmrkt.config import RuntimeConfig
+from kvmrkt.errors import ConfigError
+from kvmrkt.manifest import PodManifest
+from kvmrkt.pod import Pod
+
+BACKENDS: dict[str, str] = {
+    "qemu": "stage1_kvm.qemu:QemuStage1",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a prepared pod (not part of the manifest: the same pod can run with other options)."""
+
+    rootfs: Mapping[str, Path]
+    interactive: bool = False
+    accel: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What the pod's apps did: exit codes by app name, in app order."""
+
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False
+
+
+class Stage1(ABC):
+    """A VM backend. Every method may be called by a different kvmrkt process than the one that ran the pod."""
+
+    name: ClassVar[str]
+    interface_version: ClassVar[int] = 1
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def run(
+        self, pod: Pod, manifest: PodManifest, opts: RunOptions, *, stdout: IO[bytes], stderr: IO[bytes]
+    ) -> RunResult:
+        """Boot the VM for a pod in the ``run`` phase that this process holds locked; return when it ends.
+
+        The lock fd must stay held by the VM for its whole life, so a killed stage0 leaves an exited pod.
+        """
+
+    @abstractmethod
+    def stop(self, pod: Pod, *, force: bool) -> None:
+        """Ask the apps to stop (SIGTERM, then SIGKILL after the configured timeout), or kill the VM."""
+
+    @abstractmethod
+    def enter(
+        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes]
+    ) -> int:
+        """Run argv inside an app of a running pod through the guest agent; return its exit code."""
+
+    @abstractmethod
+    def status(self, pod: Pod) -> dict[str, Any]:
+        """Backend facts about a pod (pid, accel, per-app exit codes), read from the pod directory."""
+
+    @abstractmethod
+    def gc(self, pod: Pod) -> None:
+        """Clean up what the backend left for an exited pod (idempotent; safe on half-created pods)."""
+
+
+def load_backend(name: str, config: RuntimeConfig) -> Stage1:
+    """Instantiate the backend registered under ``name``.
+
+    Raises:
+        ConfigError: unknown backend, or its module cannot be imported.
+    """
+    target = BACKENDS.get(name)
+    if target is None:
+        raise ConfigError(f"unknown stage1 backend {name!r}", hint="available: " + ", ".join(sorted(BACKENDS)))
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"stage1 backend {name!r} is not available: {exc}") from exc
+    cls: type[Stage1] = getattr(module, cls_name)
+    return cls(config)

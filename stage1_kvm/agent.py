@@ -1,0 +1,194 @@
+"""Host side of the guest agent channel (virtio-serial; this host class has no vsock).
+
+Role: read the guest's status stream (a file QEMU writes: READY, START, EXIT, ERROR, DONE lines), and speak
+the request/response protocol of the ``kvmrkt.ctl`` (enter) and ``kvmrkt.sig`` (stop) ports, whose host ends
+are unix sockets QEMU listens on in the pod directory. Trust boundary: everything read here comes from inside
+the VM, where untrusted apps run: it is parsed defensively (bounded sizes, unknown lines ignored), only ever
+written to the caller's stdout/stderr or compared, never executed or used as a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from kvmrkt.errors import AgentError
+from stage1_kvm.vmspec import escape
+
+MAX_FRAME = 1 << 20
+
+
+def unescape(text: str) -> str:
+    """Undo the guest's %-escaping (``%XX`` bytes; a lone ``%`` is the empty string)."""
+    if text == "%":
+        return ""
+    out = bytearray()
+    i = 0
+    raw = text.encode()
+    while i < len(raw):
+        if raw[i] == 0x25 and i + 2 < len(raw) and _ishex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _ishex(b: bytes) -> bool:
+    return len(b) == 2 and all(c in b"0123456789abcdefABCDEF" for c in b)
+
+
+@dataclass
+class GuestStatus:
+    """What the guest init reported so far."""
+
+    ready: bool = False
+    done: bool = False
+    fatal: str | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parse_status(text: str) -> GuestStatus:
+    """Parse the status stream; a partial last line (still being written) is ignored."""
+    st = GuestStatus()
+    lines = text.split("\n")
+    for line in lines[:-1]:
+        parts = line.split(" ", 2)
+        kind = parts[0]
+        if kind == "READY":
+            st.ready = True
+        elif kind == "DONE":
+            st.done = True
+        elif kind == "FATAL":
+            st.fatal = unescape(parts[1]) if len(parts) > 1 else "unknown"
+        elif kind == "START" and len(parts) == 3 and parts[2].isdigit():
+            st.pids[unescape(parts[1])] = int(parts[2])
+        elif kind == "EXIT" and len(parts) == 3 and parts[2].lstrip("-").isdigit():
+            st.exits[unescape(parts[1])] = int(parts[2])
+        elif kind == "ERROR" and len(parts) == 3:
+            st.errors.setdefault(unescape(parts[1]), []).append(unescape(parts[2]))
+    return st
+
+
+def read_status(path: Path) -> GuestStatus:
+    """Parse the status file (missing = nothing reported yet); reads at most 1 MiB."""
+    try:
+        with path.open("rb") as fh:
+            return parse_status(fh.read(MAX_FRAME).decode("utf-8", "replace"))
+    except FileNotFoundError:
+        return GuestStatus()
+
+
+@contextlib.contextmanager
+def _channel(pod_dir: Path, socket_name: str, *, timeout: float, lock: bool) -> Iterator[socket.socket]:
+    """Connect to a port socket in the pod directory (through /proc/self/fd, so sun_path stays short)."""
+    dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock_fd = -1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if lock:
+            lock_fd = os.open(pod_dir / f"{socket_name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(f"/proc/self/fd/{dfd}/{socket_name}")
+        except OSError as exc:
+            raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
+        yield sock
+    finally:
+        sock.close()
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        os.close(dfd)
+
+
+class _Reader:
+    """Buffered reads of lines and exact byte counts from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> None:
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError as exc:
+            raise AgentError("the guest agent did not answer in time") from exc
+        if not chunk:
+            raise AgentError("the guest agent closed the channel (did the pod exit?)")
+        self.buf += chunk
+
+    def line(self) -> str:
+        while b"\n" not in self.buf:
+            if len(self.buf) > 4096:
+                raise AgentError("malformed reply from the guest agent")
+            self._fill()
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+
+def enter(
+    pod_dir: Path, ctl_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+    timeout: float | None = None,
+) -> int:
+    """Run argv in an app's root inside the VM; stream its output; return its exit code.
+
+    Raises:
+        AgentError: the channel failed or the guest refused the request.
+    """
+    request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv)]) + "\n"
+    with _channel(pod_dir, ctl_socket, timeout=10.0, lock=True) as sock:
+        sock.sendall(request.encode())
+        sock.settimeout(timeout)
+        reader = _Reader(sock)
+        while True:
+            head = reader.line().split(" ", 1)
+            if head[0] in ("OUT", "ERR") and len(head) == 2 and head[1].isdigit() and int(head[1]) <= MAX_FRAME:
+                data = reader.exact(int(head[1]))
+                out = stdout if head[0] == "OUT" else stderr
+                out.write(data)
+                out.flush()
+            elif head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
+                return int(head[1])
+            elif head[0] == "FAIL":
+                raise AgentError(f"the guest refused to enter: {unescape(head[1]) if len(head) > 1 else ''}")
+            else:
+                raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
+
+
+def request_stop(pod_dir: Path, sig_socket: str, *, grace: float) -> None:
+    """Ask the guest to SIGTERM every app now and SIGKILL them after ``grace`` seconds.
+
+    Raises:
+        AgentError: the channel failed or the guest refused.
+    """
+    with _channel(pod_dir, sig_socket, timeout=10.0, lock=True) as sock:
+        sock.sendall(f"STOP {max(0, int(grace))}\n".encode())
+        reply = _Reader(sock).line()
+        if reply != "OK":
+            raise AgentError(f"the guest refused to stop: {reply[:80]!r}")
+
+
+def wait_for_socket(pod_dir: Path, name: str, timeout: float) -> None:
+    """Wait until QEMU has created a socket in the pod directory."""
+    deadline = time.monotonic() + timeout
+    while not (pod_dir / name).exists():
+        if time.monotonic() > deadline:
+            raise AgentError(f"{name} did not appear within {timeout:.0f}s")
+        time.sleep(0.005)

@@ -1,0 +1,256 @@
+"""Guest assets (the stage1 image): the guest kernel and the base initramfs holding kvmrkt's guest init.
+
+Role: build them once per machine and record their digests (``assets.json``), find them for a boot, and add a
+pod's config to the base initramfs as a second cpio archive. The default kernel is built from Debian's
+``linux-source-6.1`` with ``kernel.config`` on top of ``tinyconfig`` and booted as an uncompressed ``vmlinux``
+(PVH). Trust boundary: sources come from Debian packages installed as root; built files live in a root-only
+directory, and their recorded digests are what later checks and measurements compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmrkt import _proc
+from kvmrkt.config import Stage1Config
+from kvmrkt.digest import Digest
+from kvmrkt.errors import AssetError
+from kvmrkt.pod import write_json
+
+HERE = Path(__file__).resolve().parent
+KERNEL_CONFIG = HERE / "kernel.config"
+GUEST_INIT_SOURCE = HERE / "guest" / "init.c"
+KERNEL_SOURCE_GLOB = "linux-source-6.1.tar.xz"
+SOURCE_DIR = Path("/usr/src")
+ASSETS_FILE = "assets.json"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Assets:
+    """A built, recorded set of guest assets."""
+
+    kind: str
+    kernel: Path
+    initrd: Path
+    kernel_digest: Digest
+    initrd_digest: Digest
+    key: str
+
+    def verify(self) -> None:
+        """Re-hash both files against the recorded digests.
+
+        Raises:
+            AssetError: a file changed since it was built.
+        """
+        for path, digest in ((self.kernel, self.kernel_digest), (self.initrd, self.initrd_digest)):
+            if not Digest.of_file(path, digest.algorithm).matches(digest):
+                raise AssetError(
+                    f"guest asset {path} does not match its recorded digest {digest}",
+                    hint=f"rebuild it with `kvmrkt stage1 build --kernel={self.kind}`",
+                )
+
+
+def load_assets(cfg: Stage1Config, kind: str | None = None) -> Assets:
+    """Find the recorded assets for a kernel kind.
+
+    Raises:
+        AssetError: not built yet, or the record points to missing files.
+    """
+    kind = kind or cfg.kernel
+    record = cfg.assets_dir / kind / ASSETS_FILE
+    hint = f"build them with `kvmrkt stage1 build --kernel={kind}` (as root; `make setup` does it)"
+    try:
+        doc = json.loads(record.read_text())
+        assets = Assets(
+            kind=kind,
+            kernel=Path(doc["kernel"]["path"]),
+            initrd=Path(doc["initrd"]["path"]),
+            kernel_digest=Digest.parse(doc["kernel"]["digest"]),
+            initrd_digest=Digest.parse(doc["initrd"]["digest"]),
+            key=doc["key"],
+        )
+    except FileNotFoundError as exc:
+        raise AssetError(f"no guest assets for kernel {kind!r} in {cfg.assets_dir}", hint=hint) from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AssetError(f"unreadable asset record {record}: {exc}", hint=hint) from exc
+    for path in (assets.kernel, assets.initrd):
+        if not path.is_file():
+            raise AssetError(f"guest asset {path} is missing", hint=hint)
+    return assets
+
+
+# --- initramfs ------------------------------------------------------------------------------------------
+
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
+    namez = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = header + namez
+    out += b"\0" * (-len(out) % 4)
+    out += data
+    out += b"\0" * (-len(out) % 4)
+    return out
+
+
+def cpio_archive(files: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive (what the kernel unpacks as initramfs) of (name, mode, data); owner root,
+    mtime 0, so the same input gives the same bytes."""
+    body = b"".join(_cpio_entry(n, m, d, i + 1) for i, (n, m, d) in enumerate(files))
+    return body + _cpio_entry("TRAILER!!!", 0, b"", 0)
+
+
+def pod_initrd(base: Path, pod_config: bytes, out: Path) -> None:
+    """Write the base initramfs followed by a second archive holding ``/kvmrkt/pod.cfg``."""
+    extra = cpio_archive([("kvmrkt", stat.S_IFDIR | 0o755, b""), ("kvmrkt/pod.cfg", stat.S_IFREG | 0o600, pod_config)])
+    with base.open("rb") as src, out.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(extra)
+
+
+def _build_initrd(workdir: Path, progress: Progress) -> bytes:
+    progress("compiling the guest init (static)")
+    binary = workdir / "init"
+    gcc = _proc.which("gcc", hint="apt-get install gcc libc6-dev")
+    _proc.run(
+        [gcc, "-static", "-O2", "-Wall", "-Wno-format-truncation", "-o", binary, GUEST_INIT_SOURCE],
+        what="compiling the guest init",
+    )
+    _proc.run(["strip", binary], what="strip")
+    d = stat.S_IFDIR | 0o755
+    return cpio_archive(
+        [("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("kvmrkt", d, b""),
+         ("init", stat.S_IFREG | 0o755, binary.read_bytes())]
+    )  # fmt: skip
+
+
+# --- kernel -----------------------------------------------------------------------------------------------
+
+
+def _config_args(text: str) -> list[str]:
+    args: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            args += ["-d", line[1:]]
+        elif "=" in line:
+            name, value = line.split("=", 1)
+            args += ["--set-val", name, value]
+        else:
+            args += ["-e", line]
+    return args
+
+
+def _wanted(text: str) -> list[str]:
+    return [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("#", "-")) and "=" not in ln
+    ]
+
+
+def _source_tarball() -> Path:
+    path = SOURCE_DIR / KERNEL_SOURCE_GLOB
+    if not path.is_file():
+        raise AssetError(f"kernel source {path} not found", hint="apt-get install linux-source-6.1")
+    return path
+
+
+def _source_version() -> str:
+    proc = _proc.run(["dpkg-query", "-W", "-f=${Version}", "linux-source-6.1"], what="dpkg-query")
+    return proc.stdout.decode().strip()
+
+
+def _build_minimal_kernel(workdir: Path, progress: Progress) -> Path:
+    tarball = _source_tarball()
+    progress(f"unpacking {tarball}")
+    _proc.run(["tar", "-xf", tarball, "-C", workdir], timeout=900, what="unpacking the kernel source")
+    src = next(p for p in workdir.iterdir() if p.is_dir() and p.name.startswith("linux-source"))
+    text = KERNEL_CONFIG.read_text()
+    make = ["make", "-C", str(src), "ARCH=x86_64"]
+    progress("configuring (tinyconfig + stage1_kvm/kernel.config)")
+    _proc.run([*make, "tinyconfig"], what="make tinyconfig")
+    _proc.run([src / "scripts" / "config", "--file", src / ".config", *_config_args(text)], what="scripts/config")
+    _proc.run([*make, "olddefconfig"], what="make olddefconfig")
+    config = (src / ".config").read_text()
+    missing = [o for o in _wanted(text) if f"CONFIG_{o}=y\n" not in config]
+    if missing:
+        raise AssetError(
+            "kernel options not available in this source: " + ", ".join(missing),
+            hint=f"edit {KERNEL_CONFIG}",
+        )
+    jobs = str(os.cpu_count() or 1)
+    progress(f"compiling vmlinux with {jobs} jobs (a few minutes, once per machine)")
+    _proc.run([*make, f"-j{jobs}", "vmlinux"], timeout=7200, what="compiling the guest kernel")
+    return src / "vmlinux"
+
+
+def _kernel_key() -> str:
+    h = hashlib.sha256()
+    h.update(b"kvmrkt-minimal-kernel-v1\0")
+    h.update(_source_version().encode() + b"\0")
+    h.update(KERNEL_CONFIG.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress: Progress = lambda _m: None) -> Assets:
+    """Build (or reuse from cache) the guest assets of a kernel kind and record their digests.
+
+    The kernel is cached by a key over the source package version and ``kernel.config``; the initramfs by a
+    key over the guest init source. ``force`` rebuilds both.
+
+    Raises:
+        AssetError: a build step failed or an unknown kind.
+        CommandError: a build program failed (its stderr tail is included).
+    """
+    if kind != "minimal":
+        raise AssetError(f"unknown or unsupported guest kernel kind {kind!r}", hint="use --kernel=minimal")
+    outdir = cfg.assets_dir / kind
+    outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(cfg.assets_dir, 0o700)
+    kkey = _kernel_key()
+    ikey = hashlib.sha256(b"kvmrkt-initrd-v1\0" + GUEST_INIT_SOURCE.read_bytes()).hexdigest()[:16]
+    kernel = outdir / f"vmlinux-{kkey}"
+    initrd = outdir / f"initrd-{ikey}.img"
+    with tempfile.TemporaryDirectory(dir=cfg.assets_dir, prefix=".build-") as tmp:
+        work = Path(tmp)
+        if force or not initrd.is_file():
+            data = _build_initrd(work, progress)
+            (work / "initrd.img").write_bytes(data)
+            os.rename(work / "initrd.img", initrd)
+        else:
+            progress(f"initramfs {initrd.name} is up to date")
+        if force or not kernel.is_file():
+            started = time.monotonic()
+            built = _build_minimal_kernel(work, progress)
+            os.rename(built, kernel)
+            progress(f"kernel built in {time.monotonic() - started:.0f}s")
+        else:
+            progress(f"kernel {kernel.name} is up to date")
+    assets = Assets(kind, kernel, initrd, Digest.of_file(kernel), Digest.of_file(initrd), f"{kkey}-{ikey}")
+    write_json(
+        outdir / ASSETS_FILE,
+        {
+            "kind": kind,
+            "key": assets.key,
+            "kernel": {"path": str(kernel), "digest": str(assets.kernel_digest), "format": "vmlinux (PVH)"},
+            "initrd": {"path": str(initrd), "digest": str(assets.initrd_digest)},
+            "kernel_config": {"path": str(KERNEL_CONFIG), "digest": str(Digest.of_file(KERNEL_CONFIG))},
+        },
+    )
+    for old in outdir.iterdir():
+        if old.name.startswith(("vmlinux-", "initrd-")) and old not in (kernel, initrd):
+            old.unlink()
+    return assets

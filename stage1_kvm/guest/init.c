@@ -1,0 +1,797 @@
+/*
+ * kvmrkt guest init and agent (PID 1 inside every pod VM).
+ *
+ * Role: mount each app's read-only erofs root (virtio-blk, found by serial) under a writable overlay held in
+ * guest memory, mount the pod's volumes, start the apps (stage2) with their argv, environment, working directory
+ * and credentials, and report to the host over virtio-serial ports:
+ *   kvmrkt.status  (host: a file)     one line per event: READY, START <app> <pid>, EXIT <app> <code>,
+ *                                     ERROR <app> <message>, DONE. Values are %-escaped.
+ *   kvmrkt.out.N / kvmrkt.err.N       stdout / stderr of app N (host: files).
+ *   kvmrkt.in.0    (host: a socket)   stdin of app 0 for interactive pods.
+ *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>...\n"; replies are frames
+ *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
+ *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n".
+ * When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
+ *
+ * Trust boundary: everything the host sends (pod config in /kvmrkt/pod.cfg, control requests) is trusted as
+ * coming from stage0; the apps are not trusted, and nothing here reads data the apps can write, except that an
+ * app can of course kill the VM it runs in.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_APPS 32
+#define MAX_VOLS 32
+#define MAX_LIST 1024
+
+struct mountspec { char *vol; char *target; };
+
+struct app {
+    char *name;
+    char *serial;           /* virtio-blk serial of the erofs image */
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[64];
+    int ngroups;
+    char *cwd;
+    char *argv[MAX_LIST];
+    int argc;
+    char *env[MAX_LIST];
+    int envc;
+    struct mountspec mounts[MAX_VOLS];
+    int nmounts;
+    char root[PATH_MAX];
+    pid_t pid;
+    int running;
+    int exit_code;
+};
+
+struct volume { char *name; char *kind; char *tag; int ro; };
+
+static struct app apps[MAX_APPS];
+static int napps;
+static struct volume vols[MAX_VOLS];
+static int nvols;
+static int interactive;
+static char *hostname;
+static int status_fd = -1;
+static pid_t enter_pid;
+
+static void logmsg(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("kvmrkt-init: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void write_all(int fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+/* %-escape bytes outside printable ASCII, spaces and '%' (the inverse of unescape()). */
+static void escape(const char *in, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)in; *p && o + 4 < outlen; p++) {
+        if (*p <= 0x20 || *p >= 0x7f || *p == '%')
+            o += (size_t)snprintf(out + o, outlen - o, "%%%02X", *p);
+        else
+            out[o++] = (char)*p;
+    }
+    out[o] = 0;
+}
+
+static void status(const char *fmt, ...)
+{
+    char line[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n > sizeof(line) - 2)
+        n = sizeof(line) - 2;
+    line[n++] = '\n';
+    if (status_fd >= 0)
+        write_all(status_fd, line, (size_t)n);
+}
+
+static void app_error(struct app *a, const char *what)
+{
+    char msg[1024], esc[3200];
+    snprintf(msg, sizeof(msg), "%s: %s", what, strerror(errno));
+    escape(msg, esc, sizeof(esc));
+    status("ERROR %s %s", a->name, esc);
+    logmsg("app %s: %s", a->name, msg);
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static char *unescape(const char *s)
+{
+    char *out = malloc(strlen(s) + 1), *o = out;
+    if (!out)
+        return NULL;
+    if (!strcmp(s, "%")) {  /* the empty string */
+        *out = 0;
+        return out;
+    }
+    while (*s) {
+        if (s[0] == '%' && s[1] && s[2] && hexval(s[1]) >= 0 && hexval(s[2]) >= 0) {
+            *o++ = (char)(hexval(s[1]) * 16 + hexval(s[2]));
+            s += 3;
+        } else {
+            *o++ = *s++;
+        }
+    }
+    *o = 0;
+    return out;
+}
+
+/* Split a line into at most max space-separated, unescaped fields; returns the count. */
+static int split(char *line, char **fields, int max)
+{
+    int n = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(line, " \n", &save); tok && n < max; tok = strtok_r(NULL, " \n", &save))
+        fields[n++] = unescape(tok);
+    return n;
+}
+
+static int parse_config(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        logmsg("cannot open %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    struct app *cur = NULL;
+    while (getline(&line, &cap, f) > 0) {
+        char *fv[8];
+        int n = split(line, fv, 8);
+        if (n == 0)
+            continue;
+        const char *k = fv[0];
+        if (!strcmp(k, "version") && n == 2) {
+            if (strcmp(fv[1], "1")) {
+                logmsg("unsupported pod config version %s", fv[1]);
+                fclose(f);
+                return -1;
+            }
+        } else if (!strcmp(k, "hostname") && n == 2) {
+            hostname = fv[1];
+        } else if (!strcmp(k, "interactive") && n == 2) {
+            interactive = atoi(fv[1]);
+        } else if (!strcmp(k, "volume") && n == 5 && nvols < MAX_VOLS) {
+            vols[nvols++] = (struct volume){fv[1], fv[2], fv[3], atoi(fv[4])};
+        } else if (!strcmp(k, "app") && n == 2 && napps < MAX_APPS) {
+            cur = &apps[napps++];
+            memset(cur, 0, sizeof(*cur));
+            cur->name = fv[1];
+            cur->cwd = "/";
+        } else if (cur && !strcmp(k, "serial") && n == 2) {
+            cur->serial = fv[1];
+        } else if (cur && !strcmp(k, "uid") && n == 2) {
+            cur->uid = (uid_t)strtoul(fv[1], NULL, 10);
+        } else if (cur && !strcmp(k, "gid") && n == 2) {
+            cur->gid = (gid_t)strtoul(fv[1], NULL, 10);
+        } else if (cur && !strcmp(k, "group") && n == 2 && cur->ngroups < 64) {
+            cur->groups[cur->ngroups++] = (gid_t)strtoul(fv[1], NULL, 10);
+        } else if (cur && !strcmp(k, "cwd") && n == 2) {
+            cur->cwd = fv[1];
+        } else if (cur && !strcmp(k, "arg") && n == 2 && cur->argc < MAX_LIST - 1) {
+            cur->argv[cur->argc++] = fv[1];
+        } else if (cur && !strcmp(k, "env") && n == 2 && cur->envc < MAX_LIST - 1) {
+            cur->env[cur->envc++] = fv[1];
+        } else if (cur && !strcmp(k, "mount") && n == 3 && cur->nmounts < MAX_VOLS) {
+            cur->mounts[cur->nmounts++] = (struct mountspec){fv[1], fv[2]};
+        } else {
+            logmsg("ignoring pod config line starting with %s", k);
+        }
+    }
+    free(line);
+    fclose(f);
+    return 0;
+}
+
+/* Map a virtio-serial port name to its /dev/vportNpM path. */
+static int find_port(const char *name, char *out, size_t outlen)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    struct dirent *e;
+    int found = -1;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char p[PATH_MAX], buf[256];
+        snprintf(p, sizeof(p), "/sys/class/virtio-ports/%s/name", e->d_name);
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = 0;
+        buf[strcspn(buf, "\n")] = 0;
+        if (!strcmp(buf, name)) {
+            snprintf(out, outlen, "/dev/%s", e->d_name);
+            found = 0;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+static int open_port(const char *name, int flags)
+{
+    char path[PATH_MAX];
+    /* Ports are announced by the host asynchronously: wait for udev-less devtmpfs nodes to appear. */
+    for (int i = 0; i < 500; i++) {
+        if (find_port(name, path, sizeof(path)) == 0) {
+            int fd = open(path, flags | O_CLOEXEC);
+            if (fd >= 0)
+                return fd;
+        }
+        usleep(2000);
+    }
+    logmsg("virtio-serial port %s not found", name);
+    return -1;
+}
+
+/* Find the block device whose virtio serial is `serial`. */
+static int find_disk(const char *serial, char *out, size_t outlen)
+{
+    for (int i = 0; i < 500; i++) {
+        DIR *d = opendir("/sys/block");
+        if (d) {
+            struct dirent *e;
+            while ((e = readdir(d))) {
+                if (strncmp(e->d_name, "vd", 2))
+                    continue;
+                char p[PATH_MAX], buf[64];
+                snprintf(p, sizeof(p), "/sys/block/%s/serial", e->d_name);
+                int fd = open(p, O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                    continue;
+                ssize_t n = read(fd, buf, sizeof(buf) - 1);
+                close(fd);
+                if (n <= 0)
+                    continue;
+                buf[n] = 0;
+                buf[strcspn(buf, "\n")] = 0;
+                if (!strcmp(buf, serial)) {
+                    snprintf(out, outlen, "/dev/%s", e->d_name);
+                    closedir(d);
+                    return 0;
+                }
+            }
+            closedir(d);
+        }
+        usleep(2000);
+    }
+    errno = ENODEV;
+    return -1;
+}
+
+static int mkdirs(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    snprintf(tmp, sizeof(tmp), "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static int mount_at(const char *src, const char *dir, const char *type, unsigned long flags, const char *data)
+{
+    if (mkdirs(dir, 0755) < 0)
+        return -1;
+    return mount(src, dir, type, flags, data);
+}
+
+static int setup_volumes(void)
+{
+    for (int i = 0; i < nvols; i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "/kvmrkt/vol/%s", vols[i].name);
+        int rc;
+        if (!strcmp(vols[i].kind, "host")) {
+            rc = mount_at(vols[i].tag, dir, "9p", vols[i].ro ? MS_RDONLY : 0,
+                          "trans=virtio,version=9p2000.L,cache=none,msize=262144");
+        } else {
+            rc = mount_at("kvmrkt-vol", dir, "tmpfs", 0, "mode=0755");
+        }
+        if (rc < 0) {
+            logmsg("volume %s: mount failed: %s", vols[i].name, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static struct volume *volume_named(const char *name)
+{
+    for (int i = 0; i < nvols; i++)
+        if (!strcmp(vols[i].name, name))
+            return &vols[i];
+    return NULL;
+}
+
+static int setup_app(struct app *a)
+{
+    char dev[PATH_MAX], lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
+    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
+    snprintf(rw, sizeof(rw), "/kvmrkt/apps/%s/rw", a->name);
+    snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
+    if (find_disk(a->serial, dev, sizeof(dev)) < 0)
+        return app_error(a, "root disk not found"), -1;
+    if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
+        return app_error(a, "mounting the erofs root"), -1;
+    if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)
+        return app_error(a, "mounting the overlay tmpfs"), -1;
+    snprintf(data, sizeof(data), "%s/upper", rw);
+    mkdir(data, 0755);
+    snprintf(data, sizeof(data), "%s/work", rw);
+    mkdir(data, 0755);
+    snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
+    if (mount_at("overlay", a->root, "overlay", 0, data) < 0)
+        return app_error(a, "mounting the overlay root"), -1;
+
+    static const struct { const char *src, *dir, *type, *data; unsigned long flags; } api[] = {
+        {"proc", "proc", "proc", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC},
+        {"sysfs", "sys", "sysfs", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY},
+        {"devtmpfs", "dev", "devtmpfs", "mode=0755", MS_NOSUID},
+        {"devpts", "dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MS_NOSUID | MS_NOEXEC},
+        {"shm", "dev/shm", "tmpfs", "mode=1777", MS_NOSUID | MS_NODEV},
+    };
+    for (size_t i = 0; i < sizeof(api) / sizeof(api[0]); i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s/%s", a->root, api[i].dir);
+        if (mount_at(api[i].src, dir, api[i].type, api[i].flags, api[i].data) < 0)
+            return app_error(a, api[i].dir), -1;
+    }
+    for (int i = 0; i < a->nmounts; i++) {
+        struct volume *v = volume_named(a->mounts[i].vol);
+        char src[PATH_MAX], dst[PATH_MAX];
+        if (!v) {
+            errno = ENOENT;
+            return app_error(a, "mount of an undefined volume"), -1;
+        }
+        snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
+        snprintf(dst, sizeof(dst), "%s/%s", a->root, a->mounts[i].target);
+        if (mount_at(src, dst, NULL, MS_BIND, NULL) < 0)
+            return app_error(a, "bind-mounting a volume"), -1;
+        if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
+            return app_error(a, "remounting a volume read-only"), -1;
+    }
+    if (hostname) {
+        char p[PATH_MAX];
+        snprintf(p, sizeof(p), "%s/etc/hostname", a->root);
+        int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+        if (fd >= 0) {
+            write_all(fd, hostname, strlen(hostname));
+            write_all(fd, "\n", 1);
+            close(fd);
+        }
+    }
+    return 0;
+}
+
+static const char *env_path(char **env)
+{
+    for (char **e = env; *e; e++)
+        if (!strncmp(*e, "PATH=", 5))
+            return *e + 5;
+    return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+}
+
+/* execve() with a PATH search done inside the (already chrooted) app root. */
+static void exec_in_path(char **argv, char **env)
+{
+    if (strchr(argv[0], '/')) {
+        execve(argv[0], argv, env);
+        return;
+    }
+    const char *path = env_path(env);
+    int saved = ENOENT;
+    while (*path) {
+        size_t len = strcspn(path, ":");
+        char full[PATH_MAX];
+        snprintf(full, sizeof(full), "%.*s/%s", (int)len, path, argv[0]);
+        execve(full, argv, env);
+        if (errno != ENOENT)
+            saved = errno;
+        path += len;
+        if (*path == ':')
+            path++;
+    }
+    errno = saved;
+}
+
+/* In a forked child: become the app (chroot, credentials, cwd) and exec argv; never returns. */
+static void become_app(struct app *a, char **argv, int in, int out, int err)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    setsid();
+    if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+        _exit(125);
+    const char *step = "chroot";
+    if (chroot(a->root) < 0)
+        goto fail;
+    step = "chdir";
+    if (chdir(a->cwd) < 0)
+        goto fail;
+    step = "setgroups";
+    if (setgroups((size_t)a->ngroups, a->groups) < 0)
+        goto fail;
+    step = "setgid";
+    if (setgid(a->gid) < 0)
+        goto fail;
+    step = "setuid";
+    if (setuid(a->uid) < 0)
+        goto fail;
+    if (hostname)
+        sethostname(hostname, strlen(hostname));
+    exec_in_path(argv, a->env);
+    int e = errno;
+    dprintf(2, "kvmrkt: cannot execute %s in app %s: %s\n", argv[0], a->name, strerror(e));
+    _exit(e == ENOENT ? 127 : 126);
+fail:
+    dprintf(2, "kvmrkt: app %s: %s %s: %s\n", a->name, step, step[2] == 'd' ? a->cwd : "", strerror(errno));
+    _exit(125);
+}
+
+static void start_app(int idx)
+{
+    struct app *a = &apps[idx];
+    char name[64];
+    snprintf(name, sizeof(name), "kvmrkt.out.%d", idx);
+    int out = open_port(name, O_WRONLY);
+    snprintf(name, sizeof(name), "kvmrkt.err.%d", idx);
+    int err = open_port(name, O_WRONLY);
+    int in = -1;
+    if (interactive && idx == 0) {
+        in = open_port("kvmrkt.in.0", O_RDONLY);
+        /* Wait (bounded) for the host to connect, so the app does not read an early EOF. */
+        for (int i = 0; in >= 0 && i < 1000; i++) {
+            struct pollfd p = {in, POLLIN, 0};
+            if (poll(&p, 1, 0) >= 0 && !(p.revents & POLLHUP))
+                break;
+            usleep(5000);
+        }
+    }
+    if (in < 0)
+        in = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (out < 0 || err < 0 || in < 0) {
+        app_error(a, "opening stdio ports");
+        a->exit_code = 125;
+        status("EXIT %s 125", a->name);
+        return;
+    }
+    a->argv[a->argc] = NULL;
+    a->env[a->envc] = NULL;
+    pid_t pid = fork();
+    if (pid == 0)
+        become_app(a, a->argv, in, out, err);
+    close(in);
+    close(out);
+    close(err);
+    if (pid < 0) {
+        app_error(a, "fork");
+        a->exit_code = 125;
+        status("EXIT %s 125", a->name);
+        return;
+    }
+    a->pid = pid;
+    a->running = 1;
+    status("START %s %d", a->name, (int)pid);
+}
+
+static struct app *app_named(const char *name)
+{
+    for (int i = 0; i < napps; i++)
+        if (!strcmp(apps[i].name, name))
+            return &apps[i];
+    return NULL;
+}
+
+static void send_frame(int fd, const char *kind, const char *buf, size_t n)
+{
+    char hdr[64];
+    int h = snprintf(hdr, sizeof(hdr), "%s %zu\n", kind, n);
+    write_all(fd, hdr, (size_t)h);
+    write_all(fd, buf, n);
+}
+
+/* Enter session, run in a forked helper that owns the ctl port until the command exits. */
+static void enter_session(int ctl, char **fields, int n)
+{
+    struct app *a = n >= 3 ? app_named(fields[1]) : NULL;
+    int argc = n >= 3 ? atoi(fields[2]) : 0;
+    if (!a || argc < 1 || argc != n - 3 || !a->root[0]) {
+        dprintf(ctl, "FAIL %s\n", a ? "bad%20enter%20request" : "no%20such%20app");
+        _exit(0);
+    }
+    char **argv = calloc((size_t)argc + 1, sizeof(char *));
+    for (int i = 0; i < argc; i++)
+        argv[i] = fields[3 + i];
+    int po[2], pe[2];
+    if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0) {
+        dprintf(ctl, "FAIL pipe\n");
+        _exit(0);
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDONLY);
+        become_app(a, argv, devnull, po[1], pe[1]);
+    }
+    close(po[1]);
+    close(pe[1]);
+    struct pollfd p[2] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}};
+    int open_fds = 2;
+    char buf[16384];
+    while (open_fds > 0) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (p[i].fd < 0 || !(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t r = read(p[i].fd, buf, sizeof(buf));
+            if (r <= 0) {
+                close(p[i].fd);
+                p[i].fd = -1;
+                open_fds--;
+            } else {
+                send_frame(ctl, i == 0 ? "OUT" : "ERR", buf, (size_t)r);
+            }
+        }
+    }
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    dprintf(ctl, "EXIT %d\n", code);
+    _exit(0);
+}
+
+static void signal_apps(int sig)
+{
+    for (int i = 0; i < napps; i++)
+        if (apps[i].running)
+            kill(-apps[i].pid, sig);
+}
+
+static int apps_running(void)
+{
+    int n = 0;
+    for (int i = 0; i < napps; i++)
+        n += apps[i].running;
+    return n;
+}
+
+/* Read one request line from a control port; returns the line length, 0 for none, -1 if the host hung up. */
+static ssize_t read_request(int fd, char *buf, size_t len)
+{
+    size_t o = 0;
+    while (o < len - 1) {
+        ssize_t r = read(fd, buf + o, 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return o ? (ssize_t)o : -1;
+        if (buf[o] == '\n')
+            break;
+        o++;
+    }
+    buf[o] = 0;
+    return (ssize_t)o;
+}
+
+static void reap(void)
+{
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        if (pid == enter_pid) {
+            enter_pid = 0;
+            continue;
+        }
+        for (int i = 0; i < napps; i++) {
+            if (apps[i].running && apps[i].pid == pid) {
+                apps[i].running = 0;
+                apps[i].exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+                status("EXIT %s %d", apps[i].name, apps[i].exit_code);
+                /* Anything the app left behind in its session goes with it. */
+                kill(-pid, SIGKILL);
+            }
+        }
+    }
+}
+
+static void shutdown_vm(void)
+{
+    status("DONE");
+    sync();
+    reboot(RB_AUTOBOOT);
+    for (;;)
+        pause();
+}
+
+static void supervise(int ctl, int sig)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    time_t kill_at = 0;
+    int ctl_up = 1, sig_up = 1;
+    reap();
+    while (apps_running() > 0) {
+        struct pollfd p[3] = {{sfd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
+        if (ctl >= 0 && ctl_up && !enter_pid)
+            p[1].fd = ctl;
+        if (sig >= 0 && sig_up)
+            p[2].fd = sig;
+        /* A port whose host side is closed reports POLLHUP at once: look again every 100 ms. */
+        int timeout = (ctl_up && sig_up) ? -1 : 100;
+        if (kill_at) {
+            int left = (int)(kill_at - time(NULL)) * 1000;
+            timeout = timeout < 0 || left < timeout ? (left < 0 ? 0 : left) : timeout;
+        }
+        int r = poll(p, 3, timeout);
+        if (r < 0 && errno != EINTR)
+            break;
+        if (p[0].revents & POLLIN) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof(si)) > 0)
+                ;
+        }
+        reap();
+        ctl_up = !(p[1].fd >= 0 && (p[1].revents & POLLHUP) && !(p[1].revents & POLLIN));
+        sig_up = !(p[2].fd >= 0 && (p[2].revents & POLLHUP) && !(p[2].revents & POLLIN));
+        if (r == 0) {
+            ctl_up = sig_up = 1;
+        }
+        char req[65536];
+        if (p[2].fd >= 0 && (p[2].revents & POLLIN) && read_request(sig, req, sizeof(req)) > 0) {
+            char *f[4];
+            int n = split(req, f, 4);
+            if (n == 2 && !strcmp(f[0], "STOP")) {
+                signal_apps(SIGTERM);
+                kill_at = time(NULL) + atoi(f[1]);
+                write_all(sig, "OK\n", 3);
+            } else if (n >= 1 && !strcmp(f[0], "PING")) {
+                write_all(sig, "PONG\n", 5);
+            } else {
+                write_all(sig, "FAIL unknown%20request\n", 23);
+            }
+        }
+        if (p[1].fd >= 0 && (p[1].revents & POLLIN) && read_request(ctl, req, sizeof(req)) > 0) {
+            char *f[MAX_LIST];
+            int n = split(req, f, MAX_LIST);
+            if (n >= 1 && !strcmp(f[0], "ENTER")) {
+                pid_t pid = fork();
+                if (pid == 0)
+                    enter_session(ctl, f, n);
+                if (pid > 0)
+                    enter_pid = pid;
+            } else {
+                write_all(ctl, "FAIL unknown%20request\n", 23);
+            }
+        }
+        if (kill_at && time(NULL) >= kill_at) {
+            signal_apps(SIGKILL);
+            kill_at = 0;
+        }
+    }
+}
+
+int main(void)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    mkdir("/proc", 0555);
+    mkdir("/sys", 0555);
+    mkdir("/dev", 0755);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    int con = open("/dev/console", O_RDWR | O_CLOEXEC);
+    if (con >= 0) {
+        dup2(con, 1);
+        dup2(con, 2);
+    }
+    setvbuf(stderr, NULL, _IONBF, 0);
+
+    status_fd = open_port("kvmrkt.status", O_WRONLY);
+    if (status_fd < 0 || parse_config("/kvmrkt/pod.cfg") < 0 || napps == 0) {
+        logmsg("no usable pod configuration; halting");
+        status("FATAL bad%%20pod%%20configuration");
+        shutdown_vm();
+    }
+    if (hostname)
+        sethostname(hostname, strlen(hostname));
+    status("READY");
+    int ctl = open_port("kvmrkt.ctl", O_RDWR);
+    int sig = open_port("kvmrkt.sig", O_RDWR);
+    if (setup_volumes() < 0) {
+        status("FATAL volume%%20setup%%20failed");
+        shutdown_vm();
+    }
+    int ok[MAX_APPS];
+    for (int i = 0; i < napps; i++)
+        ok[i] = setup_app(&apps[i]) == 0;
+    for (int i = 0; i < napps; i++) {
+        if (ok[i]) {
+            start_app(i);
+        } else {
+            apps[i].exit_code = 125;
+            status("EXIT %s 125", apps[i].name);
+        }
+    }
+    supervise(ctl, sig);
+    shutdown_vm();
+    return 0;
+}

@@ -1,0 +1,358 @@
+"""The ``qemu`` stage1 backend: one QEMU process per pod, started directly and supervised by ``kvmrkt run``.
+
+Role: the only module that starts, watches and kills the pod VM's QEMU process. It writes the per-pod
+initramfs, starts QEMU (cwd = pod directory, the pod lock fd inherited so the pod reads as running exactly
+while QEMU lives, killed if stage0 dies), streams app output from the log files QEMU writes, enforces the boot
+timeout, turns Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
+``qmp.sock`` is used to quit the VM and to query it. Trust boundary: QEMU runs the untrusted guest under
+``-sandbox``; nothing the guest writes is executed or used as a path on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from kvmrkt import _proc
+from kvmrkt.errors import AccelError, AgentError, BootTimeoutError, PodStateError, Stage1Error, VMLaunchError
+from kvmrkt.manifest import PodManifest
+from kvmrkt.pod import Pod
+from kvmrkt.stage1 import RunOptions, RunResult, Stage1
+from stage1_kvm import agent
+from stage1_kvm.assets import load_assets, pod_initrd
+from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vmspec import (
+    CONSOLE_LOG,
+    CTL_SOCKET,
+    GUEST_STATUS,
+    POD_INITRD,
+    QMP_SOCKET,
+    SIG_SOCKET,
+    STDIN_SOCKET,
+    app_log,
+    build_vmspec,
+    guest_pod_config,
+)
+
+RUN_RECORD = "stage1-run.json"
+PID_FILE = "pid"
+QEMU_LOG = "qemu.log"
+
+
+def probe_kvm() -> str | None:
+    """None when KVM can run our guests here, else why not."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded)"
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return (
+            "/dev/kvm is provided by kvm_pvm, a paravirtualised nested hypervisor on which guest kernels hang "
+            "and -cpu host aborts"
+        )
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible to this user"
+    return None
+
+
+def choose_accel(requested: str) -> str:
+    """Resolve ``auto|kvm|tcg`` to the accelerator to use.
+
+    Raises:
+        AccelError: ``kvm`` was requested and cannot work here.
+    """
+    if requested == "tcg":
+        return "tcg"
+    reason = probe_kvm()
+    if requested == "kvm" and reason:
+        raise AccelError(f"--accel=kvm cannot be used: {reason}", hint="use --accel=auto or --accel=tcg")
+    return "tcg" if reason else "kvm"
+
+
+def host_tsc_khz() -> int | None:
+    """The host CPU frequency in kHz (used to skip the guest's TSC calibration under TCG)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 2_000_000
+
+
+@dataclass
+class _Tail:
+    """Follows a file QEMU appends to, copying new bytes to an output stream."""
+
+    path: Path
+    out: IO[bytes]
+    offset: int = 0
+
+    def pump(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.offset += len(data)
+            self.out.write(data)
+            self.out.flush()
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a graceful stop request while the pod runs."""
+
+    def __init__(self) -> None:
+        self.requested = 0.0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        self.requested = self.requested or time.monotonic()
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _pump_stdin(pod_dir: Path) -> None:
+    """Copy our stdin to the app's stdin port until EOF (then close, which the guest reads as EOF)."""
+    dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dfd}/{STDIN_SOCKET}")
+        while data := os.read(sys.stdin.fileno(), 65536):
+            sock.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        os.close(dfd)
+
+
+def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
+    """Run one QMP command against the pod's QEMU and return its result.
+
+    Raises:
+        Stage1Error: QMP is unreachable or the command failed.
+    """
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        qmp = QEMUMonitorProtocol(f"/proc/self/fd/{dfd}/{QMP_SOCKET}")
+        try:
+            qmp.connect()
+            return qmp.cmd(command)
+        finally:
+            qmp.close()
+    except Exception as exc:  # qemu.qmp raises a family of its own errors and OSError
+        raise Stage1Error(f"QMP {command} failed: {exc}") from exc
+    finally:
+        os.close(dfd)
+
+
+class QemuStage1(Stage1):
+    """QEMU started directly, one microvm per pod."""
+
+    name = "qemu"
+
+    # --- run ------------------------------------------------------------------------------------------
+
+    def run(
+        self, pod: Pod, manifest: PodManifest, opts: RunOptions, *, stdout: IO[bytes], stderr: IO[bytes]
+    ) -> RunResult:
+        cfg = self.config.stage1
+        if pod.lock_fd is None:
+            raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
+        assets = load_assets(cfg)
+        accel = choose_accel(opts.accel)
+        qemu = _proc.which(cfg.qemu, hint="apt-get install qemu-system-x86")
+        spec = build_vmspec(
+            manifest,
+            cfg=cfg,
+            accel=accel,
+            kernel=assets.kernel,
+            rootfs=opts.rootfs,
+            interactive=opts.interactive,
+            debug=self.config.debug,
+            tsc_khz=host_tsc_khz(),
+            host_cpus=os.cpu_count() or 1,
+        )
+        argv = build_argv(spec, qemu=qemu)
+        (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
+        for app in manifest.apps:
+            for stream in ("stdout", "stderr"):
+                pod.file(app_log(app.name, stream)).touch(mode=0o600)
+        pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=opts.interactive), pod.file(POD_INITRD))
+        record = {
+            "backend": self.name,
+            "interface_version": self.interface_version,
+            "accel": accel,
+            "kernel": {"kind": assets.kind, "path": str(assets.kernel), "digest": str(assets.kernel_digest)},
+            "initrd": {"path": str(assets.initrd), "digest": str(assets.initrd_digest)},
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+            "argv": argv,
+        }
+        pod.write_json(RUN_RECORD, record)
+        with pod.file(QEMU_LOG).open("wb") as qlog:
+            proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path)
+        try:
+            pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
+            return self._supervise(pod, manifest, proc, opts, stdout=stdout, stderr=stderr)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def _supervise(
+        self, pod: Pod, manifest: PodManifest, proc: subprocess.Popen[bytes], opts: RunOptions, *,
+        stdout: IO[bytes], stderr: IO[bytes],
+    ) -> RunResult:
+        cfg = self.config.stage1
+        tails = [
+            _Tail(pod.file(app_log(a.name, s)), stdout if s == "stdout" else stderr)
+            for a in manifest.apps
+            for s in ("stdout", "stderr")
+        ]
+        if self.config.debug:
+            tails.append(_Tail(pod.file(CONSOLE_LOG), stderr))
+        started = time.monotonic()
+        stop_sent = 0.0
+        killed = False
+        stdin_thread: threading.Thread | None = None
+        with _StopRequest() as stop:
+            while proc.poll() is None:
+                for t in tails:
+                    t.pump()
+                st = agent.read_status(pod.file(GUEST_STATUS))
+                now = time.monotonic()
+                if opts.interactive and stdin_thread is None and pod.file(STDIN_SOCKET).exists():
+                    stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
+                    stdin_thread.start()
+                if not st.ready and now - started > cfg.boot_timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise BootTimeoutError(
+                        f"the guest did not report ready within {cfg.boot_timeout:.0f}s; the VM was killed\n"
+                        + self._console_tail(pod),
+                        hint="raise stage1.boot_timeout in config.toml on slow hosts; --debug shows the console",
+                    )
+                if stop.requested and not stop_sent and st.ready:
+                    stop_sent = now
+                    with contextlib.suppress(AgentError):
+                        agent.request_stop(pod.path, SIG_SOCKET, grace=cfg.stop_timeout)
+                elif stop.requested and not st.ready:
+                    proc.kill()
+                    killed = True
+                if stop_sent and now - stop_sent > cfg.stop_timeout + 5:
+                    proc.kill()
+                    killed = True
+                time.sleep(0.005 if now - started < 2 else 0.02)
+        for t in tails:
+            t.pump()
+        st = agent.read_status(pod.file(GUEST_STATUS))
+        if not st.ready and not killed:
+            raise VMLaunchError(
+                f"QEMU exited with code {proc.returncode} before the guest was ready\n"
+                + _proc.tail(pod.file(QEMU_LOG).read_bytes())
+                + "\n"
+                + self._console_tail(pod)
+            )
+        if st.fatal:
+            raise Stage1Error(f"the guest init failed: {st.fatal}\n" + self._console_tail(pod))
+        if not st.done and not killed:
+            raise Stage1Error(
+                f"the VM ended (QEMU exit code {proc.returncode}) before all apps reported their exit status\n"
+                + self._console_tail(pod)
+            )
+        codes = {a.name: st.exits.get(a.name, 128 + signal.SIGKILL) for a in manifest.apps}
+        for name, messages in st.errors.items():
+            for msg in messages:
+                stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
+        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed))
+
+    @staticmethod
+    def _console_tail(pod: Pod) -> str:
+        try:
+            text = pod.file(CONSOLE_LOG).read_bytes()
+        except FileNotFoundError:
+            return "(no console output)"
+        return "guest console (last lines):\n" + _proc.tail(text, 20)
+
+    # --- other lifecycle --------------------------------------------------------------------------------
+
+    def _pid(self, pod: Pod) -> int | None:
+        rec = pod.read_json(PID_FILE)
+        return int(rec["pid"]) if isinstance(rec, dict) and isinstance(rec.get("pid"), int) else None
+
+    def _kill_vm(self, pod: Pod) -> None:
+        """Kill the pod's QEMU: QMP quit first, then SIGKILL by recorded pid (only if it is that pod's QEMU)."""
+        with contextlib.suppress(Stage1Error):
+            qmp_command(pod.path, "quit")
+        pid = self._pid(pod)
+        if pid and _proc.pid_alive(pid) and any(pod.uuid in a for a in _proc.pid_cmdline(pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def stop(self, pod: Pod, *, force: bool) -> None:
+        if force:
+            self._kill_vm(pod)
+            return
+        agent.request_stop(pod.path, SIG_SOCKET, grace=self.config.stage1.stop_timeout)
+
+    def enter(
+        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes]
+    ) -> int:
+        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr)
+
+    def status(self, pod: Pod) -> dict[str, Any]:
+        rec = pod.read_json(RUN_RECORD, {}) or {}
+        pid = pod.read_json(PID_FILE, {}) or {}
+        st = agent.read_status(pod.file(GUEST_STATUS))
+        return {
+            "backend": self.name,
+            "accel": rec.get("accel"),
+            "pid": pid.get("pid"),
+            "started": pid.get("started"),
+            "memory_mib": rec.get("memory_mib"),
+            "vcpus": rec.get("vcpus"),
+            "kernel": rec.get("kernel"),
+            "guest_ready": st.ready,
+            "app_pids": st.pids,
+            "app_exit_codes": st.exits,
+            "app_errors": st.errors,
+        }
+
+    def gc(self, pod: Pod) -> None:
+        pid = self._pid(pod)
+        if pid and _proc.pid_alive(pid) and any(pod.uuid in a for a in _proc.pid_cmdline(pid)):
+            os.kill(pid, signal.SIGKILL)
+        for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, POD_INITRD):
+            with contextlib.suppress(FileNotFoundError):
+                pod.file(name).unlink()
+
+
+def describe_accel() -> dict[str, str]:
+    """What ``--accel=auto`` picks on this host and why (for ``kvmrkt version``/``config``)."""
+    reason = probe_kvm()
+    return {"auto": "tcg" if reason else "kvm", "kvm_unusable_because": reason or ""}
+
+
+__all__ = ["QemuStage1", "choose_accel", "describe_accel", "probe_kvm"]

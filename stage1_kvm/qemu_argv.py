@@ -1,0 +1,65 @@
+"""Pure translation of a ``VMSpec`` into a QEMU command line.
+
+Role: the one place that knows QEMU's flags. A lean ``microvm`` machine: no firmware, no default devices,
+direct kernel boot (PVH ``vmlinux``), virtio-mmio devices only. Trust boundary: paths come from the store and
+the pod directory, never from the guest; option values that QEMU parses with commas are checked so a path
+cannot smuggle in extra options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmrkt.errors import ConfigError
+from stage1_kvm.vmspec import VMSpec
+
+
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU ``-opt key=value,...`` list: commas must be doubled."""
+    text = str(value)
+    if "\n" in text:
+        raise ConfigError(f"path {text!r} cannot be passed to QEMU")
+    return text.replace(",", ",,")
+
+
+def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
+    """The full argv to start the VM described by ``spec`` (cwd must be the pod directory)."""
+    cpu = "host" if spec.accel == "kvm" else "max"
+    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=64"
+    argv = [
+        qemu,
+        "-name", f"{spec.name},debug-threads=on",
+        "-M", "microvm,x-option-roms=off,rtc=off",
+        "-accel", accel,
+        "-cpu", cpu,
+        "-m", f"{spec.memory_mib}M",
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", _opt(spec.kernel),
+        "-initrd", _opt(spec.initrd),
+        "-append", spec.cmdline,
+        "-chardev", f"file,id=console,path={_opt(spec.console_log)}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
+    ]  # fmt: skip
+    if spec.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    argv += ["-device", f"virtio-serial-device,max_ports={max(len(spec.ports), 1)}"]
+    for i, port in enumerate(spec.ports):
+        if port.kind == "file":
+            argv += ["-chardev", f"file,id=port{i},path={_opt(port.path)}"]
+        else:
+            argv += ["-chardev", f"socket,id=port{i},path={_opt(port.path)},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,chardev=port{i},name={port.name}"]
+    for disk in spec.disks:
+        argv += [
+            "-drive", f"file={_opt(disk.path)},format=raw,if=none,readonly=on,id={disk.id}",
+            "-device", f"virtio-blk-device,drive={disk.id},serial={disk.serial}",
+        ]  # fmt: skip
+    for share in spec.shares:
+        ro = ",readonly=on" if share.read_only else ""
+        argv += [
+            "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=passthrough{ro}",
+            "-device", f"virtio-9p-device,fsdev={share.id},mount_tag={share.tag}",
+        ]  # fmt: skip
+    return argv

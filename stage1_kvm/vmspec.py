@@ -1,0 +1,179 @@
+"""Pure translation of a pod into a VM description, and of the pod into the guest's pod config.
+
+Role: decide memory, vCPUs, kernel command line, disks, shares and virtio-serial ports for a pod
+(``VMSpec``), and render ``/kvmrkt/pod.cfg`` for the guest init. No I/O here: callers pass in host facts
+(accelerator, TSC frequency, CPU count, paths). Trust boundary: input is a validated ``PodManifest``; every
+string written into the guest config is %-escaped so an argument cannot inject config lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmrkt.config import Stage1Config
+from kvmrkt.manifest import PodManifest
+
+# Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs
+# with it as cwd), which keeps them under the 108-byte sun_path limit however deep the data dir is.
+QMP_SOCKET = "qmp.sock"
+CTL_SOCKET = "ctl.sock"
+SIG_SOCKET = "sig.sock"
+STDIN_SOCKET = "stdin.sock"
+GUEST_STATUS = "guest-status"
+CONSOLE_LOG = "console.log"
+POD_INITRD = "initrd.img"
+
+
+def app_log(app: str, stream: str) -> str:
+    """Relative path of an app's stdout/stderr log in the pod directory."""
+    return f"logs/{app}.{stream}"
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A read-only virtio-blk disk; the guest finds it by ``serial``."""
+
+    id: str
+    path: Path
+    serial: str
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A host directory exported over virtio-9p."""
+
+    id: str
+    path: Path
+    tag: str
+    read_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """A virtio-serial port and its host end: a file QEMU writes, or a unix socket QEMU listens on."""
+
+    name: str
+    kind: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class VMSpec:
+    """Everything needed to start one pod VM."""
+
+    name: str
+    accel: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: str
+    cmdline: str
+    disks: tuple[Disk, ...]
+    shares: tuple[Share, ...]
+    ports: tuple[Port, ...]
+    qmp_socket: str = QMP_SOCKET
+    console_log: str = CONSOLE_LOG
+    sandbox: bool = True
+
+
+def size_vm(manifest: PodManifest, cfg: Stage1Config, host_cpus: int) -> tuple[int, int]:
+    """rkt's sizing rule: memory = sum of app limits + overhead (at least the minimum); vCPUs = sum of app
+    CPU limits capped at the host's CPUs, 1 when no app sets one."""
+    mem = sum(a.memory_mib or 0 for a in manifest.apps) + cfg.memory_overhead_mib
+    cpus = sum(a.cpus or 0 for a in manifest.apps)
+    return max(mem, cfg.min_memory_mib), max(1, min(cpus, host_cpus))
+
+
+def kernel_cmdline(*, accel: str, tsc_khz: int | None, debug: bool) -> str:
+    """The guest kernel command line. Under TCG, ``tsc_early_khz`` skips the TSC calibration that hangs
+    about one boot in six on nested hosts."""
+    parts = ["console=ttyS0", "panic=-1", "reboot=t", "rdinit=/init", "random.trust_cpu=on", "8250.nr_uarts=1"]
+    parts.append("loglevel=7" if debug else "quiet")
+    if accel == "tcg" and tsc_khz:
+        parts.append(f"tsc_early_khz={tsc_khz}")
+    return " ".join(parts)
+
+
+def build_vmspec(
+    manifest: PodManifest,
+    *,
+    cfg: Stage1Config,
+    accel: str,
+    kernel: Path,
+    rootfs: Mapping[str, Path],
+    interactive: bool,
+    debug: bool,
+    tsc_khz: int | None,
+    host_cpus: int,
+) -> VMSpec:
+    """Describe the VM for a pod (pure)."""
+    memory, vcpus = size_vm(manifest, cfg, host_cpus)
+    disks = tuple(Disk(f"app{i}", rootfs[a.name], f"app{i}") for i, a in enumerate(manifest.apps))
+    shares = tuple(
+        Share(f"vol{i}", Path(v.source or ""), f"vol{i}", v.read_only)
+        for i, v in enumerate(manifest.volumes)
+        if v.kind == "host"
+    )
+    ports = [
+        Port("kvmrkt.status", "file", GUEST_STATUS),
+        Port("kvmrkt.ctl", "socket", CTL_SOCKET),
+        Port("kvmrkt.sig", "socket", SIG_SOCKET),
+    ]
+    for i, app in enumerate(manifest.apps):
+        ports.append(Port(f"kvmrkt.out.{i}", "file", app_log(app.name, "stdout")))
+        ports.append(Port(f"kvmrkt.err.{i}", "file", app_log(app.name, "stderr")))
+    if interactive:
+        ports.append(Port("kvmrkt.in.0", "socket", STDIN_SOCKET))
+    return VMSpec(
+        name=f"kvmrkt-{manifest.uuid}",
+        accel=accel,
+        memory_mib=memory,
+        vcpus=vcpus,
+        kernel=kernel,
+        initrd=POD_INITRD,
+        cmdline=kernel_cmdline(accel=accel, tsc_khz=tsc_khz, debug=debug),
+        disks=disks,
+        shares=shares,
+        ports=tuple(ports),
+        sandbox=cfg.sandbox,
+    )
+
+
+def escape(value: str) -> str:
+    """%-escape bytes the guest config treats specially (space, control, non-ASCII, '%'); the empty string
+    is a lone '%' (a real '%' is always '%25', so this is unambiguous)."""
+    out = []
+    for b in value.encode():
+        out.append(f"%{b:02X}" if b <= 0x20 or b >= 0x7F or b == 0x25 else chr(b))
+    return "".join(out) or "%"
+
+
+def _line(*fields: str | int) -> str:
+    return " ".join(escape(str(f)) for f in fields) + "\n"
+
+
+def guest_pod_config(manifest: PodManifest, *, interactive: bool) -> bytes:
+    """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format)."""
+    lines = [_line("version", 1), _line("interactive", int(interactive))]
+    if manifest.hostname:
+        lines.append(_line("hostname", manifest.hostname))
+    host_index = 0
+    for v in manifest.volumes:
+        tag = "-"
+        if v.kind == "host":
+            tag = f"vol{host_index}"
+            host_index += 1
+        lines.append(_line("volume", v.name, v.kind, tag, int(v.read_only)))
+    for i, app in enumerate(manifest.apps):
+        lines.append(_line("app", app.name))
+        lines.append(_line("serial", f"app{i}"))
+        lines.append(_line("uid", app.uid))
+        lines.append(_line("gid", app.gid))
+        lines.extend(_line("group", g) for g in app.supplementary_gids)
+        lines.append(_line("cwd", app.working_dir))
+        lines.extend(_line("arg", a) for a in app.exec)
+        lines.extend(_line("env", f"{k}={v}") for k, v in app.env)
+        lines.extend(_line("mount", m.volume, m.target) for m in app.mounts)
+    return "".join(lines).encode()

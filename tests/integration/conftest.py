@@ -1,0 +1,151 @@
+"""Fixtures for integration tests: real QEMU VMs booting kvmrkt's guest kernel, images built with umoci.
+
+Each test gets its own data and config directories; the kvmrkt CLI runs as a subprocess exactly as an operator
+runs it. After each test, any process whose command line mentions the test's data directory (its QEMUs) is a
+leak: it is killed by pid and the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvmrkt.config import Stage1Config
+from kvmrkt.errors import AssetError
+from stage1_kvm.assets import load_assets
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root"
+    for prog in ("qemu-system-x86_64", "umoci", "mkfs.erofs"):
+        if not shutil.which(prog):
+            return f"{prog} is not installed (run `make setup`)"
+    try:
+        load_assets(Stage1Config())
+    except AssetError as exc:
+        return f"guest assets are not built: {exc.message} (run `make setup`)"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def capabilities(request: pytest.FixtureRequest) -> None:
+    reason = _missing()
+    if reason:
+        if request.config.getoption("--require-capabilities"):
+            pytest.fail(f"required capability missing: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI image layout of Debian's busybox, built with umoci."""
+    out = tmp_path_factory.mktemp("images") / "busybox-oci"
+    subprocess.run([REPO / "examples" / "busybox-image.sh", out, "latest"], check=True, capture_output=True)
+    return out
+
+
+def _our_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and b"qemu" in cmdline.split(b"\0", 1)[0]:
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+@dataclass
+class Kvmrkt:
+    """Runs the kvmrkt CLI against a private data dir and config dir."""
+
+    data: Path
+    config: Path
+    image: str = "busybox:latest"
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kvmrkt", "--dir", str(self.data), "--config-dir", str(self.config), *args]
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, input=input, timeout=timeout,
+                              cwd=REPO)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args: str, **kw: object) -> Result:
+        res = self(*args, **kw)  # type: ignore[arg-type]
+        assert res.rc == 0, f"kvmrkt {' '.join(args)} failed ({res.rc}):\n{res.out}\n{res.err}"
+        return res
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        """Start a long-running kvmrkt command in the background."""
+        proc = subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
+    def write_config(self, text: str) -> None:
+        (self.config / "config.toml").write_text(text)
+
+    def wait_running(self, uuid_file: Path, timeout: float = 60) -> str:
+        """Wait until a pod started in the background has its apps running; return its UUID."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if uuid_file.exists() and uuid_file.read_text().strip():
+                uuid = uuid_file.read_text().strip()
+                st = self("status", "--format", "json", uuid)
+                if st.rc == 0 and '"state": "running"' in st.out and '"pid": null' not in st.out:
+                    guest = self.data / "pods" / "run" / uuid / "guest-status"
+                    if guest.exists() and "START" in guest.read_text():
+                        return uuid
+            time.sleep(0.1)
+        raise AssertionError("pod did not start in time")
+
+
+BASE_CONFIG = """
+[stage1]
+accel = "auto"
+stop_timeout = 3
+boot_timeout = 60
+"""
+
+
+@pytest.fixture
+def kvmrkt(tmp_path: Path, busybox_layout: Path) -> Iterator[Kvmrkt]:
+    data, config = tmp_path / "data", tmp_path / "etc"
+    config.mkdir()
+    k = Kvmrkt(data, config)
+    k.write_config(BASE_CONFIG)
+    k.ok("image", "import", f"oci:{busybox_layout}:latest", "--name", "busybox")
+    yield k
+    for proc in k.procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    time.sleep(0.2)
+    leaked = _our_processes(str(data))
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"leaked QEMU processes {leaked}"

@@ -1,0 +1,75 @@
+"""Failure modes: each gives a clear error and a distinct exit code, and leaves no VM behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .conftest import Kvmrkt
+
+
+def test_unknown_image(kvmrkt: Kvmrkt) -> None:
+    res = kvmrkt("run", "no-such-image")
+    assert res.rc == 3
+    assert "no image 'no-such-image'" in res.err and "kvmrkt image list" in res.err
+    assert not list((kvmrkt.data / "pods").glob("*/*"))
+
+
+def test_missing_guest_assets(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    kvmrkt.write_config(f'[stage1]\nassets_dir = "{tmp_path / "empty"}"\n')
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 8
+    assert "no guest assets" in res.err and "kvmrkt stage1 build" in res.err
+
+
+def test_qemu_missing(kvmrkt: Kvmrkt) -> None:
+    kvmrkt.write_config('[stage1]\nqemu = "/nonexistent/qemu-system-x86_64"\n')
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 2
+    assert "/nonexistent/qemu-system-x86_64" in res.err
+
+
+def test_qemu_fails_to_start_shows_its_stderr(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-broken"
+    fake.write_text("#!/bin/sh\necho 'qemu: could not load kernel: bad magic' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    kvmrkt.write_config(f'[stage1]\nqemu = "{fake}"\n')
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 8
+    assert "bad magic" in res.err and "exited with code 1" in res.err
+
+
+def test_accel_kvm_where_unusable(kvmrkt: Kvmrkt) -> None:
+    from stage1_kvm.qemu import probe_kvm
+
+    reason = probe_kvm()
+    res = kvmrkt("run", "--accel=kvm", "busybox", "--exec", "/bin/true", timeout=60)
+    if reason is None:
+        assert res.rc == 0, res.err
+    else:
+        assert res.rc == 8
+        assert "--accel=kvm cannot be used" in res.err
+
+
+def test_boot_timeout(kvmrkt: Kvmrkt) -> None:
+    kvmrkt.write_config("[stage1]\nboot_timeout = 0.05\n")
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 8
+    assert "did not report ready" in res.err
+
+
+def test_not_running_pods(kvmrkt: Kvmrkt) -> None:
+    uuid = kvmrkt.ok("prepare", "--quiet", "busybox", "--exec", "/bin/true").out.strip()
+    for cmd in (["enter", uuid, "true"], ["stop", uuid]):
+        res = kvmrkt(*cmd)
+        assert res.rc == 7 and "prepared" in res.err
+    assert kvmrkt("status", "0000dead").rc == 7
+
+
+def test_bad_flags(kvmrkt: Kvmrkt) -> None:
+    assert kvmrkt("run", "busybox", "--bogus").rc == 2
+    assert kvmrkt("--insecure-options=nonsense", "run", "busybox").rc == 2
+    res = kvmrkt("run", "--interactive", "busybox", "busybox")
+    assert res.rc == 2
+    assert "exactly one app" in res.err
+    assert json.loads(kvmrkt.ok("list", "--format", "json").out) == []

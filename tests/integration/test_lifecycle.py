@@ -1,0 +1,186 @@
+"""The pod lifecycle against real VMs (TCG on this build host): run, exit codes, apps, enter, stop, gc."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Kvmrkt
+
+SH = ["busybox", "--exec", "/bin/sh", "--"]
+
+
+@pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 7", 7), ("exit 255", 255), ("kill -KILL $$", 137)])
+def test_exit_codes(kvmrkt: Kvmrkt, script: str, code: int) -> None:
+    res = kvmrkt("run", *SH, "-c", script)
+    assert res.rc == code, res.err
+
+
+def test_stdout_stderr_env_user_workdir(kvmrkt: Kvmrkt) -> None:
+    res = kvmrkt("run", "--set-env", "POD=1", "busybox", "--exec", "/bin/sh", "--user", "app", "--working-dir",
+                 "/tmp", "--set-env", "GREETING=hello world", "--", "-c",
+                 'echo "$GREETING|$POD|$AC_APP_NAME"; id -u; id -g; id -G; pwd; echo oops >&2; hostname')
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    assert lines[0] == "hello world|1|busybox"
+    assert lines[1:4] == ["1000", "1000", "1000 1001"]
+    assert lines[4] == "/tmp"
+    assert lines[5].startswith("kvmrkt-")
+    assert "oops" in res.err and "oops" not in res.out
+
+
+def test_args_keep_spaces_and_empty_strings(kvmrkt: Kvmrkt) -> None:
+    res = kvmrkt("run", *SH, "-c", 'for a in "$@"; do echo "[$a]"; done', "sh", "a b", "", "100%", "x\ny")
+    assert res.out.splitlines() == ["[a b]", "[]", "[100%]", "[x", "y]"], res.err
+
+
+def test_image_defaults_apply(kvmrkt: Kvmrkt) -> None:
+    # The image's cmd is `sh` with stdin /dev/null: it exits 0 at once.
+    res = kvmrkt("run", "busybox")
+    assert res.rc == 0, res.err
+
+
+def test_multi_app_pod_exit_code_is_first_nonzero(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    res = kvmrkt("run", "--uuid-file-save", str(uuid_file),
+                 "busybox", "--name", "one", "--exec", "/bin/sh", "--", "-c", "echo from-one; exit 0", "---",
+                 "busybox", "--name", "two", "--exec", "/bin/sh", "--", "-c", "echo from-two; exit 3", "---",
+                 "busybox", "--name", "three", "--exec", "/bin/sh", "--", "-c", "exit 4")
+    assert res.rc == 3, res.err
+    assert "from-one" in res.out and "from-two" in res.out
+    st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
+    assert st["state"] == "exited"
+    assert {a["name"]: a["exit_code"] for a in st["apps"]} == {"one": 0, "two": 3, "three": 4}
+    assert st["accel"] in ("tcg", "kvm") and st["exit_code"] == 3
+
+
+def test_missing_exec_path(kvmrkt: Kvmrkt) -> None:
+    res = kvmrkt("run", "busybox", "--exec", "/no/such/program")
+    assert res.rc == 127
+    assert "/no/such/program" in res.err
+
+
+def test_prepare_run_prepared_status_list_rm(kvmrkt: Kvmrkt) -> None:
+    uuid = kvmrkt.ok("prepare", "--quiet", *SH, "-c", "echo prepared-ran; exit 5").out.strip()
+    assert len(uuid) == 36
+    assert json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] == "prepared"
+    listed = json.loads(kvmrkt.ok("list", "--format", "json").out)
+    assert [p["state"] for p in listed if p["uuid"] == uuid] == ["prepared"]
+    manifest = json.loads(kvmrkt.ok("cat-manifest", uuid[:8]).out)
+    assert manifest["apps"][0]["exec"] == ["/bin/sh", "-c", "echo prepared-ran; exit 5"]
+    res = kvmrkt("run-prepared", uuid)
+    assert res.rc == 5 and "prepared-ran" in res.out
+    again = kvmrkt("run-prepared", uuid)
+    assert again.rc == 7 and "not prepared" in again.err
+    text = kvmrkt.ok("status", uuid).out
+    assert "state=exited" in text and "app-busybox=5" in text
+    kvmrkt.ok("rm", uuid)
+    assert kvmrkt("status", uuid).rc == 7
+
+
+def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",
+                        "trap 'echo got-term; exit 42' TERM; echo started; while :; do sleep 0.2; done")
+    uuid = kvmrkt.wait_running(uuid_file)
+    res = kvmrkt("enter", uuid, "/bin/sh", "-c", "echo inside $(hostname); echo to-err >&2; exit 5")
+    assert res.rc == 5
+    assert res.out.startswith("inside kvmrkt-") and res.err == "to-err\n"
+    assert kvmrkt("enter", "--app", "nope", uuid, "true").rc == 2
+    assert kvmrkt.ok("stop", uuid).out.split() == [uuid, "exited"]
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 42, err
+    assert "got-term" in out
+    assert kvmrkt("enter", uuid, "true").rc == 7
+    assert kvmrkt("stop", uuid).rc == 7
+
+
+def test_stop_kills_apps_that_ignore_sigterm(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "trap '' TERM; while :; do sleep 1; done")
+    uuid = kvmrkt.wait_running(uuid_file)
+    started = time.monotonic()
+    kvmrkt.ok("stop", uuid)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 137
+    assert time.monotonic() - started >= 2.5  # stop_timeout = 3 s in the test config
+
+
+def test_forced_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    kvmrkt.ok("stop", "--force", uuid)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] == "exited"
+
+
+def test_sigterm_to_kvmrkt_run_stops_the_pod(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] == "exited"
+
+
+def test_killed_run_is_recovered_by_gc(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] != "exited":
+        assert time.monotonic() < deadline, "QEMU outlived its killed kvmrkt run"
+        time.sleep(0.1)
+    gc = json.loads(kvmrkt.ok("gc", "--grace-period=0s", "--format", "json").out)
+    assert uuid in gc["marked"] and uuid in gc["removed"]
+    assert kvmrkt("status", uuid).rc == 7
+    assert not (kvmrkt.data / "pods" / "run" / uuid).exists()
+
+
+def test_gc_grace_period(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    kvmrkt.ok("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "true")
+    uuid = uuid_file.read_text().strip()
+    first = json.loads(kvmrkt.ok("gc", "--format", "json").out)
+    assert first == {"marked": [uuid], "removed": []}
+    assert json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] == "exited garbage"
+    assert json.loads(kvmrkt.ok("gc", "--grace-period=0s", "--format", "json").out)["removed"] == [uuid]
+
+
+def test_volumes_read_only_and_read_write(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "input.txt").write_text("from the host\n")
+    res = kvmrkt("run", "--volume", f"in,kind=host,source={ro},readOnly=true",
+                 "--volume", f"out,kind=host,source={rw}", "--volume", "scratch,kind=empty",
+                 "busybox", "--mount", "volume=in,target=/in", "--mount", "volume=out,target=/out",
+                 "--mount", "volume=scratch,target=/scratch", "--exec", "/bin/sh", "--", "-c",
+                 "cat /in/input.txt; echo written > /out/result.txt; echo s > /scratch/s && cat /scratch/s; "
+                 "if echo x > /in/nope 2>/dev/null; then echo RO-BROKEN; fi")
+    assert res.rc == 0, res.err
+    assert res.out.splitlines() == ["from the host", "s"]
+    assert (rw / "result.txt").read_text() == "written\n"
+    assert not (ro / "nope").exists()
+
+
+def test_interactive_stdin(kvmrkt: Kvmrkt) -> None:
+    res = kvmrkt("run", "--interactive", "busybox", "--exec", "/bin/sh", "--", "-c", "tr a-z A-Z",
+                 input="hello stdin\n")
+    assert res.rc == 0, res.err
+    assert res.out == "HELLO STDIN\n"
+
+
+def test_rootfs_is_writable_in_memory_only(kvmrkt: Kvmrkt) -> None:
+    kvmrkt.ok("run", *SH, "-c", "echo changed > /bin/marker && cat /bin/marker")
+    res = kvmrkt("run", *SH, "-c", "cat /bin/marker")
+    assert res.rc == 1

@@ -1,0 +1,116 @@
+"""Pure stage1 logic: VM sizing, kernel command line, guest pod config, QEMU argv, status parsing, cpio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmrkt.config import Stage1Config
+from kvmrkt.errors import ConfigError
+from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
+from stage1_kvm.agent import parse_status, unescape
+from stage1_kvm.assets import cpio_archive
+from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vmspec import build_vmspec, escape, guest_pod_config, size_vm
+
+UUID = "0a9a8f5e-6b1f-4c1e-9a53-1c0f3b0f2d11"
+
+
+def app(name: str = "web", **kw: object) -> AppSpec:
+    base: dict[str, object] = {"name": name, "image_id": "sha256:" + "a" * 64, "image_name": "busybox:latest",
+                               "rootfs_digest": "sha256:" + "b" * 64, "exec": ("/bin/sh", "-c", "echo hi")}
+    base.update(kw)
+    return AppSpec(**base)  # type: ignore[arg-type]
+
+
+def pod(*apps: AppSpec, volumes: tuple[Volume, ...] = ()) -> PodManifest:
+    return PodManifest(uuid=UUID, apps=apps or (app(),), volumes=volumes, hostname="h1")
+
+
+def spec(manifest: PodManifest, accel: str = "tcg", interactive: bool = False, cfg: Stage1Config | None = None):  # type: ignore[no-untyped-def]
+    return build_vmspec(manifest, cfg=cfg or Stage1Config(), accel=accel, kernel=Path("/k/vmlinux"),
+                        rootfs={a.name: Path(f"/store/{a.name}.erofs") for a in manifest.apps},
+                        interactive=interactive, debug=False, tsc_khz=2_500_000, host_cpus=2)
+
+
+def test_sizing_follows_rkt_rule() -> None:
+    cfg = Stage1Config(memory_overhead_mib=128, min_memory_mib=256)
+    assert size_vm(pod(app()), cfg, 8) == (256, 1)
+    assert size_vm(pod(app("a", memory_mib=300, cpus=1), app("b", memory_mib=200, cpus=2)), cfg, 8) == (628, 3)
+    assert size_vm(pod(app("a", cpus=16)), cfg, 2) == (256, 2)
+
+
+def test_cmdline_skips_tsc_calibration_only_under_tcg() -> None:
+    tcg = spec(pod()).cmdline
+    kvm = spec(pod(), accel="kvm").cmdline
+    assert "tsc_early_khz=2500000" in tcg
+    assert "tsc_early_khz" not in kvm
+    assert "panic=-1" in tcg and "reboot=t" in tcg
+
+
+def test_argv_is_a_lean_microvm() -> None:
+    argv = build_argv(spec(pod(app("a"), app("b"))), qemu="/usr/bin/qemu")
+    joined = " ".join(argv)
+    assert argv[0] == "/usr/bin/qemu"
+    assert "-nodefaults" in argv and "-no-user-config" in argv and "-no-reboot" in argv
+    assert "microvm" in argv[argv.index("-M") + 1]
+    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert "file=/store/a.erofs,format=raw,if=none,readonly=on,id=app0" in joined
+    assert "virtio-blk-device,drive=app1,serial=app1" in joined
+    assert "name=kvmrkt.out.1" in joined and "name=kvmrkt.err.0" in joined
+    assert "name=kvmrkt.in.0" not in joined
+    assert "-sandbox" in argv
+    kvm = build_argv(spec(pod(), accel="kvm"))
+    assert kvm[kvm.index("-cpu") + 1] == "host" and kvm[kvm.index("-accel") + 1] == "kvm"
+
+
+def test_argv_interactive_and_volumes() -> None:
+    vols = (Volume("data", "host", "/srv/da,ta", read_only=True), Volume("scratch", "empty"))
+    m = pod(app(mounts=(MountPoint("data", "/data"), MountPoint("scratch", "/s"))), volumes=vols)
+    joined = " ".join(build_argv(spec(m, interactive=True)))
+    assert "name=kvmrkt.in.0" in joined
+    # Commas in paths are doubled so a path cannot add QEMU options.
+    assert "local,id=vol0,path=/srv/da,,ta,security_model=passthrough,readonly=on" in joined
+    assert joined.count("virtio-9p-device") == 1
+
+
+def test_argv_rejects_newline_paths() -> None:
+    m = pod(app())
+    s = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k/vm\nlinux"), rootfs={"web": Path("/x")},
+                     interactive=False, debug=False, tsc_khz=None, host_cpus=1)
+    with pytest.raises(ConfigError):
+        build_argv(s)
+
+
+def test_guest_config_escapes_everything_that_could_inject_lines() -> None:
+    m = pod(app(exec=("/bin/echo", "a b", "", "x\nversion 2", "100%"), env=(("K", "v v"),)))
+    text = guest_pod_config(m, interactive=False).decode()
+    lines = text.splitlines()
+    assert lines[0] == "version 1"
+    assert "arg a%20b" in lines and "arg %" in lines and "arg x%0Aversion%202" in lines and "arg 100%25" in lines
+    assert "env K=v%20v" in lines
+    assert sum(1 for ln in lines if ln.startswith("version")) == 1
+
+
+@pytest.mark.parametrize("value", ["", "plain", "a b", "%", "%41", "tab\there", "ünï", "x\ny"])
+def test_escape_roundtrip(value: str) -> None:
+    assert unescape(escape(value)) == value
+    assert " " not in escape(value) and "\n" not in escape(value)
+
+
+def test_parse_status_ignores_partial_and_unknown_lines() -> None:
+    st = parse_status("READY\nSTART web 31\nEXIT web 7\nERROR db mount%20failed\nBOGUS\nEXIT db 12")
+    assert st.ready and not st.done
+    assert st.pids == {"web": 31}
+    assert st.exits == {"web": 7}
+    assert st.errors == {"db": ["mount failed"]}
+    assert parse_status("READY\nDONE\n").done
+
+
+def test_cpio_is_deterministic_newc() -> None:
+    a = cpio_archive([("init", 0o100755, b"\x7fELF")])
+    assert a == cpio_archive([("init", 0o100755, b"\x7fELF")])
+    assert a.startswith(b"070701") and b"TRAILER!!!" in a
+    assert len(a) % 4 == 0
