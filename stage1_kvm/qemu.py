@@ -243,7 +243,7 @@ class QemuStage1(Stage1):
                     t.pump()
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
-                if opts.interactive and stdin_thread is None and pod.file(STDIN_SOCKET).exists():
+                if opts.interactive and stdin_thread is None and st.ready:
                     stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
                     stdin_thread.start()
                 if not st.ready and now - started > cfg.boot_timeout:
@@ -293,7 +293,9 @@ class QemuStage1(Stage1):
         try:
             text = pod.file(CONSOLE_LOG).read_bytes()
         except FileNotFoundError:
-            return "(no console output)"
+            text = b""
+        if not text.strip():
+            return "(the guest console is empty)"
         return "guest console (last lines):\n" + _proc.tail(text, 20)
 
     # --- other lifecycle --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
     argv = [
         qemu,
         "-name", f"{spec.name},debug-threads=on",
-        "-M", "microvm,x-option-roms=off,rtc=off",
+        "-M", "microvm,x-option-roms=off,acpi=off",
         "-accel", accel,
         "-cpu", cpu,
         "-m", f"{spec.memory_mib}M",
@@ -44,7 +44,7 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
     ]  # fmt: skip
     if spec.sandbox:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-    argv += ["-device", f"virtio-serial-device,max_ports={max(len(spec.ports), 1)}"]
+    argv += ["-device", f"virtio-serial-device,max_ports={len(spec.ports) + 1}"]
     for i, port in enumerate(spec.ports):
         if port.kind == "file":
             argv += ["-chardev", f"file,id=port{i},path={_opt(port.path)}"]

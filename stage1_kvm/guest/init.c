@@ -73,6 +73,7 @@ static int nvols;
 static int interactive;
 static char *hostname;
 static int status_fd = -1;
+static int stdin_fd = -1;  /* app 0's stdin port, opened at boot so host input is queued, not dropped */
 static pid_t enter_pid;
 
 static void logmsg(const char *fmt, ...)
@@ -506,7 +507,7 @@ static void start_app(int idx)
     int err = open_port(name, O_WRONLY);
     int in = -1;
     if (interactive && idx == 0) {
-        in = open_port("kvmrkt.in.0", O_RDONLY);
+        in = stdin_fd;
         /* Wait (bounded) for the host to connect, so the app does not read an early EOF. */
         for (int i = 0; in >= 0 && i < 1000; i++) {
             struct pollfd p = {in, POLLIN, 0};
@@ -675,13 +676,20 @@ static void shutdown_vm(void)
         pause();
 }
 
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void supervise(int ctl, int sig)
 {
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
-    time_t kill_at = 0;
+    long long kill_at = 0;
     int ctl_up = 1, sig_up = 1;
     reap();
     while (apps_running() > 0) {
@@ -693,7 +701,7 @@ static void supervise(int ctl, int sig)
         /* A port whose host side is closed reports POLLHUP at once: look again every 100 ms. */
         int timeout = (ctl_up && sig_up) ? -1 : 100;
         if (kill_at) {
-            int left = (int)(kill_at - time(NULL)) * 1000;
+            int left = (int)(kill_at - now_ms());
             timeout = timeout < 0 || left < timeout ? (left < 0 ? 0 : left) : timeout;
         }
         int r = poll(p, 3, timeout);
@@ -716,7 +724,7 @@ static void supervise(int ctl, int sig)
             int n = split(req, f, 4);
             if (n == 2 && !strcmp(f[0], "STOP")) {
                 signal_apps(SIGTERM);
-                kill_at = time(NULL) + atoi(f[1]);
+                kill_at = now_ms() + 1000LL * atoi(f[1]);
                 write_all(sig, "OK\n", 3);
             } else if (n >= 1 && !strcmp(f[0], "PING")) {
                 write_all(sig, "PONG\n", 5);
@@ -737,7 +745,7 @@ static void supervise(int ctl, int sig)
                 write_all(ctl, "FAIL unknown%20request\n", 23);
             }
         }
-        if (kill_at && time(NULL) >= kill_at) {
+        if (kill_at && now_ms() >= kill_at) {
             signal_apps(SIGKILL);
             kill_at = 0;
         }
@@ -773,6 +781,8 @@ int main(void)
     }
     if (hostname)
         sethostname(hostname, strlen(hostname));
+    if (interactive)
+        stdin_fd = open_port("kvmrkt.in.0", O_RDONLY);
     status("READY");
     int ctl = open_port("kvmrkt.ctl", O_RDWR);
     int sig = open_port("kvmrkt.sig", O_RDWR);

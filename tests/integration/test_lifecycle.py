@@ -103,11 +103,12 @@ def test_stop_kills_apps_that_ignore_sigterm(kvmrkt: Kvmrkt, tmp_path: Path) -> 
     uuid_file = tmp_path / "uuid"
     proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "trap '' TERM; while :; do sleep 1; done")
     uuid = kvmrkt.wait_running(uuid_file)
-    started = time.monotonic()
     kvmrkt.ok("stop", uuid)
     proc.communicate(timeout=60)
     assert proc.returncode == 137
-    assert time.monotonic() - started >= 2.5  # stop_timeout = 3 s in the test config
+    # The guest reported the SIGKILL itself (a VM killed from the host reports no exit code for its apps).
+    status = json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)
+    assert status["apps"][0]["exit_code"] == 137
 
 
 def test_forced_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
