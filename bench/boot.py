@@ -17,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmrkt.config import Stage1Config
-from kvmrkt.engine import Engine
-from kvmrkt.config import load_config
+from kvmrkt.config import Stage1Config, load_config
+from kvmrkt.engine import Engine, PodOptions
 from kvmrkt.runargs import AppRequest
-from kvmrkt.engine import PodOptions
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.qemu import choose_accel, host_tsc_khz
 from stage1_kvm.qemu_argv import build_argv
@@ -44,7 +42,8 @@ def _overhead_mib(argv: list[str], cwd: Path, guest_mib: int) -> dict[str, float
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while "START" not in (cwd / "guest-status").read_text(errors="replace"):
+        status = cwd / "guest-status"
+        while not status.exists() or "START" not in status.read_text(errors="replace"):
             if time.monotonic() > deadline or proc.poll() is not None:
                 sys.exit("memory probe VM did not start")
             time.sleep(0.05)
@@ -73,7 +72,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--accel", default="auto")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="kvmrkt-bench-"))
+    with tempfile.TemporaryDirectory(prefix="kvmrkt-bench-") as tmp:
+        print(json.dumps(_bench(Path(tmp), args.runs, args.accel), indent=2))
+
+
+def _bench(work: Path, runs: int, requested_accel: str) -> dict[str, object]:
     data, etc = work / "data", work / "etc"
     etc.mkdir()
     subprocess.run([REPO / "examples" / "busybox-image.sh", work / "img", "latest"], check=True, capture_output=True)
@@ -84,7 +87,7 @@ def main() -> None:
     engine = Engine(config)
     cfg: Stage1Config = config.stage1
     assets = load_assets(cfg)
-    accel = choose_accel(args.accel)
+    accel = choose_accel(requested_accel)
 
     def bare_pod(exec_: list[str], name: str) -> tuple[list[str], Path, int]:
         pod = engine.prepare([AppRequest(image="busybox", exec=exec_[0], args=exec_[1:])], PodOptions())
@@ -103,15 +106,15 @@ def main() -> None:
     _time(run_argv, REPO)  # warm the page cache for both
     _time(bare_argv, bare_cwd)
     kv, bare = [], []
-    for _ in range(args.runs):
+    for _ in range(runs):
         kv.append(_time(run_argv, REPO))
         bare.append(_time(bare_argv, bare_cwd))
         subprocess.run([*kvmrkt, "gc", "--grace-period=0s"], capture_output=True, check=True)
     sleep_argv, sleep_cwd, guest_mib = bare_pod(["/bin/sleep", "30"], "mem")
-    result = {
+    return {
         "accel": accel,
         "kernel": assets.kind,
-        "runs": args.runs,
+        "runs": runs,
         "kvmrkt_run_median_s": round(statistics.median(kv), 3),
         "bare_qemu_median_s": round(statistics.median(bare), 3),
         "ratio": round(statistics.median(kv) / statistics.median(bare), 3),
@@ -120,7 +123,6 @@ def main() -> None:
         "guest_ram_mib": guest_mib,
         **_overhead_mib(sleep_argv, sleep_cwd, guest_mib),
     }
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
