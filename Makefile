@@ -27,16 +27,18 @@ debs:
 	fi
 
 venv: $(VENV)/.installed
+	ln -sf $(KVMRKT) /usr/local/bin/kvmrkt
 
 $(VENV)/.installed: pyproject.toml
 	/usr/bin/python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
-	ln -sf $(KVMRKT) /usr/local/bin/kvmrkt
 	touch $@
 
+# Both guest kernels: the minimal one (default; built once per machine, cached) and Debian's cloud kernel.
 assets: debs venv
-	$(KVMRKT) stage1 build
+	$(KVMRKT) stage1 build --kernel=minimal
+	$(KVMRKT) stage1 build --kernel=debian-cloud
 
 run: setup
 	@echo "== kvmrkt demo: every command below can be repeated by hand (kvmrkt is in /usr/local/bin) =="

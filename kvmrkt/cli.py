@@ -320,7 +320,8 @@ def stage1() -> None:
 
 
 @stage1.command("build")
-@click.option("--kernel", type=click.Choice(["minimal"]), default=None, help="Kernel kind [default: from config].")
+@click.option("--kernel", type=click.Choice(["minimal", "debian-cloud"]), default=None,
+              help="minimal: built from linux-source-6.1 (default); debian-cloud: Debian's packaged cloud kernel.")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache is up to date.")
 @pass_ctx
 def stage1_build(c: _Ctx, kernel: str | None, force: bool) -> None:

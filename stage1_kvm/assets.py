@@ -1,9 +1,11 @@
 """Guest assets (the stage1 image): the guest kernel and the base initramfs holding kvmrkt's guest init.
 
 Role: build them once per machine and record their digests (``assets.json``), find them for a boot, and add a
-pod's config to the base initramfs as a second cpio archive. The default kernel is built from Debian's
-``linux-source-6.1`` with ``kernel.config`` on top of ``tinyconfig`` and booted as an uncompressed ``vmlinux``
-(PVH). Trust boundary: sources come from Debian packages installed as root; built files live in a root-only
+pod's config to the base initramfs as a second cpio archive. The default kernel (``minimal``) is built from
+Debian's ``linux-source-6.1`` with ``kernel.config`` on top of ``tinyconfig`` and booted as an uncompressed
+``vmlinux`` (PVH). The alternative (``debian-cloud``) is Debian's packaged cloud kernel, unpacked from its .deb
+into the asset directory (never installed into the host's /boot), with the modules the guest needs put into
+its initramfs; it needs ACPI to find virtio-mmio devices and has no 9p, so host volumes need ``minimal``. Trust boundary: sources come from Debian packages installed as root; built files live in a root-only
 directory, and their recorded digests are what later checks and measurements compare against.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -46,6 +49,8 @@ class Assets:
     kernel_digest: Digest
     initrd_digest: Digest
     key: str
+    acpi: bool = False
+    features: tuple[str, ...] = ()
 
     def verify(self) -> None:
         """Re-hash both files against the recorded digests.
@@ -79,6 +84,8 @@ def load_assets(cfg: Stage1Config, kind: str | None = None) -> Assets:
             kernel_digest=Digest.parse(doc["kernel"]["digest"]),
             initrd_digest=Digest.parse(doc["initrd"]["digest"]),
             key=doc["key"],
+            acpi=bool(doc.get("machine", {}).get("acpi", False)),
+            features=tuple(doc.get("features", ())),
         )
     except FileNotFoundError as exc:
         raise AssetError(f"no guest assets for kernel {kind!r} in {cfg.assets_dir}", hint=hint) from exc
@@ -120,7 +127,7 @@ def pod_initrd(base: Path, pod_config: bytes, out: Path) -> None:
         dst.write(extra)
 
 
-def _build_initrd(workdir: Path, progress: Progress) -> bytes:
+def _build_initrd(workdir: Path, progress: Progress, modules: list[tuple[str, bytes]] | None = None) -> bytes:
     progress("compiling the guest init (static)")
     binary = workdir / "init"
     gcc = _proc.which("gcc", hint="apt-get install gcc libc6-dev")
@@ -130,10 +137,13 @@ def _build_initrd(workdir: Path, progress: Progress) -> bytes:
     )
     _proc.run(["strip", binary], what="strip")
     d = stat.S_IFDIR | 0o755
-    return cpio_archive(
-        [("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("kvmrkt", d, b""),
-         ("init", stat.S_IFREG | 0o755, binary.read_bytes())]
-    )  # fmt: skip
+    files = [("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("kvmrkt", d, b""),
+             ("init", stat.S_IFREG | 0o755, binary.read_bytes())]  # fmt: skip
+    if modules:
+        files += [("lib", d, b""), ("lib/modules", d, b"")]
+        files += [(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, data) for name, data in modules]
+        files.append(("kvmrkt/modules", stat.S_IFREG | 0o644, "".join(f"{n}\n" for n, _ in modules).encode()))
+    return cpio_archive(files)
 
 
 # --- kernel -----------------------------------------------------------------------------------------------
@@ -205,6 +215,62 @@ def _kernel_key() -> str:
     return h.hexdigest()[:16]
 
 
+# --- Debian's cloud kernel ---------------------------------------------------------------------------------
+
+CLOUD_META_PACKAGE = "linux-image-cloud-amd64"
+CLOUD_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay")
+_DEPENDS = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
+
+
+def _cloud_package() -> tuple[str, str]:
+    """The versioned kernel package behind the cloud meta package, and its candidate version."""
+    deps = _proc.run(["apt-cache", "depends", CLOUD_META_PACKAGE], what="apt-cache depends").stdout.decode()
+    match = re.search(r"Depends: (linux-image-\S+)", deps)
+    if not match:
+        raise AssetError(f"cannot find the kernel package behind {CLOUD_META_PACKAGE}", hint="run apt-get update")
+    pkg = match.group(1)
+    show = _proc.run(["apt-cache", "show", "--no-all-versions", pkg], what="apt-cache show").stdout.decode()
+    version = re.search(r"^Version: (\S+)", show, re.M)
+    return pkg, version.group(1) if version else "unknown"
+
+
+def module_load_order(available: dict[str, bytes], wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """Modules and their dependencies (read from each module's ``depends=`` modinfo), dependencies first.
+
+    Raises:
+        AssetError: a wanted module or a dependency is not in the package.
+    """
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in seen:
+            return
+        if name not in available:
+            raise AssetError(f"kernel module {name} (needed by {' <- '.join(chain) or 'the guest'}) is not packaged")
+        seen.add(name)
+        match = _DEPENDS.search(available[name])
+        for dep in (match.group(1).decode().split(",") if match else []):
+            if dep:
+                visit(dep.replace("-", "_"), (name, *chain))
+        order.append((name, available[name]))
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+def _build_cloud_kernel(work: Path, pkg: str, progress: Progress) -> tuple[Path, list[tuple[str, bytes]]]:
+    progress(f"downloading {pkg} (unpacked into the asset directory, not installed)")
+    _proc.run(["apt-get", "download", pkg], cwd=work, timeout=1800, what="apt-get download")
+    deb = next(work.glob("*.deb"))
+    tree = work / "deb"
+    _proc.run(["dpkg-deb", "-x", deb, tree], what="dpkg-deb -x")
+    kernel = next((tree / "boot").glob("vmlinuz-*"))
+    available = {ko.stem.replace("-", "_"): ko.read_bytes() for ko in (tree / "lib" / "modules").rglob("*.ko")}
+    return kernel, module_load_order(available, CLOUD_MODULES)
+
+
 def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress: Progress = lambda _m: None) -> Assets:
     """Build (or reuse from cache) the guest assets of a kernel kind and record their digests.
 
@@ -215,39 +281,55 @@ def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress:
         AssetError: a build step failed or an unknown kind.
         CommandError: a build program failed (its stderr tail is included).
     """
-    if kind != "minimal":
-        raise AssetError(f"unknown or unsupported guest kernel kind {kind!r}", hint="use --kernel=minimal")
+    if kind not in ("minimal", "debian-cloud"):
+        raise AssetError(f"unknown guest kernel kind {kind!r}", hint="use --kernel=minimal or --kernel=debian-cloud")
     outdir = cfg.assets_dir / kind
     outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(cfg.assets_dir, 0o700)
-    kkey = _kernel_key()
-    ikey = hashlib.sha256(b"kvmrkt-initrd-v1\0" + GUEST_INIT_SOURCE.read_bytes()).hexdigest()[:16]
-    kernel = outdir / f"vmlinux-{kkey}"
+    init_key = hashlib.sha256(b"kvmrkt-initrd-v1\0" + GUEST_INIT_SOURCE.read_bytes())
+    if kind == "minimal":
+        kkey = _kernel_key()
+        source: dict[str, str] = {"package": "linux-source-6.1", "config": str(Digest.of_file(KERNEL_CONFIG))}
+    else:
+        pkg, version = _cloud_package()
+        kkey = hashlib.sha256(f"{pkg}\0{version}\0{','.join(CLOUD_MODULES)}".encode()).hexdigest()[:16]
+        init_key.update(kkey.encode())
+        source = {"package": pkg, "version": version}
+    ikey = init_key.hexdigest()[:16]
+    kernel = outdir / f"{'vmlinux' if kind == 'minimal' else 'vmlinuz'}-{kkey}"
     initrd = outdir / f"initrd-{ikey}.img"
     with tempfile.TemporaryDirectory(dir=cfg.assets_dir, prefix=".build-") as tmp:
         work = Path(tmp)
+        modules: list[tuple[str, bytes]] = []
+        if kind == "debian-cloud" and (force or not kernel.is_file() or not initrd.is_file()):
+            built_kernel, modules = _build_cloud_kernel(work, source["package"], progress)
+            os.rename(built_kernel, kernel)
         if force or not initrd.is_file():
-            data = _build_initrd(work, progress)
-            (work / "initrd.img").write_bytes(data)
+            (work / "initrd.img").write_bytes(_build_initrd(work, progress, modules))
             os.rename(work / "initrd.img", initrd)
         else:
             progress(f"initramfs {initrd.name} is up to date")
-        if force or not kernel.is_file():
+        if kind == "minimal" and (force or not kernel.is_file()):
             started = time.monotonic()
-            built = _build_minimal_kernel(work, progress)
-            os.rename(built, kernel)
+            os.rename(_build_minimal_kernel(work, progress), kernel)
             progress(f"kernel built in {time.monotonic() - started:.0f}s")
-        else:
+        elif kind == "minimal":
             progress(f"kernel {kernel.name} is up to date")
-    assets = Assets(kind, kernel, initrd, Digest.of_file(kernel), Digest.of_file(initrd), f"{kkey}-{ikey}")
+    assets = Assets(
+        kind, kernel, initrd, Digest.of_file(kernel), Digest.of_file(initrd), f"{kkey}-{ikey}",
+        acpi=kind != "minimal", features=("9p",) if kind == "minimal" else (),
+    )
     write_json(
         outdir / ASSETS_FILE,
         {
             "kind": kind,
             "key": assets.key,
-            "kernel": {"path": str(kernel), "digest": str(assets.kernel_digest), "format": "vmlinux (PVH)"},
+            "kernel": {"path": str(kernel), "digest": str(assets.kernel_digest),
+                       "format": "vmlinux (PVH)" if kind == "minimal" else "bzImage"},
             "initrd": {"path": str(initrd), "digest": str(assets.initrd_digest)},
-            "kernel_config": {"path": str(KERNEL_CONFIG), "digest": str(Digest.of_file(KERNEL_CONFIG))},
+            "source": source,
+            "machine": {"acpi": assets.acpi},
+            "features": list(assets.features),
         },
     )
     for old in outdir.iterdir():

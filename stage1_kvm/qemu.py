@@ -24,7 +24,7 @@ from types import FrameType
 from typing import IO, Any
 
 from kvmrkt import _proc
-from kvmrkt.errors import AccelError, AgentError, BootTimeoutError, PodStateError, Stage1Error, VMLaunchError
+from kvmrkt.errors import AccelError, ConfigError, AgentError, BootTimeoutError, PodStateError, Stage1Error, VMLaunchError
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
 from kvmrkt.stage1 import RunOptions, RunResult, Stage1
@@ -181,6 +181,11 @@ class QemuStage1(Stage1):
         if pod.lock_fd is None:
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
+        if "9p" not in assets.features and any(v.kind == "host" for v in manifest.volumes):
+            raise ConfigError(
+                f"host volumes need a guest kernel with 9p; the {assets.kind!r} kernel has none",
+                hint='use the minimal kernel (stage1.kernel = "minimal" in config.toml)',
+            )
         accel = choose_accel(opts.accel)
         qemu = _proc.which(cfg.qemu, hint="apt-get install qemu-system-x86")
         spec = build_vmspec(
@@ -193,6 +198,7 @@ class QemuStage1(Stage1):
             debug=self.config.debug,
             tsc_khz=host_tsc_khz(),
             host_cpus=os.cpu_count() or 1,
+            acpi=assets.acpi,
         )
         argv = build_argv(spec, qemu=qemu)
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)

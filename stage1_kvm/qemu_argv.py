@@ -29,7 +29,7 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
     argv = [
         qemu,
         "-name", f"{spec.name},debug-threads=on",
-        "-M", "microvm,x-option-roms=off,acpi=off",
+        "-M", "microvm,x-option-roms=off" + ("" if spec.acpi else ",acpi=off"),
         "-accel", accel,
         "-cpu", cpu,
         "-m", f"{spec.memory_mib}M",

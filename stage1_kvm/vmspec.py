@@ -73,6 +73,7 @@ class VMSpec:
     disks: tuple[Disk, ...]
     shares: tuple[Share, ...]
     ports: tuple[Port, ...]
+    acpi: bool = False
     qmp_socket: str = QMP_SOCKET
     console_log: str = CONSOLE_LOG
     sandbox: bool = True
@@ -107,8 +108,10 @@ def build_vmspec(
     debug: bool,
     tsc_khz: int | None,
     host_cpus: int,
+    acpi: bool = False,
 ) -> VMSpec:
-    """Describe the VM for a pod (pure)."""
+    """Describe the VM for a pod (pure). ``acpi``: the guest kernel finds virtio-mmio devices through ACPI
+    (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
     memory, vcpus = size_vm(manifest, cfg, host_cpus)
     disks = tuple(Disk(f"app{i}", rootfs[a.name], f"app{i}") for i, a in enumerate(manifest.apps))
     shares = tuple(
@@ -138,6 +141,7 @@ def build_vmspec(
         shares=shares,
         ports=tuple(ports),
         sandbox=cfg.sandbox,
+        acpi=acpi,
     )
 
 

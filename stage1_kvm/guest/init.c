@@ -33,6 +33,7 @@
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -235,6 +236,43 @@ static int parse_config(const char *path)
     return 0;
 }
 
+/*
+ * Load the modules listed in /kvmrkt/modules (kernels that are not built for kvmrkt, such as Debian's cloud
+ * kernel), in order, each with the "<module>.<param>=<value>" options found on the kernel command line.
+ */
+static void load_modules(void)
+{
+    FILE *f = fopen("/kvmrkt/modules", "r");
+    if (!f)
+        return;
+    char cmdline[4096] = "";
+    int cfd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    if (cfd >= 0) {
+        ssize_t n = read(cfd, cmdline, sizeof(cmdline) - 1);
+        cmdline[n > 0 ? n : 0] = 0;
+        close(cfd);
+    }
+    char name[256];
+    while (fgets(name, sizeof(name), f)) {
+        name[strcspn(name, "\n")] = 0;
+        if (!name[0])
+            continue;
+        char params[4096] = "", path[PATH_MAX], copy[4096], *save = NULL;
+        size_t plen = strlen(name), used = 0;
+        snprintf(copy, sizeof(copy), "%s", cmdline);
+        for (char *tok = strtok_r(copy, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save))
+            if (!strncmp(tok, name, plen) && tok[plen] == '.')
+                used += (size_t)snprintf(params + used, sizeof(params) - used, "%s ", tok + plen + 1);
+        snprintf(path, sizeof(path), "/lib/modules/%s.ko", name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || (syscall(SYS_finit_module, fd, params, 0) < 0 && errno != EEXIST))
+            logmsg("loading module %s: %s", name, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+    }
+    fclose(f);
+}
+
 /* Map a virtio-serial port name to its /dev/vportNpM path. */
 static int find_port(const char *name, char *out, size_t outlen)
 {
@@ -271,7 +309,7 @@ static int open_port(const char *name, int flags)
 {
     char path[PATH_MAX];
     /* Ports are announced by the host asynchronously: wait for udev-less devtmpfs nodes to appear. */
-    for (int i = 0; i < 500; i++) {
+    for (int i = 0; i < 2500; i++) {
         if (find_port(name, path, sizeof(path)) == 0) {
             int fd = open(path, flags | O_CLOEXEC);
             if (fd >= 0)
@@ -286,7 +324,7 @@ static int open_port(const char *name, int flags)
 /* Find the block device whose virtio serial is `serial`. */
 static int find_disk(const char *serial, char *out, size_t outlen)
 {
-    for (int i = 0; i < 500; i++) {
+    for (int i = 0; i < 2500; i++) {
         DIR *d = opendir("/sys/block");
         if (d) {
             struct dirent *e;
@@ -772,6 +810,7 @@ int main(void)
         dup2(con, 2);
     }
     setvbuf(stderr, NULL, _IONBF, 0);
+    load_modules();
 
     status_fd = open_port("kvmrkt.status", O_WRONLY);
     if (status_fd < 0 || parse_config("/kvmrkt/pod.cfg") < 0 || napps == 0) {

@@ -33,7 +33,8 @@ def _missing() -> str | None:
         if not shutil.which(prog):
             return f"{prog} is not installed (run `make setup`)"
     try:
-        load_assets(Stage1Config())
+        load_assets(Stage1Config(), "minimal")
+        load_assets(Stage1Config(), "debian-cloud")
     except AssetError as exc:
         return f"guest assets are not built: {exc.message} (run `make setup`)"
     return None

@@ -185,3 +185,15 @@ def test_rootfs_is_writable_in_memory_only(kvmrkt: Kvmrkt) -> None:
     kvmrkt.ok("run", *SH, "-c", "echo changed > /bin/marker && cat /bin/marker")
     res = kvmrkt("run", *SH, "-c", "cat /bin/marker")
     assert res.rc == 1
+
+
+def test_debian_cloud_kernel(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    kvmrkt.write_config('[stage1]\nkernel = "debian-cloud"\nstop_timeout = 3\n')
+    res = kvmrkt("run", *SH, "-c", "uname -r; exit 9")
+    assert res.rc == 9, res.err
+    assert res.out.strip().endswith("-cloud-amd64")
+    vol = tmp_path / "v"
+    vol.mkdir()
+    res = kvmrkt("run", "--volume", f"v,kind=host,source={vol}", "busybox", "--mount", "volume=v,target=/v",
+                 "--exec", "/bin/true")
+    assert res.rc == 2 and "9p" in res.err

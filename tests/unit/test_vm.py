@@ -114,3 +114,31 @@ def test_cpio_is_deterministic_newc() -> None:
     assert a == cpio_archive([("init", 0o100755, b"\x7fELF")])
     assert a.startswith(b"070701") and b"TRAILER!!!" in a
     assert len(a) % 4 == 0
+
+
+def test_module_load_order_puts_dependencies_first() -> None:
+    from kvmrkt.errors import AssetError
+    from stage1_kvm.assets import module_load_order
+
+    mods = {
+        "virtio_ring": b"\0license=GPL\0depends=\0",
+        "virtio": b"\0depends=virtio_ring\0",
+        "virtio_blk": b"\0depends=virtio,virtio_ring\0",
+        "erofs": b"\0depends=libcrc32c\0",
+        "libcrc32c": b"\0depends=\0",
+    }
+    order = [n for n, _ in module_load_order(mods, ("virtio_blk", "erofs"))]
+    assert order == ["virtio_ring", "virtio", "virtio_blk", "libcrc32c", "erofs"]
+    with pytest.raises(AssetError, match="overlay"):
+        module_load_order(mods, ("overlay",))
+    with pytest.raises(AssetError, match="libcrc32c"):
+        module_load_order({"erofs": mods["erofs"]}, ("erofs",))
+
+
+def test_acpi_only_for_kernels_that_need_it() -> None:
+    m = pod()
+    plain = build_argv(spec(m))
+    assert plain[plain.index("-M") + 1].endswith("acpi=off")
+    s = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={"web": Path("/x")},
+                     interactive=False, debug=False, tsc_khz=None, host_cpus=1, acpi=True)
+    assert "acpi=off" not in build_argv(s)[build_argv(s).index("-M") + 1]
