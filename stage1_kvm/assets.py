@@ -5,7 +5,9 @@ pod's config to the base initramfs as a second cpio archive. The default kernel 
 Debian's ``linux-source-6.1`` with ``kernel.config`` on top of ``tinyconfig`` and booted as an uncompressed
 ``vmlinux`` (PVH). The alternative (``debian-cloud``) is Debian's packaged cloud kernel, unpacked from its .deb
 into the asset directory (never installed into the host's /boot), with the modules the guest needs put into
-its initramfs; it needs ACPI to find virtio-mmio devices and has no 9p, so host volumes need ``minimal``. Trust boundary: sources come from Debian packages installed as root; built files live in a root-only
+its initramfs; it needs ACPI to find virtio-mmio devices and has no 9p, so host volumes need ``minimal``.
+
+Trust boundary: sources come from Debian packages installed as root; built files live in a root-only
 directory, and their recorded digests are what later checks and measurements compare against.
 """
 

@@ -24,7 +24,15 @@ from types import FrameType
 from typing import IO, Any
 
 from kvmrkt import _proc
-from kvmrkt.errors import AccelError, ConfigError, AgentError, BootTimeoutError, PodStateError, Stage1Error, VMLaunchError
+from kvmrkt.errors import (
+    AccelError,
+    AgentError,
+    BootTimeoutError,
+    ConfigError,
+    PodStateError,
+    Stage1Error,
+    VMLaunchError,
+)
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
 from kvmrkt.stage1 import RunOptions, RunResult, Stage1
