@@ -2,7 +2,8 @@
 command line, measured in the same run. Prints JSON: medians, ratio, and the host memory of the QEMU process
 outside guest RAM.
 
-Usage (as root, after `make setup`): .venv/bin/python bench/boot.py [--runs N] [--accel auto|tcg|kvm]
+Usage (as root, after `make setup`):
+    .venv/bin/python bench/boot.py [--runs N] [--accel auto|tcg|kvm] [--kernel minimal|debian-cloud]
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--accel", default="auto")
+    ap.add_argument("--kernel", default="minimal", choices=["minimal", "debian-cloud"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmrkt-bench-") as tmp:
-        print(json.dumps(_bench(Path(tmp), args.runs, args.accel), indent=2))
+        print(json.dumps(_bench(Path(tmp), args.runs, args.accel, args.kernel), indent=2))
 
 
-def _bench(work: Path, runs: int, requested_accel: str) -> dict[str, object]:
+def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str, object]:
     data, etc = work / "data", work / "etc"
     etc.mkdir()
+    (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n')
     subprocess.run([REPO / "examples" / "busybox-image.sh", work / "img", "latest"], check=True, capture_output=True)
     kvmrkt = [sys.executable, "-m", "kvmrkt", "--dir", str(data), "--config-dir", str(etc)]
     subprocess.run([*kvmrkt, "image", "import", f"oci:{work / 'img'}:latest", "--name", "busybox"], check=True,
@@ -94,7 +97,8 @@ def _bench(work: Path, runs: int, requested_accel: str) -> dict[str, object]:
         manifest = engine._manifest(pod)
         rootfs = {a.name: engine.store.rootfs_path(a.rootfs_digest) for a in manifest.apps}
         spec = build_vmspec(manifest, cfg=cfg, accel=accel, kernel=assets.kernel, rootfs=rootfs, interactive=False,
-                            debug=False, tsc_khz=host_tsc_khz(), host_cpus=os.cpu_count() or 1)
+                            debug=False, tsc_khz=host_tsc_khz(), host_cpus=os.cpu_count() or 1,
+                            acpi=assets.acpi)
         cwd = work / name
         (cwd / "logs").mkdir(parents=True)
         pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=False), cwd / "initrd.img")
