@@ -174,7 +174,8 @@ class Engine:
             pod.write_json(POD_MANIFEST, manifest.to_dict())
             pod.write_json(
                 STAGE1_RECORD,
-                {"backend": stage1.name, "interface_version": stage1.interface_version, "created": time.time()},
+                {"backend": stage1.name, "interface_version": stage1.interface_version, "created": time.time(),
+                 "insecure_options": sorted(self.config.insecure_options)},
             )
             pod.move("prepared")
         except BaseException:
@@ -263,6 +264,7 @@ class Engine:
         info: dict[str, Any] = {"uuid": pod.uuid, "state": state}
         rec = pod.read_json(STAGE1_RECORD, {}) or {}
         info["created"] = rec.get("created")
+        info["insecure_options"] = rec.get("insecure_options", [])
         try:
             manifest = self._manifest(pod)
         except KvmrktError:

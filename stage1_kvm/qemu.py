@@ -98,10 +98,11 @@ def host_tsc_khz() -> int | None:
 
 @dataclass
 class _Tail:
-    """Follows a file QEMU appends to, copying new bytes to an output stream."""
+    """Follows a file QEMU appends to, copying new bytes to an output stream (the file keeps everything, so a
+    reader that went away, such as ``| head``, loses nothing but its own copy)."""
 
     path: Path
-    out: IO[bytes]
+    out: IO[bytes] | None
     offset: int = 0
 
     def pump(self) -> None:
@@ -113,8 +114,13 @@ class _Tail:
             return
         if data:
             self.offset += len(data)
-            self.out.write(data)
-            self.out.flush()
+            if self.out is None:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (BrokenPipeError, ValueError):
+                self.out = None
 
 
 class _StopRequest:

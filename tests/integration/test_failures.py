@@ -73,3 +73,53 @@ def test_bad_flags(kvmrkt: Kvmrkt) -> None:
     assert res.rc == 2
     assert "exactly one app" in res.err
     assert json.loads(kvmrkt.ok("list", "--format", "json").out) == []
+
+
+def _copy_layout(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _blob_of_layer(layout: Path) -> Path:
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    return layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]
+
+
+def test_import_rejects_tampered_and_broken_layouts(kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path) -> None:
+    kvmrkt.ok("image", "rm", "busybox")  # blobs already in the store are not read again from a layout
+    tampered = _copy_layout(busybox_layout, tmp_path / "tampered")
+    blob = _blob_of_layer(tampered)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    res = kvmrkt("image", "import", f"oci:{tampered}:latest", "--name", "tampered")
+    assert res.rc == 3 and "does not match its digest" in res.err
+
+    missing = _copy_layout(busybox_layout, tmp_path / "missing")
+    _blob_of_layer(missing).unlink()
+    res = kvmrkt("image", "import", f"oci:{missing}:latest", "--name", "missing")
+    assert res.rc == 3 and "missing" in res.err
+
+    broken = _copy_layout(busybox_layout, tmp_path / "broken")
+    (broken / "index.json").write_text("{not json")
+    res = kvmrkt("image", "import", f"oci:{broken}:latest")
+    assert res.rc == 2 and "not valid JSON" in res.err
+
+    assert kvmrkt("image", "import", f"oci:{busybox_layout}:nosuchtag").rc == 3
+    assert json.loads(kvmrkt.ok("image", "list", "--format", "json").out) == []
+    assert not list((kvmrkt.data / "cas" / "tmp").iterdir())
+    assert not list((kvmrkt.data / "cas" / "rootfs").iterdir())
+
+
+def test_image_rm_refuses_images_in_use(kvmrkt: Kvmrkt) -> None:
+    uuid = kvmrkt.ok("prepare", "--quiet", "busybox", "--exec", "/bin/true").out.strip()
+    res = kvmrkt("image", "rm", "busybox")
+    assert res.rc == 3 and uuid in res.err
+    kvmrkt.ok("rm", uuid)
+    kvmrkt.ok("image", "rm", "busybox")
+    assert json.loads(kvmrkt.ok("image", "list", "--format", "json").out) == []
+    assert not list((kvmrkt.data / "cas" / "rootfs").iterdir())

@@ -46,16 +46,19 @@ def test_image_defaults_apply(kvmrkt: Kvmrkt) -> None:
 
 def test_multi_app_pod_exit_code_is_first_nonzero(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     uuid_file = tmp_path / "uuid"
-    res = kvmrkt("run", "--uuid-file-save", str(uuid_file),
-                 "busybox", "--name", "one", "--exec", "/bin/sh", "--", "-c", "echo from-one; exit 0", "---",
+    res = kvmrkt("--insecure-options=ondisk,tpm", "run", "--uuid-file-save", str(uuid_file), "--hostname", "podhost",
+                 "busybox", "--name", "one", "--exec", "/bin/sh", "--", "-c", "echo from-$(hostname); exit 0", "---",
                  "busybox", "--name", "two", "--exec", "/bin/sh", "--", "-c", "echo from-two; exit 3", "---",
                  "busybox", "--name", "three", "--exec", "/bin/sh", "--", "-c", "exit 4")
     assert res.rc == 3, res.err
-    assert "from-one" in res.out and "from-two" in res.out
+    assert "from-podhost" in res.out and "from-two" in res.out
     st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
     assert st["state"] == "exited"
     assert {a["name"]: a["exit_code"] for a in st["apps"]} == {"one": 0, "two": 3, "three": 4}
     assert st["accel"] in ("tcg", "kvm") and st["exit_code"] == 3
+    assert st["insecure_options"] == ["ondisk", "tpm"]
+    logs = kvmrkt.data / "pods" / "run" / st["uuid"] / "logs"
+    assert (logs / "two.stdout").read_text() == "from-two\n"
 
 
 def test_missing_exec_path(kvmrkt: Kvmrkt) -> None:
@@ -197,3 +200,62 @@ def test_debian_cloud_kernel(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     res = kvmrkt("run", "--volume", f"v,kind=host,source={vol}", "busybox", "--mount", "volume=v,target=/v",
                  "--exec", "/bin/true")
     assert res.rc == 2 and "9p" in res.err
+
+
+def test_run_accepts_an_oci_layout_directly(kvmrkt: Kvmrkt, busybox_layout: Path) -> None:
+    res = kvmrkt("run", f"oci:{busybox_layout}:latest", "--exec", "/bin/sh", "--", "-c", "echo direct")
+    assert res.rc == 0 and res.out == "direct\n", res.err
+
+
+def test_pod_manifest_from_cat_manifest(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid = kvmrkt.ok("prepare", "--quiet", *SH, "-c", "echo from-manifest; exit 6").out.strip()
+    manifest = json.loads(kvmrkt.ok("cat-manifest", uuid).out)
+    manifest["apps"][0]["env"].append({"name": "EXTRA", "value": "yes"})
+    manifest["apps"][0]["exec"] = ["/bin/sh", "-c", "echo $EXTRA; exit 6"]
+    path = tmp_path / "pod.json"
+    path.write_text(json.dumps(manifest))
+    res = kvmrkt("run", "--pod-manifest", str(path))
+    assert res.rc == 6 and res.out == "yes\n", res.err
+    manifest["apps"][0]["surprise"] = True
+    path.write_text(json.dumps(manifest))
+    res = kvmrkt("run", "--pod-manifest", str(path))
+    assert res.rc == 2 and "surprise" in res.err
+
+
+def test_repeated_boots_never_hang(kvmrkt: Kvmrkt) -> None:
+    # Under TCG about 1 boot in 6 used to hang at TSC calibration; tsc_early_khz must prevent it.
+    for i in range(12):
+        res = kvmrkt("run", *SH, "-c", f"exit {i}", timeout=60)
+        assert res.rc == i, res.err
+
+
+def test_status_wait(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "sleep 1; exit 4")
+    uuid = kvmrkt.wait_running(uuid_file)
+    st = json.loads(kvmrkt.ok("status", "--wait", "--format", "json", uuid).out)
+    assert st["state"] == "exited" and st["apps"][0]["exit_code"] == 4
+    proc.communicate(timeout=30)
+    assert proc.returncode == 4
+
+
+def test_memory_and_cpu_size_the_vm(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    res = kvmrkt("run", "--uuid-file-save", str(uuid_file), "busybox", "--memory", "300Mi", "--cpu", "2",
+                 "--exec", "/bin/sh", "--", "-c", "nproc; grep MemTotal /proc/meminfo")
+    assert res.rc == 0, res.err
+    nproc, meminfo = res.out.splitlines()
+    assert nproc == "2"
+    assert 300 * 1024 < int(meminfo.split()[1]) <= 428 * 1024
+    st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
+    assert (st["memory_mib"], st["vcpus"]) == (428, 2)
+
+
+def test_output_to_a_closed_pipe_is_not_a_crash(kvmrkt: Kvmrkt) -> None:
+    import shlex
+    import subprocess
+
+    proc = subprocess.run(shlex.join(kvmrkt.argv("run", *SH, "-c", "yes | head -n 20000")) + " | head -n 1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "y\n"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,42 @@
+"""The CLI surface: help texts, config printing and error exit codes (no VMs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def kvmrkt(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmrkt", "--dir", str(tmp_path / "d"), "--config-dir",
+                           str(tmp_path), *args], capture_output=True, text=True, check=False)
+
+
+def test_run_help_explains_app_flags_and_exit_codes(tmp_path: Path) -> None:
+    out = kvmrkt(tmp_path, "run", "--help").stdout
+    for word in ("--exec", "--set-env", "--mount", "-- ARGS", "--volume", "--accel", "Exit code"):
+        assert word in out
+
+
+def test_config_prints_merged_json(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[stage1]\nstop_timeout = 4\n')
+    doc = json.loads(kvmrkt(tmp_path, "--insecure-options=image", "config", "--stage1", "qemu").stdout)
+    assert doc["stage1"]["stop_timeout"] == 4 and doc["insecure_options"] == ["image"]
+    assert doc["paths"]["data_dir"] == str(tmp_path / "d")
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[stage1]\nbogus = 1\n')
+    res = kvmrkt(tmp_path, "config")
+    assert res.returncode == 2 and "bogus" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unknown_pod_exit_7(tmp_path: Path) -> None:
+    res = kvmrkt(tmp_path, "status", "deadbeef")
+    assert res.returncode == 7 and "no pod" in res.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    out = kvmrkt(tmp_path, "version").stdout
+    assert "kvmrkt version" in out and "accel auto:" in out
