@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -79,10 +79,17 @@ def run(
     return proc
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: receive SIGKILL when the spawning process dies (no orphaned VMs)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with(parent: int) -> Callable[[], None]:
+    """A pre-exec hook: the child gets SIGKILL when ``parent`` dies (no orphaned VMs), including when the
+    parent died before the hook ran."""
+
+    def hook() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 def spawn(
@@ -110,7 +117,7 @@ def spawn(
             stderr=stderr,
             pass_fds=tuple(pass_fds),
             close_fds=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
+            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )

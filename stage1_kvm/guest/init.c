@@ -273,87 +273,58 @@ static void load_modules(void)
     fclose(f);
 }
 
-/* Map a virtio-serial port name to its /dev/vportNpM path. */
-static int find_port(const char *name, char *out, size_t outlen)
+/*
+ * Find the device under `dir` (entries starting with `prefix`) whose sysfs attribute `attr` reads `want`, and
+ * write its /dev path to `out`. Devices are announced asynchronously, so look again for up to 5 seconds.
+ */
+static int find_device(const char *dir, const char *prefix, const char *attr, const char *want, char *out,
+                       size_t outlen)
 {
-    DIR *d = opendir("/sys/class/virtio-ports");
-    if (!d)
-        return -1;
-    struct dirent *e;
-    int found = -1;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        char p[PATH_MAX], buf[256];
-        snprintf(p, sizeof(p), "/sys/class/virtio-ports/%s/name", e->d_name);
-        int fd = open(p, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            continue;
-        ssize_t n = read(fd, buf, sizeof(buf) - 1);
-        close(fd);
-        if (n <= 0)
-            continue;
-        buf[n] = 0;
-        buf[strcspn(buf, "\n")] = 0;
-        if (!strcmp(buf, name)) {
-            snprintf(out, outlen, "/dev/%s", e->d_name);
-            found = 0;
-            break;
+    for (int i = 0; i < 2500; i++) {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (strncmp(e->d_name, prefix, strlen(prefix)))
+                continue;
+            char p[PATH_MAX], buf[256];
+            snprintf(p, sizeof(p), "%s/%s/%s", dir, e->d_name, attr);
+            int fd = open(p, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            ssize_t n = read(fd, buf, sizeof(buf) - 1);
+            close(fd);
+            buf[n > 0 ? n : 0] = 0;
+            buf[strcspn(buf, "\n")] = 0;
+            if (n > 0 && !strcmp(buf, want)) {
+                snprintf(out, outlen, "/dev/%s", e->d_name);
+                closedir(d);
+                return 0;
+            }
         }
+        if (d)
+            closedir(d);
+        usleep(2000);
     }
-    closedir(d);
-    return found;
+    errno = ENODEV;
+    return -1;
 }
 
+/* Open the virtio-serial port with this name. */
 static int open_port(const char *name, int flags)
 {
     char path[PATH_MAX];
-    /* Ports are announced by the host asynchronously: wait for udev-less devtmpfs nodes to appear. */
-    for (int i = 0; i < 2500; i++) {
-        if (find_port(name, path, sizeof(path)) == 0) {
-            int fd = open(path, flags | O_CLOEXEC);
-            if (fd >= 0)
-                return fd;
-        }
-        usleep(2000);
-    }
-    logmsg("virtio-serial port %s not found", name);
-    return -1;
+    int fd = -1;
+    if (find_device("/sys/class/virtio-ports", "vport", "name", name, path, sizeof(path)) == 0)
+        fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0)
+        logmsg("virtio-serial port %s: %s", name, strerror(errno));
+    return fd;
 }
 
 /* Find the block device whose virtio serial is `serial`. */
 static int find_disk(const char *serial, char *out, size_t outlen)
 {
-    for (int i = 0; i < 2500; i++) {
-        DIR *d = opendir("/sys/block");
-        if (d) {
-            struct dirent *e;
-            while ((e = readdir(d))) {
-                if (strncmp(e->d_name, "vd", 2))
-                    continue;
-                char p[PATH_MAX], buf[64];
-                snprintf(p, sizeof(p), "/sys/block/%s/serial", e->d_name);
-                int fd = open(p, O_RDONLY | O_CLOEXEC);
-                if (fd < 0)
-                    continue;
-                ssize_t n = read(fd, buf, sizeof(buf) - 1);
-                close(fd);
-                if (n <= 0)
-                    continue;
-                buf[n] = 0;
-                buf[strcspn(buf, "\n")] = 0;
-                if (!strcmp(buf, serial)) {
-                    snprintf(out, outlen, "/dev/%s", e->d_name);
-                    closedir(d);
-                    return 0;
-                }
-            }
-            closedir(d);
-        }
-        usleep(2000);
-    }
-    errno = ENODEV;
-    return -1;
+    return find_device("/sys/block", "vd", "serial", serial, out, outlen);
 }
 
 static int mkdirs(const char *path, mode_t mode)
