@@ -20,6 +20,7 @@ from kvmrkt.config import DEFAULT_CONFIG_DIR, RuntimeConfig, load_config
 from kvmrkt.engine import Engine, PodOptions
 from kvmrkt.errors import KvmrktError
 from kvmrkt.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
+from kvmrkt.store import ImageRecord, no_progress
 
 FORMATS = click.Choice(["text", "json"])
 
@@ -36,8 +37,40 @@ class _Ctx:
         return Engine(self.config(**overrides))
 
 
-def _progress(msg: str) -> None:
-    click.echo(f"kvmrkt: {msg}", err=True)
+class _Progress:
+    """Progress of long fetches and imports on stderr: a bar on a terminal, one line per step otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+        self.drawn = 0.0
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        if not self.tty:
+            if what != self.last:
+                click.echo(f"kvmrkt: {what}", err=True)
+            self.last = what
+            return
+        now = time.monotonic()
+        if what == self.last and now - self.drawn < 0.1 and (total is None or done < total):
+            return
+        self.last, self.drawn = what, now
+        if total:
+            filled = int(30 * min(done, total) / total)
+            line = f"{what} [{'#' * filled}{'.' * (30 - filled)}] {done >> 20}/{total >> 20} MiB"
+        else:
+            line = f"{what} {done >> 20} MiB" if done else what
+        sys.stderr.write(f"\r\033[K{line}")
+        if total is None and not done:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _progress(msg: str, done: int = 0, total: int | None = None) -> None:
+    _PROGRESS(msg, done, total)
+
+
+_PROGRESS = _Progress()
 
 
 def _dump(obj: Any) -> None:
@@ -67,9 +100,17 @@ def cli(ctx: click.Context, data_dir: Path | None, config_dir: Path, debug: bool
 
 
 def _pod_options(volume: tuple[str, ...], hostname: str | None, set_env: tuple[str, ...], stage1: str | None,
-                 pod_manifest: Path | None) -> PodOptions:
+                 pod_manifest: Path | None, pull_policy: str) -> PodOptions:
     return PodOptions(volumes=[parse_volume(v) for v in volume], hostname=hostname,
-                      env=[parse_env(e) for e in set_env], stage1=stage1, pod_manifest=pod_manifest)
+                      env=[parse_env(e) for e in set_env], stage1=stage1, pod_manifest=pod_manifest,
+                      pull_policy=pull_policy)
+
+
+PULL_POLICY = click.option(
+    "--pull-policy", type=click.Choice(["new", "update", "never"]), default="new", show_default=True,
+    help="Registry images: new = fetch only when not in the store, update = always check the registry, "
+         "never = store only.",
+)
 
 
 def _pod_flags(f: Any) -> Any:
@@ -82,6 +123,7 @@ def _pod_flags(f: Any) -> Any:
         click.option("--pod-manifest", type=click.Path(path_type=Path, exists=True),
                      help="Run this pod manifest (cat-manifest format) instead of images and app flags."),
         click.option("--uuid-file-save", type=click.Path(path_type=Path), help="Write the pod UUID to this file."),
+        PULL_POLICY,
     ]):
         f = opt(f)
     return f
@@ -103,10 +145,15 @@ kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) 
 @pass_ctx
 def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
         set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
-        accel: str | None, interactive: bool) -> None:
-    """Run a pod: each IMAGE becomes one app, all in one new VM."""
+        pull_policy: str, accel: str | None, interactive: bool) -> None:
+    """Run a pod: each IMAGE becomes one app, all in one new VM.
+
+    IMAGE is an image in the store (name[:tag] or ID prefix), or a source fetched or imported on the way:
+    docker://HOST[:PORT]/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG],
+    FILE.aci.
+    """
     apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
-    opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest)
+    opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
     engine = c.engine(accel=accel, backend=stage1)
 
     def saved(pod: Any) -> None:
@@ -126,11 +173,11 @@ def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hos
 @pass_ctx
 def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
             set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
-            quiet: bool) -> None:
+            pull_policy: str, quiet: bool) -> None:
     """Prepare a pod (resolve images, write the pod) without running it; prints its UUID."""
     apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
-    pod = c.engine(backend=stage1).prepare(apps, _pod_options(volume, hostname, set_env, stage1, pod_manifest),
-                                           progress=(lambda _m: None) if quiet else _progress)
+    opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
+    pod = c.engine(backend=stage1).prepare(apps, opts, progress=no_progress if quiet else _progress)
     if uuid_file_save:
         uuid_file_save.write_text(pod.uuid + "\n")
     click.echo(pod.uuid if quiet else f"prepared pod {pod.uuid}")
@@ -272,19 +319,47 @@ def config(c: _Ctx, stage1: str | None) -> None:
     _dump(c.config(backend=stage1).to_dict())
 
 
+@cli.command()
+@PULL_POLICY
+@click.option("--name", help="Store the image under this name [default: from the reference].")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.argument("refs", nargs=-1, required=True)
+@pass_ctx
+def fetch(c: _Ctx, refs: tuple[str, ...], pull_policy: str, name: str | None, fmt: str) -> None:
+    """Fetch images into the store and print their IDs.
+
+    REF is docker://HOST[:PORT]/REPO[:TAG|@DIGEST] (also oci://...), or a local source (oci:DIR[:TAG],
+    oci-archive:FILE, docker-archive:FILE, FILE.aci). Registry credentials come from CONFIG_DIR/auth.d/*.json,
+    a registry's CA from CONFIG_DIR/certs.d/HOST[:PORT]/ca.crt; --insecure-options=http,tls allow plain HTTP
+    and unverified TLS for local registries.
+    """
+    engine = c.engine()
+    records = [engine.fetch(ref, name=name, pull_policy=pull_policy if pull_policy != "new" else "update",
+                            progress=_progress) for ref in refs]
+    _print_records(records, fmt)
+
+
+def _print_records(records: list[ImageRecord], fmt: str) -> None:
+    if fmt == "json":
+        _dump([r.to_dict() for r in records])
+    for r in records if fmt != "json" else []:
+        click.echo(f"{r.id} {r.name}")
+
+
 @cli.group()
 def image() -> None:
     """Manage images in the store."""
 
 
 @image.command("import")
-@click.option("--name", help="Name to store the image under [default: DIR basename:TAG].")
-@click.argument("ref", metavar="oci:DIR[:TAG]")
+@click.option("--name", help="Store the image under this name [default: from the source].")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.argument("ref", metavar="SOURCE")
 @pass_ctx
-def image_import(c: _Ctx, ref: str, name: str | None) -> None:
-    """Import an image (an OCI image layout, e.g. made by umoci); prints its ID."""
-    record = c.engine().import_image(ref, name=name, progress=_progress)
-    click.echo(f"{record.id} {record.name}")
+def image_import(c: _Ctx, ref: str, name: str | None, fmt: str) -> None:
+    """Import an image: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG] (docker save),
+    FILE.aci (appc, with FILE.aci.asc kept), or docker://... (same as fetch)."""
+    _print_records([c.engine().import_image(ref, name=name, progress=_progress)], fmt)
 
 
 @image.command("list")
@@ -295,23 +370,100 @@ def image_list(c: _Ctx, fmt: str, no_legend: bool) -> None:
     """List images."""
     images = c.engine().images()
     if fmt == "json":
-        _dump([r.to_dict() for r in images])
+        _dump([{**r.to_dict(), "names": names} for r, names in images])
         return
     if not no_legend:
-        click.echo(f"{'ID':<20}{'NAME':<40}{'SIZE':>10}  IMPORTED")
-    for r in images:
-        click.echo(f"{r.id[:19]:<20}{r.name:<40}{r.rootfs_size // 1024:>8}Ki  {_when(r.imported)}")
+        click.echo(f"{'ID':<20}{'NAME':<44}{'KIND':<5}{'ROOTFS':>10}  IMPORTED")
+    for r, names in images:
+        for name in names or ["<none>"]:
+            click.echo(f"{r.id[:19]:<20}{name:<44}{r.kind:<5}{r.rootfs_size // 1024:>8}Ki  {_when(r.imported)}")
 
 
 @image.command("rm")
 @click.argument("refs", nargs=-1, required=True)
 @pass_ctx
 def image_rm(c: _Ctx, refs: tuple[str, ...]) -> None:
-    """Remove images (refused while a prepared or running pod uses them)."""
+    """Remove images (refused while a pod that is not garbage uses them)."""
     engine = c.engine()
     for ref in refs:
         record = engine.remove_image(ref)
         click.echo(f"removed {record.id} {record.name}")
+
+
+@image.command("gc")
+@click.option("--grace-period", default="24h", show_default=True, help="Remove images unused for this long.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@pass_ctx
+def image_gc(c: _Ctx, grace_period: str, fmt: str) -> None:
+    """Remove images no pod has used for the grace period, and files no image needs."""
+    result = c.engine().image_gc(grace_period=_duration(grace_period))
+    if fmt == "json":
+        _dump(result)
+        return
+    for line in result["images"]:
+        click.echo(f"removed {line}")
+    click.echo(f"removed {len(result['files'])} unreferenced file(s)")
+
+
+@image.command("inspect")
+@click.argument("ref")
+@pass_ctx
+def image_inspect(c: _Ctx, ref: str) -> None:
+    """Print everything the store knows about an image (JSON)."""
+    _dump(c.engine().image(ref).to_dict())
+
+
+@image.command("cat-manifest")
+@click.argument("ref")
+@pass_ctx
+def image_cat_manifest(c: _Ctx, ref: str) -> None:
+    """Print the image's own manifest (OCI manifest, or appc image manifest)."""
+    _dump(c.engine().image_manifest(ref))
+
+
+@image.command("verify")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.argument("refs", nargs=-1, required=True)
+@pass_ctx
+def image_verify(c: _Ctx, refs: tuple[str, ...], fmt: str) -> None:
+    """Re-hash every blob of the images and check their guest rootfs (rebuilt when damaged)."""
+    engine = c.engine()
+    results = [engine.verify_image(ref) for ref in refs]
+    if fmt == "json":
+        _dump(results)
+        return
+    for r in results:
+        click.echo(f"{r['id']} {r['name']}: {len(r['blobs'])} blob(s) and the rootfs verified")
+
+
+@image.command("extract")
+@click.option("--rootfs-only", is_flag=True, help="Only the root filesystem, directly in DIR.")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@pass_ctx
+def image_extract(c: _Ctx, ref: str, dest: Path, rootfs_only: bool) -> None:
+    """Unpack an image into a new directory DIR (DIR/manifest and DIR/rootfs)."""
+    click.echo(c.engine().extract_image(ref, dest, rootfs_only=rootfs_only, progress=_progress))
+
+
+@image.command("render")
+@click.option("--rootfs-only", is_flag=True, help="Only the root filesystem, directly in DIR.")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@pass_ctx
+def image_render(c: _Ctx, ref: str, dest: Path, rootfs_only: bool) -> None:
+    """Unpack an image with its dependencies (what the pod sees) into a new directory DIR."""
+    click.echo(c.engine().extract_image(ref, dest, rootfs_only=rootfs_only, progress=_progress))
+
+
+@image.command("export")
+@click.option("--overwrite", is_flag=True)
+@click.argument("ref")
+@click.argument("out", type=click.Path(path_type=Path))
+@pass_ctx
+def image_export(c: _Ctx, ref: str, out: Path, overwrite: bool) -> None:
+    """Write an image to a file: an ACI for appc images, an oci-archive for OCI images."""
+    click.echo(c.engine().export_image(ref, out, overwrite=overwrite))
 
 
 @cli.group()

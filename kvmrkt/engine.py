@@ -8,22 +8,35 @@ daemon: every call rebuilds its view from the data directory. Trust boundary: ca
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
+import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from kvmrkt import images, oci, registry
 from kvmrkt.config import RuntimeConfig
-from kvmrkt.errors import ConfigError, ImageError, KvmrktError, ManifestError, PodStateError
-from kvmrkt.manifest import AppSpec, PodManifest, Volume, check_env
+from kvmrkt.digest import Digest
+from kvmrkt.errors import (
+    ConfigError,
+    ImageError,
+    ImageNotFoundError,
+    KvmrktError,
+    ManifestError,
+    PodStateError,
+)
+from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.pod import Pod
-from kvmrkt.runargs import AppRequest, default_app_name
+from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import RunOptions, Stage1, load_backend
-from kvmrkt.store import ImageRecord, Store
+from kvmrkt.store import ImageRecord, Progress, Store, no_progress, normalise_name
 
-Progress = Callable[[str], None]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POD_MANIFEST = "pod"
 STAGE1_RECORD = "stage1.json"
@@ -38,6 +51,16 @@ class PodOptions:
     env: list[tuple[str, str]] = field(default_factory=list)
     stage1: str | None = None
     pod_manifest: Path | None = None
+    pull_policy: str = "new"
+
+
+def _isolator_limit(img: ImageRecord, name: str, parse: Callable[[str], int]) -> int | None:
+    """An appc resource isolator's ``limit`` (the default for ``--memory``/``--cpu``), if the image sets one."""
+    for key, value in img.isolators:
+        if key == name:
+            with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError, KvmrktError):
+                return parse(str(json.loads(value)["limit"]))
+    return None
 
 
 def pod_exit_code(codes: dict[str, int]) -> int:
@@ -54,57 +77,188 @@ class Engine:
 
     # --- images -------------------------------------------------------------------------------------------
 
-    def import_image(self, ref: str, *, name: str | None = None, progress: Progress = lambda _m: None) -> ImageRecord:
-        """Import an image from ``oci:DIR[:TAG]``.
+    def import_image(self, ref: str, *, name: str | None = None, progress: Progress = no_progress) -> ImageRecord:
+        """Import an image from a local source or a registry (``kvmrkt image import``).
 
         Raises:
             ConfigError: an unsupported reference form.
             ImageError: (and subclasses) the image is unusable.
         """
-        if not ref.startswith("oci:"):
-            raise ConfigError(
-                f"cannot import {ref!r}: only oci:DIR[:TAG] (an OCI image layout) is supported so far",
-                hint="make one with `umoci` or `skopeo copy docker-archive:... oci:DIR:TAG`",
-            )
-        rest = ref[4:]
-        path, tag = Path(rest), None
-        if not path.is_dir() and ":" in rest:
-            head, _, tail = rest.rpartition(":")
-            path, tag = Path(head), tail
-        if not (path / "index.json").is_file():
-            raise ImageError(f"{path} is not an OCI image layout (no index.json)")
-        return self.store.import_oci_layout(path.resolve(), tag, name=name, progress=progress)
+        if images.is_remote(ref):
+            return self.fetch(ref, name=name, pull_policy="update", progress=progress)
+        return images.import_local(self.store, ref, name=name, progress=progress)
 
-    def images(self) -> list[ImageRecord]:
-        """All images in the store."""
-        return self.store.images()
+    def fetch(self, ref: str, *, name: str | None = None, pull_policy: str = "update",
+              progress: Progress = no_progress) -> ImageRecord:
+        """Fetch ``docker://``/``oci://`` references (or import local sources) into the store.
+
+        ``pull_policy``: ``new`` uses the store's copy when there is one, ``update`` always asks the registry
+        (only missing blobs are downloaded), ``never`` uses only the store.
+        """
+        if not images.is_remote(ref):
+            if images.is_source(ref):
+                return images.import_local(self.store, ref, name=name, progress=progress)
+            return self.store.resolve(ref)
+        rref = oci.parse_registry_ref(ref.split("://", 1)[1])
+        if pull_policy in ("new", "never"):
+            known = self.store.remote(f"docker://{rref}")
+            with contextlib.suppress(ImageNotFoundError):
+                return self.store.get(known) if known else self.store.resolve(name or rref.name)
+            if pull_policy == "never":
+                raise ImageNotFoundError(f"{ref} is not in the store and --pull-policy=never forbids fetching it")
+        return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
+                              insecure=self.config.insecure_options, name=name, progress=progress)
+
+    def images(self) -> list[tuple[ImageRecord, list[str]]]:
+        """All images in the store, each with every name that points at it."""
+        return [(r, self.store.names(r.id)) for r in self.store.images()]
+
+    def image(self, ref: str) -> ImageRecord:
+        """One image by name or ID."""
+        return self.store.resolve(ref)
+
+    def _pod_images(self) -> dict[str, str]:
+        """Image ID -> a pod (not yet garbage) that uses it."""
+        used: dict[str, str] = {}
+        for pod in Pod.all(self.config.data_dir):
+            if pod.phase in ("embryo", "prepare", "prepared", "run"):
+                with contextlib.suppress(KvmrktError):
+                    used.update({a.image_id: f"{pod.state()} pod {pod.uuid}" for a in self._manifest(pod).apps})
+        return used
+
+    def _images_in_use(self) -> set[str]:
+        return set(self._pod_images()) | {dep for r in self.store.images() for dep in r.dependencies}
 
     def remove_image(self, ref: str) -> ImageRecord:
-        """Remove an image unless a prepared or running pod uses it.
+        """Remove an image unless a pod that is not garbage (or another image) uses it.
 
         Raises:
             ImageError: the image is in use.
         """
         record = self.store.resolve(ref)
-        for pod in Pod.all(self.config.data_dir):
-            if pod.phase in ("prepared", "run") and pod.state() in ("prepared", "running"):
-                manifest = self._manifest(pod)
-                if any(a.image_id == record.id for a in manifest.apps):
-                    raise ImageError(f"image {record.name} is used by {pod.state()} pod {pod.uuid}")
+        names = self.store.names(record.id)
+        if normalise_name(ref) in names and len(names) > 1:
+            self.store.untag(ref)
+            return replace(record, name=normalise_name(ref))
+        user = self._pod_images().get(record.id)
+        if user:
+            raise ImageError(f"image {record.name} is used by {user}", hint="remove the pod first (kvmrkt rm / gc)")
+        if record.id in {d for r in self.store.images() for d in r.dependencies}:
+            raise ImageError(f"image {record.name} is a dependency of another image")
         self.store.remove(record)
         return record
 
-    def _image(self, ref: str, progress: Progress) -> ImageRecord:
-        if ref.startswith("oci:"):
-            return self.import_image(ref, progress=progress)
+    def image_gc(self, *, grace_period: float) -> dict[str, list[str]]:
+        """Remove images not used for ``grace_period`` seconds by any pod, then unreferenced files."""
+        now = time.time()
+        in_use = self._images_in_use()
+        removed = []
+        rows = self.store.db.execute("SELECT id, last_used FROM images").fetchall()
+        for image_id, last_used in rows:
+            if image_id not in in_use and now - last_used >= grace_period:
+                record = self.store.get(image_id)
+                self.store.remove(record)
+                removed.append(f"{record.id} {record.name}")
+        return {"images": removed, "files": self.store.gc_files()}
+
+    def verify_image(self, ref: str) -> dict[str, Any]:
+        """Re-hash every blob of an image and its guest rootfs (rebuilding the rootfs if it is damaged).
+
+        Raises:
+            DigestMismatchError: a blob is corrupt (it is deleted).
+        """
+        record = self.store.resolve(ref)
+        checked = []
+        for digest in (record.id if record.kind == "oci" else None, record.config_digest or None, *record.layers):
+            if digest:
+                with self.store.open_blob(Digest.parse(digest)) as reader:
+                    while reader.read(1 << 20):
+                        pass
+                checked.append(digest)
+        self.store.rootfs_path(record)
+        return {"id": record.id, "name": record.name, "blobs": checked, "rootfs": record.rootfs, "ok": True}
+
+    def image_manifest(self, ref: str) -> dict[str, Any]:
+        """The image's own manifest (OCI manifest or appc image manifest)."""
+        record = self.store.resolve(ref)
+        if record.kind == "aci":
+            from kvmrkt.aci import MAX_MANIFEST
+
+            with self.store.open_blob(Digest.parse(record.id)) as reader, tarfile.open(
+                fileobj=reader, mode="r|"  # type: ignore[call-overload]
+            ) as tar:
+                for member in tar:
+                    if member.name.lstrip("./") == "manifest" and member.isreg() and member.size <= MAX_MANIFEST:
+                        fh = tar.extractfile(member)
+                        assert fh is not None
+                        return oci.load_json(fh.read(), "ACI manifest")
+            raise ImageError("ACI manifest not found")
+        return oci.load_json(self.store.read_blob(Digest.parse(record.id)), "manifest")
+
+    def extract_image(self, ref: str, dest: Path, *, rootfs_only: bool, progress: Progress = no_progress) -> Path:
+        """Unpack an image's root filesystem (with dependencies) into a new directory ``dest``.
+
+        Without ``rootfs_only`` the tree goes to ``dest/rootfs`` beside ``dest/manifest`` (rkt's layout).
+        Raises:
+            ConfigError: ``dest`` exists.
+        """
+        if dest.exists():
+            raise ConfigError(f"{dest} already exists", hint="choose a new directory")
+        record = self.store.resolve(ref)
+        with self.store.tmpdir() as tmp:
+            tree = Path(tmp) / "rootfs"
+            tree.mkdir(mode=0o700)
+            self.store.render(record, tree, progress)
+            if rootfs_only:
+                shutil.move(str(tree), dest)
+            else:
+                dest.mkdir(mode=0o700)
+                (dest / "manifest").write_text(json.dumps(self.image_manifest(ref), indent=2) + "\n")
+                shutil.move(str(tree), dest / "rootfs")
+        return dest
+
+    def export_image(self, ref: str, out: Path, *, overwrite: bool = False) -> Path:
+        """Write an image as an archive: an ACI for appc images, an ``oci-archive`` for OCI images."""
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already exists", hint="use --overwrite")
+        record = self.store.resolve(ref)
+        tmp = out.with_name(f".{out.name}.tmp")
+        if record.kind == "aci":
+            with self.store.open_blob(Digest.parse(record.id)) as reader, tmp.open("wb") as fh:
+                shutil.copyfileobj(reader, fh)
+        else:
+            with tarfile.open(tmp, "w") as tar:
+                def add(name: str, data: bytes) -> None:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+
+                add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                manifest = self.store.read_blob(Digest.parse(record.id))
+                index = {"schemaVersion": 2, "manifests": [{
+                    "mediaType": oci.MT_OCI_MANIFEST, "digest": record.id, "size": len(manifest),
+                    "annotations": {oci.REF_NAME: record.name.rsplit(":", 1)[-1]}}]}  # fmt: skip
+                add("index.json", json.dumps(index).encode())
+                for digest in (record.id, record.config_digest, *record.layers):
+                    d = Digest.parse(digest)
+                    with self.store.open_blob(d) as reader:
+                        info = tarfile.TarInfo(f"blobs/{d.algorithm}/{d.hex}")
+                        info.size, info.mode = self.store.blob_path(d).stat().st_size, 0o644
+                        tar.addfile(info, reader)
+        os.replace(tmp, out)
+        return out
+
+    def _image(self, ref: str, pull_policy: str, progress: Progress) -> ImageRecord:
+        if images.is_source(ref):
+            return self.fetch(ref, pull_policy=pull_policy, progress=progress)
         return self.store.resolve(ref)
 
     # --- prepare ------------------------------------------------------------------------------------------
 
     def _app_spec(
-        self, req: AppRequest, taken: set[str], pod_env: list[tuple[str, str]], progress: Progress
+        self, req: AppRequest, taken: set[str], pod_env: list[tuple[str, str]], pull_policy: str, progress: Progress
     ) -> AppSpec:
-        img = self._image(req.image, progress)
+        img = self._image(req.image, pull_policy, progress)
         argv = (req.exec, *req.args) if req.exec else (*img.entrypoint, *(req.args or img.cmd))
         env: list[tuple[str, str]] = [("PATH", DEFAULT_PATH)]
         for item in img.env:
@@ -114,7 +268,14 @@ class Engine:
         taken.add(name)
         env += [("AC_APP_NAME", name), *pod_env, *req.env]
         user_spec = req.user if req.user is not None else (img.user.split(":", 1)[0] or "0")
-        group_spec = req.group if req.group is not None else (img.user.split(":", 1)[1] if ":" in img.user else None)
+        image_group = img.group or (img.user.split(":", 1)[1] if ":" in img.user else None)
+        group_spec = req.group if req.group is not None else image_group
+        memory = req.memory_mib or _isolator_limit(img, "resource/memory", parse_memory)
+        cpus = req.cpus or _isolator_limit(img, "resource/cpu", parse_cpu)
+        mounts = list(req.mounts)
+        for mp_name, mp_path, _ro in img.mount_points:
+            if not any(m.target == mp_path for m in mounts):
+                mounts.append(MountPoint(mp_name, mp_path))
         uid, gid, groups = img.resolve_user(user_spec, group_spec)
         return AppSpec(
             name=name,
@@ -129,9 +290,9 @@ class Engine:
             uid=uid,
             gid=gid,
             supplementary_gids=groups,
-            memory_mib=req.memory_mib,
-            cpus=req.cpus,
-            mounts=tuple(req.mounts),
+            memory_mib=memory,
+            cpus=cpus,
+            mounts=tuple(mounts),
         )
 
     def _build_manifest(self, uuid: str, apps: list[AppRequest], opts: PodOptions, progress: Progress) -> PodManifest:
@@ -151,12 +312,18 @@ class Engine:
                     raise ManifestError(f"app {app.name}: rootfs {app.rootfs_digest} is not that of image {img.id}")
             return manifest
         taken: set[str] = set()
-        specs = tuple(self._app_spec(req, taken, opts.env, progress) for req in apps)
+        specs = tuple(self._app_spec(req, taken, opts.env, opts.pull_policy, progress) for req in apps)
+        volumes = list(opts.volumes)
+        # rkt: an image mount point with no volume of its name gets an empty volume.
+        for spec in specs:
+            for m in spec.mounts:
+                if not any(v.name == m.volume for v in volumes):
+                    volumes.append(Volume(m.volume, "empty"))
         return PodManifest(
-            uuid=uuid, apps=specs, volumes=tuple(opts.volumes), hostname=opts.hostname or f"kvmrkt-{uuid[:8]}"
+            uuid=uuid, apps=specs, volumes=tuple(volumes), hostname=opts.hostname or f"kvmrkt-{uuid[:8]}"
         )
 
-    def prepare(self, apps: list[AppRequest], opts: PodOptions, *, progress: Progress = lambda _m: None,
+    def prepare(self, apps: list[AppRequest], opts: PodOptions, *, progress: Progress = no_progress,
                 keep_lock: bool = False) -> Pod:
         """Resolve images and write a pod directory in the ``prepared`` phase.
 
@@ -170,7 +337,7 @@ class Engine:
             pod.move("prepare")
             manifest = self._build_manifest(pod.uuid, apps, opts, progress)
             for app in manifest.apps:
-                self.store.rootfs_path(app.rootfs_digest)
+                self._rootfs(app, progress)
             pod.write_json(POD_MANIFEST, manifest.to_dict())
             pod.write_json(
                 STAGE1_RECORD,
@@ -186,6 +353,16 @@ class Engine:
         return pod
 
     # --- run ----------------------------------------------------------------------------------------------
+
+    def _rootfs(self, app: AppSpec, progress: Progress) -> Path:
+        """The verified guest rootfs of an app's image (rebuilt if damaged); marks the image as used."""
+        record = self.store.get(app.image_id)
+        if record.rootfs != app.rootfs_digest:
+            raise ImageError(f"app {app.name}: image {record.name} now has rootfs {record.rootfs}, the pod was "
+                             f"prepared with {app.rootfs_digest}")
+        path = self.store.rootfs_path(record, progress=progress)
+        self.store.touch(record.id)
+        return path
 
     def _manifest(self, pod: Pod) -> PodManifest:
         doc = pod.read_json(POD_MANIFEST)
@@ -222,7 +399,7 @@ class Engine:
             manifest = self._manifest(pod)
             if interactive and len(manifest.apps) != 1:
                 raise ConfigError("--interactive needs a pod with exactly one app")
-            rootfs = {a.name: self.store.rootfs_path(a.rootfs_digest) for a in manifest.apps}
+            rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
             opts = RunOptions(rootfs=rootfs, interactive=interactive, accel=accel or self.config.stage1.accel)
             pod.move("run")
@@ -234,7 +411,7 @@ class Engine:
             pod.unlock()
 
     def run(self, apps: list[AppRequest], opts: PodOptions, *, interactive: bool = False, accel: str | None = None,
-            stdout: IO[bytes], stderr: IO[bytes], progress: Progress = lambda _m: None,
+            stdout: IO[bytes], stderr: IO[bytes], progress: Progress = no_progress,
             on_prepared: Callable[[Pod], None] = lambda _p: None) -> int:
         """prepare + run-prepared without letting another process take the pod in between."""
         if interactive and len(apps) != 1 and opts.pod_manifest is None:

@@ -14,10 +14,12 @@ the caller) is never chmod/chown-ed: a layer's "./" entry is ignored.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import errno
 import gzip
 import io
+import lzma
 import os
 import pathlib
 import shutil
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from kvmrkt.errors import LayerError
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_UNSUPPORTED_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_BZIP2_MAGIC = b"BZh"
+_UNSUPPORTED_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd"}
 _RATIO_GRACE = 1024 * 1024  # the ratio limit applies once this many uncompressed bytes were produced
 _CHUNK = 1024 * 1024
 _WHITEOUT = ".wh."
@@ -38,7 +42,9 @@ _OPAQUE = ".wh..wh..opq"
 _MAX_ID = 2**32 - 2  # -1 / 2**32-1 mean "unchanged" to chown
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYMLINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
-_MEMBER_ERRORS = (OSError, ValueError, OverflowError, EOFError, zlib.error, tarfile.TarError, RecursionError)
+_MEMBER_ERRORS = (
+    OSError, ValueError, OverflowError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError, RecursionError
+)
 
 _Path = tuple[str, ...]
 
@@ -87,7 +93,7 @@ class _CountingReader(io.RawIOBase):
 class _RatioReader(io.RawIOBase):
     """Decompressed layer bytes; raises when they outgrow the compressed bytes consumed by max_ratio."""
 
-    def __init__(self, inner: gzip.GzipFile, raw: _CountingReader, max_ratio: int, cursor: _Cursor) -> None:
+    def __init__(self, inner: io.BufferedIOBase, raw: _CountingReader, max_ratio: int, cursor: _Cursor) -> None:
         super().__init__()
         self._inner, self._raw, self._max_ratio, self._cursor = inner, raw, max_ratio, cursor
         self.produced = 0
@@ -167,10 +173,19 @@ class LayerApplier:
         self.skipped_devices: list[str] = []
         """Paths of character/block device members, which are never created on the host."""
 
-    def apply(self, fileobj: typing.BinaryIO, *, compressed_size: int | None = None) -> None:
-        """Apply one layer read from ``fileobj`` (plain or gzip tar, detected by magic bytes).
+    def apply(
+        self,
+        fileobj: typing.BinaryIO,
+        *,
+        compressed_size: int | None = None,
+        subdir: str | None = None,
+        on_other: typing.Callable[[tarfile.TarFile, tarfile.TarInfo], None] | None = None,
+    ) -> None:
+        """Apply one layer read from ``fileobj`` (plain, gzip, bzip2 or xz tar, detected by magic bytes).
 
         ``compressed_size`` is the blob size declared by the manifest, if known; a longer stream is rejected.
+        ``subdir`` (appc's ``rootfs``) applies only members below that directory, with the prefix removed;
+        other members go to ``on_other`` (which may read them) or are ignored.
         Raises LayerError on malformed or hostile content or when a LayerLimits limit is exceeded.
         """
         prefix = _read_prefix(fileobj, 6)
@@ -184,13 +199,31 @@ class LayerApplier:
         try:
             with contextlib.ExitStack() as stack:
                 stream: io.RawIOBase = raw
+                inner: io.BufferedIOBase | None = None
                 if prefix.startswith(_GZIP_MAGIC):
                     inner = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+                elif prefix.startswith(_XZ_MAGIC):
+                    inner = stack.enter_context(lzma.LZMAFile(typing.cast(typing.IO[bytes], raw), mode="rb"))
+                elif prefix.startswith(_BZIP2_MAGIC):
+                    inner = stack.enter_context(bz2.BZ2File(raw, mode="rb"))
+                if inner is not None:
                     stream = _RatioReader(inner, raw, self._limits.max_ratio, cursor)
                 tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
                 while (member := tar.next()) is not None:
                     tar.members.clear()  # type: ignore[attr-defined]  # else stream mode keeps every TarInfo
                     cursor.where = f"layer member {member.name!r}"
+                    if subdir is not None:
+                        head, _, rest = member.name.lstrip("./").partition("/")
+                        if head != subdir:
+                            if on_other is not None:
+                                on_other(tar, member)
+                            continue
+                        member.name = rest or "."
+                        if member.islnk():
+                            lhead, _, lrest = member.linkname.lstrip("./").partition("/")
+                            if lhead != subdir:
+                                raise _bad(member.name, f"hardlink to {member.linkname!r} outside {subdir}/")
+                            member.linkname = lrest
                     try:
                         self._apply_member(tar, member, rootfd, touched)
                     except LayerError:

@@ -1,17 +1,18 @@
-"""Content-addressed image store (minimal OCI layout import; issue [2/7] completes formats and registries).
+"""Content-addressed image store: blobs, image records in SQLite, and guest root filesystems.
 
 Role: the only module that writes image files. Layout under ``DATA_DIR/cas``::
 
-    blobs/sha256/<hex>     OCI blobs (manifests, configs, layers), named by their digest
-    images/<hex>.json      one record per image, named by its manifest digest (the image ID)
-    rootfs/<hex>.erofs     the guest root filesystem built from the layers, named by its own digest
-    tmp/                   work area (0700); nothing here is ever visible as an image
-    lock                   flock held while writing
+    blobs/<alg>/<hex>      blobs named by their digest (OCI: sha256; appc ACIs: sha512 of the plain tar)
+    rootfs/<hex>.erofs     guest root filesystems built from an image's layers, named by their own digest
+    index.db               SQLite: images (records, names, last use) and remote references
+    tmp/                   work area (0700): partial downloads, unpacked trees; never visible as an image
+    lock                   flock held by writers
 
-Every write goes to ``tmp`` first and is renamed into place, so an interrupted import leaves no half image.
-Trust boundary: images are hostile input. Blob bytes are hashed while copied and must match their
-descriptor digest; layers are applied by ``kvmrkt.layers`` (no escapes, no device nodes) in a root-only
-directory; manifests and configs are parsed strictly.
+Every write lands in ``tmp`` and is renamed into place, so an interrupted import or fetch leaves no half image,
+and what completed (whole blobs) is reused by a rerun. Trust boundary: images are hostile input. Blobs are
+hashed while written and again whenever they are read (a blob whose bytes no longer match its digest is an
+error and is deleted, never used); layers are applied by ``kvmrkt.layers`` inside a root-only directory; the
+erofs image is rebuilt from verified layers when missing or corrupt, and must come out byte-identical.
 """
 
 from __future__ import annotations
@@ -22,61 +23,70 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 from kvmrkt import _proc
 from kvmrkt.digest import Digest
-from kvmrkt.errors import DigestMismatchError, ImageError, ImageNotFoundError, ManifestError
-from kvmrkt.layers import LayerApplier
-from kvmrkt.pod import write_json
+from kvmrkt.errors import DigestMismatchError, ImageError, ImageNotFoundError
+from kvmrkt.layers import LayerApplier, LayerLimits
 
-Progress = Callable[[str], None]
 
-MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-}
-REF_NAME = "org.opencontainers.image.ref.name"
-_MAX_JSON = 4 << 20
+class Readable(Protocol):
+    """Anything with ``read(size)`` returning bytes (files, HTTP responses, decompressors)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+Progress = Callable[[str, int, int | None], None]
+"""progress(what, done, total): called while copying or unpacking (total None when unknown)."""
+
+
+def no_progress(_what: str, _done: int, _total: int | None) -> None:
+    """A progress callback that shows nothing."""
 
 
 @dataclass(frozen=True, slots=True)
 class ImageRecord:
-    """An imported image: identity, run defaults from its config, the guest rootfs, and its user tables."""
+    """An image in the store: identity, how it runs by default, its layers and its guest rootfs."""
 
     id: str
     name: str
     source: str
+    kind: str
     imported: float
-    entrypoint: tuple[str, ...]
-    cmd: tuple[str, ...]
-    env: tuple[str, ...]
-    working_dir: str
-    user: str
+    layers: tuple[str, ...]
     rootfs: str
     rootfs_size: int
-    layers: tuple[str, ...]
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    group: str = ""
+    ports: tuple[tuple[str, str, int], ...] = ()
+    mount_points: tuple[tuple[str, str, bool], ...] = ()
+    isolators: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    config_digest: str = ""
+    dependencies: tuple[str, ...] = ()
     passwd: tuple[tuple[str, int, int], ...] = ()
     groups: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     skipped_devices: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form, as stored and as printed by ``image list --format json``."""
+        """JSON form, as stored and as printed by ``image inspect``/``image list --format json``."""
         return {
             "id": self.id,
             "name": self.name,
             "source": self.source,
+            "kind": self.kind,
             "imported": self.imported,
             "config": {
                 "entrypoint": list(self.entrypoint),
@@ -84,9 +94,16 @@ class ImageRecord:
                 "env": list(self.env),
                 "workingDir": self.working_dir,
                 "user": self.user,
+                "group": self.group,
+                "ports": [{"name": n, "protocol": p, "port": port} for n, p, port in self.ports],
+                "mountPoints": [{"name": n, "path": p, "readOnly": ro} for n, p, ro in self.mount_points],
+                "isolators": [{"name": n, "value": v} for n, v in self.isolators],
+                "labels": dict(self.labels),
             },
-            "rootfs": {"digest": self.rootfs, "size": self.rootfs_size, "format": "erofs"},
+            "configDigest": self.config_digest,
             "layers": list(self.layers),
+            "dependencies": list(self.dependencies),
+            "rootfs": {"digest": self.rootfs, "size": self.rootfs_size, "format": "erofs"},
             "passwd": [list(p) for p in self.passwd],
             "groups": [[g[0], g[1], list(g[2])] for g in self.groups],
             "skippedDevices": list(self.skipped_devices),
@@ -97,25 +114,22 @@ class ImageRecord:
         """Parse a stored record."""
         c = d["config"]
         return cls(
-            id=d["id"],
-            name=d["name"],
-            source=d["source"],
-            imported=float(d["imported"]),
-            entrypoint=tuple(c["entrypoint"]),
-            cmd=tuple(c["cmd"]),
-            env=tuple(c["env"]),
-            working_dir=c["workingDir"],
-            user=c["user"],
-            rootfs=d["rootfs"]["digest"],
-            rootfs_size=int(d["rootfs"]["size"]),
-            layers=tuple(d["layers"]),
+            id=d["id"], name=d["name"], source=d["source"], kind=d.get("kind", "oci"), imported=float(d["imported"]),
+            layers=tuple(d["layers"]), rootfs=d["rootfs"]["digest"], rootfs_size=int(d["rootfs"]["size"]),
+            entrypoint=tuple(c["entrypoint"]), cmd=tuple(c["cmd"]), env=tuple(c["env"]),
+            working_dir=c["workingDir"], user=c["user"], group=c.get("group", ""),
+            ports=tuple((p["name"], p["protocol"], int(p["port"])) for p in c.get("ports", [])),
+            mount_points=tuple((m["name"], m["path"], bool(m["readOnly"])) for m in c.get("mountPoints", [])),
+            isolators=tuple((i["name"], i["value"]) for i in c.get("isolators", [])),
+            labels=tuple(sorted(c.get("labels", {}).items())), config_digest=d.get("configDigest", ""),
+            dependencies=tuple(d.get("dependencies", [])),
             passwd=tuple((p[0], int(p[1]), int(p[2])) for p in d.get("passwd", [])),
             groups=tuple((g[0], int(g[1]), tuple(g[2])) for g in d.get("groups", [])),
             skipped_devices=tuple(d.get("skippedDevices", [])),
-        )
+        )  # fmt: skip
 
     def resolve_user(self, user: str, group: str | None) -> tuple[int, int, tuple[int, ...]]:
-        """Numeric uid, gid and supplementary gids for ``user``/``group`` (names looked up in the image's
+        """Numeric uid, gid and supplementary gids for ``user``/``group`` (names are looked up in the image's
         /etc/passwd and /etc/group, as the OCI image spec says).
 
         Raises:
@@ -149,24 +163,18 @@ class ImageRecord:
         return uid, gid or 0, supplementary
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(_MAX_JSON + 1)
-    except OSError as exc:
-        raise ImageError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    if len(data) > _MAX_JSON:
-        raise ManifestError(f"{what} {path} is larger than {_MAX_JSON} bytes")
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise ManifestError(f"{what} {path} is not valid JSON: {exc}") from exc
+def normalise_name(name: str) -> str:
+    """``name`` means ``name:latest``; a name pinned by digest is kept as it is."""
+    if "@" in name or ":" in name.rsplit("/", 1)[-1]:
+        return name
+    return f"{name}:latest"
 
 
 def _passwd_tables(root: Path) -> tuple[tuple[tuple[str, int, int], ...], tuple[tuple[str, int, tuple[str, ...]], ...]]:
     def lines(rel: str) -> list[list[str]]:
         path = root / rel
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > (1 << 20):
+        # The unpacked tree is hostile: never follow a symlink planted by a layer.
+        if any(p.is_symlink() for p in (path, path.parent)) or not path.is_file() or path.stat().st_size > 1 << 20:
             return []
         return [ln.split(":") for ln in path.read_text("utf-8", "replace").splitlines() if ln and ln[0] != "#"]
 
@@ -181,19 +189,63 @@ def _passwd_tables(root: Path) -> tuple[tuple[tuple[str, int, int], ...], tuple[
     return passwd, groups
 
 
+class _HashingReader:
+    """Reads a file while hashing it; ``check()`` at the end raises if the bytes were not the digest's."""
+
+    def __init__(self, fh: BinaryIO, digest: Digest, path: Path) -> None:
+        self.fh, self.digest, self.path = fh, digest, path
+        self.h = hashlib.new(digest.algorithm)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.h.update(data)
+        return data
+
+    def check(self) -> None:
+        while self.read(1 << 20):
+            pass
+        if self.h.hexdigest() != self.digest.hex:
+            raise DigestMismatchError(
+                f"stored blob {self.digest} is corrupt "
+                f"(its bytes hash to {self.digest.algorithm}:{self.h.hexdigest()})",
+                hint="it was deleted; fetch or import the image again",
+            )
+
+
 class Store:
     """The image store under ``data_dir/cas``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, limits: LayerLimits | None = None) -> None:
         self.root = data_dir / "cas"
+        self.limits = limits or LayerLimits()
+        self._db: sqlite3.Connection | None = None
+
+    # --- plumbing ---------------------------------------------------------------------------------------
 
     def _dirs(self) -> None:
-        for sub in ("blobs/sha256", "images", "rootfs", "tmp"):
+        for sub in ("blobs/sha256", "blobs/sha512", "rootfs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The index (created on first use; WAL so readers never block on a writer)."""
+        if self._db is None:
+            self._dirs()
+            db = sqlite3.connect(self.root / "index.db", timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, "
+                       "record TEXT NOT NULL, imported REAL NOT NULL, last_used REAL NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, image_id TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS remotes (ref TEXT PRIMARY KEY, image_id TEXT NOT NULL, "
+                       "fetched REAL NOT NULL)")
+            self._db = db
+        return self._db
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Hold the store's writer lock (blocks other writers, not readers)."""
         self._dirs()
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -202,18 +254,104 @@ class Store:
         finally:
             os.close(fd)
 
-    # --- reading ----------------------------------------------------------------------------------------
+    def tmpdir(self) -> tempfile.TemporaryDirectory[str]:
+        """A private work directory inside the store (same filesystem, so results can be renamed in)."""
+        self._dirs()
+        return tempfile.TemporaryDirectory(dir=self.root / "tmp", prefix="work-")
+
+    # --- blobs ------------------------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        """Where a blob lives (whether or not it is present)."""
+        return self.root / "blobs" / digest.algorithm / digest.hex
+
+    def has_blob(self, digest: Digest) -> bool:
+        """True when the blob is present (complete: blobs appear by rename)."""
+        return self.blob_path(digest).is_file()
+
+    def put_blob(
+        self, src: Readable, expected: Digest | None = None, *, algorithm: str = "sha256", size: int | None = None,
+        what: str = "blob", progress: Progress = no_progress, max_bytes: int | None = None,
+    ) -> Digest:
+        """Copy a stream into the store, hashing as it goes; the blob appears only when complete and correct.
+
+        Raises:
+            DigestMismatchError: the bytes do not match ``expected``.
+            ImageError: more bytes than ``max_bytes`` (or the declared ``size``).
+        """
+        self._dirs()
+        algorithm = expected.algorithm if expected else algorithm
+        if expected and self.has_blob(expected):
+            return expected
+        h = hashlib.new(algorithm)
+        limit = max_bytes if max_bytes is not None else size
+        fd, tmpname = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
+        try:
+            done = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    done += len(chunk)
+                    if limit is not None and done > limit:
+                        raise ImageError(f"{what} is larger than its declared size of {limit} bytes")
+                    h.update(chunk)
+                    out.write(chunk)
+                    progress(what, done, size)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = Digest(algorithm, h.hexdigest())
+            if expected and not expected.matches(actual):
+                raise DigestMismatchError(f"{what} does not match its digest {expected} (its bytes hash to {actual})")
+            os.rename(tmpname, self.blob_path(actual))
+            return actual
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmpname)
+
+    @contextlib.contextmanager
+    def open_blob(self, digest: Digest) -> Iterator[_HashingReader]:
+        """Read a blob, verified: leaving the block checks the whole blob against its digest (a corrupt blob is
+        deleted and raises DigestMismatchError, so what was read from it must be discarded by the caller)."""
+        path = self.blob_path(digest)
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError as exc:
+            raise ImageError(
+                f"blob {digest} is missing from the store", hint="fetch or import the image again"
+            ) from exc
+        with fh:
+            reader = _HashingReader(fh, digest, path)
+            yield reader
+            try:
+                reader.check()
+            except DigestMismatchError:
+                path.unlink(missing_ok=True)
+                raise
+
+    def read_blob(self, digest: Digest, *, max_bytes: int = 4 << 20) -> bytes:
+        """A small blob's bytes, verified."""
+        with self.open_blob(digest) as r:
+            data = r.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageError(f"blob {digest} is larger than {max_bytes} bytes")
+        return data
+
+    # --- images -----------------------------------------------------------------------------------------
 
     def images(self) -> list[ImageRecord]:
         """All images, oldest import first."""
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for path in (self.root / "images").glob("*.json"):
-                try:
-                    out.append(ImageRecord.from_dict(json.loads(path.read_text())))
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise ImageError(f"corrupt image record {path}: {exc}") from exc
-        return sorted(out, key=lambda r: r.imported)
+        rows = self.db.execute("SELECT record FROM images ORDER BY imported").fetchall()
+        return [ImageRecord.from_dict(json.loads(r[0])) for r in rows]
+
+    def get(self, image_id: str) -> ImageRecord:
+        """An image by full ID.
+
+        Raises:
+            ImageNotFoundError: not in the store.
+        """
+        row = self.db.execute("SELECT record FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            raise ImageNotFoundError(f"image {image_id} is not in the store")
+        return ImageRecord.from_dict(json.loads(row[0]))
 
     def resolve(self, ref: str) -> ImageRecord:
         """Find an image by name (``name`` means ``name:latest``), full ID, or ID prefix (6+ hex digits).
@@ -221,197 +359,162 @@ class Store:
         Raises:
             ImageNotFoundError: no match, or an ambiguous prefix.
         """
-        images = self.images()
-        hexpart = ref.removeprefix("sha256:")
+        alg, hexpart = "", ref
+        for prefix in ("sha256:", "sha512:", "sha512-"):
+            if ref.startswith(prefix):
+                alg, hexpart = prefix[:6], ref[7:]
         if len(hexpart) >= 6 and all(c in "0123456789abcdef" for c in hexpart):
-            found = [r for r in images if r.id.removeprefix("sha256:").startswith(hexpart)]
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
+            pattern = f"{alg or '%'}:{hexpart}%"
+            rows = self.db.execute("SELECT record FROM images WHERE id LIKE ?", (pattern,)).fetchall()
+            if len(rows) == 1:
+                return ImageRecord.from_dict(json.loads(rows[0][0]))
+            if len(rows) > 1:
                 raise ImageNotFoundError(f"image ID prefix {ref!r} is ambiguous")
-        name = ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest"
-        found = [r for r in images if r.name == name]
-        if not found:
+        row = self.db.execute(
+            "SELECT record FROM images JOIN names ON names.image_id = images.id WHERE names.name = ?",
+            (normalise_name(ref),),
+        ).fetchone()
+        if row is None:
             raise ImageNotFoundError(
                 f"no image {ref!r} in the store",
-                hint="`kvmrkt image list` shows imported images; import one with `kvmrkt image import oci:DIR:TAG`",
+                hint="`kvmrkt image list` shows the store; `kvmrkt fetch REF` or `kvmrkt image import REF` adds images",
             )
-        return found[-1]
+        return ImageRecord.from_dict(json.loads(row[0]))
 
-    def rootfs_path(self, digest: str) -> Path:
-        """Path of a guest rootfs image.
+    def remote(self, ref: str) -> str | None:
+        """The image ID a remote reference was last fetched as, if any."""
+        row = self.db.execute("SELECT image_id FROM remotes WHERE ref = ?", (ref,)).fetchone()
+        return row[0] if row else None
 
-        Raises:
-            ImageError: it is missing (the store was tampered with or partly deleted).
+    def record_remote(self, ref: str, image_id: str) -> None:
+        """Remember what a remote reference pointed at (for ``--pull-policy new``)."""
+        self.db.execute("INSERT OR REPLACE INTO remotes VALUES (?, ?, ?)", (ref, image_id, time.time()))
+
+    def touch(self, image_id: str) -> None:
+        """Record a use of an image (image gc spares recently used images)."""
+        self.db.execute("UPDATE images SET last_used = ? WHERE id = ?", (time.time(), image_id))
+
+    def add_image(self, record: ImageRecord, *, progress: Progress = no_progress) -> ImageRecord:
+        """Build the guest rootfs from the record's layers (already in the store) and index the image.
+
+        ``record.rootfs``/``rootfs_size``/``passwd``/``groups`` are filled in here. A previous image of the same
+        name keeps its ID but loses the name.
         """
-        path = self.root / "rootfs" / f"{Digest.parse(digest).hex}.erofs"
-        if not path.is_file():
-            raise ImageError(f"guest root filesystem {digest} is missing from the store", hint="re-import the image")
-        return path
-
-    # --- writing ----------------------------------------------------------------------------------------
-
-    def _ingest(self, src: Path, digest: Digest) -> Path:
-        """Copy a blob into the store, hashing as it goes.
-
-        Raises:
-            DigestMismatchError: the bytes do not match the digest.
-        """
-        dest = self.root / "blobs" / digest.algorithm / digest.hex
-        if dest.is_file():
-            return dest
-        h = hashlib.new(digest.algorithm)
-        fd, tmpname = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
-        try:
-            with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
-                while chunk := fin.read(1 << 20):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if h.hexdigest() != digest.hex:
-                raise DigestMismatchError(
-                    f"blob {src} does not match its digest {digest} (found sha256:{h.hexdigest()})"
+        with self.locked():
+            row = self.db.execute("SELECT record FROM images WHERE id = ?", (record.id,)).fetchone()
+            old = ImageRecord.from_dict(json.loads(row[0])) if row else None
+            if old and (self.root / "rootfs" / f"{Digest.parse(old.rootfs).hex}.erofs").is_file():
+                progress("the image is already in the store", 0, None)
+                record = replace(record, rootfs=old.rootfs, rootfs_size=old.rootfs_size, passwd=old.passwd,
+                                 groups=old.groups, skipped_devices=old.skipped_devices)
+            else:
+                record = self._build_rootfs(record, progress)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT OR REPLACE INTO names VALUES (?, ?)", (record.name, record.id))
+                self.db.execute(
+                    "INSERT INTO images VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "record = excluded.record, imported = excluded.imported",
+                    (record.id, json.dumps(record.to_dict()), record.imported, record.imported),
                 )
-            os.rename(tmpname, dest)
-        except FileNotFoundError as exc:
-            raise ImageError(f"blob {digest} is missing from {src.parent}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmpname)
-        return dest
-
-    def import_oci_layout(
-        self, layout: Path, tag: str | None, *, name: str | None = None, progress: Progress = lambda _m: None
-    ) -> ImageRecord:
-        """Import one image from an OCI image layout directory (as written by umoci or skopeo).
-
-        Raises:
-            ImageError, ManifestError, LayerError, DigestMismatchError: unusable or hostile input.
-        """
-        index = _read_json(layout / "index.json", "OCI index")
-        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-            raise ManifestError(f"{layout}/index.json: not an OCI image index (no manifests list)")
-        descs = [d for d in index["manifests"] if isinstance(d, dict)]
-        tags = [d.get("annotations", {}).get(REF_NAME) for d in descs]
-        if tag is not None:
-            descs = [d for d in descs if d.get("annotations", {}).get(REF_NAME) == tag]
-            if not descs:
-                raise ImageNotFoundError(f"no tag {tag!r} in {layout}", hint=f"tags: {', '.join(map(str, tags))}")
-        elif len(descs) != 1:
-            raise ImageError(f"{layout} holds {len(descs)} images: name a tag (oci:DIR:TAG)", hint=f"tags: {tags}")
-        desc = descs[0]
-        name = name or f"{layout.name}:{tag or 'latest'}"
-        if ":" not in name.rsplit("/", 1)[-1]:
-            name += ":latest"
-        with self._locked():
-            manifest_digest, manifest = self._load_manifest(layout, desc)
-            return self._import(layout, manifest_digest, manifest, name,
-                                f"oci:{layout}:{tag or ''}".rstrip(":"), progress)
-
-    def _load_manifest(self, layout: Path, desc: dict[str, Any]) -> tuple[Digest, dict[str, Any]]:
-        for _depth in range(3):
-            digest = Digest.parse(str(desc.get("digest", "")))
-            path = self._ingest(layout / "blobs" / digest.algorithm / digest.hex, digest)
-            doc = _read_json(path, "manifest")
-            if not isinstance(doc, dict):
-                raise ManifestError(f"manifest {digest}: expected an object")
-            media = doc.get("mediaType", desc.get("mediaType"))
-            if media == MT_OCI_INDEX or "manifests" in doc:
-                plats = [
-                    m for m in doc.get("manifests", [])
-                    if isinstance(m, dict) and m.get("platform", {}).get("architecture") == "amd64"
-                    and m.get("platform", {}).get("os") == "linux"
-                ]  # fmt: skip
-                if not plats:
-                    raise ImageError(f"image index {digest} has no linux/amd64 image")
-                desc = plats[0]
-                continue
-            if media not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST, None) or doc.get("schemaVersion") != 2:
-                raise ManifestError(f"manifest {digest}: unsupported media type {media!r} or schemaVersion")
-            return digest, doc
-        raise ManifestError("image indexes nested too deeply")
-
-    def _import(
-        self, layout: Path, mdigest: Digest, manifest: dict[str, Any], name: str, source: str, progress: Progress
-    ) -> ImageRecord:
-        cfg_desc = manifest.get("config")
-        layers = manifest.get("layers")
-        if not isinstance(cfg_desc, dict) or not isinstance(layers, list):
-            raise ManifestError(f"manifest {mdigest}: missing config or layers")
-        cdigest = Digest.parse(str(cfg_desc.get("digest", "")))
-        config = _read_json(self._ingest(layout / "blobs" / cdigest.algorithm / cdigest.hex, cdigest), "image config")
-        if not isinstance(config, dict):
-            raise ManifestError(f"image config {cdigest}: expected an object")
-        if config.get("architecture", "amd64") != "amd64" or config.get("os", "linux") != "linux":
-            raise ImageError(f"image {name} is for {config.get('os')}/{config.get('architecture')}, not linux/amd64")
-        run = config.get("config") or {}
-        if not isinstance(run, dict):
-            raise ManifestError(f"image config {cdigest}: config must be an object")
-        layer_digests = []
-        blobs = []
-        for layer in layers:
-            if not isinstance(layer, dict) or layer.get("mediaType") not in LAYER_TYPES:
-                media = layer.get("mediaType") if isinstance(layer, dict) else layer
-                raise ImageError(f"image {name}: unsupported layer type {media!r}")
-            ld = Digest.parse(str(layer.get("digest", "")))
-            progress(f"verifying layer {ld.hex[:12]}")
-            blobs.append(self._ingest(layout / "blobs" / ld.algorithm / ld.hex, ld))
-            layer_digests.append(str(ld))
-        work = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="unpack-"))
-        try:
-            tree = work / "rootfs"
-            tree.mkdir(mode=0o700)
-            applier = LayerApplier(tree)
-            for blob, ld_str in zip(blobs, layer_digests, strict=True):
-                progress(f"applying layer {ld_str[7:19]}")
-                with blob.open("rb") as fh:
-                    applier.apply(fh, compressed_size=blob.stat().st_size)
-            applier.finish()
-            passwd, groups = _passwd_tables(tree)
-            progress("building the erofs guest root filesystem")
-            out = work / "rootfs.erofs"
-            fs_uuid = str(uuidlib.UUID(hex=mdigest.hex[:32]))
-            _proc.run(["mkfs.erofs", "-T0", f"-U{fs_uuid}", out, tree], timeout=3600, what="mkfs.erofs")
-            rdigest = Digest.of_file(out)
-            os.rename(out, self.root / "rootfs" / f"{rdigest.hex}.erofs")
-            size = (self.root / "rootfs" / f"{rdigest.hex}.erofs").stat().st_size
-            skipped = tuple(applier.skipped_devices)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        record = ImageRecord(
-            id=str(mdigest),
-            name=name,
-            source=source,
-            imported=time.time(),
-            entrypoint=tuple(run.get("Entrypoint") or ()),
-            cmd=tuple(run.get("Cmd") or ()),
-            env=tuple(run.get("Env") or ()),
-            working_dir=run.get("WorkingDir") or "/",
-            user=run.get("User") or "",
-            rootfs=str(rdigest),
-            rootfs_size=size,
-            layers=tuple(layer_digests),
-            passwd=passwd,
-            groups=groups,
-            skipped_devices=skipped,
-        )
-        # One name points at one image: an older image of the same name keeps its ID but loses the name.
-        for other in self.images():
-            if other.name == name and other.id != record.id:
-                write_json(self.root / "images" / f"{Digest.parse(other.id).hex}.json",
-                           {**other.to_dict(), "name": f"<untagged {other.id[7:19]}>"})
-        write_json(self.root / "images" / f"{mdigest.hex}.json", record.to_dict())
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         return record
 
+    def layer_chain(self, record: ImageRecord) -> list[tuple[ImageRecord, str]]:
+        """The (image, layer digest) pairs to apply for an image: its dependencies' first (appc)."""
+        chain: list[tuple[ImageRecord, str]] = []
+        for dep in record.dependencies:
+            chain += self.layer_chain(self.get(dep))
+        return chain + [(record, layer) for layer in record.layers]
+
+    def render(self, record: ImageRecord, dest: Path, progress: Progress = no_progress) -> LayerApplier:
+        """Apply an image's layers (verified) into ``dest`` (an empty 0700 directory)."""
+        applier = LayerApplier(dest, self.limits)
+        for owner, layer in self.layer_chain(record):
+            digest = Digest.parse(layer)
+            progress(f"applying layer {digest.hex[:12]}", 0, None)
+            with self.open_blob(digest) as reader:
+                applier.apply(reader, subdir="rootfs" if owner.kind == "aci" else None)  # type: ignore[arg-type]
+        applier.finish()
+        return applier
+
+    def _build_rootfs(self, record: ImageRecord, progress: Progress) -> ImageRecord:
+        with self.tmpdir() as tmp:
+            work = Path(tmp)
+            tree = work / "rootfs"
+            tree.mkdir(mode=0o700)
+            applier = self.render(record, tree, progress)
+            passwd, groups = _passwd_tables(tree)
+            progress("building the erofs guest root filesystem", 0, None)
+            out = work / "rootfs.erofs"
+            seed = hashlib.sha256(record.id.encode()).hexdigest()[:32]
+            _proc.run(["mkfs.erofs", "-T0", f"-U{uuidlib.UUID(hex=seed)}", out, tree], timeout=3600,
+                      what="mkfs.erofs")
+            digest = Digest.of_file(out)
+            if record.rootfs and record.rootfs != str(digest):
+                raise ImageError(f"rebuilt rootfs of {record.name} is {digest}, not the recorded {record.rootfs}",
+                                 hint="the layers or mkfs.erofs changed; re-import the image")
+            os.rename(out, self.root / "rootfs" / f"{digest.hex}.erofs")
+        size = (self.root / "rootfs" / f"{digest.hex}.erofs").stat().st_size
+        return replace(record, rootfs=str(digest), rootfs_size=size, passwd=passwd, groups=groups,
+                       skipped_devices=tuple(applier.skipped_devices))
+
+    def rootfs_path(self, record: ImageRecord, *, progress: Progress = no_progress) -> Path:
+        """The guest rootfs of an image, checked against its digest; rebuilt from the layers when it is missing
+        or corrupt.
+
+        Raises:
+            ImageError: it cannot be rebuilt (layers gone or corrupt).
+        """
+        digest = Digest.parse(record.rootfs)
+        path = self.root / "rootfs" / f"{digest.hex}.erofs"
+        if path.is_file() and Digest.of_file(path).matches(digest):
+            return path
+        progress(f"rootfs of {record.name} is {'corrupt' if path.exists() else 'missing'}: rebuilding", 0, None)
+        with self.locked():
+            path.unlink(missing_ok=True)
+            self._build_rootfs(record, progress)
+        return path
+
+    def names(self, image_id: str) -> list[str]:
+        """Every name that points at an image."""
+        rows = self.db.execute("SELECT name FROM names WHERE image_id = ? ORDER BY name", (image_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    def untag(self, name: str) -> None:
+        """Remove one name (the image stays while other names or the ID are used)."""
+        with self.locked():
+            self.db.execute("DELETE FROM names WHERE name = ?", (normalise_name(name),))
+
     def remove(self, record: ImageRecord) -> None:
-        """Delete an image record and its rootfs (blobs shared with other images stay)."""
-        with self._locked():
-            (self.root / "images" / f"{Digest.parse(record.id).hex}.json").unlink(missing_ok=True)
-            still_used = {r.rootfs for r in self.images()}
-            if record.rootfs not in still_used:
-                (self.root / "rootfs" / f"{Digest.parse(record.rootfs).hex}.erofs").unlink(missing_ok=True)
-            used_blobs = {b for r in self.images() for b in (r.id, *r.layers)}
-            for blob in (record.id, *record.layers):
-                if blob not in used_blobs:
-                    (self.root / "blobs" / "sha256" / Digest.parse(blob).hex).unlink(missing_ok=True)
+        """Delete an image and its names; files no image needs are deleted at once."""
+        with self.locked():
+            self.db.execute("DELETE FROM names WHERE image_id = ?", (record.id,))
+            self.db.execute("DELETE FROM images WHERE id = ?", (record.id,))
+            self.db.execute("DELETE FROM remotes WHERE image_id = ?", (record.id,))
+        self.gc_files()
+
+    def gc_files(self, tmp_age: float = 3600.0) -> list[str]:
+        """Delete blobs and rootfs files no image refers to, and work files older than ``tmp_age``."""
+        removed: list[str] = []
+        with self.locked():
+            records = self.images()
+            keep_blobs = {d for r in records for d in (r.id, r.config_digest, *r.layers) if d}
+            keep_rootfs = {Digest.parse(r.rootfs).hex for r in records}
+            for alg in ("sha256", "sha512"):
+                for path in (self.root / "blobs" / alg).iterdir():
+                    if f"{alg}:{path.name}" not in keep_blobs:
+                        path.unlink()
+                        removed.append(f"{alg}:{path.name}")
+            for path in (self.root / "rootfs").iterdir():
+                if path.name.removesuffix(".erofs") not in keep_rootfs:
+                    path.unlink()
+                    removed.append(path.name)
+            now = time.time()
+            for path in (self.root / "tmp").iterdir():
+                if now - path.lstat().st_mtime > tmp_age:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        return removed

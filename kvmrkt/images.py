@@ -1,0 +1,259 @@
+"""Image sources: where images come from and how each format becomes a store image.
+
+Role: parse an image reference (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE[:TAG]``,
+``FILE.aci``, ``docker://`` / ``oci://`` registry references) and import it through the store: every blob is
+copied in by ``Store.put_blob`` (hashed, size-bounded), then ``Store.add_image`` builds the guest rootfs.
+Trust boundary: all input here is hostile (archives, layouts, registry responses, ACI manifests); documents
+are parsed by ``kvmrkt.oci``/``kvmrkt.aci`` with size limits, archive members are only ever looked up by the
+exact names the format defines, never extracted by the names they carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from kvmrkt import aci as aci_format
+from kvmrkt import oci
+from kvmrkt.digest import Digest
+from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
+from kvmrkt.store import ImageRecord, Progress, Store, no_progress, normalise_name
+
+BlobOpener = Callable[[oci.Descriptor], contextlib.AbstractContextManager[IO[bytes]]]
+SCHEMES = ("oci:", "oci-archive:", "docker-archive:", "docker://", "oci://")
+
+
+def is_remote(ref: str) -> bool:
+    """True for registry references."""
+    return ref.startswith(("docker://", "oci://"))
+
+
+def is_source(ref: str) -> bool:
+    """True when ``ref`` names something to import rather than an image already in the store."""
+    return ref.startswith(SCHEMES) or ref.endswith(".aci")
+
+
+def split_path_tag(rest: str) -> tuple[Path, str | None]:
+    """``PATH[:TAG]`` -> (path, tag); a path that exists as given wins over a tag split."""
+    path = Path(rest)
+    if path.exists() or ":" not in rest:
+        return path, None
+    head, _, tag = rest.rpartition(":")
+    return Path(head), tag
+
+
+def _document(store: Store, opener: BlobOpener, desc: oci.Descriptor, what: str) -> bytes:
+    if not store.has_blob(desc.digest):
+        if desc.size > oci.MAX_DOCUMENT:
+            raise ManifestError(f"{what} {desc.digest} claims {desc.size} bytes, more than {oci.MAX_DOCUMENT}")
+        with opener(desc) as src:
+            store.put_blob(src, desc.digest, size=desc.size if desc.size else None, max_bytes=oci.MAX_DOCUMENT,
+                           what=f"{what} {desc.digest.hex[:12]}")
+    return store.read_blob(desc.digest, max_bytes=oci.MAX_DOCUMENT)
+
+
+def import_oci(
+    store: Store, opener: BlobOpener, desc: oci.Descriptor, *, name: str, source: str, progress: Progress
+) -> ImageRecord:
+    """Import the image a descriptor points at (an index, resolved to linux/amd64, or a manifest)."""
+    for _depth in range(4):
+        doc = oci.load_json(_document(store, opener, desc, "manifest"), f"manifest {desc.digest}")
+        if oci.is_index(doc):
+            desc = oci.select_platform(oci.parse_index(doc, f"index {desc.digest}"), f"index {desc.digest}")
+            continue
+        manifest = oci.parse_manifest(doc, f"manifest {desc.digest}")
+        break
+    else:
+        raise ManifestError("image indexes nested too deeply")
+    config_doc = oci.load_json(_document(store, opener, manifest.config, "config"), f"config {manifest.config.digest}")
+    run = oci.parse_config(config_doc, f"image config {manifest.config.digest}")
+    for i, layer in enumerate(manifest.layers, 1):
+        if store.has_blob(layer.digest):
+            progress(f"layer {i}/{len(manifest.layers)} {layer.digest.hex[:12]} (already in the store)", 0, None)
+            continue
+        with opener(layer) as src:
+            store.put_blob(src, layer.digest, size=layer.size, what=f"layer {i}/{len(manifest.layers)} "
+                           f"{layer.digest.hex[:12]}", progress=progress)
+    record = ImageRecord(
+        id=str(desc.digest), name=normalise_name(name), source=source, kind="oci", imported=time.time(),
+        layers=tuple(str(layer.digest) for layer in manifest.layers), rootfs="", rootfs_size=0,
+        entrypoint=run.entrypoint, cmd=run.cmd, env=run.env, working_dir=run.working_dir, user=run.user,
+        ports=tuple((p, p.partition("/")[2] or "tcp", int(p.partition("/")[0])) for p in run.exposed_ports
+                    if p.partition("/")[0].isdigit()),
+        labels=run.labels, config_digest=str(manifest.config.digest),
+    )  # fmt: skip
+    return store.add_image(record, progress=progress)
+
+
+def _pick(descs: tuple[oci.Descriptor, ...], tag: str | None, where: str) -> oci.Descriptor:
+    if tag is not None:
+        found = [d for d in descs if d.annotation(oci.REF_NAME) == tag]
+        if not found:
+            tags = ", ".join(str(d.annotation(oci.REF_NAME)) for d in descs)
+            raise ImageNotFoundError(f"no tag {tag!r} in {where}", hint=f"tags: {tags or 'none'}")
+        return found[0]
+    if len(descs) != 1:
+        tags = ", ".join(str(d.annotation(oci.REF_NAME)) for d in descs)
+        raise ImageError(f"{where} holds {len(descs)} images: name one with :TAG", hint=f"tags: {tags}")
+    return descs[0]
+
+
+def import_layout(store: Store, path: Path, tag: str | None, *, name: str | None, progress: Progress) -> ImageRecord:
+    """``oci:DIR[:TAG]``: an OCI image layout directory (umoci, skopeo, buildah)."""
+    if not (path / "index.json").is_file():
+        raise ImageError(f"{path} is not an OCI image layout (no index.json)")
+    index = oci.load_json((path / "index.json").read_bytes()[: oci.MAX_DOCUMENT + 1], f"{path}/index.json")
+    desc = _pick(oci.parse_index(index, f"{path}/index.json"), tag, str(path))
+
+    @contextlib.contextmanager
+    def opener(d: oci.Descriptor) -> Iterator[IO[bytes]]:
+        blob = path / "blobs" / d.digest.algorithm / d.digest.hex
+        try:
+            fh = blob.open("rb")
+        except FileNotFoundError as exc:
+            raise ImageError(f"blob {d.digest} is missing from {path}") from exc
+        with fh:
+            yield fh
+
+    return import_oci(store, opener, desc, name=name or f"{path.resolve().name}:{tag or 'latest'}",
+                      source=f"oci:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+
+
+@contextlib.contextmanager
+def _member(tar: tarfile.TarFile, name: str, where: str) -> Iterator[IO[bytes]]:
+    try:
+        info = tar.getmember(name)
+    except KeyError as exc:
+        raise ImageError(f"{where} has no member {name!r}") from exc
+    if not info.isreg():
+        raise ImageError(f"{where}: {name!r} is not a regular file")
+    fh = tar.extractfile(info)
+    assert fh is not None
+    with fh:
+        yield fh
+
+
+def _open_archive(path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, mode="r:*")
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageError(f"cannot read archive {path}: {exc}") from exc
+
+
+def import_oci_archive(store: Store, path: Path, tag: str | None, *, name: str | None,
+                       progress: Progress) -> ImageRecord:
+    """``oci-archive:FILE[:TAG]``: a tar of an OCI image layout."""
+    with _open_archive(path) as tar:
+        with _member(tar, "index.json", str(path)) as fh:
+            index = oci.load_json(fh.read(oci.MAX_DOCUMENT + 1), f"{path}:index.json")
+        desc = _pick(oci.parse_index(index, f"{path}:index.json"), tag, str(path))
+
+        def opener(d: oci.Descriptor) -> contextlib.AbstractContextManager[IO[bytes]]:
+            return _member(tar, f"blobs/{d.digest.algorithm}/{d.digest.hex}", str(path))
+
+        return import_oci(store, opener, desc, name=name or f"{path.stem}:{tag or 'latest'}",
+                          source=f"oci-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+
+
+def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: str | None,
+                          progress: Progress) -> ImageRecord:
+    """``docker-archive:FILE[:TAG]``: ``docker save`` format (manifest.json + config + layer tars).
+
+    The archive names no manifest digest, so kvmrkt writes an OCI manifest for it (config and layers named by
+    the digests of their bytes, checked against the config's ``rootfs.diff_ids``); that manifest's digest is
+    the image ID, the same for the same archive content.
+    """
+    with _open_archive(path) as tar:
+        names = set(tar.getnames())
+        if "index.json" in names and "manifest.json" not in names:
+            return import_oci_archive(store, path, tag, name=name, progress=progress)
+        with _member(tar, "manifest.json", str(path)) as fh:
+            try:
+                entries = json.loads(fh.read(oci.MAX_DOCUMENT + 1))
+            except ValueError as exc:
+                raise ManifestError(f"{path}:manifest.json is not valid JSON: {exc}") from exc
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ManifestError(f"{path}:manifest.json must be a list of objects")
+        if tag is not None:
+            entries = [
+                e for e in entries if any(str(t).endswith(f":{tag}") or t == tag for t in e.get("RepoTags") or [])
+            ]
+        if len(entries) != 1:
+            raise ImageError(f"{path} holds {len(entries)} matching images: name one with :TAG")
+        entry = entries[0]
+        if not isinstance(entry.get("Config"), str) or not isinstance(entry.get("Layers"), list):
+            raise ManifestError(f"{path}:manifest.json entry needs Config and Layers")
+        with _member(tar, entry["Config"], str(path)) as fh:
+            config_digest = store.put_blob(fh, max_bytes=oci.MAX_DOCUMENT, what="config")
+        config_bytes = store.read_blob(config_digest)
+        config_doc = oci.load_json(config_bytes, f"{path}:{entry['Config']}")
+        oci.parse_config(config_doc, f"{path}:{entry['Config']}")
+        diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") or []
+        layers = []
+        for i, member in enumerate(entry["Layers"]):
+            with _member(tar, str(member), str(path)) as fh:
+                digest = store.put_blob(fh, what=f"layer {i + 1}/{len(entry['Layers'])}", progress=progress)
+            layers.append({"mediaType": oci.MT_OCI_LAYER, "digest": str(digest),
+                           "size": store.blob_path(digest).stat().st_size})
+            with store.open_blob(digest) as r:
+                compressed = r.read(2) == b"\x1f\x8b"
+            if not compressed and i < len(diff_ids) and diff_ids[i] != str(digest):
+                raise ImageError(f"{path}: layer {member} does not match diff_id {diff_ids[i]} of the image config")
+        manifest = {
+            "schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": str(config_digest), "size": len(config_bytes)},
+            "layers": layers,
+        }  # fmt: skip
+        data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        mdigest = Digest.of_bytes(data)
+        desc = oci.Descriptor(oci.MT_OCI_MANIFEST, mdigest, len(data))
+        repo_tags = [str(t) for t in entry.get("RepoTags") or []]
+        default = repo_tags[0] if repo_tags else f"{path.stem}:{tag or 'latest'}"
+
+        @contextlib.contextmanager
+        def opener(d: oci.Descriptor) -> Iterator[IO[bytes]]:
+            import io
+
+            if d.digest != mdigest:
+                raise ImageError(f"unexpected blob {d.digest} requested from {path}")
+            yield io.BytesIO(data)
+
+        return import_oci(store, opener, desc, name=name or default,
+                          source=f"docker-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRequest:
+    """What ``image import``/``fetch``/``run`` asked for."""
+
+    ref: str
+    name: str | None = None
+
+
+def import_local(store: Store, ref: str, *, name: str | None, progress: Progress = no_progress) -> ImageRecord:
+    """Import a local source (layout, archive, ACI).
+
+    Raises:
+        ConfigError: an unknown reference form; ImageError and subclasses for bad images.
+    """
+    if ref.startswith("oci:"):
+        path, tag = split_path_tag(ref[4:])
+        return import_layout(store, path, tag, name=name, progress=progress)
+    if ref.startswith("oci-archive:"):
+        path, tag = split_path_tag(ref[len("oci-archive:"):])
+        return import_oci_archive(store, path, tag, name=name, progress=progress)
+    if ref.startswith("docker-archive:"):
+        path, tag = split_path_tag(ref[len("docker-archive:"):])
+        return import_docker_archive(store, path, tag, name=name, progress=progress)
+    if ref.endswith(".aci"):
+        return aci_format.import_aci(store, Path(ref), name=name, progress=progress)
+    raise ConfigError(
+        f"cannot import {ref!r}",
+        hint="use oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG], FILE.aci or docker://HOST/REPO:TAG",
+    )
