@@ -78,6 +78,15 @@ class Stage1Config:
 
 
 @dataclass(frozen=True, slots=True)
+class ImagesConfig:
+    """The ``[images]`` table: limits that stop hostile layers (zip bombs, inode floods) with a clear error."""
+
+    max_total_bytes: int = 8 * 1024**3
+    max_entries: int = 1_000_000
+    max_ratio: int = 200
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Everything a command needs to know about where things are and how to run them."""
 
@@ -86,6 +95,7 @@ class RuntimeConfig:
     debug: bool = False
     insecure_options: frozenset[str] = frozenset()
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, as printed by ``kvmrkt config``."""
@@ -95,6 +105,7 @@ class RuntimeConfig:
             "debug": self.debug,
             "insecure_options": sorted(self.insecure_options),
             "stage1": s1,
+            "images": dataclasses.asdict(self.images),
         }
 
 
@@ -163,7 +174,11 @@ def load_config(
         pass
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    _check_table(doc, {"paths": dict, "stage1": dict, "insecure_options": list}, "", path)
+    _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "insecure_options": list}, "", path)
+    img = doc.get("images", {})
+    _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int}, "images.", path)
+    if any(v <= 0 for v in img.values()):
+        raise ConfigError(f"{path}: images limits must be positive")
     paths = doc.get("paths", {})
     _check_table(paths, {"data_dir": str}, "paths.", path)
     s1 = dict(doc.get("stage1", {}))
@@ -190,4 +205,5 @@ def load_config(
         debug=debug,
         insecure_options=insecure,
         stage1=stage1,
+        images=ImagesConfig(**img),
     )

@@ -31,6 +31,7 @@ from kvmrkt.errors import (
     ManifestError,
     PodStateError,
 )
+from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
@@ -73,7 +74,9 @@ class Engine:
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = Store(config.data_dir, limits=LayerLimits(
+            max_total_bytes=config.images.max_total_bytes, max_entries=config.images.max_entries,
+            max_ratio=config.images.max_ratio))
 
     # --- images -------------------------------------------------------------------------------------------
 

@@ -142,13 +142,15 @@ class RegistryClient:
         Raises:
             ImageNotFoundError: 404; ImageError: other failures, with the registry's message.
         """
-        for attempt in range(3):
+        challenged = False
+        for _attempt in range(4):
             headers = {**self._auth_header(), **({"Accept": accept} if accept else {})}
             try:
                 return self._open(self._url(path), headers)
             except urllib.error.HTTPError as exc:
                 body = exc.read(2000).decode("utf-8", "replace")
-                if exc.code == 401 and attempt == 0 and exc.headers.get("WWW-Authenticate"):
+                if exc.code == 401 and not challenged and exc.headers.get("WWW-Authenticate"):
+                    challenged = True
                     self._login(exc.headers["WWW-Authenticate"])
                     continue
                 if exc.code == 404:
