@@ -44,7 +44,7 @@ class TokenService:
     def __init__(self, workdir: Path, service: str) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmrkt-test-token-issuer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
@@ -62,7 +62,7 @@ class TokenService:
             def log_message(self, *_args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.requests += 1
                 expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
                 if self.headers.get("Authorization") != expected:
@@ -133,13 +133,14 @@ class Registry:
         deadline = time.monotonic() + 20
         while True:
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)  # noqa: S310
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
                 break
             except urllib.error.HTTPError:
                 break  # 401: up, and asking for credentials
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"docker-registry did not start: {(workdir / 'registry.log').read_text()}")
+                    log = (workdir / "registry.log").read_text()
+                    raise RuntimeError(f"docker-registry did not start: {log}") from None
                 time.sleep(0.05)
 
     def push(self, layout: Path, repo: str, tag: str = "latest") -> None:
