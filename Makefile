@@ -68,6 +68,8 @@ test: setup lint
 
 bench: setup
 	$(PY) bench/boot.py
+	$(PY) bench/boot.py --kernel debian-cloud
+	$(PY) bench/images.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

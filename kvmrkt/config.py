@@ -84,6 +84,7 @@ class ImagesConfig:
     max_total_bytes: int = 8 * 1024**3
     max_entries: int = 1_000_000
     max_ratio: int = 200
+    scratch: str = "auto"  # where trees are unpacked before the erofs build: auto | memory | disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +177,11 @@ def load_config(
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "insecure_options": list}, "", path)
     img = doc.get("images", {})
-    _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int}, "images.", path)
-    if any(v <= 0 for v in img.values()):
+    _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int, "scratch": str}, "images.", path)
+    if any(isinstance(v, int) and v <= 0 for v in img.values()):
         raise ConfigError(f"{path}: images limits must be positive")
+    if img.get("scratch", "auto") not in ("auto", "memory", "disk"):
+        raise ConfigError(f"{path}: images.scratch must be auto, memory or disk")
     paths = doc.get("paths", {})
     _check_table(paths, {"data_dir": str}, "paths.", path)
     s1 = dict(doc.get("stage1", {}))

@@ -76,7 +76,7 @@ class Engine:
         self.config = config
         self.store = Store(config.data_dir, limits=LayerLimits(
             max_total_bytes=config.images.max_total_bytes, max_entries=config.images.max_entries,
-            max_ratio=config.images.max_ratio))
+            max_ratio=config.images.max_ratio), scratch=config.images.scratch)
 
     # --- images -------------------------------------------------------------------------------------------
 

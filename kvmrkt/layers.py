@@ -170,6 +170,7 @@ class LayerApplier:
         self._entries = 0
         self._bytes = 0
         self._dir_mtimes: dict[_Path, float] = {}
+        self._dir_fds: dict[_Path, int] = {}  # directories opened (safely) during this layer, by path
         self.skipped_devices: list[str] = []
         """Paths of character/block device members, which are never created on the host."""
 
@@ -236,7 +237,22 @@ class LayerApplier:
         except _MEMBER_ERRORS as exc:
             raise LayerError(f"layer is not a valid tar stream ({cursor.where}): {exc}") from exc
         finally:
+            self._invalidate()
             os.close(rootfd)
+
+    def _invalidate(self) -> None:
+        """Forget the directory fds cache: called before anything is removed or replaced, so a cached fd never
+        outlives the directory entry it was opened through."""
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+
+    def _remove_entry(self, dir_fd: int, name: str) -> None:
+        """Remove an entry; removing a directory first drops the fd cache (it may hold fds below it)."""
+        st = _lstat(name, dir_fd)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self._invalidate()
+        _remove(dir_fd, name)
 
     def finish(self) -> None:
         """Set directory mtimes, deepest first, once all layers are applied, so the tree is deterministic."""
@@ -250,6 +266,7 @@ class LayerApplier:
                     finally:
                         os.close(fd)
         finally:
+            self._invalidate()
             os.close(rootfd)
 
     def _open_dir(self, rootfd: int, path: _Path, member: str, *, create: bool, strict: bool) -> int | None:
@@ -258,9 +275,16 @@ class LayerApplier:
         Missing directories are created (0755, root-owned) when ``create``, else None is returned. A symlink
         or non-directory component raises LayerError when ``strict``, else None is returned.
         """
-        fd = os.dup(rootfd)
+        start = 0
+        for cut in range(len(path), 0, -1):
+            if path[:cut] in self._dir_fds:
+                start = cut
+                break
+        if start == len(path) and start:
+            return os.dup(self._dir_fds[path])
+        fd = os.dup(self._dir_fds[path[:start]]) if start else os.dup(rootfd)
         try:
-            for depth, comp in enumerate(path, start=1):
+            for depth, comp in enumerate(path[start:], start=start + 1):
                 try:
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -284,6 +308,10 @@ class LayerApplier:
         except BaseException:
             os.close(fd)
             raise
+        if path:
+            if len(self._dir_fds) >= 512:
+                self._invalidate()
+            self._dir_fds[path] = os.dup(fd)
         return fd
 
     def _apply_member(
@@ -327,7 +355,7 @@ class LayerApplier:
             elif member.islnk():
                 self._make_hardlink(member, parts, pfd, rootfd)
             else:
-                _remove(pfd, leaf)
+                self._remove_entry(pfd, leaf)
                 if member.issym():
                     os.symlink(member.linkname, leaf, dir_fd=pfd)
                     os.chown(leaf, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
@@ -345,7 +373,7 @@ class LayerApplier:
         st = _lstat(leaf, pfd)
         if st is None or not stat.S_ISDIR(st.st_mode):
             if st is not None:
-                os.unlink(leaf, dir_fd=pfd)
+                os.unlink(leaf, dir_fd=pfd)  # not a directory: no cached fd goes through it
             os.mkdir(leaf, 0o700, dir_fd=pfd)
         fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
         try:
@@ -367,7 +395,7 @@ class LayerApplier:
             if stat.S_ISDIR(st.st_mode):
                 raise _bad(name, f"hardlink target {member.linkname!r} is a directory")
             assert sfd is not None
-            _remove(pfd, parts[-1])
+            self._remove_entry(pfd, parts[-1])
             os.link(target[-1], parts[-1], src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             if sfd is not None:
@@ -422,7 +450,7 @@ class LayerApplier:
         dfd = self._open_dir(rootfd, parent, member, create=False, strict=True)
         if dfd is not None:
             try:
-                _remove(dfd, target)
+                self._remove_entry(dfd, target)
             finally:
                 os.close(dfd)
 
@@ -431,7 +459,7 @@ class LayerApplier:
         for name in os.listdir(dfd):
             child = (*path, name)
             if child not in touched:
-                _remove(dfd, name)
+                self._remove_entry(dfd, name)
                 continue
             st = _lstat(name, dfd)
             if st is not None and stat.S_ISDIR(st.st_mode):

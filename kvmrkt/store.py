@@ -212,12 +212,27 @@ class _HashingReader:
             )
 
 
+SHM = Path("/dev/shm")
+SCRATCH_PREFIX = "kvmrkt-unpack-"
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class Store:
     """The image store under ``data_dir/cas``."""
 
-    def __init__(self, data_dir: Path, *, limits: LayerLimits | None = None) -> None:
+    def __init__(self, data_dir: Path, *, limits: LayerLimits | None = None, scratch: str = "auto") -> None:
         self.root = data_dir / "cas"
         self.limits = limits or LayerLimits()
+        self.scratch = scratch
         self._db: sqlite3.Connection | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------------
@@ -441,10 +456,22 @@ class Store:
         applier.finish()
         return applier
 
+    def _scratch(self, record: ImageRecord) -> tempfile.TemporaryDirectory[str]:
+        """Where to unpack a tree that only lives until its erofs image is built: memory (``/dev/shm``, a 0700
+        directory) when the layers comfortably fit in a quarter of the available memory, else the store's tmp.
+        Creating files is the slow part of unpacking on many disks (about 1 ms a file on this build host,
+        against 10 us in memory), and the tree is thrown away anyway."""
+        layers = sum(self.blob_path(Digest.parse(d)).stat().st_size
+                     for _owner, d in self.layer_chain(record) if self.has_blob(Digest.parse(d)))
+        fits = self.scratch == "memory" or (self.scratch == "auto" and layers * 5 < _available_memory() // 4)
+        if fits and SHM.is_dir():
+            return tempfile.TemporaryDirectory(dir=SHM, prefix=SCRATCH_PREFIX)
+        return self.tmpdir()
+
     def _build_rootfs(self, record: ImageRecord, progress: Progress) -> ImageRecord:
-        with self.tmpdir() as tmp:
+        with self.tmpdir() as tmp, self._scratch(record) as scratch:
             work = Path(tmp)
-            tree = work / "rootfs"
+            tree = Path(scratch) / "rootfs"
             tree.mkdir(mode=0o700)
             applier = self.render(record, tree, progress)
             passwd, groups = _passwd_tables(tree)
@@ -514,7 +541,8 @@ class Store:
                     path.unlink()
                     removed.append(path.name)
             now = time.time()
-            for path in (self.root / "tmp").iterdir():
+            stale = [*(self.root / "tmp").iterdir(), *(SHM.glob(f"{SCRATCH_PREFIX}*") if SHM.is_dir() else [])]
+            for path in stale:
                 if now - path.lstat().st_mtime > tmp_age:
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         return removed
