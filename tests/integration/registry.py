@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import datetime
+import ipaddress
 import json
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -36,6 +38,34 @@ def free_port() -> int:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _tls_files(workdir: Path) -> bytes:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it; returns the CA certificate (PEM)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmrkt test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (workdir / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (workdir / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return ca.public_bytes(serialization.Encoding.PEM)
 
 
 class TokenService:
@@ -107,17 +137,21 @@ class TokenService:
 class Registry:
     """docker-registry serving plain HTTP on 127.0.0.1, with auth = None | "basic" | "token"."""
 
-    def __init__(self, workdir: Path, auth: str | None = None) -> None:
+    def __init__(self, workdir: Path, auth: str | None = None, tls: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.auth = auth
         self.tokens: TokenService | None = None
+        self.ca_pem = b""
         config = [
             "version: 0.1", "log:", "  level: error", "storage:", "  filesystem:",
             f"    rootdirectory: {workdir / 'data'}", "  delete:", "    enabled: true", "http:",
             f"  addr: 127.0.0.1:{self.port}",
         ]  # fmt: skip
+        if tls:
+            self.ca_pem = _tls_files(workdir)
+            config += ["  tls:", f"    certificate: {workdir / 'server.pem'}", f"    key: {workdir / 'server.key'}"]
         if auth == "basic":
             htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True).stdout
             (workdir / "htpasswd").write_bytes(htpasswd)
@@ -131,9 +165,11 @@ class Registry:
         self.proc = subprocess.Popen(["docker-registry", "serve", str(workdir / "config.yml")], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
+        scheme = "https" if tls else "http"
+        ctx = ssl._create_unverified_context() if tls else None  # only to see that it is up
         while True:
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+                urllib.request.urlopen(f"{scheme}://{self.host}/v2/", timeout=1, context=ctx)
                 break
             except urllib.error.HTTPError:
                 break  # 401: up, and asking for credentials
@@ -146,6 +182,7 @@ class Registry:
     def push(self, layout: Path, repo: str, tag: str = "latest") -> None:
         """Push an OCI layout's image with skopeo (a real client)."""
         creds = ["--dest-creds", f"{USER}:{PASSWORD}"] if self.auth else []
+        # --dest-tls-verify=false also allows plain HTTP for this push: the CLI under test is kvmrkt, not skopeo.
         subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", *creds, f"oci:{layout}:latest",
                         f"docker://{self.host}/{repo}:{tag}"], check=True, capture_output=True, timeout=120)
 

@@ -92,6 +92,23 @@ def test_registry_auth(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path, aut
         reg.close()
 
 
+def test_registry_tls_with_its_own_ca(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> None:
+    reg = Registry(tmp_path / "reg", tls=True)
+    try:
+        reg.push(busybox_layout, "tls/busybox", "1")
+        ref = f"docker://{reg.host}/tls/busybox:1"
+        res = kvmrkt("fetch", ref)
+        assert res.rc == 3 and "certs.d" in res.err and "CERTIFICATE_VERIFY_FAILED" in res.err
+        kvmrkt.ok("--insecure-options=tls", "fetch", ref)
+        certs = kvmrkt.config / "certs.d" / reg.host
+        certs.mkdir(parents=True)
+        (certs / "ca.crt").write_bytes(reg.ca_pem)
+        kvmrkt.ok("image", "rm", f"{reg.host}/tls/busybox:1")
+        kvmrkt.ok("fetch", ref)
+    finally:
+        reg.close()
+
+
 def test_docker_and_oci_archives(kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path) -> None:
     docker = tmp_path / "busybox-docker.tar"
     ociarch = tmp_path / "busybox-oci.tar"
