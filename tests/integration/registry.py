@@ -42,7 +42,7 @@ def _b64(data: bytes) -> str:
 
 def _tls_files(workdir: Path) -> bytes:
     """A throwaway CA and a server certificate for 127.0.0.1 signed by it; returns the CA certificate (PEM)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmrkt test CA")])
     ca = (
