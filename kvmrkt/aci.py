@@ -16,7 +16,6 @@ import io
 import json
 import lzma
 import re
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import IO, Any
 
 from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.oci import load_json
-from kvmrkt.store import ImageRecord, Progress, Store, no_progress
+from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
 
 AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*$")
 MAX_MANIFEST = 1 << 20
@@ -152,8 +151,10 @@ def read_manifest(store: Store, digest: Any) -> AciManifest:
     raise ManifestError("the ACI has no manifest")
 
 
-def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress = no_progress) -> ImageRecord:
-    """Import ``FILE.aci`` (and keep ``FILE.aci.asc`` if present).
+def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress = no_progress,
+               gate: Gate = open_gate) -> ImageRecord:
+    """Import ``FILE.aci``, judged with its detached signature ``FILE.aci.asc`` (rkt's rule: the signature
+    covers the ACI file's bytes, which are kept so the signature can be checked again at every run).
 
     Raises:
         ImageError, ManifestError: unreadable or invalid ACI; ImageNotFoundError: a dependency is not in the
@@ -164,12 +165,24 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
     with fh:
-        try:
-            digest = store.put_blob(_decompressed(fh), algorithm="sha512", what=f"ACI {path.name}",
-                                    max_bytes=store.limits.max_total_bytes, progress=progress)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
-            raise ImageError(f"cannot decompress {path}: {exc}") from exc
+        original = store.put_blob(fh, what=f"ACI {path.name}", progress=progress)
+    signature = Path(f"{path}.asc")
+    files = {"detached.asc": signature.read_bytes()[: 1 << 20]} if signature.is_file() else {}
+    try:
+        with store.open_blob(original) as raw:
+            head = raw.read(6)
+        with store.blob_path(original).open("rb") as fh2:
+            if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zXZ\x00":
+                digest = store.put_blob(_decompressed(fh2), algorithm="sha512", what=f"ACI {path.name}",
+                                        max_bytes=store.limits.max_total_bytes)
+            else:
+                digest = store.put_blob(fh2, algorithm="sha512", what=f"ACI {path.name}")
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise ImageError(f"cannot decompress {path}: {exc}") from exc
     manifest = read_manifest(store, digest)
+    identity = normalise_name(name or f"{manifest.name}:{manifest.version}")
+    gate(Provenance("appc", identity), original, files)
+    store.save_signatures(original, files)
     deps = []
     for dep in manifest.dependencies:
         try:
@@ -184,16 +197,12 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
                 hint="import the dependency first",
             ) from exc
         deps.append(found.id)
-    signature = Path(f"{path}.asc")
-    if signature.is_file():
-        sig_dir = store.root / "signatures"
-        sig_dir.mkdir(mode=0o700, exist_ok=True)
-        shutil.copyfile(signature, sig_dir / f"{digest.algorithm}-{digest.hex}.asc")
     record = ImageRecord(
-        id=str(digest), name=name or f"{manifest.name}:{manifest.version}", source=str(path.resolve()), kind="aci",
+        id=str(digest), name=identity, source=str(path.resolve()), kind="aci",
         imported=time.time(), layers=(str(digest),), rootfs="", rootfs_size=0, entrypoint=manifest.exec,
         env=manifest.env, working_dir=manifest.working_dir, user=manifest.user, group=manifest.group,
         ports=manifest.ports, mount_points=manifest.mount_points, isolators=manifest.isolators,
-        labels=manifest.labels, dependencies=tuple(deps),
+        labels=manifest.labels, dependencies=tuple(deps), transport="appc", identity=identity,
+        signed_digest=str(original),
     )  # fmt: skip
     return store.add_image(record, progress=progress)

@@ -30,13 +30,17 @@ from kvmrkt.errors import (
     KvmrktError,
     ManifestError,
     PodStateError,
+    PolicyDeniedError,
 )
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import RunOptions, Stage1, load_backend
-from kvmrkt.store import ImageRecord, Progress, Store, no_progress, normalise_name
+from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from policy import signatures
+from policy.model import Policy, load_policy
+from policy.trust import Decision, Subject, decide, match_scope
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POD_MANIFEST = "pod"
@@ -72,8 +76,9 @@ def pod_exit_code(codes: dict[str, int]) -> int:
 class Engine:
     """The stage0 engine. One instance per command; collaborators come from the config."""
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, *, warn: Callable[[str], None] = lambda _m: None) -> None:
         self.config = config
+        self.warn = warn
         self.store = Store(config.data_dir, limits=LayerLimits(
             max_total_bytes=config.images.max_total_bytes, max_entries=config.images.max_entries,
             max_ratio=config.images.max_ratio), scratch=config.images.scratch)
@@ -89,7 +94,7 @@ class Engine:
         """
         if images.is_remote(ref):
             return self.fetch(ref, name=name, pull_policy="update", progress=progress)
-        return images.import_local(self.store, ref, name=name, progress=progress)
+        return images.import_local(self.store, ref, name=name, progress=progress, gate=self._gate)
 
     def fetch(self, ref: str, *, name: str | None = None, pull_policy: str = "update",
               progress: Progress = no_progress) -> ImageRecord:
@@ -100,7 +105,7 @@ class Engine:
         """
         if not images.is_remote(ref):
             if images.is_source(ref):
-                return images.import_local(self.store, ref, name=name, progress=progress)
+                return images.import_local(self.store, ref, name=name, progress=progress, gate=self._gate)
             return self.store.resolve(ref)
         rref = oci.parse_registry_ref(ref.split("://", 1)[1])
         if pull_policy in ("new", "never"):
@@ -110,7 +115,67 @@ class Engine:
             if pull_policy == "never":
                 raise ImageNotFoundError(f"{ref} is not in the store and --pull-policy=never forbids fetching it")
         return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
-                              insecure=self.config.insecure_options, name=name, progress=progress)
+                              insecure=self.config.insecure_options, name=name, progress=progress, gate=self._gate)
+
+    # --- trust --------------------------------------------------------------------------------------------
+
+    def policy(self) -> Policy | None:
+        """The trust policy (None: there is none, every image is rejected)."""
+        return load_policy(self.config.config_dir)
+
+    def _decide(self, subject: Subject, files: dict[str, bytes], detached_target: Path | None) -> Decision:
+        sigset = signatures.SignatureSet(
+            simple=tuple(files[k] for k in sorted(files) if k.startswith("simple-")),
+            cosign=tuple((files.get(k.removesuffix(".sig") + ".payload", b""), files[k])
+                         for k in sorted(files) if k.startswith("cosign-") and k.endswith(".sig")),
+            detached=((files["detached.asc"], detached_target),) if "detached.asc" in files and detached_target
+            else (),
+        )
+        return decide(self.policy(), subject, lambda req: signatures.verify(req, sigset))
+
+    def _gate(self, prov: Provenance, digest: Digest, files: dict[str, bytes]) -> None:
+        """Refuse an image the policy does not accept, before anything but its manifest digest is read."""
+        if "image" in self.config.insecure_options:
+            self.warn(f"WARNING: --insecure-options=image: NOT checking signatures of {prov.identity} ({digest})")
+            return
+        target = self.store.blob_path(digest) if prov.transport == "appc" else None
+        self._decide(Subject(prov.transport, prov.identity, prov.identity, str(digest)), files, target)
+
+    def check_trust(self, record: ImageRecord) -> Decision:
+        """Judge a stored image against the current policy, with the signatures stored with it.
+
+        Raises:
+            PolicyDeniedError: the policy does not accept it (now).
+        """
+        if "image" in self.config.insecure_options:
+            self.warn(f"WARNING: --insecure-options=image: NOT checking signatures of {record.name}")
+            return Decision("-", (), insecure=True)
+        signed = Digest.parse(record.signed_digest or record.id)
+        identity = record.identity or record.name
+        subject = Subject(record.transport or "oci", identity, identity, str(signed))
+        target = self.store.blob_path(signed) if record.kind == "aci" else None
+        return self._decide(subject, self.store.signature_files(signed), target)
+
+    def explain(self, ref: str) -> dict[str, Any]:
+        """Which scope and requirements apply to a stored image, and the verdict."""
+        record = self.store.resolve(ref)
+        pol = self.policy()
+        identity = record.identity or record.name
+        subject = Subject(record.transport or "oci", identity, identity, record.signed_digest or record.id)
+        scope, reqs = match_scope(pol, subject) if pol else ("(no policy)", ())
+        out: dict[str, Any] = {
+            "image": record.name, "transport": subject.transport, "identity": identity,
+            "signed_digest": subject.digest, "scope": scope,
+            "requirements": [{"type": r.type, "where": r.where, "keyFingerprints": list(r.fingerprints),
+                              "signedIdentity": r.identity.type} for r in reqs],
+            "signatures": sorted(self.store.signature_files(Digest.parse(subject.digest))),
+            "policy_files": [str(p) for p in pol.files] if pol else [],
+        }  # fmt: skip
+        try:
+            out["verdict"] = {"accepted": True, **self.check_trust(record).to_dict()}
+        except PolicyDeniedError as exc:
+            out["verdict"] = {"accepted": False, "reason": exc.reason, "message": exc.message}
+        return out
 
     def images(self) -> list[tuple[ImageRecord, list[str]]]:
         """All images in the store, each with every name that points at it."""
@@ -256,6 +321,10 @@ class Engine:
             return self.fetch(ref, pull_policy=pull_policy, progress=progress)
         return self.store.resolve(ref)
 
+    def _trust_pod(self, manifest: PodManifest) -> dict[str, Any]:
+        """Judge every app's image now (the policy may have changed since it was fetched)."""
+        return {app.name: self.check_trust(self.store.get(app.image_id)).to_dict() for app in manifest.apps}
+
     # --- prepare ------------------------------------------------------------------------------------------
 
     def _app_spec(
@@ -339,9 +408,11 @@ class Engine:
         try:
             pod.move("prepare")
             manifest = self._build_manifest(pod.uuid, apps, opts, progress)
+            trust = self._trust_pod(manifest)
             for app in manifest.apps:
                 self._rootfs(app, progress)
             pod.write_json(POD_MANIFEST, manifest.to_dict())
+            pod.write_json("trust.json", trust)
             pod.write_json(
                 STAGE1_RECORD,
                 {"backend": stage1.name, "interface_version": stage1.interface_version, "created": time.time(),
@@ -402,6 +473,7 @@ class Engine:
             manifest = self._manifest(pod)
             if interactive and len(manifest.apps) != 1:
                 raise ConfigError("--interactive needs a pod with exactly one app")
+            pod.write_json("trust.json", self._trust_pod(manifest))
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
             opts = RunOptions(rootfs=rootfs, interactive=interactive, accel=accel or self.config.stage1.accel)

@@ -77,6 +77,24 @@ class PolicyError(KvmrktError):
     exit_code = 4
 
 
+class PolicyLoadError(PolicyError):
+    """A policy file is missing, unreadable or malformed (the message names the file and field)."""
+
+
+class PolicyDeniedError(PolicyError):
+    """The policy does not accept an image. ``reason`` is one of: rejected-scope, no-signature,
+    untrusted-key, bad-signature, identity-mismatch; each has its own exit code (40-44)."""
+
+    REASONS: ClassVar[dict[str, int]] = {
+        "rejected-scope": 40, "no-signature": 41, "untrusted-key": 42, "bad-signature": 43, "identity-mismatch": 44,
+    }  # fmt: skip
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+        self.exit_code = self.REASONS[reason]  # type: ignore[misc]
+
+
 class MeasurementError(KvmrktError):
     """The TPM or event log failed."""
 

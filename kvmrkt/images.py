@@ -10,12 +10,13 @@ exact names the format defines, never extracted by the names they carry.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -23,9 +24,41 @@ from kvmrkt import aci as aci_format
 from kvmrkt import oci
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
-from kvmrkt.store import ImageRecord, Progress, Store, no_progress, normalise_name
+from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
 
 BlobOpener = Callable[[oci.Descriptor], contextlib.AbstractContextManager[IO[bytes]]]
+Collector = Callable[[Digest], dict[str, bytes]]
+"""Finds the signatures of a signed digest, as files for ``Store.save_signatures``."""
+
+
+def no_signatures(_digest: Digest) -> dict[str, bytes]:
+    """A collector for sources that carry no signatures."""
+    return {}
+
+
+def local_signatures(path: Path) -> Collector:
+    """Signatures stored next to a local source, in ``SOURCE.signatures/``: ``signature-N`` files
+    (simple signing, as written by ``skopeo standalone-sign``) and ``cosign-N.payload`` + ``cosign-N.sig``
+    (base64 DER), all for the image's manifest digest."""
+
+    def collect(_digest: Digest) -> dict[str, bytes]:
+        sigdir = Path(f"{path}.signatures")
+        files: dict[str, bytes] = {}
+        if not sigdir.is_dir():
+            return files
+        for f in sorted(sigdir.iterdir()):
+            if f.name.startswith("signature-") and f.is_file():
+                files[f"simple-{f.name.removeprefix('signature-')}"] = f.read_bytes()[: 1 << 20]
+            elif f.name.startswith("cosign-") and f.name.endswith(".sig") and f.is_file():
+                payload = f.with_name(f.name.removesuffix(".sig") + ".payload")
+                try:
+                    files[f.name] = base64.b64decode(f.read_bytes(), validate=True)
+                except ValueError as exc:
+                    raise ImageError(f"{f}: not base64") from exc
+                files[payload.name] = payload.read_bytes()[: 1 << 20] if payload.is_file() else b""
+        return files
+
+    return collect
 SCHEMES = ("oci:", "oci-archive:", "docker-archive:", "docker://", "oci://")
 
 
@@ -59,9 +92,18 @@ def _document(store: Store, opener: BlobOpener, desc: oci.Descriptor, what: str)
 
 
 def import_oci(
-    store: Store, opener: BlobOpener, desc: oci.Descriptor, *, name: str, source: str, progress: Progress
+    store: Store, opener: BlobOpener, desc: oci.Descriptor, *, name: str, source: str, progress: Progress,
+    transport: str, gate: Gate = open_gate, collect: Collector = no_signatures,
 ) -> ImageRecord:
-    """Import the image a descriptor points at (an index, resolved to linux/amd64, or a manifest)."""
+    """Import the image a descriptor points at (an index, resolved to linux/amd64, or a manifest).
+
+    The gate sees the top-level digest and its signatures before any document is parsed or blob fetched.
+    """
+    signed = desc.digest
+    identity = normalise_name(name)
+    files = collect(signed)
+    gate(Provenance(transport, identity), signed, files)
+    store.save_signatures(signed, files)
     for _depth in range(4):
         doc = oci.load_json(_document(store, opener, desc, "manifest"), f"manifest {desc.digest}")
         if oci.is_index(doc):
@@ -86,7 +128,8 @@ def import_oci(
         entrypoint=run.entrypoint, cmd=run.cmd, env=run.env, working_dir=run.working_dir, user=run.user,
         ports=tuple((p, p.partition("/")[2] or "tcp", int(p.partition("/")[0])) for p in run.exposed_ports
                     if p.partition("/")[0].isdigit()),
-        labels=run.labels, config_digest=str(manifest.config.digest),
+        labels=run.labels, config_digest=str(manifest.config.digest), transport=transport, identity=identity,
+        signed_digest=str(signed),
     )  # fmt: skip
     return store.add_image(record, progress=progress)
 
@@ -104,7 +147,8 @@ def _pick(descs: tuple[oci.Descriptor, ...], tag: str | None, where: str) -> oci
     return descs[0]
 
 
-def import_layout(store: Store, path: Path, tag: str | None, *, name: str | None, progress: Progress) -> ImageRecord:
+def import_layout(store: Store, path: Path, tag: str | None, *, name: str | None, progress: Progress,
+                  gate: Gate = open_gate) -> ImageRecord:
     """``oci:DIR[:TAG]``: an OCI image layout directory (umoci, skopeo, buildah)."""
     if not (path / "index.json").is_file():
         raise ImageError(f"{path} is not an OCI image layout (no index.json)")
@@ -122,7 +166,8 @@ def import_layout(store: Store, path: Path, tag: str | None, *, name: str | None
             yield fh
 
     return import_oci(store, opener, desc, name=name or f"{path.resolve().name}:{tag or 'latest'}",
-                      source=f"oci:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+                      source=f"oci:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress,
+                      transport="oci", gate=gate, collect=local_signatures(path))
 
 
 @contextlib.contextmanager
@@ -147,7 +192,7 @@ def _open_archive(path: Path) -> tarfile.TarFile:
 
 
 def import_oci_archive(store: Store, path: Path, tag: str | None, *, name: str | None,
-                       progress: Progress) -> ImageRecord:
+                       progress: Progress, gate: Gate = open_gate) -> ImageRecord:
     """``oci-archive:FILE[:TAG]``: a tar of an OCI image layout."""
     with _open_archive(path) as tar:
         with _member(tar, "index.json", str(path)) as fh:
@@ -158,11 +203,12 @@ def import_oci_archive(store: Store, path: Path, tag: str | None, *, name: str |
             return _member(tar, f"blobs/{d.digest.algorithm}/{d.digest.hex}", str(path))
 
         return import_oci(store, opener, desc, name=name or f"{path.stem}:{tag or 'latest'}",
-                          source=f"oci-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+                          source=f"oci-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress,
+                          transport="oci-archive", gate=gate, collect=local_signatures(path))
 
 
 def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: str | None,
-                          progress: Progress) -> ImageRecord:
+                          progress: Progress, gate: Gate = open_gate) -> ImageRecord:
     """``docker-archive:FILE[:TAG]``: ``docker save`` format (manifest.json + config + layer tars).
 
     The archive names no manifest digest, so kvmrkt writes an OCI manifest for it (config and layers named by
@@ -172,7 +218,7 @@ def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: st
     with _open_archive(path) as tar:
         names = set(tar.getnames())
         if "index.json" in names and "manifest.json" not in names:
-            return import_oci_archive(store, path, tag, name=name, progress=progress)
+            return import_oci_archive(store, path, tag, name=name, progress=progress, gate=gate)
         with _member(tar, "manifest.json", str(path)) as fh:
             try:
                 entries = json.loads(fh.read(oci.MAX_DOCUMENT + 1))
@@ -218,25 +264,19 @@ def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: st
 
         @contextlib.contextmanager
         def opener(d: oci.Descriptor) -> Iterator[IO[bytes]]:
-            import io
-
             if d.digest != mdigest:
                 raise ImageError(f"unexpected blob {d.digest} requested from {path}")
             yield io.BytesIO(data)
 
+        # The archive names no manifest digest, so nothing in it can have been signed: a policy can only
+        # accept (insecureAcceptAnything) or reject docker-archive images.
         return import_oci(store, opener, desc, name=name or default,
-                          source=f"docker-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress)
+                          source=f"docker-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress,
+                          transport="docker-archive", gate=gate)
 
 
-@dataclass(frozen=True, slots=True)
-class ImportRequest:
-    """What ``image import``/``fetch``/``run`` asked for."""
-
-    ref: str
-    name: str | None = None
-
-
-def import_local(store: Store, ref: str, *, name: str | None, progress: Progress = no_progress) -> ImageRecord:
+def import_local(store: Store, ref: str, *, name: str | None, progress: Progress = no_progress,
+                 gate: Gate = open_gate) -> ImageRecord:
     """Import a local source (layout, archive, ACI).
 
     Raises:
@@ -244,15 +284,15 @@ def import_local(store: Store, ref: str, *, name: str | None, progress: Progress
     """
     if ref.startswith("oci:"):
         path, tag = split_path_tag(ref[4:])
-        return import_layout(store, path, tag, name=name, progress=progress)
+        return import_layout(store, path, tag, name=name, progress=progress, gate=gate)
     if ref.startswith("oci-archive:"):
         path, tag = split_path_tag(ref[len("oci-archive:"):])
-        return import_oci_archive(store, path, tag, name=name, progress=progress)
+        return import_oci_archive(store, path, tag, name=name, progress=progress, gate=gate)
     if ref.startswith("docker-archive:"):
         path, tag = split_path_tag(ref[len("docker-archive:"):])
-        return import_docker_archive(store, path, tag, name=name, progress=progress)
+        return import_docker_archive(store, path, tag, name=name, progress=progress, gate=gate)
     if ref.endswith(".aci"):
-        return aci_format.import_aci(store, Path(ref), name=name, progress=progress)
+        return aci_format.import_aci(store, Path(ref), name=name, progress=progress, gate=gate)
     raise ConfigError(
         f"cannot import {ref!r}",
         hint="use oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG], FILE.aci or docker://HOST/REPO:TAG",

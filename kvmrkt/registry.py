@@ -21,7 +21,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPResponse
 from pathlib import Path
@@ -31,7 +31,7 @@ from kvmrkt import oci
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
 from kvmrkt.images import import_oci
-from kvmrkt.store import ImageRecord, Progress, Store, no_progress
+from kvmrkt.store import Gate, ImageRecord, Progress, Store, no_progress, open_gate
 
 ACCEPT = ", ".join([*oci.MANIFEST_TYPES, *oci.INDEX_TYPES])
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
@@ -195,15 +195,103 @@ class RegistryClient:
             yield resp
 
 
+def lookaside_url(config_dir: Path, ref: oci.RegistryRef) -> str | None:
+    """The signature lookaside for a repository, from ``CONFIG_DIR/registries.d/*.json`` (the containers
+    registries.d keys, as JSON): ``{"docker": {"HOST[/PATH]": {"lookaside": URL}}, "default-docker":
+    {"lookaside": URL}}``; the most specific scope wins; a scope defined in two files is an error."""
+    scopes: dict[str, tuple[str, Path]] = {}
+    default: str | None = None
+    for path in sorted((config_dir / "registries.d").glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(doc, dict) or set(doc) - {"docker", "default-docker"}:
+            raise ConfigError(f"{path}: only docker and default-docker are supported")
+        for scope, conf in (doc.get("docker") or {}).items():
+            if scope in scopes:
+                raise ConfigError(f"{path}: scope {scope!r} is also defined in {scopes[scope][1]}")
+            if not isinstance(conf, dict) or not isinstance(conf.get("lookaside"), str):
+                raise ConfigError(f"{path}: docker[{scope!r}] needs a lookaside URL")
+            scopes[scope] = (conf["lookaside"], path)
+        if "default-docker" in doc:
+            default = (doc["default-docker"] or {}).get("lookaside")
+    parts = f"{ref.host}/{ref.repo}".split("/")
+    for i in range(len(parts), 0, -1):
+        if "/".join(parts[:i]) in scopes:
+            return scopes["/".join(parts[:i])][0]
+    return default
+
+
+def _read_url(url: str, limit: int = 1 << 20) -> bytes | None:
+    """A lookaside file (file://, http://, https://), or None when it does not exist."""
+    parsed = urllib.parse.urlparse(url)
+    try:
+        if parsed.scheme == "file":
+            with open(urllib.parse.unquote(parsed.path), "rb") as fh:
+                return fh.read(limit)
+        if parsed.scheme in ("http", "https"):
+            with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - configured lookaside
+                return bytes(resp.read(limit))
+    except FileNotFoundError:
+        return None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise ImageError(f"signature lookaside {url}: HTTP {exc.code}") from exc
+    except OSError as exc:
+        raise ImageError(f"signature lookaside {url}: {exc}") from exc
+    raise ConfigError(f"unsupported lookaside URL {url!r}")
+
+
+def registry_signatures(client: RegistryClient, config_dir: Path) -> Callable[[Digest], dict[str, bytes]]:
+    """Collects an image's signatures: simple-signing ones from the lookaside (``REPO@sha256=HEX/signature-N``)
+    and cosign ones from the ``sha256-HEX.sig`` tag (payload layers with a base64 signature annotation)."""
+
+    def collect(digest: Digest) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        base = lookaside_url(config_dir, client.ref)
+        for n in range(1, 65) if base else ():
+            url = f"{str(base).rstrip('/')}/{client.ref.repo}@{digest.algorithm}={digest.hex}/signature-{n}"
+            data = _read_url(url)
+            if data is None:
+                break
+            files[f"simple-{n}"] = data
+        try:
+            data, _ = client.manifest(f"{digest.algorithm}-{digest.hex}.sig")
+        except ImageNotFoundError:
+            return files
+        doc = oci.load_json(data, "cosign signature manifest")
+        for n, layer in enumerate(doc.get("layers") or [], 1):
+            desc = oci.parse_descriptor(layer, "cosign signature layer")
+            sig = dict(desc.annotations).get("dev.cosignproject.cosign/signature")
+            if sig is None or desc.size > 1 << 20:
+                continue
+            with client.blob(desc) as fh:
+                payload = fh.read(desc.size + 1)
+            if not Digest.of_bytes(payload).matches(desc.digest):
+                raise ImageError(f"{client.ref}: cosign payload does not match its digest {desc.digest}")
+            files[f"cosign-{n}.payload"] = payload
+            try:
+                files[f"cosign-{n}.sig"] = base64.b64decode(sig, validate=True)
+            except ValueError as exc:
+                raise ImageError(f"{client.ref}: cosign signature annotation is not base64") from exc
+        return files
+
+    return collect
+
+
 def fetch(
     store: Store, ref: oci.RegistryRef, *, config_dir: Path, insecure: frozenset[str], name: str | None = None,
-    progress: Progress = no_progress,
+    progress: Progress = no_progress, gate: Gate = open_gate,
 ) -> ImageRecord:
-    """Fetch an image from a registry into the store (blobs already present are not fetched again)."""
+    """Fetch an image from a registry into the store (blobs already present are not fetched again).
+
+    The manifest is fetched and hashed, its signatures collected and the gate consulted before the manifest is
+    parsed or any other blob requested.
+    """
     client = RegistryClient(ref, config_dir=config_dir, insecure=insecure)
     data, digest = client.manifest(ref.reference)
-    if not store.has_blob(digest):
-        store.put_blob(io.BytesIO(data), digest, what="manifest")
     desc = oci.Descriptor(oci.MT_OCI_MANIFEST, digest, len(data))
 
     def opener(d: oci.Descriptor) -> contextlib.AbstractContextManager[IO[bytes]]:
@@ -213,6 +301,7 @@ def fetch(
             return contextlib.nullcontext(io.BytesIO(client.manifest(str(d.digest))[0]))
         return client.blob(d)
 
-    record = import_oci(store, opener, desc, name=name or ref.name, source=f"docker://{ref}", progress=progress)
+    record = import_oci(store, opener, desc, name=name or ref.name, source=f"docker://{ref}", progress=progress,
+                        transport="docker", gate=gate, collect=registry_signatures(client, config_dir))
     store.record_remote(f"docker://{ref}", record.id)
     return record

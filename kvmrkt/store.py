@@ -53,6 +53,23 @@ def no_progress(_what: str, _done: int, _total: int | None) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Provenance:
+    """What the trust policy judges an image as: its transport and identity (the name it is stored under,
+    which is also the reference policy scopes match)."""
+
+    transport: str
+    identity: str
+
+
+Gate = Callable[[Provenance, Digest, dict[str, bytes]], None]
+"""Called with the signed digest and its signatures before anything else of the image is read; raises to refuse."""
+
+
+def open_gate(_prov: Provenance, _digest: Digest, _files: dict[str, bytes]) -> None:
+    """A gate that accepts everything (for callers that check trust themselves)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """An image in the store: identity, how it runs by default, its layers and its guest rootfs."""
 
@@ -76,6 +93,9 @@ class ImageRecord:
     labels: tuple[tuple[str, str], ...] = ()
     config_digest: str = ""
     dependencies: tuple[str, ...] = ()
+    transport: str = ""
+    identity: str = ""
+    signed_digest: str = ""
     passwd: tuple[tuple[str, int, int], ...] = ()
     groups: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     skipped_devices: tuple[str, ...] = field(default=())
@@ -103,6 +123,7 @@ class ImageRecord:
             "configDigest": self.config_digest,
             "layers": list(self.layers),
             "dependencies": list(self.dependencies),
+            "trust": {"transport": self.transport, "identity": self.identity, "signedDigest": self.signed_digest},
             "rootfs": {"digest": self.rootfs, "size": self.rootfs_size, "format": "erofs"},
             "passwd": [list(p) for p in self.passwd],
             "groups": [[g[0], g[1], list(g[2])] for g in self.groups],
@@ -123,6 +144,8 @@ class ImageRecord:
             isolators=tuple((i["name"], i["value"]) for i in c.get("isolators", [])),
             labels=tuple(sorted(c.get("labels", {}).items())), config_digest=d.get("configDigest", ""),
             dependencies=tuple(d.get("dependencies", [])),
+            transport=d.get("trust", {}).get("transport", ""), identity=d.get("trust", {}).get("identity", ""),
+            signed_digest=d.get("trust", {}).get("signedDigest", ""),
             passwd=tuple((p[0], int(p[1]), int(p[2])) for p in d.get("passwd", [])),
             groups=tuple((g[0], int(g[1]), tuple(g[2])) for g in d.get("groups", [])),
             skipped_devices=tuple(d.get("skippedDevices", [])),
@@ -350,6 +373,32 @@ class Store:
             raise ImageError(f"blob {digest} is larger than {max_bytes} bytes")
         return data
 
+    # --- signatures -------------------------------------------------------------------------------------
+
+    def save_signatures(self, digest: Digest, files: dict[str, bytes]) -> None:
+        """Store the signatures found for a signed digest (replacing what was stored for it before)."""
+        self._dirs()
+        final = self.root / "signatures" / f"{digest.algorithm}-{digest.hex}"
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        with self.tmpdir() as tmp:
+            staged = Path(tmp) / "sigs"
+            staged.mkdir()
+            for name, data in files.items():
+                if "/" in name or name.startswith("."):
+                    raise ImageError(f"invalid signature file name {name!r}")
+                (staged / name).write_bytes(data)
+            with self.locked():
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(staged, final)
+
+    def signature_files(self, digest: Digest) -> dict[str, bytes]:
+        """The stored signatures of a signed digest (empty when there are none)."""
+        path = self.root / "signatures" / f"{digest.algorithm}-{digest.hex}"
+        if not path.is_dir():
+            return {}
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
     # --- images -----------------------------------------------------------------------------------------
 
     def images(self) -> list[ImageRecord]:
@@ -529,8 +578,14 @@ class Store:
         removed: list[str] = []
         with self.locked():
             records = self.images()
-            keep_blobs = {d for r in records for d in (r.id, r.config_digest, *r.layers) if d}
+            keep_blobs = {d for r in records for d in (r.id, r.config_digest, r.signed_digest, *r.layers) if d}
             keep_rootfs = {Digest.parse(r.rootfs).hex for r in records}
+            keep_sigs = {Digest.parse(r.signed_digest) for r in records if r.signed_digest}
+            sig_root = self.root / "signatures"
+            for path in sig_root.iterdir() if sig_root.is_dir() else []:
+                alg, _, hexpart = path.name.partition("-")
+                if Digest(alg, hexpart) not in keep_sigs:
+                    shutil.rmtree(path)
             for alg in ("sha256", "sha512"):
                 for path in (self.root / "blobs" / alg).iterdir():
                     if f"{alg}:{path.name}" not in keep_blobs:
