@@ -43,8 +43,11 @@ assets: debs venv
 run: setup
 	@echo "== kvmrkt demo: every command below can be repeated by hand (kvmrkt is in /usr/local/bin) =="
 	examples/busybox-image.sh $(DEMO_DIR)/busybox-oci latest
+	examples/sign-image.sh $(DEMO_DIR)/busybox-oci demo/busybox:latest $(DEMO_DIR)/gnupg $(DEMO_DIR)/demo-key.asc
 	@set -x
+	kvmrkt trust --prefix demo $(DEMO_DIR)/demo-key.asc
 	kvmrkt image import oci:$(DEMO_DIR)/busybox-oci:latest --name demo/busybox
+	kvmrkt policy explain demo/busybox
 	kvmrkt image list
 	kvmrkt run --uuid-file-save $(DEMO_DIR)/uuid demo/busybox --exec /bin/sh -- -c \
 	  'echo "hello from app $$AC_APP_NAME on $$(hostname), kernel $$(uname -r), $$(nproc) vCPU"; \

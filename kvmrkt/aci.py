@@ -18,6 +18,7 @@ import lzma
 import re
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -146,7 +147,7 @@ def read_manifest(store: Store, digest: Any) -> AciManifest:
                         fh = tar.extractfile(member)
                         assert fh is not None
                         return parse_manifest(load_json(fh.read(), "ACI manifest"))
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
             raise ImageError(f"the ACI is not a valid tar archive: {exc}") from exc
     raise ManifestError("the ACI has no manifest")
 
@@ -177,7 +178,7 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
                                         max_bytes=store.limits.max_total_bytes)
             else:
                 digest = store.put_blob(fh2, algorithm="sha512", what=f"ACI {path.name}")
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         raise ImageError(f"cannot decompress {path}: {exc}") from exc
     manifest = read_manifest(store, digest)
     identity = normalise_name(name or f"{manifest.name}:{manifest.version}")

@@ -1,5 +1,6 @@
-"""Trust policy and SELinux labelling (issues [3/7] and [5/7]).
+"""Trust policy (issue [3/7]) and, later, SELinux labelling (issue [5/7]).
 
-Role: nothing yet beyond the package; until the trust policy lands kvmrkt runs only images the operator
-imported into the local store by hand. Trust boundary: will own every signature and label decision.
+Role: ``model`` loads policy files strictly, ``trust`` decides (pure), ``signatures`` does the cryptography,
+``truststore`` implements ``kvmrkt trust``. Trust boundary: every signature and key decision is made here; the
+engine only asks and obeys.
 """

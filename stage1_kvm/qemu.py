@@ -195,6 +195,7 @@ class QemuStage1(Stage1):
         if pod.lock_fd is None:
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
+        assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
         if "9p" not in assets.features and any(v.kind == "host" for v in manifest.volumes):
             raise ConfigError(
                 f"host volumes need a guest kernel with 9p; the {assets.kind!r} kernel has none",
