@@ -442,18 +442,12 @@ def image_verify(c: _Ctx, refs: tuple[str, ...], fmt: str) -> None:
 @click.argument("dest", type=click.Path(path_type=Path))
 @pass_ctx
 def image_extract(c: _Ctx, ref: str, dest: Path, rootfs_only: bool) -> None:
-    """Unpack an image into a new directory DIR (DIR/manifest and DIR/rootfs)."""
+    """Unpack an image, with its dependencies (what a pod sees), into a new directory DIR (DIR/manifest and
+    DIR/rootfs, or the root filesystem only)."""
     click.echo(c.engine().extract_image(ref, dest, rootfs_only=rootfs_only, progress=_progress))
 
 
-@image.command("render")
-@click.option("--rootfs-only", is_flag=True, help="Only the root filesystem, directly in DIR.")
-@click.argument("ref")
-@click.argument("dest", type=click.Path(path_type=Path))
-@pass_ctx
-def image_render(c: _Ctx, ref: str, dest: Path, rootfs_only: bool) -> None:
-    """Unpack an image with its dependencies (what the pod sees) into a new directory DIR."""
-    click.echo(c.engine().extract_image(ref, dest, rootfs_only=rootfs_only, progress=_progress))
+image.add_command(image_extract, name="render")  # appc dependencies are always applied: both are the same
 
 
 @image.command("export")
