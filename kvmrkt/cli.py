@@ -536,6 +536,31 @@ def policy_explain(c: _Ctx, image: str, fmt: str) -> None:
 
 
 @cli.group()
+def attest() -> None:
+    """Measured launch evidence (the TPM event log)."""
+
+
+@attest.command("log")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.argument("log_file", required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@pass_ctx
+def attest_log(c: _Ctx, log_file: Path | None, fmt: str) -> None:
+    """Check and print an event log (default: this boot's), and compare its replay with the TPM's PCR."""
+    info = c.engine().event_log(log_file)
+    if fmt == "json":
+        _dump(info)
+        return
+    click.echo(f"log {info['path']} (boot {info['boot_id']}), PCR {info['pcr']}, initial {info['initial'][:16]}...")
+    for ev in info["events"]:
+        click.echo(f"{ev['recnum']:>6}  {ev['digest'][:16]}  {ev['event'][:150]}")
+    click.echo(f"replayed PCR {info['pcr']}: {info['replayed']}")
+    if info.get("tpm") is not None:
+        click.echo(f"TPM      PCR {info['pcr']}: {info['tpm']} ({'matches' if info['matches'] else 'DOES NOT MATCH'})")
+    if info.get("matches") is False:
+        sys.exit(5)
+
+
+@cli.group()
 def stage1() -> None:
     """Manage the guest assets (kernel, initramfs)."""
 

@@ -87,6 +87,18 @@ class ImagesConfig:
     scratch: str = "auto"  # where trees are unpacked before the erofs build: auto | memory | disk
 
 
+def _default_tcti() -> str:
+    return "device:/dev/tpmrm0" if Path("/dev/tpmrm0").exists() else ""
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureConfig:
+    """The ``[measure]`` table: which TPM (a TCTI string) and which PCR measured launch uses."""
+
+    tcti: str = field(default_factory=_default_tcti)
+    pcr: int = 15
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Everything a command needs to know about where things are and how to run them."""
@@ -97,6 +109,7 @@ class RuntimeConfig:
     insecure_options: frozenset[str] = frozenset()
     stage1: Stage1Config = field(default_factory=Stage1Config)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, as printed by ``kvmrkt config``."""
@@ -107,6 +120,7 @@ class RuntimeConfig:
             "insecure_options": sorted(self.insecure_options),
             "stage1": s1,
             "images": dataclasses.asdict(self.images),
+            "measure": dataclasses.asdict(self.measure),
         }
 
 
@@ -175,7 +189,10 @@ def load_config(
         pass
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "insecure_options": list}, "", path)
+    _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "measure": dict, "insecure_options": list},
+                 "", path)
+    meas = doc.get("measure", {})
+    _check_table(meas, {"tcti": str, "pcr": int}, "measure.", path)
     img = doc.get("images", {})
     _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int, "scratch": str}, "images.", path)
     if any(isinstance(v, int) and v <= 0 for v in img.values()):
@@ -209,4 +226,5 @@ def load_config(
         insecure_options=insecure,
         stage1=stage1,
         images=ImagesConfig(**img),
+        measure=MeasureConfig(**meas),
     )

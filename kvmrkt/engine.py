@@ -25,12 +25,14 @@ from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
     ConfigError,
+    EventLogError,
     ImageError,
     ImageNotFoundError,
     KvmrktError,
     ManifestError,
     PodStateError,
     PolicyDeniedError,
+    TpmUnavailableError,
 )
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
@@ -38,6 +40,9 @@ from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import RunOptions, Stage1, load_backend
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from measure.events import EventLog, boot_id, launch_events, parse_log
+from measure.replay import replay
+from measure.tpm import Measurer, pcr_read
 from policy import signatures
 from policy.model import Policy, load_policy
 from policy.trust import Decision, Subject, decide, match_scope
@@ -428,6 +433,62 @@ class Engine:
 
     # --- run ----------------------------------------------------------------------------------------------
 
+    def _measure(self, pod: Pod, manifest: PodManifest, trust: dict[str, Any], facts: dict[str, Any]) -> None:
+        """Measured launch: log and extend every fact of this launch into the TPM before the VM runs (fail
+        closed), or record that the pod runs unmeasured under --insecure-options=tpm."""
+        if "tpm" in self.config.insecure_options:
+            self.warn(f"WARNING: --insecure-options=tpm: pod {pod.uuid} runs UNMEASURED (nothing in the TPM)")
+            pod.write_json("measure.json", {"measured": False, "reason": "--insecure-options=tpm"})
+            return
+        cfg = self.config.measure
+        if not cfg.tcti:
+            raise TpmUnavailableError(
+                "no TPM is configured and /dev/tpmrm0 does not exist: the pod cannot be measured",
+                hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
+                     "with --insecure-options=tpm (unmeasured)")
+        apps = []
+        for app in manifest.apps:
+            record = self.store.get(app.image_id)
+            apps.append({"app": app.name, "image": app.image_name, "manifest": app.image_id,
+                         "signed": record.signed_digest, "rootfs": app.rootfs_digest})
+        events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, stage1=facts,
+                               trust={"policy": self._policy_digest(), "decisions": trust},
+                               insecure=sorted(self.config.insecure_options))
+        measurer = Measurer(cfg.tcti, cfg.pcr, self.config.data_dir / "measure")
+        recnums = measurer.measure(events)
+        pod.write_json("measure.json", {"measured": True, "pcr": cfg.pcr, "log": str(measurer.log.path),
+                                        "records": recnums, "events": [e.kind for e in events]})
+
+    def event_log(self, path: Path | None) -> dict[str, Any]:
+        """Check and replay an event log (default: this boot's) and read the PCR it should match.
+
+        Raises:
+            EventLogError: the log does not check (naming the first broken record).
+        """
+        log_path = path or EventLog(self.config.data_dir / "measure").path
+        try:
+            records = parse_log(log_path.read_bytes())
+        except FileNotFoundError as exc:
+            raise EventLogError(f"no event log at {log_path} (nothing was measured this boot)") from exc
+        rep = replay(records)
+        info: dict[str, Any] = {
+            "path": str(log_path), "boot_id": rep.boot_id, "pcr": rep.pcr, "initial": rep.initial.hex(),
+            "replayed": rep.final.hex(),
+            "events": [{"recnum": e["recnum"], "digest": e["digest"].hex(), "event": e["event"]} for e in rep.events],
+        }  # fmt: skip
+        if self.config.measure.tcti and rep.boot_id == boot_id():
+            with contextlib.suppress(TpmUnavailableError):
+                value = pcr_read(self.config.measure.tcti, rep.pcr)
+                info["tpm"] = value.hex()
+                info["matches"] = value == rep.final
+        return info
+
+    def _policy_digest(self) -> str | None:
+        with contextlib.suppress(KvmrktError):
+            pol = self.policy()
+            return pol.digest if pol else None
+        return None
+
     def _rootfs(self, app: AppSpec, progress: Progress) -> Path:
         """The verified guest rootfs of an app's image (rebuilt if damaged); marks the image as used."""
         record = self.store.get(app.image_id)
@@ -473,10 +534,16 @@ class Engine:
             manifest = self._manifest(pod)
             if interactive and len(manifest.apps) != 1:
                 raise ConfigError("--interactive needs a pod with exactly one app")
-            pod.write_json("trust.json", self._trust_pod(manifest))
+            trust = self._trust_pod(manifest)
+            pod.write_json("trust.json", trust)
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
-            opts = RunOptions(rootfs=rootfs, interactive=interactive, accel=accel or self.config.stage1.accel)
+
+            def before_boot(facts: dict[str, Any]) -> None:
+                self._measure(pod, manifest, trust, facts)
+
+            opts = RunOptions(rootfs=rootfs, interactive=interactive, accel=accel or self.config.stage1.accel,
+                              before_boot=before_boot)
             pod.move("run")
             result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
             pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
@@ -536,6 +603,7 @@ class Engine:
              **({"errors": errors[a.name]} if a.name in errors else {})}
             for a in (manifest.apps if manifest else ())
         ]
+        info["measured"] = (pod.read_json("measure.json", {}) or {}).get("measured")
         finished = pod.read_json("exit.json", {}) or {}
         info["finished"] = finished.get("finished")
         if state not in ("running", "prepared"):

@@ -101,6 +101,14 @@ class MeasurementError(KvmrktError):
     exit_code = 5
 
 
+class TpmUnavailableError(MeasurementError):
+    """The TPM could not be reached or refused a command."""
+
+
+class EventLogError(MeasurementError):
+    """The measurement event log is unreadable, malformed or does not replay."""
+
+
 class SELinuxError(KvmrktError):
     """Labels could not be allocated or applied."""
 

@@ -130,6 +130,9 @@ def parse_apps(tokens: list[str]) -> list[AppRequest]:
     i = 0
     while i < len(tokens):
         tok = tokens[i]
+        if tok == "---":  # ends an app's section even without "-- ARGS"
+            i += 1
+            continue
         if tok == "--":
             if not apps:
                 raise ConfigError("'--' must follow an image")

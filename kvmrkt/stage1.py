@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -25,13 +25,23 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def _nothing(_facts: dict[str, Any]) -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """How to run a prepared pod (not part of the manifest: the same pod can run with other options)."""
+    """How to run a prepared pod (not part of the manifest: the same pod can run with other options).
+
+    ``before_boot(facts)`` is called by the backend once the VM is fully described and before any guest code can
+    run (facts: backend, accel, kernel/initrd digests, kernel command line); raising there aborts the launch.
+    Measured launch hangs off it.
+    """
 
     rootfs: Mapping[str, Path]
     interactive: bool = False
     accel: str = "auto"
+    before_boot: Callable[[dict[str, Any]], None] = _nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import IO, Any
 
 from kvmrkt import _proc
+from kvmrkt.digest import Digest
 from kvmrkt.errors import (
     AccelError,
     AgentError,
@@ -232,6 +233,11 @@ class QemuStage1(Stage1):
             "argv": argv,
         }
         pod.write_json(RUN_RECORD, record)
+        opts.before_boot({
+            "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
+            "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
+            "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
+        })  # fmt: skip
         with pod.file(QEMU_LOG).open("wb") as qlog:
             proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path)
         try:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root"
-    for prog in ("qemu-system-x86_64", "umoci", "mkfs.erofs"):
+    for prog in ("qemu-system-x86_64", "umoci", "mkfs.erofs", "swtpm", "skopeo", "gpg", "docker-registry", "actool"):
         if not shutil.which(prog):
             return f"{prog} is not installed (run `make setup`)"
     try:
@@ -47,6 +47,39 @@ def capabilities(request: pytest.FixtureRequest) -> None:
         if request.config.getoption("--require-capabilities"):
             pytest.fail(f"required capability missing: {reason}")
         pytest.skip(reason)
+
+
+@dataclass
+class Swtpm:
+    """A real software TPM (swtpm) on loopback, for measured launch."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    from .registry import free_port
+
+    state = tmp_path_factory.mktemp("swtpm")
+    for _attempt in range(20):
+        port = free_port()
+        proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                                 "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
+                                 "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(0.2)
+        if proc.poll() is None:
+            break
+    else:
+        raise RuntimeError("swtpm did not start")
+    yield Swtpm(port, proc)
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +117,7 @@ class Kvmrkt:
 
     data: Path
     config: Path
+    tcti: str = ""
     image: str = "busybox:latest"
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -108,6 +142,9 @@ class Kvmrkt:
         return proc
 
     def write_config(self, text: str) -> None:
+        """Write config.toml; every test config measures into the session's swtpm unless it says otherwise."""
+        if "[measure]" not in text:
+            text += f'\n[measure]\ntcti = "{self.tcti}"\n'
         (self.config / "config.toml").write_text(text)
 
     def wait_running(self, uuid_file: Path, timeout: float = 60) -> str:
@@ -134,10 +171,10 @@ boot_timeout = 60
 
 
 @pytest.fixture
-def kvmrkt(tmp_path: Path, busybox_layout: Path) -> Iterator[Kvmrkt]:
+def kvmrkt(tmp_path: Path, busybox_layout: Path, swtpm: Swtpm) -> Iterator[Kvmrkt]:
     data, config = tmp_path / "data", tmp_path / "etc"
     config.mkdir()
-    k = Kvmrkt(data, config)
+    k = Kvmrkt(data, config, swtpm.tcti)
     k.write_config(BASE_CONFIG)
     # These tests are about running images, not about trusting them (tests/integration/test_trust.py is).
     (config / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')

@@ -1,0 +1,166 @@
+"""Measurement events and the append-only event log (TCG Canonical Event Log, JSON encoding, as JSON-SEQ).
+
+Role: define what kvmrkt measures and how it is written down. Every event is ``kvmrkt:<kind>:`` followed by
+canonical JSON (sorted keys, no whitespace, UTF-8: RFC 8785 for the values kvmrkt emits); its SHA-256 is what
+the PCR is extended with, and the exact bytes are in the log so anyone can recompute the digest. One log per
+host boot (``DATA_DIR/measure/<boot_id>.cel``); its first record (not extended) names the boot, the PCR and
+the PCR's value when the log was started, so replay works where something else extended the PCR earlier.
+Records are appended and fsynced under an exclusive lock *before* the PCR is extended; a record whose extend
+failed is followed by a ``void`` record (not extended) so later replays still match.
+
+Trust boundary: the log file is evidence for a remote verifier, who trusts nothing in it until it replays to a
+quoted PCR value; locally it is written only by kvmrkt (0600, root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmrkt.errors import EventLogError
+
+DOMAIN = "kvmrkt"
+RS = b"\x1e"
+CONTENT_TYPE = "kvmrkt"
+LOG_START = "kvmrkt-log-start"
+VOID = "kvmrkt-void"
+
+
+def canonical(value: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no insignificant whitespace, UTF-8)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One measured fact: ``kind`` (stage1, app, pod-manifest, trust, insecure) and its data."""
+
+    kind: str
+    data: dict[str, Any]
+
+    def encode(self) -> bytes:
+        """The exact bytes that are hashed: ``kvmrkt:<kind>:<canonical json>``."""
+        return f"{DOMAIN}:{self.kind}:".encode() + canonical(self.data)
+
+    def digest(self) -> bytes:
+        """SHA-256 of ``encode()``: what the PCR is extended with."""
+        return hashlib.sha256(self.encode()).digest()
+
+
+def boot_id() -> str:
+    """This host boot's id (the log is per boot: PCRs start from scratch at each boot)."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _record(recnum: int, pcr: int, content_type: str, content: dict[str, Any], digest: bytes | None) -> bytes:
+    rec: dict[str, Any] = {"recnum": recnum, "pcr": pcr, "content_type": content_type, "content": content,
+                           "digests": [{"hashAlg": "sha256", "digest": digest.hex()}] if digest else []}
+    return RS + canonical(rec) + b"\n"
+
+
+def parse_log(data: bytes) -> list[dict[str, Any]]:
+    """Split a JSON-SEQ log into records (a torn last record, from a crash mid-write, is ignored).
+
+    Raises:
+        EventLogError: a record that is not a JSON object.
+    """
+    records = []
+    chunks = data.split(RS)
+    if chunks and chunks[0].strip():
+        raise EventLogError("event log does not start with a record separator (not JSON-SEQ)")
+    for i, chunk in enumerate(chunks[1:]):
+        if not chunk.endswith(b"\n") and i == len(chunks) - 2:
+            break
+        try:
+            rec = json.loads(chunk)
+        except ValueError as exc:
+            raise EventLogError(f"event log record {i} is not valid JSON: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise EventLogError(f"event log record {i} is not an object")
+        records.append(rec)
+    return records
+
+
+class EventLog:
+    """The append-only log of one host boot."""
+
+    def __init__(self, directory: Path, boot: str | None = None) -> None:
+        self.path = directory / f"{boot or boot_id()}.cel"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the log's lock: appends and the matching extends happen inside one such block."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[dict[str, Any]]:
+        """All complete records (empty when the log does not exist yet)."""
+        try:
+            return parse_log(self.path.read_bytes())
+        except FileNotFoundError:
+            return []
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def start(self, pcr: int, initial: bytes) -> None:
+        """Write the first record if the log is new (call with the lock held)."""
+        if self.records():
+            return
+        content = {"boot_id": self.path.stem, "pcr": pcr, "hashAlg": "sha256", "initial": initial.hex(),
+                   "started": time.time(), "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)"}
+        self._append(_record(0, pcr, LOG_START, content, None))
+
+    def append(self, pcr: int, event: Event) -> int:
+        """Append one event (call with the lock held, before extending); returns its record number."""
+        records = self.records()
+        if not records:
+            raise EventLogError(f"{self.path}: the log has no start record")
+        recnum = int(records[-1]["recnum"]) + 1
+        content = {"event": event.encode().decode(), "kind": event.kind}
+        self._append(_record(recnum, pcr, CONTENT_TYPE, content, event.digest()))
+        return recnum
+
+    def void(self, pcr: int, recnum: int, reason: str) -> None:
+        """Mark a record whose extend failed (not extended itself)."""
+        records = self.records()
+        nxt = int(records[-1]["recnum"]) + 1
+        self._append(_record(nxt, pcr, VOID, {"voids": recnum, "reason": reason}, None))
+
+
+def launch_events(
+    *, pod: str, manifest: bytes, apps: list[dict[str, Any]], trust: dict[str, Any], stage1: dict[str, Any],
+    insecure: list[str],
+) -> list[Event]:
+    """The events of one pod launch, in measurement order: the VM (stage1 assets, kernel command line), each
+    app (image name, manifest digest, digest of the root filesystem image the VM reads), the pod manifest
+    (digest of its canonical JSON), the trust decision, and any insecure options in effect."""
+    events = [
+        Event("stage1", {"pod": pod, **{k: stage1[k] for k in sorted(stage1)},
+                         "cmdline_digest": "sha256:" + hashlib.sha256(str(stage1.get("cmdline", "")).encode())
+                         .hexdigest()}),
+        *(Event("app", {"pod": pod, **app}) for app in apps),
+        Event("pod-manifest", {"pod": pod, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest()}),
+        Event("trust", {"pod": pod, **trust}),
+    ]
+    if insecure:
+        events.append(Event("insecure", {"pod": pod, "options": sorted(insecure)}))
+    return events

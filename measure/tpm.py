@@ -1,0 +1,109 @@
+"""The host TPM, through tpm2-pytss (ESAPI), and the measurer that extends it in step with the event log.
+
+Role: the only module that talks to the TPM. ``Measurer.measure(events)`` takes the log lock, writes the log's
+start record on first use (with the PCR value found then), and for each event appends + fsyncs the record,
+then extends the PCR with the event's SHA-256. Any TPM error is a ``TpmUnavailableError`` and the launch
+stops (fail closed); an event whose extend failed is voided in the log. Trust boundary: the TPM is trusted
+hardware (or swtpm, clearly labelled as emulated); the TCTI string comes from root-owned config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvmrkt.errors import ConfigError, TpmUnavailableError
+from measure.events import Event, EventLog
+
+FORBIDDEN_PCRS = range(16, 23)
+
+
+def check_pcr(pcr: int) -> int:
+    """Validate the configured PCR.
+
+    Raises:
+        ConfigError: 16 (debug, resettable by anyone at locality 0) and 17-22 (DRTM, locality 4 only).
+    """
+    if not 0 <= pcr <= 23:
+        raise ConfigError(f"measure.pcr {pcr} is not a PCR (0-23)")
+    if pcr in FORBIDDEN_PCRS:
+        why = "resettable at locality 0 by anyone with TPM access" if pcr == 16 else "reserved for DRTM (locality 4)"
+        raise ConfigError(f"measure.pcr {pcr} cannot be used: PCR {pcr} is {why}",
+                          hint="use 15 (the default, rkt's choice) or 23 (application PCR, also resettable)")
+    return pcr
+
+
+@contextlib.contextmanager
+def esapi(tcti: str) -> Iterator[object]:
+    """An ESAPI context for one operation.
+
+    Raises:
+        TpmUnavailableError: the TCTI cannot be opened.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tpm2-pytss imports deprecated cryptography names
+        from tpm2_pytss import ESAPI
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+    try:
+        ctx = ESAPI(tcti)
+    except (TSS2_Exception, OSError, RuntimeError) as exc:
+        raise TpmUnavailableError(f"cannot open the TPM ({tcti}): {exc}",
+                                  hint="check [measure] tcti in config.toml, or run with --insecure-options=tpm "
+                                       "(the pod then runs unmeasured)") from exc
+    try:
+        yield ctx
+    except TSS2_Exception as exc:
+        raise TpmUnavailableError(f"the TPM ({tcti}) failed: {exc}") from exc
+    finally:
+        ctx.close()
+
+
+def _read(ctx: object, pcr: int) -> bytes:
+    from tpm2_pytss import TPML_PCR_SELECTION
+
+    _upd, _sel, values = ctx.pcr_read(TPML_PCR_SELECTION.parse(f"sha256:{pcr}"))  # type: ignore[attr-defined]
+    if len(values) != 1:
+        raise TpmUnavailableError(f"the TPM has no sha256 bank for PCR {pcr}")
+    return bytes(values[0])
+
+
+def pcr_read(tcti: str, pcr: int) -> bytes:
+    """The current SHA-256 value of one PCR."""
+    with esapi(tcti) as ctx:
+        return _read(ctx, pcr)
+
+
+class Measurer:
+    """Extends one PCR with events, logging each first."""
+
+    def __init__(self, tcti: str, pcr: int, log_dir: Path) -> None:
+        self.tcti = tcti
+        self.pcr = check_pcr(pcr)
+        self.log = EventLog(log_dir)
+
+    def measure(self, events: list[Event]) -> list[int]:
+        """Log and extend every event, in order; returns their record numbers.
+
+        Raises:
+            TpmUnavailableError: the TPM failed (records not extended are voided).
+        """
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA
+
+        handle = getattr(ESYS_TR, f"PCR{self.pcr}")
+        recnums: list[int] = []
+        with self.log.locked(), esapi(self.tcti) as ctx:
+            if not self.log.records():
+                self.log.start(self.pcr, _read(ctx, self.pcr))
+            for event in events:
+                recnum = self.log.append(self.pcr, event)
+                ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
+                ha.digest.sha256 = event.digest()
+                try:
+                    ctx.pcr_extend(handle, TPML_DIGEST_VALUES([ha]))  # type: ignore[attr-defined]
+                except Exception as exc:
+                    self.log.void(self.pcr, recnum, f"extend failed: {exc}")
+                    raise TpmUnavailableError(f"extending PCR {self.pcr} failed: {exc}") from exc
+                recnums.append(recnum)
+        return recnums

@@ -1,0 +1,101 @@
+"""Event encoding and log replay (pure): golden vectors and every way of tampering with a log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmrkt.errors import EventLogError
+from measure.events import RS, Event, EventLog, canonical, launch_events, parse_log
+from measure.replay import matches, replay
+
+
+def test_event_bytes_are_domain_separated_and_canonical() -> None:
+    ev = Event("app", {"z": 1, "a": "é", "n": [True, None]})
+    assert ev.encode() == 'kvmrkt:app:{"a":"é","n":[true,null],"z":1}'.encode()
+    assert ev.digest() == hashlib.sha256(ev.encode()).digest()
+    assert canonical({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
+
+
+def _log(tmp_path: Path, n: int = 3) -> tuple[EventLog, list[Event]]:
+    log = EventLog(tmp_path, boot="test-boot")
+    events = [Event("app", {"i": i}) for i in range(n)]
+    with log.locked():
+        log.start(15, b"\x01" * 32)
+        for ev in events:
+            log.append(15, ev)
+    return log, events
+
+
+def test_replay_matches_the_pcr_math(tmp_path: Path) -> None:
+    log, events = _log(tmp_path)
+    value = b"\x01" * 32
+    for ev in events:
+        value = hashlib.sha256(value + ev.digest()).digest()
+    rep = replay(log.records())
+    assert rep.final == value and matches(rep, value) and rep.boot_id == "test-boot"
+
+
+def test_void_records_are_skipped(tmp_path: Path) -> None:
+    log, events = _log(tmp_path, 2)
+    with log.locked():
+        log.void(15, 2, "extend failed")
+    rep = replay(log.records())
+    assert rep.final == hashlib.sha256(b"\x01" * 32 + events[0].digest()).digest()
+
+
+def _raw(log: EventLog) -> list[bytes]:
+    return [c for c in log.path.read_bytes().split(RS) if c]
+
+
+def _write(log: EventLog, chunks: list[bytes]) -> list[dict[str, object]]:
+    return parse_log(b"".join(RS + c for c in chunks))
+
+
+@pytest.mark.parametrize("tamper", ["truncate-start", "reorder", "edit", "inject", "other-pcr", "bad-digest",
+                                    "foreign-domain", "void-of-start"])
+def test_tampered_logs_are_rejected(tmp_path: Path, tamper: str) -> None:
+    log, _ = _log(tmp_path)
+    chunks = _raw(log)
+    if tamper == "truncate-start":
+        chunks = chunks[1:]
+    elif tamper == "reorder":
+        chunks[1], chunks[2] = chunks[2], chunks[1]
+    elif tamper == "edit":
+        chunks[2] = chunks[2].replace(b'{\\"i\\":1}', b'{\\"i\\":7}')
+    elif tamper == "inject":
+        extra = json.loads(chunks[2])
+        extra["content"]["event"] = 'kvmrkt:app:{"i":99}'
+        chunks.insert(3, json.dumps(extra).encode() + b"\n")
+    elif tamper == "other-pcr":
+        chunks[1] = chunks[1].replace(b'"pcr":15', b'"pcr":14')
+    elif tamper == "bad-digest":
+        rec = json.loads(chunks[1])
+        rec["digests"][0]["digest"] = "00" * 32
+        chunks[1] = json.dumps(rec).encode() + b"\n"
+    elif tamper == "foreign-domain":
+        rec = json.loads(chunks[1])
+        rec["content"]["event"] = "other:app:{}"
+        rec["digests"][0]["digest"] = hashlib.sha256(b"other:app:{}").hexdigest()
+        chunks[1] = json.dumps(rec).encode() + b"\n"
+    elif tamper == "void-of-start":
+        chunks.append(json.dumps({"recnum": 4, "pcr": 15, "content_type": "kvmrkt-void",
+                                  "content": {"voids": 0}, "digests": []}).encode() + b"\n")
+    with pytest.raises(EventLogError):
+        replay(_write(log, chunks))
+
+
+def test_a_torn_last_record_is_ignored(tmp_path: Path) -> None:
+    log, _ = _log(tmp_path)
+    data = log.path.read_bytes()
+    assert len(replay(parse_log(data[:-10])).events) == 2
+
+
+def test_launch_events_order_and_insecure() -> None:
+    evs = launch_events(pod="p", manifest=b"{}", apps=[{"app": "a"}], trust={"policy": None}, stage1={"cmdline": "x"},
+                        insecure=["tpm"])
+    assert [e.kind for e in evs] == ["stage1", "app", "pod-manifest", "trust", "insecure"]
+    assert evs[0].data["cmdline_digest"] == "sha256:" + hashlib.sha256(b"x").hexdigest()
