@@ -42,6 +42,7 @@ assets: debs venv
 
 run: setup
 	@echo "== kvmrkt demo: every command below can be repeated by hand (kvmrkt is in /usr/local/bin) =="
+	examples/demo-tpm.sh /etc/kvmrkt
 	examples/busybox-image.sh $(DEMO_DIR)/busybox-oci latest
 	examples/sign-image.sh $(DEMO_DIR)/busybox-oci demo/busybox:latest $(DEMO_DIR)/gnupg $(DEMO_DIR)/demo-key.asc
 	@set -x
@@ -53,6 +54,7 @@ run: setup
 	  'echo "hello from app $$AC_APP_NAME on $$(hostname), kernel $$(uname -r), $$(nproc) vCPU"; \
 	   echo "root filesystem: $$(grep " / " /proc/mounts)"'
 	kvmrkt status $$(cat $(DEMO_DIR)/uuid)
+	kvmrkt attest log | tail -n 6
 	kvmrkt list
 	kvmrkt gc --grace-period=0s
 
@@ -73,6 +75,7 @@ bench: setup
 	$(PY) bench/boot.py
 	$(PY) bench/boot.py --kernel debian-cloud
 	$(PY) bench/images.py
+	$(PY) bench/measured_launch.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -60,7 +60,7 @@ def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _record(recnum: int, pcr: int, content_type: str, content: dict[str, Any], digest: bytes | None) -> bytes:
+def encode_record(recnum: int, pcr: int, content_type: str, content: dict[str, Any], digest: bytes | None) -> bytes:
     rec: dict[str, Any] = {"recnum": recnum, "pcr": pcr, "content_type": content_type, "content": content,
                            "digests": [{"hashAlg": "sha256", "digest": digest.hex()}] if digest else []}
     return RS + canonical(rec) + b"\n"
@@ -123,27 +123,37 @@ class EventLog:
 
     def start(self, pcr: int, initial: bytes) -> None:
         """Write the first record if the log is new (call with the lock held)."""
-        if self.records():
+        if self.path.exists() and self.path.stat().st_size:
             return
         content = {"boot_id": self.path.stem, "pcr": pcr, "hashAlg": "sha256", "initial": initial.hex(),
                    "started": time.time(), "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)"}
-        self._append(_record(0, pcr, LOG_START, content, None))
+        self._append(encode_record(0, pcr, LOG_START, content, None))
+
+    def _next_recnum(self) -> int:
+        """The next record number, from the last complete record (read from the end: the log only grows)."""
+        try:
+            with self.path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - (1 << 20)))
+                tail = fh.read()
+        except FileNotFoundError:
+            tail = b""
+        records = parse_log(tail[tail.find(RS):]) if RS in tail else []
+        if not records:
+            raise EventLogError(f"{self.path}: the log has no start record")
+        return int(records[-1]["recnum"]) + 1
 
     def append(self, pcr: int, event: Event) -> int:
         """Append one event (call with the lock held, before extending); returns its record number."""
-        records = self.records()
-        if not records:
-            raise EventLogError(f"{self.path}: the log has no start record")
-        recnum = int(records[-1]["recnum"]) + 1
+        recnum = self._next_recnum()
         content = {"event": event.encode().decode(), "kind": event.kind}
-        self._append(_record(recnum, pcr, CONTENT_TYPE, content, event.digest()))
+        self._append(encode_record(recnum, pcr, CONTENT_TYPE, content, event.digest()))
         return recnum
 
     def void(self, pcr: int, recnum: int, reason: str) -> None:
         """Mark a record whose extend failed (not extended itself)."""
-        records = self.records()
-        nxt = int(records[-1]["recnum"]) + 1
-        self._append(_record(nxt, pcr, VOID, {"voids": recnum, "reason": reason}, None))
+        nxt = self._next_recnum()
+        self._append(encode_record(nxt, pcr, VOID, {"voids": recnum, "reason": reason}, None))
 
 
 def launch_events(

@@ -13,6 +13,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kvmrkt.errors import ConfigError, TpmUnavailableError
 from measure.events import Event, EventLog
@@ -35,17 +36,23 @@ def check_pcr(pcr: int) -> int:
     return pcr
 
 
+def _pytss() -> Any:
+    """tpm2_pytss, imported lazily (and quietly: it imports cryptography names that are deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import tpm2_pytss
+    return tpm2_pytss
+
+
 @contextlib.contextmanager
-def esapi(tcti: str) -> Iterator[object]:
+def esapi(tcti: str) -> Iterator[Any]:
     """An ESAPI context for one operation.
 
     Raises:
         TpmUnavailableError: the TCTI cannot be opened.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tpm2-pytss imports deprecated cryptography names
-        from tpm2_pytss import ESAPI
-        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+    pytss = _pytss()
+    ESAPI, TSS2_Exception = pytss.ESAPI, pytss.TSS2_Exception
     try:
         ctx = ESAPI(tcti)
     except (TSS2_Exception, OSError, RuntimeError) as exc:
@@ -60,10 +67,8 @@ def esapi(tcti: str) -> Iterator[object]:
         ctx.close()
 
 
-def _read(ctx: object, pcr: int) -> bytes:
-    from tpm2_pytss import TPML_PCR_SELECTION
-
-    _upd, _sel, values = ctx.pcr_read(TPML_PCR_SELECTION.parse(f"sha256:{pcr}"))  # type: ignore[attr-defined]
+def _read(ctx: Any, pcr: int) -> bytes:
+    _upd, _sel, values = ctx.pcr_read(_pytss().TPML_PCR_SELECTION.parse(f"sha256:{pcr}"))
     if len(values) != 1:
         raise TpmUnavailableError(f"the TPM has no sha256 bank for PCR {pcr}")
     return bytes(values[0])
@@ -89,19 +94,18 @@ class Measurer:
         Raises:
             TpmUnavailableError: the TPM failed (records not extended are voided).
         """
-        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA
-
-        handle = getattr(ESYS_TR, f"PCR{self.pcr}")
+        pytss = _pytss()
+        handle = getattr(pytss.ESYS_TR, f"PCR{self.pcr}")
         recnums: list[int] = []
         with self.log.locked(), esapi(self.tcti) as ctx:
-            if not self.log.records():
+            if not (self.log.path.exists() and self.log.path.stat().st_size):
                 self.log.start(self.pcr, _read(ctx, self.pcr))
             for event in events:
                 recnum = self.log.append(self.pcr, event)
-                ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
+                ha = pytss.TPMT_HA(hashAlg=pytss.TPM2_ALG.SHA256)
                 ha.digest.sha256 = event.digest()
                 try:
-                    ctx.pcr_extend(handle, TPML_DIGEST_VALUES([ha]))  # type: ignore[attr-defined]
+                    ctx.pcr_extend(handle, pytss.TPML_DIGEST_VALUES([ha]))
                 except Exception as exc:
                     self.log.void(self.pcr, recnum, f"extend failed: {exc}")
                     raise TpmUnavailableError(f"extending PCR {self.pcr} failed: {exc}") from exc
