@@ -248,7 +248,7 @@ class Engine:
                     while reader.read(1 << 20):
                         pass
                 checked.append(digest)
-        self.store.rootfs_path(record)
+        self.store.rootfs_path(record, rehash=True)
         return {"id": record.id, "name": record.name, "blobs": checked, "rootfs": record.rootfs, "ok": True}
 
     def image_manifest(self, ref: str) -> dict[str, Any]:
@@ -450,7 +450,8 @@ class Engine:
         for app in manifest.apps:
             record = self.store.get(app.image_id)
             apps.append({"app": app.name, "image": app.image_name, "manifest": app.image_id,
-                         "signed": record.signed_digest, "rootfs": app.rootfs_digest})
+                         "signed": record.signed_digest, "rootfs": app.rootfs_digest,
+                         "verity_root": record.verity_root})
         events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, stage1=facts,
                                trust={"policy": self._policy_digest(), "decisions": trust},
                                insecure=sorted(self.config.insecure_options))
@@ -499,6 +500,10 @@ class Engine:
         self.store.touch(record.id)
         return path
 
+    def _verity(self, app: AppSpec) -> dict[str, str]:
+        record = self.store.get(app.image_id)
+        return {"root": record.verity_root, "salt": record.verity_salt}
+
     def _manifest(self, pod: Pod) -> PodManifest:
         doc = pod.read_json(POD_MANIFEST)
         if doc is None:
@@ -542,11 +547,13 @@ class Engine:
             def before_boot(facts: dict[str, Any]) -> None:
                 self._measure(pod, manifest, trust, facts)
 
-            opts = RunOptions(rootfs=rootfs, interactive=interactive, accel=accel or self.config.stage1.accel,
+            opts = RunOptions(rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
+                              interactive=interactive, accel=accel or self.config.stage1.accel,
                               before_boot=before_boot)
             pod.move("run")
             result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
             pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
+                                         "integrity_failures": list(result.integrity_failures),
                                          "finished": time.time()})
             return pod_exit_code(result.exit_codes)
         finally:
@@ -606,6 +613,7 @@ class Engine:
         info["measured"] = (pod.read_json("measure.json", {}) or {}).get("measured")
         finished = pod.read_json("exit.json", {}) or {}
         info["finished"] = finished.get("finished")
+        info["integrity_failures"] = finished.get("integrity_failures", [])
         if state not in ("running", "prepared"):
             info["exit_code"] = pod_exit_code({a["name"]: a["exit_code"] or 0 for a in info["apps"]}) if exits else None
         return info

@@ -39,6 +39,7 @@ class RunOptions:
     """
 
     rootfs: Mapping[str, Path]
+    verity: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     interactive: bool = False
     accel: str = "auto"
     before_boot: Callable[[dict[str, Any]], None] = _nothing
@@ -50,6 +51,7 @@ class RunResult:
 
     exit_codes: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
+    integrity_failures: tuple[str, ...] = ()
 
 
 class Stage1(ABC):

@@ -81,6 +81,8 @@ class ImageRecord:
     layers: tuple[str, ...]
     rootfs: str
     rootfs_size: int
+    verity_root: str = ""
+    verity_salt: str = ""
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
@@ -124,7 +126,9 @@ class ImageRecord:
             "layers": list(self.layers),
             "dependencies": list(self.dependencies),
             "trust": {"transport": self.transport, "identity": self.identity, "signedDigest": self.signed_digest},
-            "rootfs": {"digest": self.rootfs, "size": self.rootfs_size, "format": "erofs"},
+            "rootfs": {"digest": self.rootfs, "size": self.rootfs_size, "format": "erofs",
+                       "verity": {"rootHash": self.verity_root, "salt": self.verity_salt, "hashAlg": "sha256",
+                                  "blockSize": 4096}},
             "passwd": [list(p) for p in self.passwd],
             "groups": [[g[0], g[1], list(g[2])] for g in self.groups],
             "skippedDevices": list(self.skipped_devices),
@@ -137,6 +141,8 @@ class ImageRecord:
         return cls(
             id=d["id"], name=d["name"], source=d["source"], kind=d.get("kind", "oci"), imported=float(d["imported"]),
             layers=tuple(d["layers"]), rootfs=d["rootfs"]["digest"], rootfs_size=int(d["rootfs"]["size"]),
+            verity_root=d["rootfs"].get("verity", {}).get("rootHash", ""),
+            verity_salt=d["rootfs"].get("verity", {}).get("salt", ""),
             entrypoint=tuple(c["entrypoint"]), cmd=tuple(c["cmd"]), env=tuple(c["env"]),
             working_dir=c["workingDir"], user=c["user"], group=c.get("group", ""),
             ports=tuple((p["name"], p["protocol"], int(p["port"])) for p in c.get("ports", [])),
@@ -467,10 +473,12 @@ class Store:
         with self.locked():
             row = self.db.execute("SELECT record FROM images WHERE id = ?", (record.id,)).fetchone()
             old = ImageRecord.from_dict(json.loads(row[0])) if row else None
-            if old and (self.root / "rootfs" / f"{Digest.parse(old.rootfs).hex}.erofs").is_file():
+            old_fs = self.root / "rootfs" / f"{Digest.parse(old.rootfs).hex}.erofs" if old else None
+            if old and old_fs and old_fs.is_file() and old_fs.with_suffix(".verity").is_file() and old.verity_root:
                 progress("the image is already in the store", 0, None)
                 record = replace(record, rootfs=old.rootfs, rootfs_size=old.rootfs_size, passwd=old.passwd,
-                                 groups=old.groups, skipped_devices=old.skipped_devices)
+                                 groups=old.groups, skipped_devices=old.skipped_devices,
+                                 verity_root=old.verity_root, verity_salt=old.verity_salt)
             else:
                 record = self._build_rootfs(record, progress)
             self.db.execute("BEGIN IMMEDIATE")
@@ -533,26 +541,45 @@ class Store:
             if record.rootfs and record.rootfs != str(digest):
                 raise ImageError(f"rebuilt rootfs of {record.name} is {digest}, not the recorded {record.rootfs}",
                                  hint="the layers or mkfs.erofs changed; re-import the image")
+            progress("building the dm-verity hash tree", 0, None)
+            salt = hashlib.sha256(b"kvmrkt-verity-salt\0" + digest.hex.encode()).hexdigest()
+            tree_file = work / "rootfs.verity"
+            proc = _proc.run(["veritysetup", "format", out, tree_file, f"--salt={salt}", "--hash=sha256",
+                              "--data-block-size=4096", "--hash-block-size=4096",
+                              f"--uuid={uuidlib.UUID(hex=salt[:32])}"], what="veritysetup format")
+            root = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.decode().splitlines()
+                         if ln.startswith("Root hash:")), "")
+            if len(root) != 64 or (record.verity_root and record.verity_root != root):
+                raise ImageError(f"dm-verity root hash of {record.name} is {root!r}, expected {record.verity_root!r}")
+            os.rename(tree_file, self.root / "rootfs" / f"{digest.hex}.verity")
             os.rename(out, self.root / "rootfs" / f"{digest.hex}.erofs")
         size = (self.root / "rootfs" / f"{digest.hex}.erofs").stat().st_size
         return replace(record, rootfs=str(digest), rootfs_size=size, passwd=passwd, groups=groups,
-                       skipped_devices=tuple(applier.skipped_devices))
+                       skipped_devices=tuple(applier.skipped_devices), verity_root=root, verity_salt=salt)
 
-    def rootfs_path(self, record: ImageRecord, *, progress: Progress = no_progress) -> Path:
-        """The guest rootfs of an image, checked against its digest; rebuilt from the layers when it is missing
-        or corrupt.
+    def rootfs_path(self, record: ImageRecord, *, progress: Progress = no_progress, rehash: bool = False) -> Path:
+        """The guest rootfs of an image (its dm-verity hash tree is beside it, ``.verity``); rebuilt from the
+        layers when it is missing, has the wrong size or (with ``rehash``, as ``image verify`` does) when its
+        bytes no longer match its digest. Launches do not rehash: the guest reads the image through dm-verity
+        with the measured root hash, so altered bytes fail to read inside the VM.
 
         Raises:
             ImageError: it cannot be rebuilt (layers gone or corrupt).
         """
         digest = Digest.parse(record.rootfs)
         path = self.root / "rootfs" / f"{digest.hex}.erofs"
-        if path.is_file() and Digest.of_file(path).matches(digest):
+        tree = path.with_suffix(".verity")
+        intact = path.is_file() and tree.is_file() and path.stat().st_size == record.rootfs_size and record.verity_root
+        if intact and (not rehash or Digest.of_file(path).matches(digest)):
             return path
         progress(f"rootfs of {record.name} is {'corrupt' if path.exists() else 'missing'}: rebuilding", 0, None)
         with self.locked():
             path.unlink(missing_ok=True)
-            self._build_rootfs(record, progress)
+            tree.unlink(missing_ok=True)
+            rebuilt = self._build_rootfs(record, progress)
+            if rebuilt.verity_root != record.verity_root:  # a record from before hash trees were kept
+                self.db.execute("UPDATE images SET record = ? WHERE id = ?",
+                                (json.dumps(rebuilt.to_dict()), record.id))
         return path
 
     def names(self, image_id: str) -> list[str]:
@@ -592,7 +619,7 @@ class Store:
                         path.unlink()
                         removed.append(f"{alg}:{path.name}")
             for path in (self.root / "rootfs").iterdir():
-                if path.name.removesuffix(".erofs") not in keep_rootfs:
+                if path.name.removesuffix(".erofs").removesuffix(".verity") not in keep_rootfs:
                     path.unlink()
                     removed.append(path.name)
             now = time.time()

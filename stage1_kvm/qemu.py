@@ -210,6 +210,7 @@ class QemuStage1(Stage1):
             accel=accel,
             kernel=assets.kernel,
             rootfs=opts.rootfs,
+            verity=opts.verity,
             interactive=opts.interactive,
             debug=self.config.debug,
             tsc_khz=host_tsc_khz(),
@@ -221,7 +222,8 @@ class QemuStage1(Stage1):
         for app in manifest.apps:
             for stream in ("stdout", "stderr"):
                 pod.file(app_log(app.name, stream)).touch(mode=0o600)
-        pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=opts.interactive), pod.file(POD_INITRD))
+        config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity)
+        pod_initrd(assets.initrd, config, pod.file(POD_INITRD))
         record = {
             "backend": self.name,
             "interface_version": self.interface_version,
@@ -310,10 +312,24 @@ class QemuStage1(Stage1):
                 + self._console_tail(pod)
             )
         codes = {a.name: st.exits.get(a.name, 128 + signal.SIGKILL) for a in manifest.apps}
+        integrity = self._integrity_failures(pod)
+        for line in integrity:
+            stderr.write(f"kvmrkt: INTEGRITY FAILURE: the guest read data that does not match the measured "
+                         f"dm-verity root hash: {line}\n".encode())
         for name, messages in st.errors.items():
             for msg in messages:
                 stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
-        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed))
+        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed), integrity_failures=integrity)
+
+    @staticmethod
+    def _integrity_failures(pod: Pod) -> tuple[str, ...]:
+        """dm-verity corruption reports from the guest kernel (errors are printed even with ``quiet``)."""
+        try:
+            text = pod.file(CONSOLE_LOG).read_bytes()[-(1 << 20):].decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ()
+        hits = [ln.strip() for ln in text.splitlines() if "verity" in ln and "corrupted" in ln]
+        return tuple(hits[:5])
 
     @staticmethod
     def _console_tail(pod: Pod) -> str:

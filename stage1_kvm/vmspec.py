@@ -105,6 +105,7 @@ def build_vmspec(
     kernel: Path,
     rootfs: Mapping[str, Path],
     interactive: bool,
+    verity: Mapping[str, Mapping[str, str]] | None = None,
     debug: bool,
     tsc_khz: int | None,
     host_cpus: int,
@@ -113,7 +114,11 @@ def build_vmspec(
     """Describe the VM for a pod (pure). ``acpi``: the guest kernel finds virtio-mmio devices through ACPI
     (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
     memory, vcpus = size_vm(manifest, cfg, host_cpus)
-    disks = tuple(Disk(f"app{i}", rootfs[a.name], f"app{i}") for i, a in enumerate(manifest.apps))
+    disks: list[Disk] = []
+    for i, a in enumerate(manifest.apps):
+        disks.append(Disk(f"app{i}", rootfs[a.name], f"app{i}"))
+        if verity and verity.get(a.name, {}).get("root"):
+            disks.append(Disk(f"app{i}v", rootfs[a.name].with_suffix(".verity"), f"app{i}-verity"))
     shares = tuple(
         Share(f"vol{i}", Path(v.source or ""), f"vol{i}", v.read_only)
         for i, v in enumerate(manifest.volumes)
@@ -137,7 +142,7 @@ def build_vmspec(
         kernel=kernel,
         initrd=POD_INITRD,
         cmdline=kernel_cmdline(accel=accel, tsc_khz=tsc_khz, debug=debug),
-        disks=disks,
+        disks=tuple(disks),
         shares=shares,
         ports=tuple(ports),
         sandbox=cfg.sandbox,
@@ -158,8 +163,11 @@ def _line(*fields: str | int) -> str:
     return " ".join(escape(str(f)) for f in fields) + "\n"
 
 
-def guest_pod_config(manifest: PodManifest, *, interactive: bool) -> bytes:
-    """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format)."""
+def guest_pod_config(
+    manifest: PodManifest, *, interactive: bool, verity: Mapping[str, Mapping[str, str]] | None = None
+) -> bytes:
+    """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format). With
+    ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity."""
     lines = [_line("version", 1), _line("interactive", int(interactive))]
     if manifest.hostname:
         lines.append(_line("hostname", manifest.hostname))
@@ -173,6 +181,9 @@ def guest_pod_config(manifest: PodManifest, *, interactive: bool) -> bytes:
     for i, app in enumerate(manifest.apps):
         lines.append(_line("app", app.name))
         lines.append(_line("serial", f"app{i}"))
+        tree = (verity or {}).get(app.name, {})
+        if tree.get("root"):
+            lines.append(_line("verity", f"app{i}-verity", tree["root"], tree["salt"]))
         lines.append(_line("uid", app.uid))
         lines.append(_line("gid", app.gid))
         lines.extend(_line("group", g) for g in app.supplementary_gids)

@@ -29,7 +29,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/dm-ioctl.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/sysmacros.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -48,6 +51,9 @@ struct mountspec { char *vol; char *target; };
 struct app {
     char *name;
     char *serial;           /* virtio-blk serial of the erofs image */
+    char *verity_serial;    /* serial of its dm-verity hash tree (NULL: no verity) */
+    char *verity_root;
+    char *verity_salt;
     uid_t uid;
     gid_t gid;
     gid_t groups[64];
@@ -213,6 +219,10 @@ static int parse_config(const char *path)
             cur->cwd = "/";
         } else if (cur && !strcmp(k, "serial") && n == 2) {
             cur->serial = fv[1];
+        } else if (cur && !strcmp(k, "verity") && n == 4) {
+            cur->verity_serial = fv[1];
+            cur->verity_root = fv[2];
+            cur->verity_salt = fv[3];
         } else if (cur && !strcmp(k, "uid") && n == 2) {
             cur->uid = (uid_t)strtoul(fv[1], NULL, 10);
         } else if (cur && !strcmp(k, "gid") && n == 2) {
@@ -327,6 +337,89 @@ static int find_disk(const char *serial, char *out, size_t outlen)
     return find_device("/sys/block", "vd", "serial", serial, out, outlen);
 }
 
+static int dev_of(const char *devpath, unsigned *maj, unsigned *min, unsigned long long *sectors)
+{
+    struct stat st;
+    if (stat(devpath, &st) < 0)
+        return -1;
+    *maj = major(st.st_rdev);
+    *min = minor(st.st_rdev);
+    char p[PATH_MAX], buf[64];
+    snprintf(p, sizeof(p), "/sys/block/%s/size", devpath + 5);
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    *sectors = strtoull(buf, NULL, 10);
+    return 0;
+}
+
+static void dm_init(struct dm_ioctl *io, size_t size, const char *name)
+{
+    memset(io, 0, size);
+    io->version[0] = DM_VERSION_MAJOR;
+    io->version[1] = 0;
+    io->version[2] = 0;
+    io->data_size = (uint32_t)size;
+    io->data_start = sizeof(struct dm_ioctl);
+    snprintf(io->name, sizeof(io->name), "%s", name);
+}
+
+/*
+ * Open an app's root through dm-verity (read-only, sha256, 4 KiB blocks, hash tree with a superblock on its
+ * own disk), so every block the guest reads is checked against the measured root hash: an image altered on
+ * the host after measurement reads as I/O errors. Writes the /dev/dm-N path to out.
+ */
+static int open_verity(struct app *a, const char *data_dev, char *out, size_t outlen)
+{
+    char hash_dev[PATH_MAX];
+    unsigned dmaj, dmin, hmaj, hmin;
+    unsigned long long sectors, hsectors;
+    if (find_disk(a->verity_serial, hash_dev, sizeof(hash_dev)) < 0)
+        return -1;
+    if (dev_of(data_dev, &dmaj, &dmin, &sectors) < 0 || dev_of(hash_dev, &hmaj, &hmin, &hsectors) < 0)
+        return -1;
+    int ctl = open("/dev/mapper/control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0)
+        return -1;
+    char name[64];
+    snprintf(name, sizeof(name), "kvmrkt-%s", a->name);
+    union { struct dm_ioctl io; char buf[16384]; } u;
+    dm_init(&u.io, sizeof(u), name);
+    u.io.flags = DM_READONLY_FLAG;
+    if (ioctl(ctl, DM_DEV_CREATE, &u.io) < 0)
+        goto fail;
+    unsigned dm_minor = minor(u.io.dev);
+    dm_init(&u.io, sizeof(u), name);
+    u.io.flags = DM_READONLY_FLAG;
+    u.io.target_count = 1;
+    struct dm_target_spec *spec = (struct dm_target_spec *)(u.buf + sizeof(struct dm_ioctl));
+    spec->sector_start = 0;
+    spec->length = sectors;
+    snprintf(spec->target_type, sizeof(spec->target_type), "verity");
+    char *params = (char *)(spec + 1);
+    int plen = snprintf(params, sizeof(u) - sizeof(struct dm_ioctl) - sizeof(*spec),
+                        "1 %u:%u %u:%u 4096 4096 %llu 1 sha256 %s %s", dmaj, dmin, hmaj, hmin, sectors / 8,
+                        a->verity_root, a->verity_salt);
+    spec->next = 0;
+    u.io.data_size = (uint32_t)(sizeof(struct dm_ioctl) + sizeof(*spec) + (size_t)plen + 1);
+    if (ioctl(ctl, DM_TABLE_LOAD, &u.io) < 0)
+        goto fail;
+    dm_init(&u.io, sizeof(u), name);
+    if (ioctl(ctl, DM_DEV_SUSPEND, &u.io) < 0) /* without DM_SUSPEND_FLAG: resume, making the table live */
+        goto fail;
+    close(ctl);
+    snprintf(out, outlen, "/dev/dm-%u", dm_minor);
+    for (int i = 0; i < 500 && access(out, F_OK) < 0; i++)
+        usleep(2000);
+    return 0;
+fail:
+    close(ctl);
+    return -1;
+}
+
 static int mkdirs(const char *path, mode_t mode)
 {
     char tmp[PATH_MAX];
@@ -387,6 +480,12 @@ static int setup_app(struct app *a)
     snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
     if (find_disk(a->serial, dev, sizeof(dev)) < 0)
         return app_error(a, "root disk not found"), -1;
+    if (a->verity_root) {
+        char data_dev[PATH_MAX];
+        snprintf(data_dev, sizeof(data_dev), "%s", dev);
+        if (open_verity(a, data_dev, dev, sizeof(dev)) < 0)
+            return app_error(a, "opening the root disk through dm-verity"), -1;
+    }
     if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
         return app_error(a, "mounting the erofs root"), -1;
     if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)

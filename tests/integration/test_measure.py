@@ -71,3 +71,28 @@ def test_debug_and_drtm_pcrs_are_refused(kvmrkt: Kvmrkt) -> None:
         kvmrkt.write_config(f'[measure]\ntcti = "{kvmrkt.tcti}"\npcr = {pcr}\n')
         res = kvmrkt("run", "busybox", "--exec", "/bin/true")
         assert res.rc == 2 and f"measure.pcr {pcr} cannot be used" in res.err
+
+
+def test_rootfs_altered_after_measurement_fails_to_read_in_the_guest(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    image = json.loads(kvmrkt.ok("image", "inspect", "busybox").out)
+    verity = image["rootfs"]["verity"]
+    assert len(verity["rootHash"]) == 64
+    kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    rep = replay(parse_log(_log(kvmrkt).read_bytes()))
+    app = json.loads(rep.events[1]["event"].split(":", 2)[2])
+    assert app["verity_root"] == verity["rootHash"]
+    erofs = kvmrkt.data / "cas" / "rootfs" / (image["rootfs"]["digest"][7:] + ".erofs")
+    data = bytearray(erofs.read_bytes())
+    for offset in range(4096 * 4, len(data) - 4096, 4096):  # every data block but the superblock's
+        data[offset + 100] ^= 0xFF
+    erofs.write_bytes(bytes(data))  # same size: nothing on the host notices at launch
+    uuid_file = tmp_path / "uuid"
+    res = kvmrkt("run", "--uuid-file-save", str(uuid_file), "busybox", "--exec", "/bin/sh", "--", "-c",
+                 "cat /bin/busybox > /dev/null")
+    assert res.rc != 0
+    assert "INTEGRITY FAILURE" in res.err, res.err
+    st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
+    assert st["integrity_failures"]
+    res = kvmrkt("image", "verify", "busybox")  # the full rehash notices and rebuilds it
+    assert res.rc == 0, res.err
+    kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
