@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine, PodOptions
 from kvmrkt.runargs import AppRequest
+from kvmrkt.store import no_progress
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.qemu import choose_accel, host_tsc_khz
 from stage1_kvm.qemu_argv import build_argv
@@ -81,7 +83,25 @@ def main() -> None:
 def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str, object]:
     data, etc = work / "data", work / "etc"
     etc.mkdir()
-    (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n')
+    # The real launch path: trust check (a policy that accepts the bench image) and measured launch into a swtpm.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tpm = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={work}", "--server",
+                            f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
+                            "not-need-init,startup-clear"])
+    try:
+        time.sleep(0.3)
+        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\n'
+                                         f'tcti = "swtpm:host=127.0.0.1,port={port}"\n')
+        (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        return _measure_runs(work, data, etc, runs, requested_accel)
+    finally:
+        tpm.terminate()
+        tpm.wait()
+
+
+def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel: str) -> dict[str, object]:
     subprocess.run([REPO / "examples" / "busybox-image.sh", work / "img", "latest"], check=True, capture_output=True)
     kvmrkt = [sys.executable, "-m", "kvmrkt", "--dir", str(data), "--config-dir", str(etc)]
     subprocess.run([*kvmrkt, "image", "import", f"oci:{work / 'img'}:latest", "--name", "busybox"], check=True,
@@ -95,13 +115,14 @@ def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str
     def bare_pod(exec_: list[str], name: str) -> tuple[list[str], Path, int]:
         pod = engine.prepare([AppRequest(image="busybox", exec=exec_[0], args=exec_[1:])], PodOptions())
         manifest = engine._manifest(pod)
-        rootfs = {a.name: engine.store.rootfs_path(a.rootfs_digest) for a in manifest.apps}
+        rootfs = {a.name: engine._rootfs(a, no_progress) for a in manifest.apps}
+        verity = {a.name: engine._verity(a) for a in manifest.apps}
         spec = build_vmspec(manifest, cfg=cfg, accel=accel, kernel=assets.kernel, rootfs=rootfs, interactive=False,
                             debug=False, tsc_khz=host_tsc_khz(), host_cpus=os.cpu_count() or 1,
-                            acpi=assets.acpi)
+                            acpi=assets.acpi, verity=verity)
         cwd = work / name
         (cwd / "logs").mkdir(parents=True)
-        pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=False), cwd / "initrd.img")
+        pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=False, verity=verity), cwd / "initrd.img")
         engine.remove(pod.uuid)
         return build_argv(spec, qemu=cfg.qemu), cwd, spec.memory_mib
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import images, oci, registry
+from kvmrkt import images, oci
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
@@ -43,7 +43,6 @@ from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, 
 from measure.events import EventLog, boot_id, launch_events, parse_log
 from measure.replay import replay
 from measure.tpm import Measurer, pcr_read
-from policy import signatures
 from policy.model import Policy, load_policy
 from policy.trust import Decision, Subject, decide, match_scope
 
@@ -119,6 +118,8 @@ class Engine:
                 return self.store.get(known) if known else self.store.resolve(name or rref.name)
             if pull_policy == "never":
                 raise ImageNotFoundError(f"{ref} is not in the store and --pull-policy=never forbids fetching it")
+        from kvmrkt import registry  # network code only for network references
+
         return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
                               insecure=self.config.insecure_options, name=name, progress=progress, gate=self._gate)
 
@@ -129,6 +130,8 @@ class Engine:
         return load_policy(self.config.config_dir)
 
     def _decide(self, subject: Subject, files: dict[str, bytes], detached_target: Path | None) -> Decision:
+        from policy import signatures  # gpg and cryptography only when a signature is to be checked
+
         sigset = signatures.SignatureSet(
             simple=tuple(files[k] for k in sorted(files) if k.startswith("simple-")),
             cosign=tuple((files.get(k.removesuffix(".sig") + ".payload", b""), files[k])
