@@ -10,7 +10,7 @@ KVMRKT := $(VENV)/bin/kvmrkt
 DEMO_DIR := /var/tmp/kvmrkt-demo
 DEBS := qemu-system-x86 busybox-static erofs-utils umoci skopeo swtpm swtpm-tools docker-registry appc-spec apache2-utils \
 	linux-source-6.1 bc flex bison libelf-dev libssl-dev gcc make libc6-dev cpio xz-utils \
-	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin
+	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools
 
 .PHONY: setup debs venv assets run test unit integration lint bench clean
 

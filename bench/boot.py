@@ -91,7 +91,12 @@ def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str
                             f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
                             "not-need-init,startup-clear"])
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.02)
         (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\n'
                                          f'tcti = "swtpm:host=127.0.0.1,port={port}"\n')
         (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')

@@ -487,6 +487,31 @@ class Engine:
                 info["matches"] = value == rep.final
         return info
 
+    def _tcti(self) -> str:
+        if not self.config.measure.tcti:
+            raise TpmUnavailableError("no TPM is configured", hint="set [measure] tcti in config.toml")
+        return self.config.measure.tcti
+
+    def attest_init(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write ak.pem and ek.pem."""
+        from measure import attest
+
+        return attest.init(self._tcti(), out_dir)
+
+    def attest_quote(self, nonce_hex: str, tpm2_tools_dir: Path | None) -> dict[str, Any]:
+        """Evidence over the measurement PCR for a verifier's nonce."""
+        from measure import attest
+
+        try:
+            nonce = bytes.fromhex(nonce_hex)
+        except ValueError as exc:
+            raise ConfigError("--nonce must be hex") from exc
+        evidence = attest.quote(self._tcti(), self.config.measure.pcr, nonce,
+                                EventLog(self.config.data_dir / "measure").path)
+        if tpm2_tools_dir:
+            attest.write_tpm2_tools(evidence, tpm2_tools_dir)
+        return evidence
+
     def _policy_digest(self) -> str | None:
         with contextlib.suppress(KvmrktError):
             pol = self.policy()

@@ -105,6 +105,15 @@ class TpmUnavailableError(MeasurementError):
     """The TPM could not be reached or refused a command."""
 
 
+class AttestationError(MeasurementError):
+    """Evidence failed verification; ``check`` names the first check that failed."""
+
+    def __init__(self, message: str, *, check: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+        self.report = report
+
+
 class EventLogError(MeasurementError):
     """The measurement event log is unreadable, malformed or does not replay."""
 

@@ -158,13 +158,14 @@ class EventLog:
 
 def launch_events(
     *, pod: str, manifest: bytes, apps: list[dict[str, Any]], trust: dict[str, Any], stage1: dict[str, Any],
-    insecure: list[str],
+    insecure: list[str], when: float | None = None,
 ) -> list[Event]:
     """The events of one pod launch, in measurement order: the VM (stage1 assets, kernel command line), each
     app (image name, manifest digest, digest of the root filesystem image the VM reads), the pod manifest
     (digest of its canonical JSON), the trust decision, and any insecure options in effect."""
     events = [
-        Event("stage1", {"pod": pod, **{k: stage1[k] for k in sorted(stage1)},
+        Event("stage1", {"pod": pod, "time": int(when if when is not None else time.time()),
+                         **{k: stage1[k] for k in sorted(stage1)},
                          "cmdline_digest": "sha256:" + hashlib.sha256(str(stage1.get("cmdline", "")).encode())
                          .hexdigest()}),
         *(Event("app", {"pod": pod, **app}) for app in apps),

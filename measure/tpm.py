@@ -10,6 +10,7 @@ hardware (or swtpm, clearly labelled as emulated); the TCTI string comes from ro
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ def check_pcr(pcr: int) -> int:
 
 def _pytss() -> Any:
     """tpm2_pytss, imported lazily (and quietly: it imports cryptography names that are deprecated)."""
+    os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS logs expected misses (absent NV indices) on stderr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import tpm2_pytss

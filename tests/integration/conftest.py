@@ -49,6 +49,19 @@ def capabilities(request: pytest.FixtureRequest) -> None:
         pytest.skip(reason)
 
 
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> bool:
+    """Wait until a process we started accepts TCP connections on a loopback port (False if it died)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.02)
+    return False
+
+
 @dataclass
 class Swtpm:
     """A real software TPM (swtpm) on loopback, for measured launch."""
@@ -72,8 +85,7 @@ def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
                                  "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
                                  "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(0.2)
-        if proc.poll() is None:
+        if wait_port(port, proc):
             break
     else:
         raise RuntimeError("swtpm did not start")

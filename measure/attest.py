@@ -1,0 +1,291 @@
+"""Attestation: an attestation key, TPM quotes over the measurement PCR, and the offline verifier.
+
+Role: ``init`` derives the attestation key (AK: a restricted ECDSA P-256 signing key, a primary object of the
+endorsement hierarchy, so the same TPM always re-derives the same key) and the EK, and exports both public
+keys. ``quote`` gathers evidence: the quote and its signature (TPM wire format), the PCR value, the event log,
+the AK public key and the boot id. ``verify`` is what a security team runs on evidence from a machine it does
+not trust, with the AK public key it enrolled and the nonce it chose; checks run in Keylime's order and the
+first failure is reported: signature (ECDSA with SHA-256 only: no downgrade), quote magic and type, nonce, PCR
+selection and digest against the PCR value, event log replay against the PCR, then the reference policy.
+
+Trust boundary: evidence is attacker-controlled; only the AK public key, the nonce and the reference policy
+given by the verifier are trusted. The AK is bound to this TPM by enrolment (``ak.pem`` next to ``ek.pem``);
+credential activation is not done here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from kvmrkt.errors import AttestationError, EventLogError
+from measure.events import boot_id, parse_log
+from measure.replay import replay
+from measure.tpm import _pytss, esapi
+
+TPM_GENERATED = 0xFF544347
+ST_ATTEST_QUOTE = 0x8018
+EVIDENCE_VERSION = 1
+
+
+def new_nonce() -> str:
+    """A fresh 32-byte nonce, hex."""
+    return secrets.token_hex(32)
+
+
+def _ak_template() -> Any:
+    t = _pytss()
+    pub = t.TPM2B_PUBLIC.parse(
+        "ecc256:ecdsa-sha256:null",
+        objectAttributes=(t.TPMA_OBJECT.RESTRICTED | t.TPMA_OBJECT.SIGN_ENCRYPT | t.TPMA_OBJECT.FIXEDTPM
+                          | t.TPMA_OBJECT.FIXEDPARENT | t.TPMA_OBJECT.SENSITIVEDATAORIGIN
+                          | t.TPMA_OBJECT.USERWITHAUTH),
+    )
+    return pub
+
+
+def _pem(public: Any) -> bytes:
+    return bytes(public.publicArea.to_pem())
+
+
+@contextlib.contextmanager
+def _primary(ctx: Any, template: Any) -> Iterator[tuple[Any, Any]]:
+    """A primary key of the endorsement hierarchy, flushed afterwards whatever happens (without a resource
+    manager, transient objects outlive the connection)."""
+    t = _pytss()
+    handle, public, *_ = ctx.create_primary(t.TPM2B_SENSITIVE_CREATE(), template, t.ESYS_TR.ENDORSEMENT)
+    try:
+        yield handle, public
+    finally:
+        ctx.flush_context(handle)
+
+
+def init(tcti: str, out_dir: Path) -> tuple[Path, Path]:
+    """Derive the AK and EK and write ``ak.pem`` and ``ek.pem`` (same keys every time on the same TPM)."""
+    t = _pytss()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with esapi(tcti) as ctx:
+        from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+
+        def nv_read(index: int) -> bytes:
+            try:
+                handle = ctx.tr_from_tpmpublic(index)
+                pub, _name = ctx.nv_read_public(handle)
+                return bytes(ctx.nv_read(handle, pub.nvPublic.dataSize, 0, auth_handle=handle))
+            except t.TSS2_Exception as exc:
+                raise NoSuchIndex(index) from exc
+
+        _cert, ek_template = create_ek_template("EK-ECC256", nv_read)
+        with _primary(ctx, _ak_template()) as (_ak_handle, ak_pub), _primary(ctx, ek_template) as (_ek, ek_pub):
+            pass
+    (out_dir / "ak.pem").write_bytes(_pem(ak_pub))
+    (out_dir / "ek.pem").write_bytes(_pem(ek_pub))
+    return out_dir / "ak.pem", out_dir / "ek.pem"
+
+
+def quote(tcti: str, pcr: int, nonce: bytes, log_path: Path) -> dict[str, Any]:
+    """Quote the measurement PCR with the AK and bundle the evidence.
+
+    Raises:
+        AttestationError: a nonce shorter than 16 bytes; TpmUnavailableError: the TPM failed.
+    """
+    if len(nonce) < 16 or len(nonce) > 64:
+        raise AttestationError("the nonce must be 16 to 64 bytes", check="nonce")
+    t = _pytss()
+    with esapi(tcti) as ctx, _primary(ctx, _ak_template()) as (ak, ak_pub):
+        scheme = t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = t.TPM2_ALG.SHA256
+        quoted, signature = ctx.quote(ak, f"sha256:{pcr}", nonce, scheme)
+        _upd, _sel, values = ctx.pcr_read(t.TPML_PCR_SELECTION.parse(f"sha256:{pcr}"))
+    try:
+        log = log_path.read_bytes().decode()
+    except FileNotFoundError:
+        log = ""
+    return {
+        "version": EVIDENCE_VERSION,
+        "quote": bytes(quoted).hex(),
+        "signature": signature.marshal().hex(),
+        "pcr": pcr,
+        "pcr_value": bytes(values[0]).hex(),
+        "ak_pub": _pem(ak_pub).decode(),
+        "boot_id": boot_id(),
+        "nonce": nonce.hex(),
+        "log": log,
+        "created": time.time(),
+    }
+
+
+def write_tpm2_tools(evidence: dict[str, Any], out: Path) -> None:
+    """quote.msg (TPMS_ATTEST), quote.sig (TPMT_SIGNATURE), quote.pcrs (the PCR value: use
+    ``tpm2_checkquote -l sha256:PCR``) and ak.pem."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quote.msg").write_bytes(bytes.fromhex(evidence["quote"]))
+    (out / "quote.sig").write_bytes(bytes.fromhex(evidence["signature"]))
+    (out / "quote.pcrs").write_bytes(bytes.fromhex(evidence["pcr_value"]))
+    (out / "ak.pem").write_text(evidence["ak_pub"])
+
+
+# --- verification ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """One pod launch reconstructed from the log."""
+
+    pod: str
+    time: float | None = None
+    apps: list[dict[str, Any]] = field(default_factory=list)
+    stage1: dict[str, Any] = field(default_factory=dict)
+    trust: dict[str, Any] = field(default_factory=dict)
+    insecure: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return "ok" if not self.problems else "REJECTED"
+
+
+def _fail(check: str, message: str) -> AttestationError:
+    return AttestationError(f"{check}: {message}", check=check)
+
+
+def _check_quote(evidence: dict[str, Any], ak_pem: bytes, nonce: bytes) -> None:
+    t = _pytss()
+    try:
+        key = serialization.load_pem_public_key(ak_pem)
+    except ValueError as exc:
+        raise _fail("ak", "the AK public key is not a PEM public key") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise _fail("ak", "the AK must be an ECDSA P-256 key")
+    try:
+        msg = bytes.fromhex(evidence["quote"])
+        sig, _ = t.TPMT_SIGNATURE.unmarshal(bytes.fromhex(evidence["signature"]))
+    except (KeyError, ValueError, TypeError, Exception) as exc:  # malformed wire data
+        raise _fail("signature", f"malformed quote or signature: {exc}") from exc
+    if sig.sigAlg != t.TPM2_ALG.ECDSA or sig.signature.ecdsa.hash != t.TPM2_ALG.SHA256:
+        raise _fail("signature", "the quote must be signed with ECDSA over SHA-256 (no other scheme or hash)")
+    der = encode_dss_signature(int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big"),
+                               int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big"))
+    try:
+        key.verify(der, msg, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise _fail("signature", "the quote signature does not verify with the enrolled AK") from exc
+    try:
+        attest, rest = t.TPMS_ATTEST.unmarshal(msg)
+    except Exception as exc:
+        raise _fail("quote", f"the quote does not parse: {exc}") from exc
+    if rest != len(msg):
+        raise _fail("quote", "trailing bytes after the quote")
+    if attest.magic != TPM_GENERATED or attest.type != ST_ATTEST_QUOTE:
+        raise _fail("quote", "wrong magic or type: not a TPM-generated quote")
+    if bytes(attest.extraData) != nonce:
+        raise _fail("nonce", "the quote is not over the given nonce (replayed or for another challenge)")
+    sel = attest.attested.quote.pcrSelect
+    pcr = int(evidence["pcr"])
+    want = bytearray(3)
+    want[pcr // 8] |= 1 << (pcr % 8)
+    if sel.count != 1 or sel.pcrSelections[0].hash != t.TPM2_ALG.SHA256 or \
+            bytes(sel.pcrSelections[0].pcrSelect)[: sel.pcrSelections[0].sizeofSelect] != bytes(want):
+        raise _fail("pcr-selection", f"the quote does not select exactly sha256 PCR {pcr}")
+    value = bytes.fromhex(evidence["pcr_value"])
+    if hashlib.sha256(value).digest() != bytes(attest.attested.quote.pcrDigest):
+        raise _fail("pcr-digest", "the PCR value in the evidence is not the one the TPM quoted")
+
+
+def launches(events: list[dict[str, Any]]) -> list[Launch]:
+    """Group replayed events into pod launches."""
+    out: dict[str, Launch] = {}
+    for ev in events:
+        _domain, kind, body = ev["event"].split(":", 2)
+        data = json.loads(body)
+        launch = out.setdefault(str(data.get("pod")), Launch(str(data.get("pod"))))
+        if kind == "stage1":
+            launch.stage1 = data
+            launch.time = data.get("time")
+        elif kind == "app":
+            launch.apps.append(data)
+        elif kind == "trust":
+            launch.trust = data
+        elif kind == "insecure":
+            launch.insecure = list(data.get("options", []))
+    return list(out.values())
+
+
+def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
+    """Apply a reference policy to one launch (fills ``launch.problems``).
+
+    Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``; ``stage1``:
+    ``{"kernel": [D...], "initrd": [D...]}``; ``allow_insecure``: list of options tolerated (default none).
+    """
+    allowed = reference.get("images")
+    for app in launch.apps:
+        if allowed is None:
+            break
+        signers = {s for d in (launch.trust.get("decisions") or {}).values() for s in d.get("signers", [])}
+        ok = any(r.get("digest") == app.get("manifest") or
+                 (r.get("name") == app.get("image") and r.get("signer") in signers) for r in allowed)
+        if not ok:
+            launch.problems.append(f"image {app.get('image')} ({app.get('manifest')}) is not allowed")
+    s1 = reference.get("stage1") or {}
+    for part in ("kernel", "initrd"):
+        if part in s1 and launch.stage1.get(part) not in s1[part]:
+            launch.problems.append(f"stage1 {part} {launch.stage1.get(part)} is not an allowed digest")
+    tolerated = set(reference.get("allow_insecure", []))
+    bad = sorted(set(launch.insecure) - tolerated)
+    if bad:
+        launch.problems.append(f"launched with --insecure-options={','.join(bad)}")
+
+
+def verify(
+    evidence: dict[str, Any], *, ak_pem: bytes, nonce: bytes, reference: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Verify evidence end to end. Returns the report (launches with verdicts).
+
+    Raises:
+        AttestationError: naming the first failed check (signature, quote, nonce, pcr-selection, pcr-digest,
+        log, reference).
+    """
+    if evidence.get("version") != EVIDENCE_VERSION:
+        raise _fail("format", f"unsupported evidence version {evidence.get('version')!r}")
+    _check_quote(evidence, ak_pem, nonce)
+    try:
+        rep = replay(parse_log(str(evidence.get("log", "")).encode()))
+    except EventLogError as exc:
+        raise _fail("log", exc.message) from exc
+    quoted = bytes.fromhex(evidence["pcr_value"])
+    if rep.pcr != int(evidence["pcr"]):
+        raise _fail("log", f"the log is for PCR {rep.pcr}, the quote for PCR {evidence['pcr']}")
+    if quoted == rep.initial:
+        attested = 0
+    elif quoted in rep.values:
+        attested = rep.values.index(quoted) + 1
+    else:
+        raise _fail("log", "the event log does not replay to the quoted PCR value (edited, truncated, reordered "
+                           "or injected events)")
+    found = launches(rep.events[:attested])
+    for launch in found:
+        evaluate(launch, reference or {})
+    report = {
+        "ok": all(not launch.problems for launch in found),
+        "boot_id": rep.boot_id, "pcr": rep.pcr, "attested_events": attested,
+        "unattested_events": len(rep.events) - attested,
+        "launches": [{"pod": x.pod, "time": x.time, "apps": [a.get("app") for a in x.apps],
+                      "images": [a.get("manifest") for a in x.apps], "insecure": x.insecure,
+                      "verdict": x.verdict, "problems": x.problems} for x in found],
+    }  # fmt: skip
+    if not report["ok"]:
+        first = next(x for x in found if x.problems)
+        raise AttestationError(f"reference: pod {first.pod}: {first.problems[0]}", check="reference", report=report)
+    return report
