@@ -74,11 +74,10 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
 
-@pytest.fixture(scope="session")
-def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+def start_swtpm(state: Path) -> Swtpm:
+    """Start swtpm on a free pair of loopback ports (retrying if another process takes one first)."""
     from .registry import free_port
 
-    state = tmp_path_factory.mktemp("swtpm")
     for _attempt in range(20):
         port = free_port()
         proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
@@ -86,12 +85,22 @@ def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
                                  "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if wait_port(port, proc):
-            break
-    else:
-        raise RuntimeError("swtpm did not start")
-    yield Swtpm(port, proc)
-    proc.terminate()
-    proc.wait(timeout=10)
+            return Swtpm(port, proc)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("swtpm did not start")
+
+
+def stop_swtpm(tpm: Swtpm) -> None:
+    tpm.proc.terminate()
+    tpm.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    tpm = start_swtpm(tmp_path_factory.mktemp("swtpm"))
+    yield tpm
+    stop_swtpm(tpm)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ from measure import attest
 from measure.events import RS
 from measure.tpm import _pytss, esapi
 
-from .conftest import Kvmrkt, wait_port
-from .registry import free_port
+from .conftest import Kvmrkt, start_swtpm, stop_swtpm
 
 
 @pytest.fixture
@@ -122,14 +121,11 @@ def test_wrong_nonce(kvmrkt: Kvmrkt, launched: dict[str, Any]) -> None:
 
 @pytest.fixture
 def other_tpm(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path}", "--server",
-                             f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
-                             "not-need-init,startup-clear"])
-    assert wait_port(port, proc)
-    yield f"swtpm:host=127.0.0.1,port={port}"
-    proc.terminate()
-    proc.wait()
+    state = tmp_path / "other-tpm"
+    state.mkdir()
+    tpm = start_swtpm(state)
+    yield tpm.tcti
+    stop_swtpm(tpm)
 
 
 def test_quote_from_another_tpm(kvmrkt: Kvmrkt, launched: dict[str, Any], other_tpm: str, tmp_path: Path) -> None:
