@@ -46,7 +46,7 @@ def capabilities(request: pytest.FixtureRequest) -> None:
     if reason:
         if request.config.getoption("--require-capabilities"):
             pytest.fail(f"required capability missing: {reason}")
-        pytest.skip(reason)
+        pytest.skip(f"missing capability: {reason}")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> bool:

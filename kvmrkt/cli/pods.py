@@ -1,0 +1,226 @@
+"""``kvmrkt`` pod commands: run, prepare, run-prepared, list, status, stop, rm, gc, enter, cat-manifest,
+version, config (rkt's names and semantics)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kvmrkt import __version__
+from kvmrkt.cli._base import FORMATS, PULL_POLICY, _Ctx, _dump, _duration, _progress, _when, cli, pass_ctx
+from kvmrkt.engine import PodOptions
+from kvmrkt.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
+from kvmrkt.store import no_progress
+
+
+def _pod_options(volume: tuple[str, ...], hostname: str | None, set_env: tuple[str, ...], stage1: str | None,
+                 pod_manifest: Path | None, pull_policy: str) -> PodOptions:
+    return PodOptions(volumes=[parse_volume(v) for v in volume], hostname=hostname,
+                      env=[parse_env(e) for e in set_env], stage1=stage1, pod_manifest=pod_manifest,
+                      pull_policy=pull_policy)
+
+
+
+
+def _pod_flags(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--volume", multiple=True, metavar="NAME,kind=host|empty,source=PATH,readOnly=BOOL",
+                     help="Define a pod volume (host volumes are shared into the VM over 9p)."),
+        click.option("--hostname", help="Pod hostname [default: kvmrkt-<uuid prefix>]."),
+        click.option("--set-env", multiple=True, metavar="K=V", help="Environment variable for every app."),
+        click.option("--stage1", type=click.Choice(["qemu"]), help="VM backend [default: from config, qemu]."),
+        click.option("--pod-manifest", type=click.Path(path_type=Path, exists=True),
+                     help="Run this pod manifest (cat-manifest format) instead of images and app flags."),
+        click.option("--uuid-file-save", type=click.Path(path_type=Path), help="Write the pod UUID to this file."),
+        PULL_POLICY,
+    ]):
+        f = opt(f)
+    return f
+
+
+_RUN_EPILOG = "\b\n" + APP_FLAGS_HELP + """
+\b
+Exit code: the app's exit code for a one-app pod; for several apps, the first non-zero exit code in app order.
+kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) and are explained on stderr.
+"""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+             epilog=_RUN_EPILOG)
+@_pod_flags
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
+@click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
+@click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
+@pass_ctx
+def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
+        set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
+        pull_policy: str, accel: str | None, interactive: bool) -> None:
+    """Run a pod: each IMAGE becomes one app, all in one new VM.
+
+    IMAGE is an image in the store (name[:tag] or ID prefix), or a source fetched or imported on the way:
+    docker://HOST[:PORT]/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG],
+    FILE.aci.
+    """
+    apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
+    opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
+    engine = c.engine(accel=accel, backend=stage1)
+
+    def saved(pod: Any) -> None:
+        if uuid_file_save:
+            uuid_file_save.write_text(pod.uuid + "\n")
+
+    code = engine.run(apps, opts, interactive=interactive, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                      progress=_progress, on_prepared=saved)
+    sys.exit(code)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+             epilog="\b\n" + APP_FLAGS_HELP)
+@_pod_flags
+@click.option("--quiet", is_flag=True, help="Print only the UUID.")
+@click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
+@pass_ctx
+def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
+            set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
+            pull_policy: str, quiet: bool) -> None:
+    """Prepare a pod (resolve images, write the pod) without running it; prints its UUID."""
+    apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
+    opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
+    pod = c.engine(backend=stage1).prepare(apps, opts, progress=no_progress if quiet else _progress)
+    if uuid_file_save:
+        uuid_file_save.write_text(pod.uuid + "\n")
+    click.echo(pod.uuid if quiet else f"prepared pod {pod.uuid}")
+
+
+@cli.command("run-prepared")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
+@click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
+@click.argument("uuid")
+@pass_ctx
+def run_prepared(c: _Ctx, uuid: str, accel: str | None, interactive: bool) -> None:
+    """Run a pod made by `kvmrkt prepare`."""
+    engine = c.engine(accel=accel)
+    sys.exit(engine.run_prepared(engine.find(uuid), interactive=interactive, stdout=sys.stdout.buffer,
+                                 stderr=sys.stderr.buffer))
+
+
+@cli.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.option("--no-legend", is_flag=True, help="Omit the header line.")
+@pass_ctx
+def list_(c: _Ctx, fmt: str, no_legend: bool) -> None:
+    """List pods."""
+    pods = c.engine().list_pods()
+    if fmt == "json":
+        _dump(pods)
+        return
+    if not no_legend:
+        click.echo(f"{'UUID':<38}{'STATE':<16}{'CREATED':<21}APPS")
+    for p in pods:
+        apps = ",".join(f"{a['name']}({a['image']})" for a in p["apps"])
+        click.echo(f"{p['uuid']:<38}{p['state']:<16}{_when(p['created']):<21}{apps}")
+
+
+@cli.command()
+@click.option("--wait", "wait", type=float, default=None, is_flag=False, flag_value=0.0, metavar="[SECONDS]",
+              help="Wait until the pod has exited (optionally at most SECONDS).")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.argument("uuid")
+@pass_ctx
+def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
+    """Show a pod's state, VM facts and per-app exit codes."""
+    info = c.engine().status(uuid, wait=wait)
+    if fmt == "json":
+        _dump(info)
+        return
+    for key in ("uuid", "state", "backend", "accel", "pid", "memory_mib", "vcpus"):
+        click.echo(f"{key}={info.get(key) if info.get(key) is not None else ''}")
+    for key in ("created", "started", "finished"):
+        click.echo(f"{key}={_when(info.get(key))}")
+    for app in info["apps"]:
+        click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Kill the VM instead of asking the apps to stop.")
+@click.argument("uuids", nargs=-1, required=True)
+@pass_ctx
+def stop(c: _Ctx, uuids: tuple[str, ...], force: bool) -> None:
+    """Stop running pods: SIGTERM to every app, SIGKILL after stage1.stop_timeout, or --force."""
+    engine = c.engine()
+    for uuid in uuids:
+        click.echo(f"{engine.find(uuid).uuid} {engine.stop(uuid, force=force)}")
+
+
+@cli.command()
+@click.argument("uuids", nargs=-1, required=True)
+@pass_ctx
+def rm(c: _Ctx, uuids: tuple[str, ...]) -> None:
+    """Remove pods that are not running."""
+    engine = c.engine()
+    for uuid in uuids:
+        full = engine.find(uuid).uuid
+        engine.remove(uuid)
+        click.echo(f"removed {full}")
+
+
+
+@cli.command()
+@click.option("--grace-period", default="30m", show_default=True, help="Delete exited pods marked this long ago.")
+@click.option("--expire-prepared", default="24h", show_default=True, help="Collect prepared pods this old.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@pass_ctx
+def gc(c: _Ctx, grace_period: str, expire_prepared: str, fmt: str) -> None:
+    """Garbage-collect exited pods (mark, then delete after the grace period)."""
+    result = c.engine().gc(grace_period=_duration(grace_period), expire_prepared=_duration(expire_prepared))
+    if fmt == "json":
+        _dump(result)
+        return
+    for uuid in result["marked"]:
+        click.echo(f"marked {uuid}")
+    for uuid in result["removed"]:
+        click.echo(f"removed {uuid}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--app", help="App to enter (needed when the pod has several).")
+@click.argument("uuid")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def enter(c: _Ctx, uuid: str, app: str | None, cmd: tuple[str, ...]) -> None:
+    """Run CMD (default /bin/sh) in an app of a running pod, through the guest agent; exits with its code."""
+    sys.exit(c.engine().enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
+
+
+@cli.command("cat-manifest")
+@click.argument("uuid")
+@pass_ctx
+def cat_manifest(c: _Ctx, uuid: str) -> None:
+    """Print a pod's manifest (JSON)."""
+    _dump(c.engine().cat_manifest(uuid))
+
+
+@cli.command()
+@pass_ctx
+def version(c: _Ctx) -> None:
+    """Print versions and what this host can do."""
+    from stage1_kvm.qemu import describe_accel
+
+    accel = describe_accel()
+    click.echo(f"kvmrkt version {__version__}")
+    click.echo("stage1 backends: qemu")
+    why = f" ({accel['kvm_unusable_because']})" if accel["auto"] != "kvm" else ""
+    click.echo(f"accel auto: {accel['auto']}{why}")
+
+
+@cli.command()
+@click.option("--stage1", help="Show the config as if --stage1 were given.")
+@pass_ctx
+def config(c: _Ctx, stage1: str | None) -> None:
+    """Print the merged configuration (config.toml plus flags) as JSON."""
+    _dump(c.config(backend=stage1).to_dict())
+
+
