@@ -79,15 +79,18 @@ def run(
     return proc
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def _die_with(parent: int, exec_label: str | None = None) -> Callable[[], None]:
     """A pre-exec hook: the child gets SIGKILL when ``parent`` dies (no orphaned VMs), including when the
-    parent died before the hook ran."""
+    parent died before the hook ran; with ``exec_label`` the program is executed in that SELinux context."""
 
     def hook() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
+        if exec_label:
+            with open("/proc/self/attr/exec", "w") as fh:  # fails (and so does the spawn) if it cannot be set
+                fh.write(exec_label)
 
     return hook
 
@@ -102,6 +105,7 @@ def spawn(
     die_with_parent: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    exec_label: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived program and return its Popen handle.
 
@@ -117,7 +121,7 @@ def spawn(
             stderr=stderr,
             pass_fds=tuple(pass_fds),
             close_fds=True,
-            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
+            preexec_fn=_die_with(os.getpid(), exec_label) if die_with_parent else None,
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )

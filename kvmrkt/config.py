@@ -100,6 +100,17 @@ class MeasureConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SELinuxConfig:
+    """The ``[selinux]`` table: ``mode`` auto (label where SELinux is enabled) or required (refuse to run a pod
+    whose label cannot be applied); the MCS category range; optional context overrides (user:role:type)."""
+
+    mode: str = "auto"
+    categories: str = "c0.c1023"
+    process_context: str = ""
+    file_context: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Everything a command needs to know about where things are and how to run them."""
 
@@ -110,6 +121,7 @@ class RuntimeConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    selinux: SELinuxConfig = field(default_factory=SELinuxConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, as printed by ``kvmrkt config``."""
@@ -121,6 +133,7 @@ class RuntimeConfig:
             "stage1": s1,
             "images": dataclasses.asdict(self.images),
             "measure": dataclasses.asdict(self.measure),
+            "selinux": dataclasses.asdict(self.selinux),
         }
 
 
@@ -175,7 +188,8 @@ def load_config(
         data_dir: the ``--dir`` flag; None means the file's ``paths.data_dir`` or the default.
         debug: the ``--debug`` flag.
         insecure_options: the ``--insecure-options`` flag, a comma list.
-        overrides: ``[stage1]`` keys set by flags (``--stage1``, ``--accel``); None values are ignored.
+        overrides: ``[stage1]`` keys set by flags (``--stage1``, ``--accel``), and ``selinux_mode``
+            (``--selinux``); None values are ignored.
 
     Raises:
         ConfigError: unreadable or malformed file, unknown key, wrong type or invalid value.
@@ -189,8 +203,16 @@ def load_config(
         pass
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "measure": dict, "insecure_options": list},
-                 "", path)
+    _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "measure": dict, "selinux": dict,
+                       "insecure_options": list}, "", path)
+    sel = dict(doc.get("selinux", {}))
+    _check_table(sel, {"mode": str, "categories": str, "process_context": str, "file_context": str}, "selinux.", path)
+    overrides = dict(overrides or {})
+    if overrides.get("selinux_mode"):
+        sel["mode"] = overrides["selinux_mode"]
+    overrides.pop("selinux_mode", None)
+    if sel.get("mode", "auto") not in ("auto", "required"):
+        raise ConfigError(f"selinux mode must be auto or required, not {sel.get('mode')!r}")
     meas = doc.get("measure", {})
     _check_table(meas, {"tcti": str, "pcr": int}, "measure.", path)
     img = doc.get("images", {})
@@ -227,4 +249,5 @@ def load_config(
         stage1=stage1,
         images=ImagesConfig(**img),
         measure=MeasureConfig(**meas),
+        selinux=SELinuxConfig(**sel),
     )

@@ -32,6 +32,7 @@ from kvmrkt.errors import (
     ManifestError,
     PodStateError,
     PolicyDeniedError,
+    SELinuxError,
     TpmUnavailableError,
 )
 from kvmrkt.layers import LayerLimits
@@ -43,6 +44,7 @@ from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, 
 from measure.events import EventLog, boot_id, launch_events, parse_log
 from measure.replay import replay
 from measure.tpm import Measurer, pcr_read
+from policy import selinux
 from policy.model import Policy, load_policy
 from policy.trust import Decision, Subject, decide, match_scope
 
@@ -416,6 +418,10 @@ class Engine:
         try:
             pod.move("prepare")
             manifest = self._build_manifest(pod.uuid, apps, opts, progress)
+            label = self._allocate_label(pod.uuid)
+            manifest = replace(manifest, annotations=(
+                *manifest.annotations, ("kvmrkt.selinux/process-label", label.process_label),
+                ("kvmrkt.selinux/file-label", label.file_label)))
             trust = self._trust_pod(manifest)
             for app in manifest.apps:
                 self._rootfs(app, progress)
@@ -435,6 +441,41 @@ class Engine:
         return pod
 
     # --- run ----------------------------------------------------------------------------------------------
+
+    # --- SELinux ------------------------------------------------------------------------------------------
+
+    def _selinux_file(self) -> Path:
+        return self.config.data_dir / "selinux" / "mcs.json"
+
+    def _allocate_label(self, uuid: str) -> selinux.Label:
+        """A unique MCS pair for a new pod (pairs of pods that no longer exist are freed first)."""
+        cfg = self.config.selinux
+        live = [p.uuid for p in Pod.all(self.config.data_dir) if p.phase not in ("exited-garbage", "garbage")]
+        return selinux.allocate(self._selinux_file(), uuid, live, categories=cfg.categories,
+                                process=cfg.process_context or None, file=cfg.file_context or None)
+
+    def _apply_labels(self, pod: Pod, manifest: PodManifest) -> dict[str, Any]:
+        """Decide how the pod's labels are applied here, refusing in required mode when they cannot be."""
+        ann = dict(manifest.annotations)
+        process, file = ann.get("kvmrkt.selinux/process-label", ""), ann.get("kvmrkt.selinux/file-label", "")
+        on = selinux.enabled()
+        if not on and self.config.selinux.mode == "required":
+            raise SELinuxError(f"pod {pod.uuid} needs its SELinux label applied, but SELinux is not enabled on "
+                               "this host", hint="run with --selinux=auto, or on a host with SELinux enabled")
+        info = {"process": process, "file": file, "process_applied": on and bool(process),
+                "reason": "" if on else "SELinux is disabled on this host: the label is allocated and recorded, "
+                                        "files carry it as an xattr, QEMU runs unconfined"}
+        pod.write_json("selinux.json", info)
+        return info
+
+    def _label_files(self, pod: Pod, labels: dict[str, Any]) -> None:
+        """Label the pod directory and its files (sockets are labelled by QEMU's exec context when enabled)."""
+        if not labels["file"]:
+            return
+        paths = [pod.path, *(p for p in pod.path.rglob("*") if not p.is_symlink())]
+        failed = selinux.label_files(paths, labels["file"])
+        if failed and self.config.selinux.mode == "required":
+            raise SELinuxError(f"cannot label pod files: {failed[0]}")
 
     def _measure(self, pod: Pod, manifest: PodManifest, trust: dict[str, Any], facts: dict[str, Any]) -> None:
         """Measured launch: log and extend every fact of this launch into the TPM before the VM runs (fail
@@ -572,11 +613,15 @@ class Engine:
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
 
+            labels = self._apply_labels(pod, manifest)
+
             def before_boot(facts: dict[str, Any]) -> None:
-                self._measure(pod, manifest, trust, facts)
+                self._label_files(pod, labels)
+                self._measure(pod, manifest, trust, {**facts, "selinux": labels})
 
             opts = RunOptions(rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
                               interactive=interactive, accel=accel or self.config.stage1.accel,
+                              exec_label=labels["process"] if labels["process_applied"] else None,
                               before_boot=before_boot)
             pod.move("run")
             result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
@@ -639,6 +684,11 @@ class Engine:
             for a in (manifest.apps if manifest else ())
         ]
         info["measured"] = (pod.read_json("measure.json", {}) or {}).get("measured")
+        sel = pod.read_json("selinux.json", {}) or {}
+        ann = dict(manifest.annotations) if manifest else {}
+        info["selinux"] = {"process_label": ann.get("kvmrkt.selinux/process-label"),
+                           "file_label": ann.get("kvmrkt.selinux/file-label"),
+                           "process_label_applied": sel.get("process_applied"), "note": sel.get("reason")}
         finished = pod.read_json("exit.json", {}) or {}
         info["finished"] = finished.get("finished")
         info["integrity_failures"] = finished.get("integrity_failures", [])
@@ -712,7 +762,9 @@ class Engine:
         return self._backend(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr)
 
     def _collect(self, pod: Pod) -> None:
-        """Delete a pod directory that this process holds locked, after backend cleanup."""
+        """Delete a pod directory that this process holds locked, after backend cleanup; free its MCS pair."""
+        with contextlib.suppress(KvmrktError, OSError):
+            selinux.release(self._selinux_file(), pod.uuid)
         try:
             if pod.phase not in ("embryo", "prepare", "prepared"):
                 self._backend(pod).gc(pod)

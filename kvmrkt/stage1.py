@@ -42,6 +42,7 @@ class RunOptions:
     verity: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     interactive: bool = False
     accel: str = "auto"
+    exec_label: str | None = None
     before_boot: Callable[[dict[str, Any]], None] = _nothing
 
 

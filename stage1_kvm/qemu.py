@@ -219,9 +219,10 @@ class QemuStage1(Stage1):
         )
         argv = build_argv(spec, qemu=qemu)
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
-        for app in manifest.apps:
-            for stream in ("stdout", "stderr"):
-                pod.file(app_log(app.name, stream)).touch(mode=0o600)
+        # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
+        for name in (CONSOLE_LOG, GUEST_STATUS, QEMU_LOG,
+                     *(app_log(app.name, s) for app in manifest.apps for s in ("stdout", "stderr"))):
+            pod.file(name).touch(mode=0o600)
         config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity)
         pod_initrd(assets.initrd, config, pod.file(POD_INITRD))
         record = {
@@ -241,7 +242,8 @@ class QemuStage1(Stage1):
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
         })  # fmt: skip
         with pod.file(QEMU_LOG).open("wb") as qlog:
-            proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path)
+            proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path,
+                               exec_label=opts.exec_label)
         try:
             pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
             return self._supervise(pod, manifest, proc, opts, stdout=stdout, stderr=stderr)

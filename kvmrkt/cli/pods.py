@@ -25,6 +25,13 @@ def _pod_options(volume: tuple[str, ...], hostname: str | None, set_env: tuple[s
 
 
 
+SELINUX = click.option(
+    "--selinux", type=click.Choice(["auto", "required"]), default=None,
+    help="auto: apply the pod's sVirt label where SELinux is enabled (always allocated and recorded); required: "
+         "refuse to run when it cannot be applied [default: selinux.mode in config, auto].",
+)
+
+
 def _pod_flags(f: Any) -> Any:
     for opt in reversed([
         click.option("--volume", multiple=True, metavar="NAME,kind=host|empty,source=PATH,readOnly=BOOL",
@@ -53,11 +60,12 @@ kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) 
 @_pod_flags
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
 @click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
+@SELINUX
 @click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
 @pass_ctx
 def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
         set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
-        pull_policy: str, accel: str | None, interactive: bool) -> None:
+        pull_policy: str, accel: str | None, interactive: bool, selinux: str | None) -> None:
     """Run a pod: each IMAGE becomes one app, all in one new VM.
 
     IMAGE is an image in the store (name[:tag] or ID prefix), or a source fetched or imported on the way:
@@ -66,7 +74,7 @@ def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hos
     """
     apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
     opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
-    engine = c.engine(accel=accel, backend=stage1)
+    engine = c.engine(accel=accel, backend=stage1, selinux_mode=selinux)
 
     def saved(pod: Any) -> None:
         if uuid_file_save:
@@ -98,11 +106,12 @@ def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...],
 @cli.command("run-prepared")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
 @click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
+@SELINUX
 @click.argument("uuid")
 @pass_ctx
-def run_prepared(c: _Ctx, uuid: str, accel: str | None, interactive: bool) -> None:
+def run_prepared(c: _Ctx, uuid: str, accel: str | None, interactive: bool, selinux: str | None) -> None:
     """Run a pod made by `kvmrkt prepare`."""
-    engine = c.engine(accel=accel)
+    engine = c.engine(accel=accel, selinux_mode=selinux)
     sys.exit(engine.run_prepared(engine.find(uuid), interactive=interactive, stdout=sys.stdout.buffer,
                                  stderr=sys.stderr.buffer))
 
@@ -140,6 +149,10 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
         click.echo(f"{key}={info.get(key) if info.get(key) is not None else ''}")
     for key in ("created", "started", "finished"):
         click.echo(f"{key}={_when(info.get(key))}")
+    sel = info.get("selinux") or {}
+    click.echo(f"selinux={sel.get('process_label') or ''}"
+               f"{' (not applied: SELinux disabled)' if sel.get('process_label_applied') is False else ''}")
+    click.echo(f"measured={info.get('measured')}")
     for app in info["apps"]:
         click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
 

@@ -171,3 +171,22 @@ def test_decide_reasons(cfg: Path) -> None:
     assert reason([Verified("A" * 40, payload(extra=True))]) == "bad-signature"
     assert decide(pol, subject, lambda _r: [Verified(None, problem="x"), Verified("A" * 40, payload())]).signers == (
         "A" * 40,)
+
+
+def test_mcs_ranges_and_labels(tmp_path: Path) -> None:
+    from kvmrkt.errors import SELinuxError
+    from policy.selinux import Label, allocate, parse_range
+
+    assert parse_range("c0.c1023") == (0, 1023)
+    for bad in ("c5.c3", "c0.c3", "x", "c0.c2000"):
+        with pytest.raises(SELinuxError):
+            parse_range(bad)
+    label = Label("u:r:t", "u:object_r:f", (3, 9))
+    assert label.process_label == "u:r:t:s0:c3,c9" and label.file_label == "u:object_r:f:s0:c3,c9"
+    path = tmp_path / "mcs.json"
+    first = allocate(path, "a", ["a"], categories="c0.c7")
+    assert allocate(path, "a", ["a"], categories="c0.c7") == first
+    others = {allocate(path, f"p{i}", None, categories="c0.c7").mcs for i in range(27)}
+    assert first.mcs not in others and len(others) == 27  # 8 categories: 28 pairs
+    with pytest.raises(SELinuxError, match="no free"):
+        allocate(path, "one-too-many", None, categories="c0.c7")
