@@ -10,7 +10,8 @@ KVMRKT := $(VENV)/bin/kvmrkt
 DEMO_DIR := /var/tmp/kvmrkt-demo
 DEBS := qemu-system-x86 busybox-static erofs-utils umoci skopeo swtpm swtpm-tools docker-registry appc-spec apache2-utils \
 	linux-source-6.1 bc flex bison libelf-dev libssl-dev gcc make libc6-dev cpio xz-utils \
-	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools
+	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools \
+	libvirt-daemon-system libvirt-clients libxml2-utils
 
 .PHONY: setup debs venv assets run test unit integration lint bench clean
 
@@ -32,7 +33,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	/usr/bin/python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,libvirt]'
 	touch $@
 
 # Both guest kernels: the minimal one (default; built once per machine, cached) and Debian's cloud kernel.

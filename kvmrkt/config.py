@@ -75,6 +75,7 @@ class Stage1Config:
     memory_overhead_mib: int = 128
     min_memory_mib: int = 256
     sandbox: bool = True
+    libvirt_uri: str = "qemu:///system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ _STAGE1_KEYS: dict[str, type | tuple[type, ...]] = {
     "memory_overhead_mib": int,
     "min_memory_mib": int,
     "sandbox": bool,
+    "libvirt_uri": str,
 }
 
 

@@ -22,6 +22,7 @@ from kvmrkt.pod import Pod
 
 BACKENDS: dict[str, str] = {
     "qemu": "stage1_kvm.qemu:QemuStage1",
+    "libvirt": "stage1_kvm.libvirt:LibvirtStage1",
 }
 
 

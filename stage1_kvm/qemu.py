@@ -14,14 +14,13 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from kvmrkt import _proc
 from kvmrkt.digest import Digest
@@ -48,6 +47,7 @@ from stage1_kvm.vmspec import (
     QMP_SOCKET,
     SIG_SOCKET,
     STDIN_SOCKET,
+    VMSpec,
     app_log,
     build_vmspec,
     guest_pod_config,
@@ -95,6 +95,18 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError):
         pass
     return 2_000_000
+
+
+class VMHandle(Protocol):
+    """What supervising a VM needs: ``subprocess.Popen`` for QEMU, a domain wrapper for libvirt."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 @dataclass
@@ -217,7 +229,6 @@ class QemuStage1(Stage1):
             host_cpus=os.cpu_count() or 1,
             acpi=assets.acpi,
         )
-        argv = build_argv(spec, qemu=qemu)
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
         # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
         for name in (CONSOLE_LOG, GUEST_STATUS, QEMU_LOG,
@@ -233,27 +244,33 @@ class QemuStage1(Stage1):
             "initrd": {"path": str(assets.initrd), "digest": str(assets.initrd_digest)},
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
-            "argv": argv,
         }
-        pod.write_json(RUN_RECORD, record)
         opts.before_boot({
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
             "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
         })  # fmt: skip
+        vm = self._launch(pod, spec, qemu, opts, record)
+        try:
+            return self._supervise(pod, manifest, vm, opts, stdout=stdout, stderr=stderr)
+        finally:
+            if vm.poll() is None:
+                vm.kill()
+                vm.wait()
+
+    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any]) -> VMHandle:
+        """Start the VM (here: QEMU itself, holding the pod lock and dying with this process)."""
+        argv = build_argv(spec, qemu=qemu)
+        pod.write_json(RUN_RECORD, {**record, "argv": argv})
+        assert pod.lock_fd is not None
         with pod.file(QEMU_LOG).open("wb") as qlog:
             proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path,
                                exec_label=opts.exec_label)
-        try:
-            pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
-            return self._supervise(pod, manifest, proc, opts, stdout=stdout, stderr=stderr)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
+        return proc
 
     def _supervise(
-        self, pod: Pod, manifest: PodManifest, proc: subprocess.Popen[bytes], opts: RunOptions, *,
+        self, pod: Pod, manifest: PodManifest, proc: VMHandle, opts: RunOptions, *,
         stdout: IO[bytes], stderr: IO[bytes],
     ) -> RunResult:
         cfg = self.config.stage1

@@ -38,7 +38,9 @@ def _pod_flags(f: Any) -> Any:
                      help="Define a pod volume (host volumes are shared into the VM over 9p)."),
         click.option("--hostname", help="Pod hostname [default: kvmrkt-<uuid prefix>]."),
         click.option("--set-env", multiple=True, metavar="K=V", help="Environment variable for every app."),
-        click.option("--stage1", type=click.Choice(["qemu"]), help="VM backend [default: from config, qemu]."),
+        click.option("--stage1", type=click.Choice(["qemu", "libvirt"]),
+                     help="VM backend: qemu (QEMU started directly) or libvirt (a transient libvirt domain) "
+                          "[default: stage1.backend in config, qemu]."),
         click.option("--pod-manifest", type=click.Path(path_type=Path, exists=True),
                      help="Run this pod manifest (cat-manifest format) instead of images and app flags."),
         click.option("--uuid-file-save", type=click.Path(path_type=Path), help="Write the pod UUID to this file."),

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Kvmrkt
+from .conftest import BASE_CONFIG, Kvmrkt
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def kvmrkt(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> Kvmrkt:
+    """Every lifecycle test runs against both backends: QEMU started directly, and a libvirt domain."""
+    if request.param == "libvirt":
+        request.getfixturevalue("libvirtd")
+    kvmrkt.backend = request.param
+    kvmrkt.write_config(BASE_CONFIG)
+    return kvmrkt
 
 
 @pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 7", 7), ("exit 255", 255), ("kill -KILL $$", 137)])
@@ -259,3 +269,23 @@ def test_output_to_a_closed_pipe_is_not_a_crash(kvmrkt: Kvmrkt) -> None:
                           shell=True, capture_output=True, text=True, timeout=120)
     assert proc.stdout == "y\n"
     assert "Traceback" not in proc.stderr
+
+
+def test_libvirt_domain_is_valid_and_transient(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    import subprocess
+
+    if kvmrkt.backend != "libvirt":
+        return
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    listed = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True, text=True)
+    assert f"kvmrkt-{uuid}" in listed.stdout.split()
+    xml = kvmrkt.data / "pods" / "run" / uuid / "domain.xml"
+    check = subprocess.run(["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    kvmrkt.ok("stop", uuid)
+    proc.communicate(timeout=60)
+    listed = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                            text=True)
+    assert f"kvmrkt-{uuid}" not in listed.stdout.split()

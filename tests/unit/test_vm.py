@@ -142,3 +142,32 @@ def test_acpi_only_for_kernels_that_need_it() -> None:
     s = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={"web": Path("/x")},
                      interactive=False, debug=False, tsc_khz=None, host_cpus=1, acpi=True)
     assert "acpi=off" not in build_argv(s)[build_argv(s).index("-M") + 1]
+
+
+def test_domain_xml_is_the_same_microvm() -> None:
+    import xml.etree.ElementTree as ET
+
+    from stage1_kvm.domain_xml import build_domain_xml
+
+    vols = (Volume("data", "host", "/srv/data", read_only=True),)
+    m = pod(app(mounts=(MountPoint("data", "/data"),)), volumes=vols)
+    s = spec(m, interactive=True)
+    xml = build_domain_xml(s, uuid=UUID, pod_dir=Path("/pods/x"), qemu="/usr/bin/qemu", selinux_label="u:r:t:s0:c1,c2",
+                           socket_dir=Path("/run/kvmrkt/x"))
+    dom = ET.fromstring(xml)
+    assert dom.get("type") == "qemu" and dom.findtext("name") == f"kvmrkt-{UUID}"
+    assert dom.find("os/type").get("machine") == "microvm"  # type: ignore[union-attr]
+    assert dom.findtext("os/initrd") == "/pods/x/initrd.img" and "tsc_early_khz" in (dom.findtext("os/cmdline") or "")
+    assert dom.findtext("on_reboot") == "destroy"
+    assert dom.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    disks = dom.findall("devices/disk")
+    assert [d.findtext("serial") for d in disks] == ["app0"] and disks[0].find("readonly") is not None
+    assert all(d.find("address").get("type") == "virtio-mmio" for d in disks)  # type: ignore[union-attr]
+    names = {c.find("target").get("name"): c for c in dom.findall("devices/channel")}  # type: ignore[union-attr]
+    assert names["kvmrkt.status"].find("source").get("path") == "/pods/x/guest-status"  # type: ignore[union-attr]
+    assert names["kvmrkt.ctl"].find("source").get("path") == "/run/kvmrkt/x/ctl.sock"  # type: ignore[union-attr]
+    assert "kvmrkt.in.0" in names
+    fs = dom.find("devices/filesystem")
+    assert fs is not None and fs.find("readonly") is not None and fs.find("target").get("dir") == "vol0"  # type: ignore[union-attr]
+    labels = {s.get("model"): s.findtext("label") for s in dom.findall("seclabel")}
+    assert labels == {"dac": "+0:+0", "selinux": "u:r:t:s0:c1,c2"}
