@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchtpm import swtpm
 
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine, PodOptions
@@ -84,26 +85,10 @@ def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str
     data, etc = work / "data", work / "etc"
     etc.mkdir()
     # The real launch path: trust check (a policy that accepts the bench image) and measured launch into a swtpm.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tpm = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={work}", "--server",
-                            f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
-                            "not-need-init,startup-clear"])
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.02)
-        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\n'
-                                         f'tcti = "swtpm:host=127.0.0.1,port={port}"\n')
+    with swtpm(work) as tcti:
+        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\ntcti = "{tcti}"\n')
         (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
         return _measure_runs(work, data, etc, runs, requested_accel)
-    finally:
-        tpm.terminate()
-        tpm.wait()
 
 
 def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel: str) -> dict[str, object]:

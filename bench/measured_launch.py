@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from benchtpm import swtpm
 
 from measure import attest
 from measure.events import Event, EventLog, encode_record, launch_events, parse_log
@@ -27,31 +27,14 @@ STAGE1 = {"backend": "qemu", "accel": "tcg", "kernel": "sha256:" + "c" * 64, "in
           "pod_initrd": "sha256:" + "e" * 64, "cmdline": "console=ttyS0 panic=-1 quiet", "memory_mib": 256, "vcpus": 1}
 
 
-def _wait_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise SystemExit("swtpm did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmrkt-bench-measure-") as tmp:
         work = Path(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        tpm = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={work}", "--server",
-                                f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
-                                "not-need-init,startup-clear"])
-        try:
-            _wait_port(port)
-            measurer = Measurer(f"swtpm:host=127.0.0.1,port={port}", 15, work / "logs")
+        with swtpm(work) as tcti:
+            measurer = Measurer(tcti, 15, work / "logs")
             times = []
             for i in range(args.runs):
                 events = launch_events(pod=f"pod-{i}", manifest=b"{}", apps=APPS, trust={"policy": None},
@@ -77,9 +60,6 @@ def main() -> None:
             keys = attest.init(measurer.tcti, work / "keys")
             nonce = bytes.fromhex(attest.new_nonce())
             evidence = attest.quote(measurer.tcti, 15, nonce, big.path)
-        finally:
-            tpm.terminate()
-            tpm.wait()
         start = time.perf_counter()
         report = attest.verify(evidence, ak_pem=keys[0].read_bytes(), nonce=nonce, reference={})
         verify_s = time.perf_counter() - start

@@ -1,0 +1,34 @@
+"""A software TPM for the benchmarks: ``with swtpm(state_dir) as tcti:`` (started, waited for, stopped by pid)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def swtpm(state: Path) -> Iterator[str]:
+    """Run swtpm on a free loopback port pair; yields its TCTI string."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server",
+                             f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
+                             "not-need-init,startup-clear"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("swtpm did not start")
+            time.sleep(0.02)
+        yield f"swtpm:host=127.0.0.1,port={port}"
+    finally:
+        proc.terminate()
+        proc.wait()
