@@ -90,9 +90,19 @@ def read_status(path: Path) -> GuestStatus:
 
 
 @contextlib.contextmanager
-def _channel(pod_dir: Path, socket_name: str, *, timeout: float, lock: bool) -> Iterator[socket.socket]:
-    """Connect to a port socket in the pod directory (through /proc/self/fd, so sun_path stays short)."""
+def socket_path(pod_dir: Path, socket_name: str) -> Iterator[str]:
+    """A short path for a unix socket in the pod directory, valid inside the block: through /proc/self/fd, so
+    sun_path stays under its 108-byte limit however deep the data directory is."""
     dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dfd}/{socket_name}"
+    finally:
+        os.close(dfd)
+
+
+@contextlib.contextmanager
+def _channel(pod_dir: Path, socket_name: str, *, timeout: float, lock: bool) -> Iterator[socket.socket]:
+    """Connect to a port socket in the pod directory, holding its lock (one client at a time) when asked."""
     lock_fd = -1
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -100,16 +110,16 @@ def _channel(pod_dir: Path, socket_name: str, *, timeout: float, lock: bool) -> 
             lock_fd = os.open(pod_dir / f"{socket_name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
         sock.settimeout(timeout)
-        try:
-            sock.connect(f"/proc/self/fd/{dfd}/{socket_name}")
-        except OSError as exc:
-            raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
+        with socket_path(pod_dir, socket_name) as path:
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
         yield sock
     finally:
         sock.close()
         if lock_fd >= 0:
             os.close(lock_fd)
-        os.close(dfd)
 
 
 class _Reader:

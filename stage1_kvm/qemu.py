@@ -159,17 +159,16 @@ class _StopRequest:
 
 def _pump_stdin(pod_dir: Path) -> None:
     """Copy our stdin to the app's stdin port until EOF (then close, which the guest reads as EOF)."""
-    dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(f"/proc/self/fd/{dfd}/{STDIN_SOCKET}")
+        with agent.socket_path(pod_dir, STDIN_SOCKET) as path:
+            sock.connect(path)
         while data := os.read(sys.stdin.fileno(), 65536):
             sock.sendall(data)
     except OSError:
         pass
     finally:
         sock.close()
-        os.close(dfd)
 
 
 def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
@@ -180,18 +179,16 @@ def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
     """
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    dfd = os.open(pod_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        qmp = QEMUMonitorProtocol(f"/proc/self/fd/{dfd}/{QMP_SOCKET}")
-        try:
-            qmp.connect()
-            return qmp.cmd(command)
-        finally:
-            qmp.close()
+        with agent.socket_path(pod_dir, QMP_SOCKET) as path:
+            qmp = QEMUMonitorProtocol(path)
+            try:
+                qmp.connect()
+                return qmp.cmd(command)
+            finally:
+                qmp.close()
     except Exception as exc:  # qemu.qmp raises a family of its own errors and OSError
         raise Stage1Error(f"QMP {command} failed: {exc}") from exc
-    finally:
-        os.close(dfd)
 
 
 class QemuStage1(Stage1):
@@ -362,18 +359,25 @@ class QemuStage1(Stage1):
 
     # --- other lifecycle --------------------------------------------------------------------------------
 
-    def _pid(self, pod: Pod) -> int | None:
+    def _our_qemu(self, pod: Pod) -> int | None:
+        """The recorded QEMU pid, if that process is alive and is this pod's QEMU (never signal anything else)."""
         rec = pod.read_json(PID_FILE)
-        return int(rec["pid"]) if isinstance(rec, dict) and isinstance(rec.get("pid"), int) else None
+        pid = rec.get("pid") if isinstance(rec, dict) else None
+        if isinstance(pid, int) and _proc.pid_alive(pid) and any(pod.uuid in a for a in _proc.pid_cmdline(pid)):
+            return pid
+        return None
+
+    def _sigkill(self, pod: Pod) -> None:
+        pid = self._our_qemu(pod)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _kill_vm(self, pod: Pod) -> None:
         """Kill the pod's QEMU: QMP quit first, then SIGKILL by recorded pid (only if it is that pod's QEMU)."""
         with contextlib.suppress(Stage1Error):
             qmp_command(pod.path, "quit")
-        pid = self._pid(pod)
-        if pid and _proc.pid_alive(pid) and any(pod.uuid in a for a in _proc.pid_cmdline(pid)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self._sigkill(pod)
 
     def stop(self, pod: Pod, *, force: bool) -> None:
         if force:
@@ -405,9 +409,7 @@ class QemuStage1(Stage1):
         }
 
     def gc(self, pod: Pod) -> None:
-        pid = self._pid(pod)
-        if pid and _proc.pid_alive(pid) and any(pod.uuid in a for a in _proc.pid_cmdline(pid)):
-            os.kill(pid, signal.SIGKILL)
+        self._sigkill(pod)
         for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, POD_INITRD):
             with contextlib.suppress(FileNotFoundError):
                 pod.file(name).unlink()
