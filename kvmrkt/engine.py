@@ -160,18 +160,23 @@ class Engine:
         if "image" in self.config.insecure_options:
             self.warn(f"WARNING: --insecure-options=image: NOT checking signatures of {record.name}")
             return Decision("-", (), insecure=True)
-        signed = Digest.parse(record.signed_digest or record.id)
-        identity = record.identity or record.name
-        subject = Subject(record.transport or "oci", identity, identity, str(signed))
+        subject = self._subject(record)
+        signed = Digest.parse(subject.digest)
         target = self.store.blob_path(signed) if record.kind == "aci" else None
         return self._decide(subject, self.store.signature_files(signed), target)
+
+    @staticmethod
+    def _subject(record: ImageRecord) -> Subject:
+        """What the policy judges a stored image as (its identity is also the reference scopes match)."""
+        identity = record.identity or record.name
+        return Subject(record.transport or "oci", identity, identity, record.signed_digest or record.id)
 
     def explain(self, ref: str) -> dict[str, Any]:
         """Which scope and requirements apply to a stored image, and the verdict."""
         record = self.store.resolve(ref)
         pol = self.policy()
-        identity = record.identity or record.name
-        subject = Subject(record.transport or "oci", identity, identity, record.signed_digest or record.id)
+        subject = self._subject(record)
+        identity = subject.identity
         scope, reqs = match_scope(pol, subject) if pol else ("(no policy)", ())
         out: dict[str, Any] = {
             "image": record.name, "transport": subject.transport, "identity": identity,
@@ -591,9 +596,13 @@ class Engine:
         return backend
 
     def run_prepared(
-        self, pod: Pod, *, interactive: bool = False, accel: str | None = None, stdout: IO[bytes], stderr: IO[bytes]
+        self, pod: Pod, *, interactive: bool = False, accel: str | None = None, stdout: IO[bytes], stderr: IO[bytes],
+        trust: dict[str, Any] | None = None,
     ) -> int:
         """Boot a prepared pod and wait for it; returns the pod's exit code (see ``pod_exit_code``).
+
+        The apps' images are judged by the trust policy again (it may have changed since ``prepare``), unless
+        ``trust`` gives the verdicts of a prepare done a moment ago by this same process (``run``).
 
         Raises:
             PodStateError: the pod is not prepared, or another process is starting it.
@@ -608,8 +617,9 @@ class Engine:
             manifest = self._manifest(pod)
             if interactive and len(manifest.apps) != 1:
                 raise ConfigError("--interactive needs a pod with exactly one app")
-            trust = self._trust_pod(manifest)
-            pod.write_json("trust.json", trust)
+            if trust is None:
+                trust = self._trust_pod(manifest)
+                pod.write_json("trust.json", trust)
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
 
@@ -640,7 +650,8 @@ class Engine:
             raise ConfigError("--interactive needs a pod with exactly one app")
         pod = self.prepare(apps, opts, progress=progress, keep_lock=True)
         on_prepared(pod)
-        return self.run_prepared(pod, interactive=interactive, accel=accel, stdout=stdout, stderr=stderr)
+        return self.run_prepared(pod, interactive=interactive, accel=accel, stdout=stdout, stderr=stderr,
+                                 trust=pod.read_json("trust.json"))
 
     # --- inspection ---------------------------------------------------------------------------------------
 

@@ -113,9 +113,8 @@ class Pod:
             PodNotFoundError: no pod, or the prefix is ambiguous.
         """
         ref = ref.strip()
-        matches = [p for p in cls.all(data_dir) if p.uuid == ref] or [
-            p for p in cls.all(data_dir) if ref and p.uuid.startswith(ref)
-        ]
+        pods = cls.all(data_dir)
+        matches = [p for p in pods if p.uuid == ref] or [p for p in pods if ref and p.uuid.startswith(ref)]
         if not matches:
             raise PodNotFoundError(f"no pod {ref!r}", hint="`kvmrkt list` shows the pods")
         if len(matches) > 1:
