@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPResponse
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kvmrkt import oci
 from kvmrkt.digest import Digest
@@ -45,6 +45,22 @@ class Credentials:
     password: str
 
 
+def _config_files(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The JSON objects of a drop-in directory (``auth.d``, ``registries.d``), in name order.
+
+    Raises:
+        ConfigError: a file that cannot be read or is not a JSON object, named.
+    """
+    for path in sorted(directory.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        yield path, doc
+
+
 def load_credentials(config_dir: Path, host: str) -> Credentials | None:
     """Credentials for ``host`` from ``auth.d/*.json`` (rkt's ``dockerAuth`` kind).
 
@@ -52,12 +68,8 @@ def load_credentials(config_dir: Path, host: str) -> Credentials | None:
         ConfigError: a malformed auth file (named), so a typo never silently means anonymous.
     """
     found: Credentials | None = None
-    for path in sorted((config_dir / "auth.d").glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read auth file {path}: {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("rktKind") not in ("dockerAuth", "auth"):
+    for path, doc in _config_files(config_dir / "auth.d"):
+        if doc.get("rktKind") not in ("dockerAuth", "auth"):
             raise ConfigError(f"{path}: rktKind must be dockerAuth (or auth)")
         if doc["rktKind"] != "dockerAuth":
             continue
@@ -201,12 +213,8 @@ def lookaside_url(config_dir: Path, ref: oci.RegistryRef) -> str | None:
     {"lookaside": URL}}``; the most specific scope wins; a scope defined in two files is an error."""
     scopes: dict[str, tuple[str, Path]] = {}
     default: str | None = None
-    for path in sorted((config_dir / "registries.d").glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(doc, dict) or set(doc) - {"docker", "default-docker"}:
+    for path, doc in _config_files(config_dir / "registries.d"):
+        if set(doc) - {"docker", "default-docker"}:
             raise ConfigError(f"{path}: only docker and default-docker are supported")
         for scope, conf in (doc.get("docker") or {}).items():
             if scope in scopes:

@@ -473,8 +473,7 @@ class Store:
         with self.locked():
             row = self.db.execute("SELECT record FROM images WHERE id = ?", (record.id,)).fetchone()
             old = ImageRecord.from_dict(json.loads(row[0])) if row else None
-            old_fs = self.root / "rootfs" / f"{Digest.parse(old.rootfs).hex}.erofs" if old else None
-            if old and old_fs and old_fs.is_file() and old_fs.with_suffix(".verity").is_file() and old.verity_root:
+            if old and self._rootfs_present(old):
                 progress("the image is already in the store", 0, None)
                 record = replace(record, rootfs=old.rootfs, rootfs_size=old.rootfs_size, passwd=old.passwd,
                                  groups=old.groups, skipped_devices=old.skipped_devices,
@@ -557,6 +556,12 @@ class Store:
         return replace(record, rootfs=str(digest), rootfs_size=size, passwd=passwd, groups=groups,
                        skipped_devices=tuple(applier.skipped_devices), verity_root=root, verity_salt=salt)
 
+    def _rootfs_present(self, record: ImageRecord) -> bool:
+        """The erofs image (of the recorded size) and its dm-verity tree are there (a cheap check, no hashing)."""
+        path = self.root / "rootfs" / f"{Digest.parse(record.rootfs).hex}.erofs"
+        return bool(record.verity_root) and path.with_suffix(".verity").is_file() and path.is_file() and (
+            path.stat().st_size == record.rootfs_size)
+
     def rootfs_path(self, record: ImageRecord, *, progress: Progress = no_progress, rehash: bool = False) -> Path:
         """The guest rootfs of an image (its dm-verity hash tree is beside it, ``.verity``); rebuilt from the
         layers when it is missing, has the wrong size or (with ``rehash``, as ``image verify`` does) when its
@@ -569,8 +574,7 @@ class Store:
         digest = Digest.parse(record.rootfs)
         path = self.root / "rootfs" / f"{digest.hex}.erofs"
         tree = path.with_suffix(".verity")
-        intact = path.is_file() and tree.is_file() and path.stat().st_size == record.rootfs_size and record.verity_root
-        if intact and (not rehash or Digest.of_file(path).matches(digest)):
+        if self._rootfs_present(record) and (not rehash or Digest.of_file(path).matches(digest)):
             return path
         progress(f"rootfs of {record.name} is {'corrupt' if path.exists() else 'missing'}: rebuilding", 0, None)
         with self.locked():
