@@ -11,7 +11,7 @@ DEMO_DIR := /var/tmp/kvmrkt-demo
 DEBS := qemu-system-x86 busybox-static erofs-utils umoci skopeo swtpm swtpm-tools docker-registry appc-spec apache2-utils \
 	linux-source-6.1 bc flex bison libelf-dev libssl-dev gcc make libc6-dev cpio xz-utils \
 	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools \
-	libvirt-daemon-system libvirt-clients libxml2-utils
+	libvirt-daemon-system libvirt-clients libxml2-utils containernetworking-plugins iproute2 iptables
 
 .PHONY: setup debs venv assets run test unit integration lint bench clean
 
@@ -77,6 +77,7 @@ bench: setup
 	$(PY) bench/boot.py --kernel debian-cloud
 	$(PY) bench/images.py
 	$(PY) bench/measured_launch.py
+	$(PY) bench/net.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -19,6 +19,7 @@ from typing import IO
 from kvmrkt.errors import CommandError, ConfigError
 
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNET = 0x40000000
 
 
 def which(program: str, *, hint: str | None = None) -> str:
@@ -44,12 +45,13 @@ def run(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     what: str | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a program to completion, capturing stdout and stderr.
 
     Raises:
         ConfigError: the program does not exist.
-        CommandError: it exited non-zero or timed out.
+        CommandError: it timed out, or (with ``check``) exited non-zero.
     """
     args = [os.fspath(a) for a in argv]
     label = what or Path(args[0]).name
@@ -69,7 +71,7 @@ def run(
         raise CommandError(
             f"{label} timed out after {timeout:.0f}s", argv=args, returncode=None, stderr_tail=tail(exc.stderr or b"")
         ) from exc
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise CommandError(
             f"{label} failed with exit code {proc.returncode}",
             argv=args,
@@ -79,15 +81,24 @@ def run(
     return proc
 
 
-def _die_with(parent: int, exec_label: str | None = None) -> Callable[[], None]:
+def _die_with(parent: int, exec_label: str | None = None, netns: str | None = None) -> Callable[[], None]:
     """A pre-exec hook: the child gets SIGKILL when ``parent`` dies (no orphaned VMs), including when the
-    parent died before the hook ran; with ``exec_label`` the program is executed in that SELinux context."""
+    parent died before the hook ran; with ``exec_label`` the program is executed in that SELinux context;
+    with ``netns`` it runs in that network namespace (a path), or in a new empty one ("")."""
 
     def hook() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
+        if netns == "":
+            if libc.unshare(_CLONE_NEWNET) != 0:
+                os._exit(126)
+        elif netns is not None:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                os._exit(126)
+            os.close(fd)
         if exec_label:
             with open("/proc/self/attr/exec", "w") as fh:  # fails (and so does the spawn) if it cannot be set
                 fh.write(exec_label)
@@ -106,8 +117,9 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     exec_label: str | None = None,
+    netns: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived program and return its Popen handle.
+    """Start a long-lived program and return its Popen handle (``netns``: see ``_die_with``).
 
     Raises:
         ConfigError: the program does not exist.
@@ -121,7 +133,7 @@ def spawn(
             stderr=stderr,
             pass_fds=tuple(pass_fds),
             close_fds=True,
-            preexec_fn=_die_with(os.getpid(), exec_label) if die_with_parent else None,
+            preexec_fn=_die_with(os.getpid(), exec_label, netns) if die_with_parent else None,
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )

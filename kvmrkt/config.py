@@ -19,6 +19,7 @@ from kvmrkt.errors import ConfigError
 DEFAULT_DATA_DIR = Path("/var/lib/kvmrkt")
 DEFAULT_CONFIG_DIR = Path("/etc/kvmrkt")
 DEFAULT_ASSETS_DIR = Path("/var/lib/kvmrkt/stage1")
+DEFAULT_CNI_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 
 # rkt's values, plus tpm and selinux for measured launch and sVirt.
 _INSECURE_GROUPS: dict[str, frozenset[str]] = {
@@ -112,6 +113,14 @@ class SELinuxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    """The ``[network]`` table: the ``--net`` used when none is given, and where CNI plugins are."""
+
+    default: str = "default"
+    plugin_dirs: tuple[str, ...] = DEFAULT_CNI_DIRS
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Everything a command needs to know about where things are and how to run them."""
 
@@ -123,6 +132,7 @@ class RuntimeConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     selinux: SELinuxConfig = field(default_factory=SELinuxConfig)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, as printed by ``kvmrkt config``."""
@@ -135,6 +145,7 @@ class RuntimeConfig:
             "images": dataclasses.asdict(self.images),
             "measure": dataclasses.asdict(self.measure),
             "selinux": dataclasses.asdict(self.selinux),
+            "network": {"default": self.network.default, "plugin_dirs": list(self.network.plugin_dirs)},
         }
 
 
@@ -206,7 +217,7 @@ def load_config(
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "measure": dict, "selinux": dict,
-                       "insecure_options": list}, "", path)
+                       "network": dict, "insecure_options": list}, "", path)
     sel = dict(doc.get("selinux", {}))
     _check_table(sel, {"mode": str, "categories": str, "process_context": str, "file_context": str}, "selinux.", path)
     overrides = dict(overrides or {})
@@ -223,6 +234,11 @@ def load_config(
         raise ConfigError(f"{path}: images limits must be positive")
     if img.get("scratch", "auto") not in ("auto", "memory", "disk"):
         raise ConfigError(f"{path}: images.scratch must be auto, memory or disk")
+    net = dict(doc.get("network", {}))
+    _check_table(net, {"default": str, "plugin_dirs": list}, "network.", path)
+    if not all(isinstance(d, str) for d in net.get("plugin_dirs", [])):
+        raise ConfigError(f"{path}: network.plugin_dirs must be a list of strings")
+    net["plugin_dirs"] = tuple(net.get("plugin_dirs", DEFAULT_CNI_DIRS))
     paths = doc.get("paths", {})
     _check_table(paths, {"data_dir": str}, "paths.", path)
     s1 = dict(doc.get("stage1", {}))
@@ -252,4 +268,5 @@ def load_config(
         images=ImagesConfig(**img),
         measure=MeasureConfig(**meas),
         selinux=SELinuxConfig(**sel),
+        network=NetworkSettings(**net),
     )

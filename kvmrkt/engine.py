@@ -37,6 +37,8 @@ from kvmrkt.errors import (
 )
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
+from kvmrkt.netconf import NetOptions
+from kvmrkt.network import PodNetworks
 from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import RunOptions, Stage1, load_backend
@@ -88,6 +90,7 @@ class Engine:
         self.store = Store(config.data_dir, limits=LayerLimits(
             max_total_bytes=config.images.max_total_bytes, max_entries=config.images.max_entries,
             max_ratio=config.images.max_ratio), scratch=config.images.scratch)
+        self.networks = PodNetworks(config, warn=warn)
 
     # --- images -------------------------------------------------------------------------------------------
 
@@ -597,15 +600,19 @@ class Engine:
 
     def run_prepared(
         self, pod: Pod, *, interactive: bool = False, accel: str | None = None, stdout: IO[bytes], stderr: IO[bytes],
-        trust: dict[str, Any] | None = None,
+        trust: dict[str, Any] | None = None, net: NetOptions | None = None,
     ) -> int:
         """Boot a prepared pod and wait for it; returns the pod's exit code (see ``pod_exit_code``).
 
         The apps' images are judged by the trust policy again (it may have changed since ``prepare``), unless
-        ``trust`` gives the verdicts of a prepare done a moment ago by this same process (``run``).
+        ``trust`` gives the verdicts of a prepare done a moment ago by this same process (``run``). ``net``:
+        the pod's networks, port forwards and DNS (default: ``[network] default``). The networks exist while
+        the VM runs and are torn down when it ends (or by gc, if this process was killed).
 
         Raises:
             PodStateError: the pod is not prepared, or another process is starting it.
+            ConfigError: bad network flags (nothing was created).
+            NetworkError: a CNI plugin failed (what was created is torn down again).
             Stage1Error: the VM could not be started or failed.
         """
         if pod.lock_fd is None:
@@ -622,6 +629,9 @@ class Engine:
                 pod.write_json("trust.json", trust)
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
             backend = self._backend(pod)
+            ports = [p for a in manifest.apps for p in self.store.get(a.image_id).ports]
+            intent = self.networks.intent(net or NetOptions(), ports, modes=backend.network_modes,
+                                          user_forwards=backend.user_port_forwards)
 
             labels = self._apply_labels(pod, manifest)
 
@@ -629,12 +639,15 @@ class Engine:
                 self._label_files(pod, labels)
                 self._measure(pod, manifest, trust, {**facts, "selinux": labels})
 
-            opts = RunOptions(rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
-                              interactive=interactive, accel=accel or self.config.stage1.accel,
-                              exec_label=labels["process"] if labels["process_applied"] else None,
-                              before_boot=before_boot)
             pod.move("run")
-            result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
+            try:
+                opts = RunOptions(rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
+                                  interactive=interactive, accel=accel or self.config.stage1.accel,
+                                  exec_label=labels["process"] if labels["process_applied"] else None,
+                                  network=self.networks.setup(pod, manifest, intent), before_boot=before_boot)
+                result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
+            finally:
+                self._teardown_network(pod)
             pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
                                          "integrity_failures": list(result.integrity_failures),
                                          "finished": time.time()})
@@ -642,16 +655,25 @@ class Engine:
         finally:
             pod.unlock()
 
+    def _teardown_network(self, pod: Pod) -> bool:
+        """Tear down a pod's networks (its VM is gone); a failure is reported, and left for the next gc."""
+        try:
+            self.networks.teardown(pod)
+        except KvmrktError as exc:
+            self.warn(exc.message)
+            return False
+        return True
+
     def run(self, apps: list[AppRequest], opts: PodOptions, *, interactive: bool = False, accel: str | None = None,
             stdout: IO[bytes], stderr: IO[bytes], progress: Progress = no_progress,
-            on_prepared: Callable[[Pod], None] = lambda _p: None) -> int:
+            on_prepared: Callable[[Pod], None] = lambda _p: None, net: NetOptions | None = None) -> int:
         """prepare + run-prepared without letting another process take the pod in between."""
         if interactive and len(apps) != 1 and opts.pod_manifest is None:
             raise ConfigError("--interactive needs a pod with exactly one app")
         pod = self.prepare(apps, opts, progress=progress, keep_lock=True)
         on_prepared(pod)
         return self.run_prepared(pod, interactive=interactive, accel=accel, stdout=stdout, stderr=stderr,
-                                 trust=pod.read_json("trust.json"))
+                                 trust=pod.read_json("trust.json"), net=net)
 
     # --- inspection ---------------------------------------------------------------------------------------
 
@@ -703,6 +725,7 @@ class Engine:
         finished = pod.read_json("exit.json", {}) or {}
         info["finished"] = finished.get("finished")
         info["integrity_failures"] = finished.get("integrity_failures", [])
+        info["network"] = self.networks.status(pod)
         if state not in ("running", "prepared"):
             info["exit_code"] = pod_exit_code({a["name"]: a["exit_code"] or 0 for a in info["apps"]}) if exits else None
         return info
@@ -772,8 +795,12 @@ class Engine:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
         return self._backend(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr)
 
-    def _collect(self, pod: Pod) -> None:
-        """Delete a pod directory that this process holds locked, after backend cleanup; free its MCS pair."""
+    def _collect(self, pod: Pod) -> bool:
+        """Delete a pod directory that this process holds locked, after network and backend cleanup; free its
+        MCS pair. A pod whose networks cannot be torn down is kept (False), so nothing leaks unrecorded."""
+        if not self._teardown_network(pod):
+            pod.unlock()
+            return False
         with contextlib.suppress(KvmrktError, OSError):
             selinux.release(self._selinux_file(), pod.uuid)
         try:
@@ -782,6 +809,7 @@ class Engine:
         except KvmrktError:
             pass
         pod.delete()
+        return True
 
     def remove(self, ref: str) -> None:
         """Remove a pod that is not running (rkt rm).
@@ -795,7 +823,9 @@ class Engine:
             raise PodStateError(f"pod {pod.uuid} is {state}; stop it first", state=state,
                                 hint=f"kvmrkt stop {pod.uuid}" if state == "running" else None)
         pod.lock()
-        self._collect(pod)
+        if not self._collect(pod):
+            raise PodStateError(f"pod {pod.uuid} was kept: its network could not be torn down", state=state,
+                                hint="see the warning above; fix it and run `kvmrkt rm` again")
 
     def gc(self, *, grace_period: float, expire_prepared: float) -> dict[str, list[str]]:
         """Mark exited pods as garbage and delete garbage older than the grace period (rkt gc)."""
@@ -806,6 +836,7 @@ class Engine:
             try:
                 if state == "exited":
                     pod.lock()
+                    self._teardown_network(pod)  # a killed `run` left it: free addresses and ports now
                     pod.move("exited-garbage")
                     pod.unlock()
                     marked.append(pod.uuid)
@@ -824,6 +855,6 @@ class Engine:
                     pod.lock()
                 except (PodStateError, FileNotFoundError):
                     continue
-                self._collect(pod)
-                removed.append(pod.uuid)
+                if self._collect(pod):
+                    removed.append(pod.uuid)
         return {"marked": marked, "removed": removed}

@@ -5,7 +5,8 @@ optional hint (how to fix it) and a stable process exit code. ``kvmrkt.cli`` cat
 Trust boundary: none; messages may quote untrusted input (image names, paths), which callers keep short.
 
 Exit codes (stable, documented in the README):
-  1 generic, 2 usage/config, 3 image, 4 policy, 5 measurement, 6 SELinux, 7 pod state, 8 stage1/VM.
+  1 generic, 2 usage/config, 3 image, 4 policy, 5 measurement, 6 SELinux, 7 pod state, 8 stage1/VM,
+  9 networking.
 Apps' own exit codes are passed through by ``kvmrkt run``; these codes apply when kvmrkt itself fails
 before or around the apps, which is why ``run`` prints the error on stderr too.
 """
@@ -140,6 +141,12 @@ class PodStateError(PodError):
     def __init__(self, message: str, *, state: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.state = state
+
+
+class NetworkError(KvmrktError):
+    """Pod networking failed: a CNI plugin, the network namespace, the tap or the port forwards."""
+
+    exit_code = 9
 
 
 class Stage1Error(KvmrktError):

@@ -31,6 +31,39 @@ def _nothing(_facts: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Nic:
+    """A guest network interface and the IPv4 configuration the guest init gives it.
+
+    ``tap`` names the tap device in ``NetworkPlan.netns`` that carries its frames (CNI networks); None means
+    QEMU user-mode networking. ``routes`` are (destination, prefix length, gateway or "" for on-link).
+    """
+
+    ifname: str
+    mac: str
+    mtu: int
+    tap: str | None
+    addrs: tuple[tuple[str, int], ...] = ()
+    routes: tuple[tuple[str, int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPlan:
+    """How a pod's VM is networked.
+
+    ``mode``: none (loopback only; QEMU itself runs in a new, empty network namespace), user (QEMU user-mode
+    NAT; QEMU stays in the host's namespace) or cni (QEMU runs in the pod's namespace ``netns``, a path, and
+    opens the taps there). ``forwards`` are (protocol, host address, host port, guest port) for user mode.
+    ``files`` are (path, content) written into every app's root (resolv.conf, hosts, hostname).
+    """
+
+    mode: str = "none"
+    netns: str = ""
+    nics: tuple[Nic, ...] = ()
+    forwards: tuple[tuple[str, str, int, int], ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RunOptions:
     """How to run a prepared pod (not part of the manifest: the same pod can run with other options).
 
@@ -44,6 +77,7 @@ class RunOptions:
     interactive: bool = False
     accel: str = "auto"
     exec_label: str | None = None
+    network: NetworkPlan = field(default_factory=NetworkPlan)
     before_boot: Callable[[dict[str, Any]], None] = _nothing
 
 
@@ -61,6 +95,9 @@ class Stage1(ABC):
 
     name: ClassVar[str]
     interface_version: ClassVar[int] = 1
+    # Network modes this backend can run, and whether it can forward ports in user mode.
+    network_modes: ClassVar[frozenset[str]] = frozenset({"none", "user", "cni"})
+    user_port_forwards: ClassVar[bool] = True
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config

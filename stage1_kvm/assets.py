@@ -220,7 +220,7 @@ def _kernel_key() -> str:
 # --- Debian's cloud kernel ---------------------------------------------------------------------------------
 
 CLOUD_META_PACKAGE = "linux-image-cloud-amd64"
-CLOUD_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay", "dm_verity")
+CLOUD_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "erofs", "overlay", "dm_verity")
 _DEPENDS = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
 
 

@@ -70,6 +70,11 @@ def build_domain_xml(
         if share.read_only:
             _sub(fs, "readonly")
         _sub(fs, "address", **mmio)
+    for nic in spec.nics:  # user mode only (the libvirt backend refuses CNI networks and port forwards)
+        iface = _sub(dev, "interface", type="user")
+        _sub(iface, "mac", address=nic.mac)
+        _sub(iface, "model", type="virtio")
+        _sub(iface, "address", **mmio)
     serial = _sub(dev, "serial", type="file")
     _sub(serial, "source", path=str(pod_dir / spec.console_log))
     _sub(serial, "target", port="0")

@@ -73,7 +73,15 @@ class _Domain:
 
 
 class LibvirtStage1(QemuStage1):
-    """Pods as transient libvirt domains."""
+    """Pods as transient libvirt domains.
+
+    Networking: --net=none and --net=user only. libvirtd opens taps in its own network namespace, so the
+    per-pod namespace that CNI networks are built in cannot be handed to it; user mode has no port forwards
+    (libvirt 9.0 forwards ports only with the passt backend).
+    """
+
+    network_modes = frozenset({"none", "user"})
+    user_port_forwards = False
 
     name = "libvirt"
 

@@ -211,6 +211,8 @@ class QemuStage1(Stage1):
                 f"host volumes need a guest kernel with 9p; the {assets.kind!r} kernel has none",
                 hint='use the minimal kernel (stage1.kernel = "minimal" in config.toml)',
             )
+        if opts.network.mode not in self.network_modes:
+            raise ConfigError(f"the {self.name} backend cannot run --net={opts.network.mode} pods")
         accel = choose_accel(opts.accel)
         qemu = _proc.which(cfg.qemu, hint="apt-get install qemu-system-x86")
         spec = build_vmspec(
@@ -225,13 +227,15 @@ class QemuStage1(Stage1):
             tsc_khz=host_tsc_khz(),
             host_cpus=os.cpu_count() or 1,
             acpi=assets.acpi,
+            network=opts.network,
         )
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
         # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
         for name in (CONSOLE_LOG, GUEST_STATUS, QEMU_LOG,
                      *(app_log(app.name, s) for app in manifest.apps for s in ("stdout", "stderr"))):
             pod.file(name).touch(mode=0o600)
-        config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity)
+        config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity,
+                                  network=opts.network)
         pod_initrd(assets.initrd, config, pod.file(POD_INITRD))
         record = {
             "backend": self.name,
@@ -246,6 +250,7 @@ class QemuStage1(Stage1):
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
             "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
+            "network": opts.network.mode,
         })  # fmt: skip
         vm = self._launch(pod, spec, qemu, opts, record)
         try:
@@ -262,7 +267,7 @@ class QemuStage1(Stage1):
         assert pod.lock_fd is not None
         with pod.file(QEMU_LOG).open("wb") as qlog:
             proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path,
-                               exec_label=opts.exec_label)
+                               exec_label=opts.exec_label, netns=spec.netns)
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
         return proc
 

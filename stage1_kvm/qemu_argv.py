@@ -62,4 +62,12 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
             "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=passthrough{ro}",
             "-device", f"virtio-9p-device,fsdev={share.id},mount_tag={share.tag}",
         ]  # fmt: skip
+    for i, nic in enumerate(spec.nics):
+        if nic.tap is not None:  # QEMU runs in the pod's network namespace, where the tap is
+            netdev = f"tap,id=net{i},ifname={_opt(nic.tap)},script=no,downscript=no"
+        else:
+            netdev = f"user,id=net{i},net=10.0.2.0/24"
+            for proto, host_ip, host_port, guest_port in spec.user_forwards:
+                netdev += f",hostfwd={proto}:{host_ip}:{host_port}-:{guest_port}"
+        argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
     return argv

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.manifest import PodManifest
+from kvmrkt.stage1 import NetworkPlan, Nic
 
 # Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs
 # with it as cwd), which keeps them under the 108-byte sun_path limit however deep the data dir is.
@@ -77,6 +78,9 @@ class VMSpec:
     qmp_socket: str = QMP_SOCKET
     console_log: str = CONSOLE_LOG
     sandbox: bool = True
+    nics: tuple[Nic, ...] = ()
+    user_forwards: tuple[tuple[str, str, int, int], ...] = ()
+    netns: str | None = ""  # where QEMU runs: a namespace path, "" a new empty one, None the host's
 
 
 def size_vm(manifest: PodManifest, cfg: Stage1Config, host_cpus: int) -> tuple[int, int]:
@@ -110,10 +114,13 @@ def build_vmspec(
     tsc_khz: int | None,
     host_cpus: int,
     acpi: bool = False,
+    network: NetworkPlan | None = None,
 ) -> VMSpec:
     """Describe the VM for a pod (pure). ``acpi``: the guest kernel finds virtio-mmio devices through ACPI
     (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
     memory, vcpus = size_vm(manifest, cfg, host_cpus)
+    network = network or NetworkPlan()
+    netns = {"none": "", "user": None}.get(network.mode, network.netns)
     disks: list[Disk] = []
     for i, a in enumerate(manifest.apps):
         disks.append(Disk(f"app{i}", rootfs[a.name], f"app{i}"))
@@ -147,6 +154,9 @@ def build_vmspec(
         ports=tuple(ports),
         sandbox=cfg.sandbox,
         acpi=acpi,
+        nics=network.nics,
+        user_forwards=network.forwards,
+        netns=netns,
     )
 
 
@@ -164,13 +174,21 @@ def _line(*fields: str | int) -> str:
 
 
 def guest_pod_config(
-    manifest: PodManifest, *, interactive: bool, verity: Mapping[str, Mapping[str, str]] | None = None
+    manifest: PodManifest, *, interactive: bool, verity: Mapping[str, Mapping[str, str]] | None = None,
+    network: NetworkPlan | None = None,
 ) -> bytes:
     """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format). With
-    ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity."""
+    ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity; ``network`` gives the
+    interfaces to configure and the files every app gets."""
     lines = [_line("version", 1), _line("interactive", int(interactive))]
     if manifest.hostname:
         lines.append(_line("hostname", manifest.hostname))
+    for nic in (network.nics if network else ()):
+        lines.append(_line("net", nic.ifname, nic.mac, nic.mtu))
+        lines.extend(_line("addr", ip, prefix) for ip, prefix in nic.addrs)
+        lines.extend(_line("route", dst, prefix, gw or "-") for dst, prefix, gw in nic.routes)
+    for path, content in (network.files if network else ()):
+        lines.append(_line("file", path, content))
     host_index = 0
     for v in manifest.volumes:
         tag = "-"

@@ -12,6 +12,7 @@ import click
 from kvmrkt import __version__
 from kvmrkt.cli._base import FORMATS, PULL_POLICY, _Ctx, _dump, _duration, _progress, _when, cli, pass_ctx
 from kvmrkt.engine import PodOptions
+from kvmrkt.netconf import NetOptions, parse_dns, parse_nets, parse_port
 from kvmrkt.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
 from kvmrkt.store import no_progress
 
@@ -23,6 +24,33 @@ def _pod_options(volume: tuple[str, ...], hostname: str | None, set_env: tuple[s
                       pull_policy=pull_policy)
 
 
+
+def _net_flags(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--net", multiple=True, metavar="NAME[:CNI_ARGS][,NAME...]",
+                     help="Networks to join: 'default' (172.16.28.0/24 with masquerading), any CNI network in "
+                          "CONFIG_DIR/net.d, 'none' (loopback only) or 'user' (QEMU user-mode NAT: no bridge, "
+                          "slower) [default: network.default in config, 'default']."),
+        click.option("--port", multiple=True, metavar="NAME|PODPORT[/PROTO]:[HOSTIP:]HOSTPORT",
+                     help="Forward a host port to a port the image names, or to a pod port number."),
+        click.option("--dns", multiple=True, metavar="IP|host|none",
+                     help="Name servers for /etc/resolv.conf; 'host' copies the host's file; 'none' ignores "
+                          "what CNI returns [default: CNI's answer, else the image's own file]."),
+        click.option("--dns-search", multiple=True, metavar="DOMAIN", help="DNS search domain."),
+        click.option("--dns-opt", multiple=True, metavar="OPT", help="resolv.conf option (e.g. ndots:2)."),
+        click.option("--dns-domain", metavar="DOMAIN", help="resolv.conf local domain."),
+        click.option("--hosts-entry", multiple=True, metavar="IP=HOSTNAME|host",
+                     help="Add an /etc/hosts entry; 'host' starts from the host's /etc/hosts."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _net_options(kw: dict[str, Any]) -> NetOptions:
+    """Consume the network flags of ``_net_flags`` from a command's keyword arguments."""
+    dns = parse_dns(dns=kw.pop("dns"), search=kw.pop("dns_search"), opts=kw.pop("dns_opt"),
+                    domain=kw.pop("dns_domain"), hosts=kw.pop("hosts_entry"))
+    return NetOptions(nets=parse_nets(kw.pop("net")), ports=tuple(parse_port(p) for p in kw.pop("port")), dns=dns)
 
 
 SELINUX = click.option(
@@ -60,20 +88,22 @@ kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
              epilog=_RUN_EPILOG)
 @_pod_flags
+@_net_flags
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
 @click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
 @SELINUX
 @click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
 @pass_ctx
-def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
+def run(c: _Ctx, /, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
         set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
-        pull_policy: str, accel: str | None, interactive: bool, selinux: str | None) -> None:
+        pull_policy: str, accel: str | None, interactive: bool, selinux: str | None, **net_flags: Any) -> None:
     """Run a pod: each IMAGE becomes one app, all in one new VM.
 
     IMAGE is an image in the store (name[:tag] or ID prefix), or a source fetched or imported on the way:
     docker://HOST[:PORT]/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG],
     FILE.aci.
     """
+    net = _net_options(net_flags)
     apps = parse_apps(list(images_and_flags)) if not pod_manifest else []
     opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
     engine = c.engine(accel=accel, backend=stage1, selinux_mode=selinux)
@@ -83,7 +113,7 @@ def run(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hos
             uuid_file_save.write_text(pod.uuid + "\n")
 
     code = engine.run(apps, opts, interactive=interactive, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                      progress=_progress, on_prepared=saved)
+                      progress=_progress, on_prepared=saved, net=net)
     sys.exit(code)
 
 
@@ -106,16 +136,19 @@ def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...],
 
 
 @cli.command("run-prepared")
+@_net_flags
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Accelerator [default: auto].")
 @click.option("--interactive", is_flag=True, help="Connect stdin to the app (one-app pods only).")
 @SELINUX
 @click.argument("uuid")
 @pass_ctx
-def run_prepared(c: _Ctx, uuid: str, accel: str | None, interactive: bool, selinux: str | None) -> None:
+def run_prepared(c: _Ctx, /, uuid: str, accel: str | None, interactive: bool, selinux: str | None,
+                 **net_flags: Any) -> None:
     """Run a pod made by `kvmrkt prepare`."""
+    net = _net_options(net_flags)
     engine = c.engine(accel=accel, selinux_mode=selinux)
     sys.exit(engine.run_prepared(engine.find(uuid), interactive=interactive, stdout=sys.stdout.buffer,
-                                 stderr=sys.stderr.buffer))
+                                 stderr=sys.stderr.buffer, net=net))
 
 
 @cli.command("list")
@@ -155,6 +188,9 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
     click.echo(f"selinux={sel.get('process_label') or ''}"
                f"{' (not applied: SELinux disabled)' if sel.get('process_label_applied') is False else ''}")
     click.echo(f"measured={info.get('measured')}")
+    net = info.get("network") or {}
+    click.echo("networks=" + ",".join(f"{n['name']}:{n['interface']}:" + "+".join(n["ips"])
+                                      for n in net.get("networks", [])))
     for app in info["apps"]:
         click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
 

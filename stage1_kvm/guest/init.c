@@ -11,6 +11,9 @@
  *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>...\n"; replies are frames
  *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
  *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n".
+ * Networking: loopback is brought up; each "net" of the pod config is the virtio-net NIC with that MAC, renamed
+ * to the interface name CNI used on the host and given the IPv4 addresses and routes the host read back from
+ * the pod's network namespace. "file" entries (hostname, hosts, resolv.conf) are written into every app root.
  * When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
  *
  * Trust boundary: everything the host sends (pod config in /kvmrkt/pod.cfg, control requests) is trusted as
@@ -29,7 +32,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <linux/dm-ioctl.h>
+#include <linux/openat2.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/sysmacros.h>
@@ -45,6 +54,10 @@
 #define MAX_APPS 32
 #define MAX_VOLS 32
 #define MAX_LIST 1024
+#define MAX_NICS 8
+#define MAX_ADDRS 8
+#define MAX_ROUTES 32
+#define MAX_FILES 16
 
 struct mountspec { char *vol; char *target; };
 
@@ -73,11 +86,26 @@ struct app {
 
 struct volume { char *name; char *kind; char *tag; int ro; };
 
+struct nic {
+    char *name, *mac;
+    int mtu;
+    struct { char *ip; int prefix; } addrs[MAX_ADDRS];
+    int naddrs;
+    struct { char *dst; int prefix; char *gw; } routes[MAX_ROUTES];  /* gw NULL: on-link */
+    int nroutes;
+};
+
+struct file { char *path, *content; };
+
 static struct app apps[MAX_APPS];
 static int napps;
 static struct volume vols[MAX_VOLS];
 static int nvols;
 static int interactive;
+static struct nic nics[MAX_NICS];
+static int nnics;
+static struct file files[MAX_FILES];
+static int nfiles;
 static char *hostname;
 static int status_fd = -1;
 static int stdin_fd = -1;  /* app 0's stdin port, opened at boot so host input is queued, not dropped */
@@ -212,6 +240,19 @@ static int parse_config(const char *path)
             interactive = atoi(fv[1]);
         } else if (!strcmp(k, "volume") && n == 5 && nvols < MAX_VOLS) {
             vols[nvols++] = (struct volume){fv[1], fv[2], fv[3], atoi(fv[4])};
+        } else if (!strcmp(k, "net") && n == 4 && nnics < MAX_NICS) {
+            nics[nnics++] = (struct nic){.name = fv[1], .mac = fv[2], .mtu = atoi(fv[3])};
+        } else if (nnics && !strcmp(k, "addr") && n == 3 && nics[nnics - 1].naddrs < MAX_ADDRS) {
+            struct nic *c = &nics[nnics - 1];
+            c->addrs[c->naddrs].ip = fv[1];
+            c->addrs[c->naddrs++].prefix = atoi(fv[2]);
+        } else if (nnics && !strcmp(k, "route") && n == 4 && nics[nnics - 1].nroutes < MAX_ROUTES) {
+            struct nic *c = &nics[nnics - 1];
+            c->routes[c->nroutes].dst = fv[1];
+            c->routes[c->nroutes].prefix = atoi(fv[2]);
+            c->routes[c->nroutes++].gw = strcmp(fv[3], "-") ? fv[3] : NULL;
+        } else if (!strcmp(k, "file") && n == 3 && nfiles < MAX_FILES) {
+            files[nfiles++] = (struct file){fv[1], fv[2]};
         } else if (!strcmp(k, "app") && n == 2 && napps < MAX_APPS) {
             cur = &apps[napps++];
             memset(cur, 0, sizeof(*cur));
@@ -472,6 +513,157 @@ static struct volume *volume_named(const char *name)
     return NULL;
 }
 
+static void sin_set(struct sockaddr *sa, in_addr_t addr)
+{
+    struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+    memset(sin, 0, sizeof(*sin));
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = addr;
+}
+
+static in_addr_t mask_of(int prefix)
+{
+    return prefix <= 0 ? 0 : htonl(prefix >= 32 ? 0xffffffffu : ~(0xffffffffu >> prefix));
+}
+
+static int if_ioctl(int fd, unsigned long req, const char *name, struct ifreq *ifr)
+{
+    snprintf(ifr->ifr_name, IFNAMSIZ, "%s", name);
+    return ioctl(fd, req, ifr);
+}
+
+static int if_up(int fd, const char *name)
+{
+    struct ifreq ifr = {0};
+    if (if_ioctl(fd, SIOCGIFFLAGS, name, &ifr) < 0)
+        return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return if_ioctl(fd, SIOCSIFFLAGS, name, &ifr);
+}
+
+static int rename_if(int fd, const char *from, const char *to)
+{
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_newname, IFNAMSIZ, "%s", to);
+    return strcmp(from, to) ? if_ioctl(fd, SIOCSIFNAME, from, &ifr) : 0;
+}
+
+static int route_ioctl(int fd, unsigned long req, char *dev, in_addr_t dst, int prefix, const char *gw)
+{
+    struct rtentry rt;
+    memset(&rt, 0, sizeof(rt));
+    sin_set(&rt.rt_dst, dst & mask_of(prefix));
+    sin_set(&rt.rt_genmask, mask_of(prefix));
+    rt.rt_flags = RTF_UP | (prefix == 32 ? RTF_HOST : 0);
+    if (gw) {
+        in_addr_t g;
+        if (inet_pton(AF_INET, gw, &g) != 1)
+            return errno = EINVAL, -1;
+        sin_set(&rt.rt_gateway, g);
+        rt.rt_flags |= RTF_GATEWAY;
+    }
+    rt.rt_dev = dev;
+    return ioctl(fd, req, &rt);
+}
+
+/* Configure one NIC (already renamed): MTU, addresses, then exactly the routes the host namespace had. */
+static int configure_nic(int fd, struct nic *c)
+{
+    struct ifreq ifr = {0};
+    ifr.ifr_mtu = c->mtu;
+    if (c->mtu > 0 && if_ioctl(fd, SIOCSIFMTU, c->name, &ifr) < 0)
+        return logmsg("%s: setting MTU %d: %s", c->name, c->mtu, strerror(errno)), -1;
+    for (int i = 0; i < c->naddrs; i++) {
+        char label[IFNAMSIZ];
+        in_addr_t a;
+        snprintf(label, sizeof(label), i ? "%s:%d" : "%s", c->name, i);
+        if (inet_pton(AF_INET, c->addrs[i].ip, &a) != 1)
+            return logmsg("%s: bad address %s", c->name, c->addrs[i].ip), -1;
+        memset(&ifr, 0, sizeof(ifr));
+        sin_set(&ifr.ifr_addr, a);
+        if (if_ioctl(fd, SIOCSIFADDR, label, &ifr) < 0)
+            return logmsg("%s: address %s: %s", label, c->addrs[i].ip, strerror(errno)), -1;
+        sin_set(&ifr.ifr_netmask, mask_of(c->addrs[i].prefix));
+        if (if_ioctl(fd, SIOCSIFNETMASK, label, &ifr) < 0)
+            return logmsg("%s: netmask /%d: %s", label, c->addrs[i].prefix, strerror(errno)), -1;
+    }
+    if (if_up(fd, c->name) < 0)
+        return logmsg("%s: up: %s", c->name, strerror(errno)), -1;
+    /* The kernel added a subnet route per address; the host's list is authoritative (ptp has none). */
+    for (int i = 0; i < c->naddrs; i++) {
+        in_addr_t a;
+        inet_pton(AF_INET, c->addrs[i].ip, &a);
+        route_ioctl(fd, SIOCDELRT, c->name, a, c->addrs[i].prefix, NULL);
+    }
+    for (int i = 0; i < c->nroutes; i++) {
+        in_addr_t d;
+        if (inet_pton(AF_INET, c->routes[i].dst, &d) != 1 ||
+            (route_ioctl(fd, SIOCADDRT, c->name, d, c->routes[i].prefix, c->routes[i].gw) < 0 && errno != EEXIST))
+            return logmsg("%s: route %s/%d via %s: %s", c->name, c->routes[i].dst, c->routes[i].prefix,
+                          c->routes[i].gw ? c->routes[i].gw : "link", strerror(errno)), -1;
+    }
+    return 0;
+}
+
+/* Bring up loopback and every NIC of the pod config, found by MAC (probe order is not relied on). */
+static int setup_network(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || if_up(fd, "lo") < 0)
+        return logmsg("loopback: %s", strerror(errno)), -1;
+    char tmp[MAX_NICS][IFNAMSIZ];
+    for (int i = 0; i < nnics; i++) {  /* two renames, so eth1 -> eth0 cannot collide with eth0 -> eth1 */
+        char dev[PATH_MAX];
+        if (find_device("/sys/class/net", "", "address", nics[i].mac, dev, sizeof(dev)) < 0)
+            return logmsg("no network interface with MAC %s", nics[i].mac), close(fd), -1;
+        snprintf(tmp[i], IFNAMSIZ, "kvnic%d", i);
+        if (rename_if(fd, dev + strlen("/dev/"), tmp[i]) < 0)
+            return logmsg("renaming %s: %s", dev + 5, strerror(errno)), close(fd), -1;
+    }
+    for (int i = 0; i < nnics; i++)
+        if (rename_if(fd, tmp[i], nics[i].name) < 0 || configure_nic(fd, &nics[i]) < 0)
+            return logmsg("network interface %s: %s", nics[i].name, strerror(errno)), close(fd), -1;
+    close(fd);
+    return 0;
+}
+
+/*
+ * Write the pod's files (hostname, hosts, resolv.conf) into an app root. Paths resolve inside the root
+ * (RESOLVE_IN_ROOT), and a symlink in the image at the file's own path is replaced, not followed.
+ */
+static int write_files(struct app *a)
+{
+    int root = open(a->root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0)
+        return -1;
+    for (int i = 0; i < nfiles; i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s", files[i].path + (files[i].path[0] == '/'));
+        char *slash = strrchr(dir, '/');
+        const char *base = slash ? slash + 1 : dir;
+        if (slash)
+            *slash = 0;
+        mkdirat(root, slash ? dir : ".", 0755);  /* the usual case: /etc exists, or is made here */
+        struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_CLOEXEC, .resolve = RESOLVE_IN_ROOT};
+        int dfd = (int)syscall(SYS_openat2, root, slash ? dir : ".", &how, sizeof(how));
+        if (dfd < 0) {
+            close(root);
+            return -1;
+        }
+        unlinkat(dfd, base, 0);
+        int fd = openat(dfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        close(dfd);
+        if (fd < 0) {
+            close(root);
+            return -1;
+        }
+        write_all(fd, files[i].content, strlen(files[i].content));
+        close(fd);
+    }
+    close(root);
+    return 0;
+}
+
 static int setup_app(struct app *a)
 {
     char dev[PATH_MAX], lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
@@ -525,16 +717,8 @@ static int setup_app(struct app *a)
         if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
             return app_error(a, "remounting a volume read-only"), -1;
     }
-    if (hostname) {
-        char p[PATH_MAX];
-        snprintf(p, sizeof(p), "%s/etc/hostname", a->root);
-        int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-        if (fd >= 0) {
-            write_all(fd, hostname, strlen(hostname));
-            write_all(fd, "\n", 1);
-            close(fd);
-        }
-    }
+    if (write_files(a) < 0)
+        return app_error(a, "writing /etc/hostname, /etc/hosts or /etc/resolv.conf"), -1;
     return 0;
 }
 
@@ -895,6 +1079,10 @@ int main(void)
     status("READY");
     int ctl = open_port("kvmrkt.ctl", O_RDWR);
     int sig = open_port("kvmrkt.sig", O_RDWR);
+    if (setup_network() < 0) {
+        status("FATAL network%%20setup%%20failed%%20(see%%20the%%20console%%20log)");
+        shutdown_vm();
+    }
     if (setup_volumes() < 0) {
         status("FATAL volume%%20setup%%20failed");
         shutdown_vm();

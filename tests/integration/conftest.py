@@ -2,11 +2,13 @@
 
 Each test gets its own data and config directories; the kvmrkt CLI runs as a subprocess exactly as an operator
 runs it. After each test, any process whose command line mentions the test's data directory (its QEMUs) is a
-leak: it is killed by pid and the test fails.
+leak: it is killed by pid and the test fails; so is any network namespace, veth or CNI iptables rule that was
+not there before the test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,9 +32,11 @@ def _missing() -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root"
     for prog in ("qemu-system-x86_64", "umoci", "mkfs.erofs", "swtpm", "skopeo", "gpg", "docker-registry", "actool",
-                 "libvirtd", "virtlogd", "veritysetup", "tpm2_checkquote", "xmllint"):
+                 "libvirtd", "virtlogd", "veritysetup", "tpm2_checkquote", "xmllint", "ip", "tc", "iptables-save"):
         if not shutil.which(prog):
             return f"{prog} is not installed (run `make setup`)"
+    if not Path("/usr/lib/cni/ptp").exists():
+        return "CNI plugins are not installed (run `make setup`)"
     try:
         load_assets(Stage1Config(), "minimal")
         load_assets(Stage1Config(), "debian-cloud")
@@ -150,6 +154,24 @@ def _our_processes(marker: str) -> list[int]:
     return pids
 
 
+def net_snapshot() -> dict[str, set[str]]:
+    """Host network state pods could leak: kvmrkt namespaces, veths, and iptables rules naming a CNI container."""
+    def out(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    return {
+        "netns": {ln.split()[0] for ln in out("ip", "netns", "list").splitlines() if ln.startswith("kvmrkt-")},
+        "veth": {link["ifname"] for link in json.loads(out("ip", "-j", "link", "show"))
+                 if link["ifname"].startswith("veth")},
+        "rules": {ln for ln in out("iptables-save").splitlines() if ln.startswith("-A") and 'id: \"' in ln},
+    }
+
+
+def net_leaks(before: dict[str, set[str]]) -> dict[str, set[str]]:
+    """What exists now and did not in ``before``."""
+    return {k: v - before[k] for k, v in net_snapshot().items() if v - before[k]}
+
+
 @dataclass
 class Result:
     rc: int
@@ -189,9 +211,12 @@ class Kvmrkt:
         return proc
 
     def write_config(self, text: str) -> None:
-        """Write config.toml; every test config measures into the session's swtpm unless it says otherwise."""
+        """Write config.toml; every test config measures into the session's swtpm and runs pods without a network
+        unless it says otherwise (tests/integration/test_network.py asks for networks explicitly)."""
         if "[measure]" not in text:
             text += f'\n[measure]\ntcti = "{self.tcti}"\n'
+        if "[network]" not in text:
+            text += '\n[network]\ndefault = "none"\n'
         if self.backend != "qemu":
             line = f'backend = "{self.backend}"\n'
             text = text.replace("[stage1]\n", "[stage1]\n" + line, 1) if "[stage1]\n" in text else (
@@ -223,6 +248,7 @@ boot_timeout = 60
 
 @pytest.fixture
 def kvmrkt(tmp_path: Path, busybox_layout: Path, swtpm: Swtpm) -> Iterator[Kvmrkt]:
+    before = net_snapshot()
     data, config = tmp_path / "data", tmp_path / "etc"
     config.mkdir()
     k = Kvmrkt(data, config, swtpm.tcti)
@@ -242,3 +268,4 @@ def kvmrkt(tmp_path: Path, busybox_layout: Path, swtpm: Swtpm) -> Iterator[Kvmrk
     for pid in leaked:
         os.kill(pid, signal.SIGKILL)
     assert not leaked, f"leaked QEMU processes {leaked}"
+    assert not net_leaks(before), f"leaked host network state {net_leaks(before)}"
