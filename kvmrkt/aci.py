@@ -27,7 +27,7 @@ from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.oci import load_json
 from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
 
-AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*$")
+AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")
 MAX_MANIFEST = 1 << 20
 
 

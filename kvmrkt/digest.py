@@ -16,7 +16,7 @@ from pathlib import Path
 from kvmrkt.errors import DigestMismatchError, ManifestError
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
-_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
+_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)\Z")
 
 
 @dataclass(frozen=True, slots=True)

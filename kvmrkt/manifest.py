@@ -16,8 +16,11 @@ from typing import Any
 from kvmrkt.errors import ManifestError
 
 POD_MANIFEST_KIND = "kvmrkt.pod/v1"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+# A DNS name (RFC 1123 labels, optional final dot): host names, /etc/hosts entries, search domains.
+DNS_NAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*\Z")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -152,6 +155,10 @@ class PodManifest:
     def __post_init__(self) -> None:
         if not self.apps:
             raise ManifestError("a pod needs at least one app")
+        if self.hostname and (len(self.hostname) > 64 or self.hostname.endswith(".")
+                              or not DNS_NAME_RE.match(self.hostname)):
+            raise ManifestError(f"invalid hostname {self.hostname[:80]!r}",
+                                hint="letters, digits, '-' and '.', at most 64 characters")
         names = [a.name for a in self.apps]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

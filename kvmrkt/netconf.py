@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import ConfigError, NetworkError
+from kvmrkt.manifest import DNS_NAME_RE
 
 NONE = "none"
 USER = "user"
 DEFAULT = "default"
 NET_DIR = "net.d"
-_NET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,61}"
-                      r"[A-Za-z0-9])?)*\.?$")
+_NET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
 # QEMU user-mode networking's fixed addresses (slirp defaults).
 USER_NET, USER_ADDR, USER_PREFIX, USER_GATEWAY, USER_DNS = "10.0.2.0", "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
 ANY_V4 = "0.0.0.0"  # noqa: S104 (a route destination, not a bind address)
@@ -244,10 +243,10 @@ def parse_dns(*, dns: tuple[str, ...], search: tuple[str, ...], opts: tuple[str,
         except ValueError:
             raise ConfigError(f"--dns {value!r}: not an IP address (or host, none)") from None
     for name in (*search, *([domain] if domain else [])):
-        if not _HOST_RE.match(name):
+        if not DNS_NAME_RE.match(name):
             raise ConfigError(f"invalid DNS domain {name[:80]!r}")
     for opt in opts:
-        if not re.match(r"^[A-Za-z0-9_\-:.]+$", opt):
+        if not re.fullmatch(r"[A-Za-z0-9_\-:.]+", opt):
             raise ConfigError(f"--dns-opt {opt[:80]!r}: not a resolv.conf option")
     entries: list[tuple[str, str]] = []
     for value in hosts:
@@ -260,7 +259,7 @@ def parse_dns(*, dns: tuple[str, ...], search: tuple[str, ...], opts: tuple[str,
                 raise ValueError
         except ValueError:
             raise ConfigError(f"--hosts-entry {value!r}: expected IP=HOSTNAME (or host)") from None
-        if not _HOST_RE.match(name):
+        if not DNS_NAME_RE.match(name):
             raise ConfigError(f"--hosts-entry {value!r}: {name!r} is not a host name")
         entries.append((ip, name))
     return DnsOptions(servers=tuple(servers), search=tuple(search), options=tuple(opts), domain=domain or "",
@@ -292,7 +291,7 @@ def _load_one(path: Path, text: str) -> NetworkConfig:
         plugins = [{k: v for k, v in doc.items() if k not in ("name", "cniVersion")}]
     for i, plugin in enumerate(plugins):
         if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or not re.match(
-            r"^[A-Za-z0-9_\-]+$", plugin["type"]
+            r"[A-Za-z0-9_\-]+\Z", plugin["type"]
         ):
             raise ConfigError(f"{path}: plugin {i} has no valid \"type\"")
     if name in (NONE, USER, "host", "all"):
@@ -378,7 +377,7 @@ def result_dns(result: dict[str, Any]) -> dict[str, Any]:
         values = dns.get(key)
         if isinstance(values, list):
             out[key] = [v for v in values if isinstance(v, str) and v and "\n" not in v]
-    if isinstance(dns.get("domain"), str) and _HOST_RE.match(dns["domain"]):
+    if isinstance(dns.get("domain"), str) and DNS_NAME_RE.match(dns["domain"]):
         out["domain"] = dns["domain"]
     return out
 

@@ -83,7 +83,7 @@ def parse_mount(text: str) -> MountPoint:
     return MountPoint(opts["volume"], opts["target"])
 
 
-_SIZE = re.compile(r"^(\d+)([KMGT]i?|[kmgt])?$")
+_SIZE = re.compile(r"^(\d+)([KMGT]i?|[kmgt])?\Z")
 _FACTORS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3,
             "Ti": 1024**4}  # fmt: skip
 

@@ -200,3 +200,24 @@ def test_libvirt_domain_gets_user_mode_nic() -> None:
     assert iface.find("mac").get("address") == "02:6b:00:00:00:00"  # type: ignore[union-attr]
     assert iface.find("address").get("type") == "virtio-mmio"  # type: ignore[union-attr]
     assert json.dumps(CNI_PLAN.files)  # plans are plain data
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
+    """Python's `$` matches before a final newline; every name check anchors with \\Z instead."""
+    from kvmrkt.digest import Digest
+    from kvmrkt.errors import ManifestError
+    from kvmrkt.manifest import check_name
+
+    with pytest.raises(ManifestError):
+        Digest.parse("sha256:" + "a" * 64 + "\n")
+    with pytest.raises(ManifestError):
+        check_name("app", "web\n")
+    with pytest.raises(ConfigError):
+        parse_nets(("de\nfault",))
+    for bad in ("web\n", "a" * 65, "-web", "web.", "we b"):
+        with pytest.raises(ManifestError, match="invalid hostname"):
+            PodManifest(uuid=UUID, apps=manifest().apps, hostname=bad)
+    (tmp_path / "net.d").mkdir()
+    (tmp_path / "net.d" / "a.conf").write_text('{"name": "a", "type": "ptp\\n"}')
+    with pytest.raises(ConfigError, match="type"):
+        load_networks(tmp_path)
