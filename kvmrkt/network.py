@@ -198,8 +198,8 @@ class PodNetworks:
         state["networks"] = [{"name": a.net.name, "ifname": a.ifname, "args": a.args, "runtime": a.runtime,
                               "config": a.net.to_dict(), "result": None} for a in intent.attachments]
         pod.write_json(STATE, state)
-        self._ip("netns", "add", name)
-        self._ip("-n", name, "link", "set", "dev", "lo", "up")
+        self._iproute("netns", "add", name)
+        self._iproute("-n", name, "link", "set", "dev", "lo", "up")
         for entry, att in zip(state["networks"], intent.attachments, strict=True):
             entry["added"] = True
             pod.write_json(STATE, state)
@@ -227,7 +227,7 @@ class PodNetworks:
             files.append(("/etc/resolv.conf", resolv))
         return tuple(files)
 
-    def _ip(self, *args: str, tool: str = "ip", stdin: str | None = None) -> str:
+    def _iproute(self, *args: str, tool: str = "ip", stdin: str | None = None) -> str:
         try:
             proc = _proc.run([_proc.which(tool, hint="apt-get install iproute2"), *args], timeout=30,
                              input_bytes=stdin.encode() if stdin is not None else None)
@@ -240,7 +240,7 @@ class PodNetworks:
         MAC, MTU, IPv4 addresses and routes read back for the guest."""
         atts = list(attachments)
         shows = "".join(f"addr show dev {a.ifname}\nroute show dev {a.ifname}\n" for a in atts)
-        docs = _parse_json_stream(self._ip("-n", ns, "-j", "-batch", "-", stdin=shows))
+        docs = _parse_json_stream(self._iproute("-n", ns, "-j", "-batch", "-", stdin=shows))
         if len(docs) != 2 * len(atts):
             raise NetworkError(f"could not read the interfaces CNI made in {ns}")
         taps, redirects, nics = [], [], []
@@ -262,8 +262,8 @@ class PodNetworks:
                 self.warn(f"network {att.net.name!r} gave {att.ifname} no IPv4 address; the guest configures "
                           "IPv4 only")
             nics.append(Nic(att.ifname, str(info["address"]), mtu, tap, addrs, routes_for_guest(routes)))
-        self._ip("-n", ns, "-batch", "-", stdin="".join(taps))
-        self._ip("-n", ns, "-batch", "-", tool="tc", stdin="".join(redirects))
+        self._iproute("-n", ns, "-batch", "-", stdin="".join(taps))
+        self._iproute("-n", ns, "-batch", "-", tool="tc", stdin="".join(redirects))
         return tuple(nics)
 
     # --- CNI ----------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ class PodNetworks:
                     errors.append(exc.message)
         if name and (NETNS_DIR / name).exists():
             try:
-                self._ip("netns", "delete", name)
+                self._iproute("netns", "delete", name)
             except NetworkError as exc:
                 errors.append(exc.message)
         if errors:

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,19 @@ def peer() -> Iterator[Peer]:
         subprocess.run(["ip", "netns", "delete", ns], check=False)  # takes the veth pair with it
 
 
+@contextmanager
+def deleted_after_the_pods(kvmrkt: Kvmrkt, link: str) -> Iterator[None]:
+    """Delete a host link the test made once its pods are gone and their networks torn down."""
+    try:
+        yield
+    finally:
+        for proc in kvmrkt.procs:
+            proc.kill()
+            proc.communicate(timeout=60)
+        kvmrkt("gc", "--grace-period=0s")
+        subprocess.run(["ip", "link", "delete", link], check=False, capture_output=True)
+
+
 def pod_network(kvmrkt: Kvmrkt, uuid: str) -> dict[str, object]:
     return dict(json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["network"])
 
@@ -126,7 +140,7 @@ def test_two_pods_on_one_bridge_and_a_pod_on_two_networks(kvmrkt: Kvmrkt, tmp_pa
                               "dataDir": str(tmp_path / "ipam")},
                      "dns": {"nameservers": ["192.0.2.99"], "search": ["pods.test"]}}],
     }))
-    try:
+    with deleted_after_the_pods(kvmrkt, bridge):
         # Pod A through prepare + run-prepared (networks are run-time options, as in rkt).
         uuid_a = kvmrkt.ok("prepare", "--quiet", *SH, "-c", HTTPD.format(name="a")).out.strip()
         uuid_file = tmp_path / "uuid-a"
@@ -142,12 +156,6 @@ def test_two_pods_on_one_bridge_and_a_pod_on_two_networks(kvmrkt: Kvmrkt, tmp_pa
         assert "eth0    inet 172.16.28." in res.out and f"eth1    inet 10.196.{n}." in res.out
         assert "nameserver 192.0.2.99" in res.out and "search pods.test" in res.out
         kvmrkt.ok("stop", uuid_a)
-    finally:
-        for proc in kvmrkt.procs:
-            proc.kill()
-            proc.communicate(timeout=60)
-        kvmrkt("gc", "--grace-period=0s")
-        subprocess.run(["ip", "link", "delete", bridge], check=False, capture_output=True)
 
 
 def test_egress_is_masqueraded(kvmrkt: Kvmrkt, tmp_path: Path, peer: Peer) -> None:
@@ -300,16 +308,10 @@ def test_macvlan_works_unchanged(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
               "ipam": {"type": "host-local", "ranges": [[{"subnet": f"10.195.{n}.0/24"}]],
                        "dataDir": str(tmp_path / "ipam")}}
     (kvmrkt.config / "net.d" / "lan.conf").write_text(json.dumps({"cniVersion": "1.0.0", "name": "lan", **plugin}))
-    try:
+    with deleted_after_the_pods(kvmrkt, master):
         uuid_a, _proc = start_pod(kvmrkt, tmp_path, "--net=lan", script=HTTPD.format(name=kind))
         ip_a = pod_network(kvmrkt, uuid_a)["networks"][0]["ips"][0].split("/")[0]  # type: ignore[index]
         res = kvmrkt("run", "--net=lan", *SH, "-c", f"wget -q -O- http://{ip_a}/")
         assert res.rc == 0, res.err
         assert res.out == f"hello-from-{kind}\n"
         kvmrkt.ok("stop", uuid_a)
-    finally:
-        for proc in kvmrkt.procs:
-            proc.kill()
-            proc.communicate(timeout=60)
-        kvmrkt("gc", "--grace-period=0s")
-        subprocess.run(["ip", "link", "delete", master], check=False, capture_output=True)
