@@ -11,7 +11,8 @@ DEMO_DIR := /var/tmp/kvmrkt-demo
 DEBS := qemu-system-x86 busybox-static erofs-utils umoci skopeo swtpm swtpm-tools docker-registry appc-spec apache2-utils \
 	linux-source-6.1 bc flex bison libelf-dev libssl-dev gcc make libc6-dev cpio xz-utils \
 	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools \
-	libvirt-daemon-system libvirt-clients libxml2-utils containernetworking-plugins iproute2 iptables
+	libvirt-daemon-system libvirt-clients libxml2-utils containernetworking-plugins iproute2 iptables \
+	containerd runc podman golang-github-opencontainers-specs-dev
 
 .PHONY: setup debs venv assets run test unit integration lint bench clean
 
@@ -29,6 +30,7 @@ debs:
 
 venv: $(VENV)/.installed
 	ln -sf $(KVMRKT) /usr/local/bin/kvmrkt
+	ln -sf $(VENV)/bin/kvmrkt-oci /usr/local/bin/kvmrkt-oci
 
 $(VENV)/.installed: pyproject.toml
 	/usr/bin/python3 -m venv $(VENV)

@@ -104,7 +104,7 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
 
     def bare_pod(exec_: list[str], name: str) -> tuple[list[str], Path, int]:
         pod = engine.prepare([AppRequest(image="busybox", exec=exec_[0], args=exec_[1:])], PodOptions())
-        manifest = engine._manifest(pod)
+        manifest = engine.pod_manifest(pod)
         rootfs = {a.name: engine._rootfs(a, no_progress) for a in manifest.apps}
         verity = {a.name: engine._verity(a) for a in manifest.apps}
         spec = build_vmspec(manifest, cfg=cfg, accel=accel, kernel=assets.kernel, rootfs=rootfs, interactive=False,

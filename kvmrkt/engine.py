@@ -38,10 +38,10 @@ from kvmrkt.errors import (
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.netconf import NetOptions
-from kvmrkt.network import PodNetworks
+from kvmrkt.network import Intent, PodNetworks
 from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
-from kvmrkt.stage1 import RunOptions, Stage1, load_backend
+from kvmrkt.stage1 import RunOptions, RunResult, Stage1, load_backend
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
 from measure.events import EventLog, boot_id, launch_events, parse_log
 from measure.replay import replay
@@ -209,7 +209,7 @@ class Engine:
         for pod in Pod.all(self.config.data_dir):
             if pod.phase in ("embryo", "prepare", "prepared", "run"):
                 with contextlib.suppress(KvmrktError):
-                    used.update({a.image_id: f"{pod.state()} pod {pod.uuid}" for a in self._manifest(pod).apps})
+                    used.update({a.image_id: f"{pod.state()} pod {pod.uuid}" for a in self.pod_manifest(pod).apps})
         return used
 
     def _images_in_use(self) -> set[str]:
@@ -420,24 +420,39 @@ class Engine:
         Raises:
             KvmrktError: any resolution or validation failure; nothing is left behind.
         """
-        backend = opts.stage1 or self.config.stage1.backend
-        stage1 = load_backend(backend, self.config)
+
+        def judge(manifest: PodManifest) -> dict[str, Any]:
+            trust = self._trust_pod(manifest)
+            for app in manifest.apps:
+                self._rootfs(app, progress)
+            return trust
+
+        return self.new_pod(lambda uuid: self._build_manifest(uuid, apps, opts, progress), judge,
+                            stage1=opts.stage1, keep_lock=keep_lock)
+
+    def new_pod(self, build: Callable[[str], PodManifest], judge: Callable[[PodManifest], dict[str, Any]], *,
+                stage1: str | None = None, keep_lock: bool = False) -> Pod:
+        """Write a pod directory in the ``prepared`` phase: ``build(uuid)`` makes its manifest, which gets an
+        SELinux label; ``judge(manifest)`` returns the trust verdicts recorded (and measured) for it.
+
+        Raises:
+            KvmrktError: from ``build`` or ``judge``; nothing is left behind.
+        """
+        backend = load_backend(stage1 or self.config.stage1.backend, self.config)
         pod = Pod.create(self.config.data_dir)
         try:
             pod.move("prepare")
-            manifest = self._build_manifest(pod.uuid, apps, opts, progress)
+            manifest = build(pod.uuid)
             label = self._allocate_label(pod.uuid)
             manifest = replace(manifest, annotations=(
                 *manifest.annotations, ("kvmrkt.selinux/process-label", label.process_label),
                 ("kvmrkt.selinux/file-label", label.file_label)))
-            trust = self._trust_pod(manifest)
-            for app in manifest.apps:
-                self._rootfs(app, progress)
+            trust = judge(manifest)
             pod.write_json(POD_MANIFEST, manifest.to_dict())
             pod.write_json("trust.json", trust)
             pod.write_json(
                 STAGE1_RECORD,
-                {"backend": stage1.name, "interface_version": stage1.interface_version, "created": time.time(),
+                {"backend": backend.name, "interface_version": backend.interface_version, "created": time.time(),
                  "insecure_options": sorted(self.config.insecure_options)},
             )
             pod.move("prepared")
@@ -485,9 +500,11 @@ class Engine:
         if failed and self.config.selinux.mode == "required":
             raise SELinuxError(f"cannot label pod files: {failed[0]}")
 
-    def _measure(self, pod: Pod, manifest: PodManifest, trust: dict[str, Any], facts: dict[str, Any]) -> None:
+    def _measure(self, pod: Pod, manifest: PodManifest, trust: dict[str, Any], facts: dict[str, Any], *,
+                 apps: list[dict[str, Any]] | None = None) -> None:
         """Measured launch: log and extend every fact of this launch into the TPM before the VM runs (fail
-        closed), or record that the pod runs unmeasured under --insecure-options=tpm."""
+        closed), or record that the pod runs unmeasured under --insecure-options=tpm. ``apps``: the per-app
+        events, when they do not come from the image store."""
         if "tpm" in self.config.insecure_options:
             self.warn(f"WARNING: --insecure-options=tpm: pod {pod.uuid} runs UNMEASURED (nothing in the TPM)")
             pod.write_json("measure.json", {"measured": False, "reason": "--insecure-options=tpm"})
@@ -498,12 +515,8 @@ class Engine:
                 "no TPM is configured and /dev/tpmrm0 does not exist: the pod cannot be measured",
                 hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
                      "with --insecure-options=tpm (unmeasured)")
-        apps = []
-        for app in manifest.apps:
-            record = self.store.get(app.image_id)
-            apps.append({"app": app.name, "image": app.image_name, "manifest": app.image_id,
-                         "signed": record.signed_digest, "rootfs": app.rootfs_digest,
-                         "verity_root": record.verity_root})
+        if apps is None:
+            apps = [self._app_event(app) for app in manifest.apps]
         events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, stage1=facts,
                                trust={"policy": self._policy_digest(), "decisions": trust},
                                insecure=sorted(self.config.insecure_options))
@@ -511,6 +524,11 @@ class Engine:
         recnums = measurer.measure(events)
         pod.write_json("measure.json", {"measured": True, "pcr": cfg.pcr, "log": str(measurer.log.path),
                                         "records": recnums, "events": [e.kind for e in events]})
+
+    def _app_event(self, app: AppSpec) -> dict[str, Any]:
+        record = self.store.get(app.image_id)
+        return {"app": app.name, "image": app.image_name, "manifest": app.image_id, "signed": record.signed_digest,
+                "rootfs": app.rootfs_digest, "verity_root": record.verity_root}
 
     def event_log(self, path: Path | None) -> dict[str, Any]:
         """Check and replay an event log (default: this boot's) and read the PCR it should match.
@@ -581,13 +599,13 @@ class Engine:
         record = self.store.get(app.image_id)
         return {"root": record.verity_root, "salt": record.verity_salt}
 
-    def _manifest(self, pod: Pod) -> PodManifest:
+    def pod_manifest(self, pod: Pod) -> PodManifest:
         doc = pod.read_json(POD_MANIFEST)
         if doc is None:
             raise PodStateError(f"pod {pod.uuid} has no manifest (it never finished preparing)", state=pod.state())
         return PodManifest.from_dict(doc)
 
-    def _backend(self, pod: Pod) -> Stage1:
+    def backend_for(self, pod: Pod) -> Stage1:
         rec = pod.read_json(STAGE1_RECORD) or {}
         backend = load_backend(str(rec.get("backend", self.config.stage1.backend)), self.config)
         if rec.get("interface_version", backend.interface_version) != backend.interface_version:
@@ -621,39 +639,48 @@ class Engine:
             pod.refresh()
             if pod.phase != "prepared":
                 raise PodStateError(f"pod {pod.uuid} is {pod.state()}, not prepared", state=pod.state())
-            manifest = self._manifest(pod)
+            manifest = self.pod_manifest(pod)
             if interactive and len(manifest.apps) != 1:
                 raise ConfigError("--interactive needs a pod with exactly one app")
             if trust is None:
                 trust = self._trust_pod(manifest)
                 pod.write_json("trust.json", trust)
             rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
-            backend = self._backend(pod)
+            backend = self.backend_for(pod)
             ports = [p for a in manifest.apps for p in self.store.get(a.image_id).ports]
             intent = self.networks.intent(net or NetOptions(), ports, modes=backend.network_modes,
                                           user_forwards=backend.user_port_forwards)
 
-            labels = self._apply_labels(pod, manifest)
-
-            def before_boot(facts: dict[str, Any]) -> None:
-                self._label_files(pod, labels)
-                self._measure(pod, manifest, trust, {**facts, "selinux": labels})
-
-            pod.move("run")
-            try:
-                opts = RunOptions(rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
-                                  interactive=interactive, accel=accel or self.config.stage1.accel,
-                                  exec_label=labels["process"] if labels["process_applied"] else None,
-                                  network=self.networks.setup(pod, manifest, intent), before_boot=before_boot)
-                result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
-            finally:
-                self._teardown_network(pod)
-            pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
-                                         "integrity_failures": list(result.integrity_failures),
-                                         "finished": time.time()})
+            result = self.boot(pod, manifest, backend, trust=trust, intent=intent, stdout=stdout, stderr=stderr,
+                               rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
+                               interactive=interactive, accel=accel or self.config.stage1.accel)
             return pod_exit_code(result.exit_codes)
         finally:
             pod.unlock()
+
+    def boot(self, pod: Pod, manifest: PodManifest, backend: Stage1, *, trust: dict[str, Any], intent: Intent,
+             stdout: IO[bytes], stderr: IO[bytes], measured_apps: list[dict[str, Any]] | None = None,
+             **run_options: Any) -> RunResult:
+        """Run a prepared pod that this process holds locked: labels, network, measured launch, the VM; the
+        network is torn down when the VM ends. ``run_options`` are ``RunOptions`` fields (rootfs, ...);
+        ``measured_apps`` replaces the per-app events taken from the image store (for OCI bundles)."""
+        labels = self._apply_labels(pod, manifest)
+
+        def before_boot(facts: dict[str, Any]) -> None:
+            self._label_files(pod, labels)
+            self._measure(pod, manifest, trust, {**facts, "selinux": labels}, apps=measured_apps)
+
+        pod.move("run")
+        try:
+            opts = RunOptions(**run_options, exec_label=labels["process"] if labels["process_applied"] else None,
+                              network=self.networks.setup(pod, manifest, intent), before_boot=before_boot)
+            result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
+        finally:
+            self._teardown_network(pod)
+        pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
+                                     "integrity_failures": list(result.integrity_failures),
+                                     "finished": time.time()})
+        return result
 
     def _teardown_network(self, pod: Pod) -> bool:
         """Tear down a pod's networks (its VM is gone); a failure is reported, and left for the next gc."""
@@ -698,13 +725,13 @@ class Engine:
         info["created"] = rec.get("created")
         info["insecure_options"] = rec.get("insecure_options", [])
         try:
-            manifest = self._manifest(pod)
+            manifest = self.pod_manifest(pod)
         except KvmrktError:
             manifest = None
         backend_info: dict[str, Any] = {}
         if pod.phase not in ("embryo", "prepare", "prepared"):
             try:
-                backend_info = self._backend(pod).status(pod)
+                backend_info = self.backend_for(pod).status(pod)
             except KvmrktError as exc:
                 backend_info = {"error": exc.message}
         info.update({k: backend_info.get(k) for k in ("backend", "accel", "pid", "started", "memory_mib", "vcpus")})
@@ -735,7 +762,7 @@ class Engine:
         out = []
         for pod in Pod.all(self.config.data_dir):
             try:
-                manifest = self._manifest(pod)
+                manifest = self.pod_manifest(pod)
                 apps = [{"name": a.name, "image": a.image_name} for a in manifest.apps]
             except KvmrktError:
                 apps = []
@@ -745,7 +772,7 @@ class Engine:
 
     def cat_manifest(self, ref: str) -> dict[str, Any]:
         """The pod manifest as written at prepare time."""
-        return self._manifest(self.find(ref)).to_dict()
+        return self.pod_manifest(self.find(ref)).to_dict()
 
     # --- control ------------------------------------------------------------------------------------------
 
@@ -768,7 +795,7 @@ class Engine:
         """
         pod = self.find(ref)
         pod.require("running")
-        backend = self._backend(pod)
+        backend = self.backend_for(pod)
         timeout = self.config.stage1.stop_timeout
         if not force:
             try:
@@ -785,7 +812,7 @@ class Engine:
         """Run a command in an app of a running pod; returns its exit code."""
         pod = self.find(ref)
         pod.require("running")
-        manifest = self._manifest(pod)
+        manifest = self.pod_manifest(pod)
         names = [a.name for a in manifest.apps]
         if app is None:
             if len(names) != 1:
@@ -793,7 +820,7 @@ class Engine:
             app = names[0]
         if app not in names:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
-        return self._backend(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr)
+        return self.backend_for(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr)
 
     def _collect(self, pod: Pod) -> bool:
         """Delete a pod directory that this process holds locked, after network and backend cleanup; free its
@@ -805,7 +832,7 @@ class Engine:
             selinux.release(self._selinux_file(), pod.uuid)
         try:
             if pod.phase not in ("embryo", "prepare", "prepared"):
-                self._backend(pod).gc(pod)
+                self.backend_for(pod).gc(pod)
         except KvmrktError:
             pass
         pod.delete()

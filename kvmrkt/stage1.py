@@ -69,7 +69,11 @@ class RunOptions:
 
     ``before_boot(facts)`` is called by the backend once the VM is fully described and before any guest code can
     run (facts: backend, accel, kernel/initrd digests, kernel command line); raising there aborts the launch.
-    Measured launch hangs off it.
+    Measured launch hangs off it. ``shared_roots`` (app -> read-only): apps whose ``rootfs`` entry is a host
+    directory shared over 9p (an OCI bundle's rootfs) rather than an erofs image. ``hold``: set the apps up
+    but start them only when asked (``stage1_kvm.agent.request_go``), as the OCI runtime's create/start do.
+    ``tty`` (with ``interactive``): the first app runs on a terminal in the guest, relayed over its stdin and
+    stdout ports.
     """
 
     rootfs: Mapping[str, Path]
@@ -78,6 +82,9 @@ class RunOptions:
     accel: str = "auto"
     exec_label: str | None = None
     network: NetworkPlan = field(default_factory=NetworkPlan)
+    shared_roots: Mapping[str, bool] = field(default_factory=dict)
+    hold: bool = False
+    tty: bool = False
     before_boot: Callable[[dict[str, Any]], None] = _nothing
 
 

@@ -51,6 +51,7 @@ class GuestStatus:
     """What the guest init reported so far."""
 
     ready: bool = False
+    held: bool = False
     done: bool = False
     fatal: str | None = None
     pids: dict[str, int] = field(default_factory=dict)
@@ -67,6 +68,8 @@ def parse_status(text: str) -> GuestStatus:
         kind = parts[0]
         if kind == "READY":
             st.ready = True
+        elif kind == "HELD":
+            st.held = True
         elif kind == "DONE":
             st.done = True
         elif kind == "FATAL":
@@ -182,17 +185,40 @@ def enter(
                 raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
 
 
+def _sig_request(pod_dir: Path, sig_socket: str, line: str, what: str) -> None:
+    with _channel(pod_dir, sig_socket, timeout=10.0, lock=True) as sock:
+        sock.sendall(line.encode() + b"\n")
+        reply = _Reader(sock).line()
+        if reply != "OK":
+            raise AgentError(f"the guest refused to {what}: {reply[:80]!r}")
+
+
 def request_stop(pod_dir: Path, sig_socket: str, *, grace: float) -> None:
     """Ask the guest to SIGTERM every app now and SIGKILL them after ``grace`` seconds.
 
     Raises:
         AgentError: the channel failed or the guest refused.
     """
-    with _channel(pod_dir, sig_socket, timeout=10.0, lock=True) as sock:
-        sock.sendall(f"STOP {max(0, int(grace))}\n".encode())
-        reply = _Reader(sock).line()
-        if reply != "OK":
-            raise AgentError(f"the guest refused to stop: {reply[:80]!r}")
+    _sig_request(pod_dir, sig_socket, f"STOP {max(0, int(grace))}", "stop")
+
+
+def request_go(pod_dir: Path, sig_socket: str) -> None:
+    """Start the apps of a pod booted with ``hold`` (they are set up and waiting).
+
+    Raises:
+        AgentError: the channel failed or the guest refused (the apps were already started).
+    """
+    _sig_request(pod_dir, sig_socket, "GO", "start the apps")
+
+
+def request_kill(pod_dir: Path, sig_socket: str, signum: int, *, every_process: bool = False) -> None:
+    """Send a signal to every app (``every_process``: to every process in the guest); before ``request_go``,
+    the pod ends with 128+signal.
+
+    Raises:
+        AgentError: the channel failed or the guest refused.
+    """
+    _sig_request(pod_dir, sig_socket, f"KILL {signum}" + (" all" if every_process else ""), "deliver the signal")
 
 
 def wait_for_socket(pod_dir: Path, name: str, timeout: float) -> None:

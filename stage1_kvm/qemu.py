@@ -165,6 +165,14 @@ def _pump_stdin(pod_dir: Path) -> None:
             sock.connect(path)
         while data := os.read(sys.stdin.fileno(), 65536):
             sock.sendall(data)
+        # The guest cannot tell "closed" from "not connected yet" on a port: keep it open until the app has
+        # started, so an early EOF (stdin is /dev/null) does not make the guest wait for a connection.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = agent.read_status(pod_dir / GUEST_STATUS)
+            if st.pids or st.exits or st.fatal:
+                break
+            time.sleep(0.01)
     except OSError:
         pass
     finally:
@@ -206,9 +214,9 @@ class QemuStage1(Stage1):
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
-        if "9p" not in assets.features and any(v.kind == "host" for v in manifest.volumes):
+        if "9p" not in assets.features and (opts.shared_roots or any(v.kind == "host" for v in manifest.volumes)):
             raise ConfigError(
-                f"host volumes need a guest kernel with 9p; the {assets.kind!r} kernel has none",
+                f"host volumes and bundle roots need a guest kernel with 9p; the {assets.kind!r} kernel has none",
                 hint='use the minimal kernel (stage1.kernel = "minimal" in config.toml)',
             )
         if opts.network.mode not in self.network_modes:
@@ -228,6 +236,7 @@ class QemuStage1(Stage1):
             host_cpus=os.cpu_count() or 1,
             acpi=assets.acpi,
             network=opts.network,
+            shared_roots=opts.shared_roots,
         )
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
         # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
@@ -235,7 +244,8 @@ class QemuStage1(Stage1):
                      *(app_log(app.name, s) for app in manifest.apps for s in ("stdout", "stderr"))):
             pod.file(name).touch(mode=0o600)
         config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity,
-                                  network=opts.network)
+                                  network=opts.network, shared_roots=opts.shared_roots, hold=opts.hold,
+                                  tty=opts.tty)
         pod_initrd(assets.initrd, config, pod.file(POD_INITRD))
         record = {
             "backend": self.name,

@@ -115,6 +115,7 @@ def build_vmspec(
     host_cpus: int,
     acpi: bool = False,
     network: NetworkPlan | None = None,
+    shared_roots: Mapping[str, bool] | None = None,
 ) -> VMSpec:
     """Describe the VM for a pod (pure). ``acpi``: the guest kernel finds virtio-mmio devices through ACPI
     (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
@@ -122,15 +123,19 @@ def build_vmspec(
     network = network or NetworkPlan()
     netns = {"none": "", "user": None}.get(network.mode, network.netns)
     disks: list[Disk] = []
+    roots: list[Share] = []
     for i, a in enumerate(manifest.apps):
+        if shared_roots and a.name in shared_roots:
+            roots.append(Share(f"root{i}", rootfs[a.name], f"root{i}", shared_roots[a.name]))
+            continue
         disks.append(Disk(f"app{i}", rootfs[a.name], f"app{i}"))
         if verity and verity.get(a.name, {}).get("root"):
             disks.append(Disk(f"app{i}v", rootfs[a.name].with_suffix(".verity"), f"app{i}-verity"))
-    shares = tuple(
+    shares = (*roots, *(
         Share(f"vol{i}", Path(v.source or ""), f"vol{i}", v.read_only)
         for i, v in enumerate(manifest.volumes)
         if v.kind == "host"
-    )
+    ))
     ports = [
         Port("kvmrkt.status", "file", GUEST_STATUS),
         Port("kvmrkt.ctl", "socket", CTL_SOCKET),
@@ -176,11 +181,18 @@ def _line(*fields: str | int) -> str:
 def guest_pod_config(
     manifest: PodManifest, *, interactive: bool, verity: Mapping[str, Mapping[str, str]] | None = None,
     network: NetworkPlan | None = None,
+    shared_roots: Mapping[str, bool] | None = None,
+    hold: bool = False,
+    tty: bool = False,
 ) -> bytes:
     """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format). With
     ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity; ``network`` gives the
-    interfaces to configure and the files every app gets."""
+    interfaces to configure and the files every app gets; ``shared_roots``, ``hold``, ``tty``: see ``RunOptions``."""
     lines = [_line("version", 1), _line("interactive", int(interactive))]
+    if hold:
+        lines.append(_line("hold", 1))
+    if tty:
+        lines.append(_line("tty", 1))
     if manifest.hostname:
         lines.append(_line("hostname", manifest.hostname))
     for nic in (network.nics if network else ()):
@@ -198,9 +210,12 @@ def guest_pod_config(
         lines.append(_line("volume", v.name, v.kind, tag, int(v.read_only)))
     for i, app in enumerate(manifest.apps):
         lines.append(_line("app", app.name))
-        lines.append(_line("serial", f"app{i}"))
+        if shared_roots and app.name in shared_roots:
+            lines.append(_line("rootshare", f"root{i}", int(shared_roots[app.name])))
+        else:
+            lines.append(_line("serial", f"app{i}"))
         tree = (verity or {}).get(app.name, {})
-        if tree.get("root"):
+        if tree.get("root") and not (shared_roots and app.name in shared_roots):
             lines.append(_line("verity", f"app{i}-verity", tree["root"], tree["salt"]))
         lines.append(_line("uid", app.uid))
         lines.append(_line("gid", app.gid))

@@ -1,6 +1,8 @@
 """The ``kvmrkt`` command line: one module per command group, registered on the group in ``_base``."""
 
-from kvmrkt.cli import attest, images, pods, trust
+from kvmrkt.cli import attest, images, oci, pods, trust
 from kvmrkt.cli._base import cli, main
 
-__all__ = ["attest", "cli", "images", "main", "pods", "trust"]
+cli.add_command(oci.oci, "oci")
+
+__all__ = ["attest", "cli", "images", "main", "oci", "pods", "trust"]

@@ -10,7 +10,14 @@
  *   kvmrkt.in.0    (host: a socket)   stdin of app 0 for interactive pods.
  *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>...\n"; replies are frames
  *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
- *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n".
+ *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n";
+ *                                     "KILL <signal> [all]\n": signal every app (all: every guest process).
+ * With "tty 1", app 0 runs on a pseudo-terminal (its controlling terminal); init relays between the terminal and
+ * the kvmrkt.in.0 / kvmrkt.out.0 ports (the host side is the OCI runtime's console).
+ * A pod config with "hold 1" (the OCI runtime's create) sets the apps up, reports HELD and starts them only on
+ * "GO\n" on kvmrkt.sig ("KILL <signal>" before that ends the pod with 128+signal).
+ * An app whose config has "rootshare <tag> <ro>" runs in a host directory shared over 9p (an OCI bundle's
+ * rootfs) instead of an erofs image under an overlay.
  * Networking: loopback is brought up; each "net" of the pod config is the virtio-net NIC with that MAC, renamed
  * to the interface name CNI used on the host and given the IPv4 addresses and routes the host read back from
  * the pod's network namespace. "file" entries (hostname, hosts, resolv.conf) are written into every app root.
@@ -67,6 +74,8 @@ struct app {
     char *verity_serial;    /* serial of its dm-verity hash tree (NULL: no verity) */
     char *verity_root;
     char *verity_salt;
+    char *rootshare;        /* 9p tag of a host directory used as the root (NULL: erofs image) */
+    int rootshare_ro;
     uid_t uid;
     gid_t gid;
     gid_t groups[64];
@@ -102,6 +111,9 @@ static int napps;
 static struct volume vols[MAX_VOLS];
 static int nvols;
 static int interactive;
+static int hold;
+static int tty;
+static int tty_master = -1, tty_out = -1;  /* app 0's terminal and the port its output goes to */
 static struct nic nics[MAX_NICS];
 static int nnics;
 static struct file files[MAX_FILES];
@@ -236,6 +248,10 @@ static int parse_config(const char *path)
             }
         } else if (!strcmp(k, "hostname") && n == 2) {
             hostname = fv[1];
+        } else if (!strcmp(k, "tty") && n == 2) {
+            tty = atoi(fv[1]);
+        } else if (!strcmp(k, "hold") && n == 2) {
+            hold = atoi(fv[1]);
         } else if (!strcmp(k, "interactive") && n == 2) {
             interactive = atoi(fv[1]);
         } else if (!strcmp(k, "volume") && n == 5 && nvols < MAX_VOLS) {
@@ -258,6 +274,9 @@ static int parse_config(const char *path)
             memset(cur, 0, sizeof(*cur));
             cur->name = fv[1];
             cur->cwd = "/";
+        } else if (cur && !strcmp(k, "rootshare") && n == 3) {
+            cur->rootshare = fv[1];
+            cur->rootshare_ro = atoi(fv[2]);
         } else if (cur && !strcmp(k, "serial") && n == 2) {
             cur->serial = fv[1];
         } else if (cur && !strcmp(k, "verity") && n == 4) {
@@ -664,32 +683,45 @@ static int write_files(struct app *a)
     return 0;
 }
 
-static int setup_app(struct app *a)
+/* The usual app root: its erofs image (through dm-verity when configured) under a tmpfs-backed overlay. */
+static int setup_image_root(struct app *a)
 {
-    char dev[PATH_MAX], lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
+    enum { DEV = PATH_MAX, DATA = 3 * PATH_MAX };
+    char dev[DEV], lower[PATH_MAX], rw[PATH_MAX], data[DATA];
     snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
     snprintf(rw, sizeof(rw), "/kvmrkt/apps/%s/rw", a->name);
-    snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
-    if (find_disk(a->serial, dev, sizeof(dev)) < 0)
+    if (find_disk(a->serial, dev, DEV) < 0)
         return app_error(a, "root disk not found"), -1;
     if (a->verity_root) {
         char data_dev[PATH_MAX];
         snprintf(data_dev, sizeof(data_dev), "%s", dev);
-        if (open_verity(a, data_dev, dev, sizeof(dev)) < 0)
+        if (open_verity(a, data_dev, dev, DEV) < 0)
             return app_error(a, "opening the root disk through dm-verity"), -1;
     }
     if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
         return app_error(a, "mounting the erofs root"), -1;
     if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)
         return app_error(a, "mounting the overlay tmpfs"), -1;
-    snprintf(data, sizeof(data), "%s/upper", rw);
+    snprintf(data, DATA, "%s/upper", rw);
     mkdir(data, 0755);
-    snprintf(data, sizeof(data), "%s/work", rw);
+    snprintf(data, DATA, "%s/work", rw);
     mkdir(data, 0755);
-    snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
+    snprintf(data, DATA, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
     if (mount_at("overlay", a->root, "overlay", 0, data) < 0)
         return app_error(a, "mounting the overlay root"), -1;
+    return 0;
+}
 
+static int setup_app(struct app *a)
+{
+    snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
+    if (a->rootshare) {
+        if (mount_at(a->rootshare, a->root, "9p", a->rootshare_ro ? MS_RDONLY : 0,
+                     "trans=virtio,version=9p2000.L,cache=none,msize=262144") < 0)
+            return app_error(a, "mounting the shared root directory"), -1;
+    } else if (setup_image_root(a) < 0) {
+        return -1;
+    }
     static const struct { const char *src, *dir, *type, *data; unsigned long flags; } api[] = {
         {"proc", "proc", "proc", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC},
         {"sysfs", "sys", "sysfs", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY},
@@ -700,7 +732,10 @@ static int setup_app(struct app *a)
     for (size_t i = 0; i < sizeof(api) / sizeof(api[0]); i++) {
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "%s/%s", a->root, api[i].dir);
-        if (mount_at(api[i].src, dir, api[i].type, api[i].flags, api[i].data) < 0)
+        /* An app on a terminal sees init's terminals (its own among them), so ttyname() finds it. */
+        int shared_pts = tty && a == &apps[0] && !strcmp(api[i].dir, "dev/pts");
+        if (mount_at(shared_pts ? "/dev/pts" : api[i].src, dir, shared_pts ? NULL : api[i].type,
+                     shared_pts ? MS_BIND : api[i].flags, shared_pts ? NULL : api[i].data) < 0)
             return app_error(a, api[i].dir), -1;
     }
     for (int i = 0; i < a->nmounts; i++) {
@@ -763,6 +798,8 @@ static void become_app(struct app *a, char **argv, int in, int out, int err)
     setsid();
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
         _exit(125);
+    if (isatty(0))
+        ioctl(0, TIOCSCTTY, 0);
     const char *step = "chroot";
     if (chroot(a->root) < 0)
         goto fail;
@@ -818,11 +855,32 @@ static void start_app(int idx)
     }
     a->argv[a->argc] = NULL;
     a->env[a->envc] = NULL;
+    int term = -1;
+    if (tty && idx == 0) {
+        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (m < 0 || grantpt(m) < 0 || unlockpt(m) < 0 || (term = open(ptsname(m), O_RDWR | O_NOCTTY)) < 0) {
+            app_error(a, "allocating a terminal");
+            a->exit_code = 125;
+            status("EXIT %s 125", a->name);
+            return;
+        }
+        struct winsize ws = {.ws_row = 24, .ws_col = 80};  /* the host's size is not relayed (yet) */
+        ioctl(m, TIOCSWINSZ, &ws);
+        tty_master = m;
+    }
     pid_t pid = fork();
-    if (pid == 0)
+    if (pid == 0) {
+        if (term >= 0)
+            become_app(a, a->argv, term, term, term);
         become_app(a, a->argv, in, out, err);
-    close(in);
-    close(out);
+    }
+    if (term >= 0) {
+        close(term);
+        tty_out = out;  /* kept: the terminal's output is relayed to it, and stdin (in) to the terminal */
+    } else {
+        close(in);
+        close(out);
+    }
     close(err);
     if (pid < 0) {
         app_error(a, "fork");
@@ -920,6 +978,25 @@ static int apps_running(void)
     return n;
 }
 
+/* Copy what the app wrote to its terminal to the output port; when it has exited (done), drain and close. */
+static void relay_terminal_output(int done)
+{
+    char buf[16384];
+    ssize_t n = read(tty_master, buf, sizeof(buf));
+    if (n > 0)
+        write_all(tty_out, buf, (size_t)n);
+    if (n <= 0 || done) {
+        fcntl(tty_master, F_SETFL, O_NONBLOCK);
+        while ((n = read(tty_master, buf, sizeof(buf))) > 0)
+            write_all(tty_out, buf, (size_t)n);
+        if (n < 0 && errno == EAGAIN && !done)
+            return;
+        close(tty_master);
+        close(tty_out);
+        tty_master = tty_out = -1;
+    }
+}
+
 /* Read one request line from a control port; returns the line length, 0 for none, -1 if the host hung up. */
 static ssize_t read_request(int fd, char *buf, size_t len)
 {
@@ -984,8 +1061,10 @@ static void supervise(int ctl, int sig)
     long long kill_at = 0;
     int ctl_up = 1, sig_up = 1;
     reap();
-    while (apps_running() > 0) {
-        struct pollfd p[3] = {{sfd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
+    int in_up = 1;
+    while (apps_running() > 0 || tty_master >= 0) {
+        struct pollfd p[5] = {{sfd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}, {tty_master, POLLIN, 0},
+                              {tty_master >= 0 && in_up ? stdin_fd : -1, POLLIN, 0}};
         if (ctl >= 0 && ctl_up && !enter_pid)
             p[1].fd = ctl;
         if (sig >= 0 && sig_up)
@@ -996,9 +1075,21 @@ static void supervise(int ctl, int sig)
             int left = (int)(kill_at - now_ms());
             timeout = timeout < 0 || left < timeout ? (left < 0 ? 0 : left) : timeout;
         }
-        int r = poll(p, 3, timeout);
+        int r = poll(p, 5, timeout);
         if (r < 0 && errno != EINTR)
             break;
+        if (p[3].revents & (POLLIN | POLLHUP | POLLERR))
+            relay_terminal_output(apps_running() == 0);
+        if (p[4].revents & POLLIN) {
+            char buf[4096];
+            ssize_t n = read(stdin_fd, buf, sizeof(buf));
+            if (n > 0)
+                write_all(tty_master, buf, (size_t)n);
+            else
+                in_up = 0;
+        } else if (p[4].revents & POLLHUP) {
+            in_up = 0;  /* the host closed its end: nothing more to type */
+        }
         if (p[0].revents & POLLIN) {
             struct signalfd_siginfo si;
             while (read(sfd, &si, sizeof(si)) > 0)
@@ -1017,6 +1108,12 @@ static void supervise(int ctl, int sig)
             if (n == 2 && !strcmp(f[0], "STOP")) {
                 signal_apps(SIGTERM);
                 kill_at = now_ms() + 1000LL * atoi(f[1]);
+                write_all(sig, "OK\n", 3);
+            } else if (n >= 2 && !strcmp(f[0], "KILL") && atoi(f[1]) > 0 && atoi(f[1]) < 65) {
+                if (n == 3 && !strcmp(f[2], "all"))
+                    kill(-1, atoi(f[1]));  /* from PID 1: every process but init itself */
+                else
+                    signal_apps(atoi(f[1]));
                 write_all(sig, "OK\n", 3);
             } else if (n >= 1 && !strcmp(f[0], "PING")) {
                 write_all(sig, "PONG\n", 5);
@@ -1044,6 +1141,39 @@ static void supervise(int ctl, int sig)
     }
 }
 
+/* Report HELD, then wait on the sig port for GO (returns 0) or KILL <signal> (returns the signal). */
+static int wait_for_go(int sig)
+{
+    if (sig < 0)
+        return SIGKILL;
+    status("HELD");
+    char req[256];
+    for (;;) {
+        struct pollfd p = {sig, POLLIN, 0};
+        int r = poll(&p, 1, 100);
+        if (r <= 0 || !(p.revents & POLLIN)) {
+            if (r > 0)
+                usleep(100000);  /* POLLHUP: no host connected to the port yet */
+            continue;
+        }
+        if (read_request(sig, req, sizeof(req)) <= 0)
+            continue;
+        char *f[4];
+        int n = split(req, f, 4);
+        if (n == 1 && !strcmp(f[0], "GO")) {
+            write_all(sig, "OK\n", 3);
+            return 0;
+        } else if (n >= 2 && !strcmp(f[0], "KILL") && atoi(f[1]) > 0 && atoi(f[1]) < 65) {
+            write_all(sig, "OK\n", 3);
+            return atoi(f[1]);
+        } else if (n == 1 && !strcmp(f[0], "PING")) {
+            write_all(sig, "PONG\n", 5);
+        } else {
+            write_all(sig, "FAIL not%20started\n", 19);
+        }
+    }
+}
+
 int main(void)
 {
     sigset_t mask;
@@ -1058,6 +1188,8 @@ int main(void)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mkdir("/dev/pts", 0755);
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "ptmxmode=0666,mode=0620");
     int con = open("/dev/console", O_RDWR | O_CLOEXEC);
     if (con >= 0) {
         dup2(con, 1);
@@ -1090,6 +1222,15 @@ int main(void)
     int ok[MAX_APPS];
     for (int i = 0; i < napps; i++)
         ok[i] = setup_app(&apps[i]) == 0;
+    if (hold) {
+        int killed = wait_for_go(sig);
+        for (int i = 0; killed && i < napps; i++) {
+            apps[i].exit_code = 128 + killed;
+            status("EXIT %s %d", apps[i].name, 128 + killed);
+        }
+        if (killed)
+            shutdown_vm();
+    }
     for (int i = 0; i < napps; i++) {
         if (ok[i]) {
             start_app(i);

@@ -1,0 +1,529 @@
+"""The OCI runtime (runc's command-line contract, as containerd's runc shim and podman's conmon drive it) on top
+of kvmrkt pods: ``kvmrkt-oci create|start|state|kill|delete|exec|ps|features``.
+
+Role: turn an OCI bundle (``config.json`` + rootfs) into a one-app kvmrkt pod whose root is the bundle's rootfs
+shared into the VM over 9p (no copy), and split its life as runc does: ``create`` boots the VM and sets the
+process up but holds it, leaving one host process (the *supervisor*, whose pid goes to ``--pid-file`` and whose
+exit status is the container process's); ``start`` releases it; ``kill`` signals it inside the guest;
+``delete`` removes what is left. runc-style state lives under ``--root``/kvmrkt-oci/ID.
+
+Trust boundary: the bundle comes from the engine that pulled and unpacked the image (containerd, podman), which
+is where image signatures are checked; kvmrkt records that and measures ``config.json``'s digest, the bundle
+path, the image name from the annotations and the VM assets. ``config.json`` is parsed strictly (an error
+names the field); Linux namespace, cgroup, seccomp and capability settings describe a container on the host
+and have no meaning for a VM, so they are ignored (the VM is the isolation boundary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from kvmrkt import _proc
+from kvmrkt.engine import Engine, pod_exit_code
+from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
+from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.netconf import NetOptions, NetRequest
+from kvmrkt.pod import Pod, write_json
+from stage1_kvm import agent
+from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
+
+OCI_VERSION = "1.0.2"
+APP = "container"
+STATE_DIR = "kvmrkt-oci"
+# Mounts the guest init gives every app itself (proc, sysfs, devtmpfs, devpts, shm); cgroup and mqueue have no
+# use in a one-container VM.
+GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
+# Annotations that name the image (CRI, then the OCI image spec's).
+IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
+NOT_CHECKED = ("image signatures are checked by the engine that pulled the image (containerd, podman); an OCI "
+               "runtime only receives its unpacked rootfs")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What kvmrkt uses of an OCI bundle's ``config.json``."""
+
+    path: Path
+    config_digest: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    uid: int
+    gid: int
+    gids: tuple[int, ...]
+    terminal: bool
+    rootfs: Path
+    readonly: bool
+    hostname: str
+    volumes: tuple[Volume, ...] = ()
+    mounts: tuple[MountPoint, ...] = ()
+    memory_mib: int | None = None
+    cpus: int | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def image_name(self) -> str:
+        return next((self.annotations[k] for k in IMAGE_ANNOTATIONS if self.annotations.get(k)), "oci-bundle")
+
+
+def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    value = doc.get(key, default)
+    if value is None and default is None and kind is not type(None):
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ManifestError(f"config.json: {where}{key} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read and check ``BUNDLE/config.json``.
+
+    Raises:
+        ManifestError: unreadable or malformed config, or a field kvmrkt cannot honour (named).
+    """
+    try:
+        raw = (path / "config.json").read_bytes()
+        doc = json.loads(raw)
+    except FileNotFoundError:
+        raise ManifestError(f"{path} is not an OCI bundle: it has no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("config.json must be a JSON object")
+    version = _get(doc, "ociVersion", str, "", "")
+    if not version.startswith("1."):
+        raise ManifestError(f"config.json: ociVersion {version!r} is not supported (1.x)")
+    proc = _get(doc, "process", dict, "", {})
+    args = _get(proc, "args", list, "process.", [])
+    if not args or not all(isinstance(a, str) for a in args):
+        raise ManifestError("config.json: process.args must be a non-empty list of strings")
+    env: list[tuple[str, str]] = []
+    for item in _get(proc, "env", list, "process.", []):
+        if not isinstance(item, str) or "=" not in item:
+            raise ManifestError(f"config.json: process.env entry {str(item)[:60]!r} is not KEY=VALUE")
+        key, _, value = item.partition("=")
+        env.append((key, value))
+    cwd = _get(proc, "cwd", str, "process.", "/")
+    user = _get(proc, "user", dict, "process.", {})
+    uid, gid = _get(user, "uid", int, "process.user.", 0), _get(user, "gid", int, "process.user.", 0)
+    gids = _get(user, "additionalGids", list, "process.user.", [])
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gids) or uid < 0 or gid < 0:
+        raise ManifestError("config.json: process.user ids must be non-negative integers")
+    root = _get(doc, "root", dict, "", {})
+    rootfs = Path(_get(root, "path", str, "root.", "rootfs"))
+    rootfs = rootfs if rootfs.is_absolute() else path / rootfs
+    if not rootfs.is_dir():
+        raise ManifestError(f"config.json: root.path {rootfs} is not a directory")
+    volumes, mounts, ignored = _mounts(_get(doc, "mounts", list, "", []))
+    linux = _get(doc, "linux", dict, "", {})
+    res = _get(linux, "resources", dict, "linux.", {})
+    memory = _get(res, "memory", dict, "linux.resources.", {})
+    limit = _get(memory, "limit", int, "linux.resources.memory.", None)
+    cpu = _get(res, "cpu", dict, "linux.resources.", {})
+    quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
+    annotations = _get(doc, "annotations", dict, "", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        raise ManifestError("config.json: annotations must map strings to strings")
+    return Bundle(
+        path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
+        cwd=cwd, uid=uid, gid=gid, gids=tuple(gids), terminal=bool(_get(proc, "terminal", bool, "process.", False)),
+        rootfs=rootfs, readonly=bool(_get(root, "readonly", bool, "root.", False)),
+        hostname=_get(doc, "hostname", str, "", ""), volumes=volumes, mounts=mounts,
+        memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
+        cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
+        annotations=dict(annotations), ignored=ignored,
+    )  # fmt: skip
+
+
+def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:
+    """OCI mounts as pod volumes: tmpfs -> an empty (guest memory) volume; a bind mount of a host directory
+    -> a host volume shared over 9p; the guest's own API filesystems are provided anyway. Anything else
+    (bind-mounted files, other filesystem types) cannot reach a VM this way and is listed as ignored."""
+    volumes: list[Volume] = []
+    mounts: list[MountPoint] = []
+    ignored: list[str] = []
+    for i, m in enumerate(entries):
+        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise ManifestError(f"config.json: mounts[{i}] needs a destination")
+        dest, kind, source = m["destination"], str(m.get("type", "")), str(m.get("source", ""))
+        options = [str(o) for o in m.get("options", []) or []]
+        if not dest.startswith("/"):
+            raise ManifestError(f"config.json: mounts[{i}].destination {dest!r} must be absolute")
+        if dest in GUEST_MOUNTS:
+            continue
+        name = f"m{i}"
+        if kind == "tmpfs":
+            volumes.append(Volume(name, "empty"))
+        elif (kind == "bind" or "bind" in options or "rbind" in options) and Path(source).is_dir():
+            volumes.append(Volume(name, "host", source, read_only="ro" in options))
+        else:
+            ignored.append(f"{dest} ({kind or 'bind'} of {source or 'nothing'})")
+            continue
+        mounts.append(MountPoint(name, dest))
+    return tuple(volumes), tuple(mounts), tuple(ignored)
+
+
+def manifest_for(bundle: Bundle, uuid: str, container_id: str) -> PodManifest:
+    """The one-app pod manifest of a bundle (its annotations record the container and the bundle)."""
+    app = AppSpec(
+        name=APP, image_id=f"oci-bundle:{bundle.config_digest}", image_name=bundle.image_name, rootfs_digest="",
+        exec=bundle.args, env=bundle.env, working_dir=bundle.cwd, user=str(bundle.uid), group=str(bundle.gid),
+        uid=bundle.uid, gid=bundle.gid, supplementary_gids=bundle.gids, memory_mib=bundle.memory_mib,
+        cpus=bundle.cpus, mounts=bundle.mounts,
+    )  # fmt: skip
+    return PodManifest(uuid=uuid, apps=(app,), volumes=bundle.volumes, hostname=bundle.hostname or f"kvmrkt-{uuid[:8]}",
+                       annotations=(("kvmrkt.oci/id", container_id), ("kvmrkt.oci/bundle", str(bundle.path)),
+                                    ("kvmrkt.oci/config-digest", bundle.config_digest)))
+
+
+def parse_signal(text: str) -> int:
+    """``9``, ``KILL`` or ``SIGKILL``.
+
+    Raises:
+        ConfigError: not a signal.
+    """
+    name = text.upper().removeprefix("SIG")
+    if text.isdigit() and 0 < int(text) < 65:
+        return int(text)
+    try:
+        return int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        raise ConfigError(f"unknown signal {text!r}") from None
+
+
+class OciRuntime:
+    """The runc contract over kvmrkt pods; state under ``root``."""
+
+    def __init__(self, root: Path, engine: Engine) -> None:
+        self.root = root / STATE_DIR
+        self.engine = engine
+
+    # --- state --------------------------------------------------------------------------------------
+
+    def _dir(self, cid: str) -> Path:
+        if not cid or "/" in cid or cid in (".", "..") or len(cid) > 1024:
+            raise ConfigError(f"invalid container id {cid[:80]!r}")
+        return self.root / cid
+
+    def _record(self, cid: str) -> dict[str, Any]:
+        try:
+            doc = json.loads((self._dir(cid) / "state.json").read_text())
+        except FileNotFoundError:
+            raise PodStateError(f"container {cid!r} does not exist", state="unknown") from None
+        except (OSError, ValueError) as exc:
+            raise PodStateError(f"container {cid!r}: unreadable state ({exc})", state="unknown") from None
+        return dict(doc)
+
+    def _pod(self, rec: dict[str, Any]) -> Pod | None:
+        try:
+            return Pod.find(self.engine.config.data_dir, rec["pod"])
+        except KvmrktError:
+            return None
+
+    def _status(self, rec: dict[str, Any]) -> str:
+        pod = self._pod(rec)
+        if pod is None or not _proc.pid_alive(int(rec["pid"])):
+            return "stopped"
+        st = agent.read_status(pod.file(GUEST_STATUS))
+        if APP in st.exits or st.fatal:
+            return "stopped"
+        if APP in st.pids:
+            return "running"
+        return "created" if st.held else "creating"
+
+    def state(self, cid: str) -> dict[str, Any]:
+        """The runtime-spec state of a container."""
+        rec = self._record(cid)
+        status = self._status(rec)
+        return {"ociVersion": OCI_VERSION, "id": cid, "status": status,
+                "pid": int(rec["pid"]) if status != "stopped" else 0, "bundle": rec["bundle"],
+                "annotations": rec.get("annotations", {}), "created": rec.get("created"), "pod": rec["pod"]}
+
+    def containers(self) -> list[dict[str, Any]]:
+        if not self.root.is_dir():
+            return []
+        return [self.state(d.name) for d in sorted(self.root.iterdir()) if (d / "state.json").exists()]
+
+    # --- create / start ------------------------------------------------------------------------------
+
+    def create(self, cid: str, bundle_dir: Path, pid_file: Path | None, *, console_socket: Path | None = None,
+               log: IO[str] | None = None) -> int:
+        """Boot the container's VM with its process set up and held; returns the supervisor's pid (also written
+        to ``pid_file``). The supervisor inherits this process's stdio, which becomes the container's.
+
+        Raises:
+            ConfigError: the id exists or is invalid; a terminal was asked for (not supported yet).
+            ManifestError: a bad bundle.
+            Stage1Error: the VM did not come up (the supervisor's reason is in the message).
+        """
+        state_dir = self._dir(cid)
+        bundle = load_bundle(bundle_dir.resolve())
+        if bundle.terminal != (console_socket is not None):
+            raise ConfigError("process.terminal needs --console-socket, and --console-socket needs a terminal")
+        try:
+            state_dir.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            raise ConfigError(f"container {cid!r} already exists") from None
+        try:
+            for item in bundle.ignored:
+                _log(log, "warning", f"mount {item} is not supported in a VM and was ignored")
+            pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid),
+                                      lambda _m: {APP: {"allowed": True, "checked": False, "reason": NOT_CHECKED}},
+                                      keep_lock=True)
+            pid = self._spawn_supervisor(pod, bundle, console_socket)
+            write_json(state_dir / "state.json", {
+                "id": cid, "bundle": str(bundle.path), "pod": pod.uuid, "pid": pid, "annotations": bundle.annotations,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
+            })  # fmt: skip
+            if pid_file is not None:
+                pid_file.write_text(str(pid))
+            return pid
+        except BaseException:
+            with contextlib.suppress(OSError):
+                for f in state_dir.iterdir():
+                    f.unlink()
+                state_dir.rmdir()
+            raise
+
+    def _spawn_supervisor(self, pod: Pod, bundle: Bundle, console_socket: Path | None) -> int:
+        """Fork the supervisor (it keeps the pod lock and runs the VM until the container process ends) and wait
+        until the guest holds the process ready to start. With a console socket, the supervisor's stdio is a
+        new terminal whose master end is sent to that socket (runc's protocol); the guest gives the process a
+        terminal of its own and the two are relayed."""
+        term = _send_terminal(console_socket) if console_socket is not None else None
+        err_r, err_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the supervisor; containerd's shim (a subreaper) becomes its parent when create exits
+            os.close(err_r)
+            if term is not None:
+                for fd in (0, 1, 2):
+                    os.dup2(term, fd)
+                os.close(term)
+            os._exit(self._supervise(pod, bundle, err_w))
+        os.close(err_w)
+        if term is not None:
+            os.close(term)
+        pod.unlock()  # the supervisor holds the same lock (flock belongs to the shared open file)
+        deadline = time.monotonic() + self.engine.config.stage1.boot_timeout + 30
+        while True:
+            done, wstatus = os.waitpid(pid, os.WNOHANG)
+            if done:
+                with os.fdopen(err_r) as fh:
+                    reason = fh.read().strip()
+                self._remove_pod(pod)
+                raise Stage1Error(f"the container's VM did not start: {reason or f'status {wstatus}'}")
+            pod.refresh()  # the supervisor moves it to the run phase
+            st = agent.read_status(pod.file(GUEST_STATUS))
+            if st.held:
+                os.close(err_r)
+                return pid
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)  # our own child; its QEMU dies with it
+                os.waitpid(pid, 0)
+                os.close(err_r)
+                self._remove_pod(pod)
+                raise Stage1Error("the container's VM did not get ready in time")
+            time.sleep(0.01)
+
+    def _supervise(self, pod: Pod, bundle: Bundle, err_fd: int) -> int:
+        """The supervisor's body: run the pod (measured, labelled) and exit with the process's status."""
+        try:
+            manifest = self.engine.pod_manifest(pod)
+            backend = self.engine.backend_for(pod)
+            measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
+                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}"}]
+            intent = self.engine.networks.intent(NetOptions(nets=(NetRequest("none"),)), [],
+                                                 modes=backend.network_modes, user_forwards=False)
+            result = self.engine.boot(
+                pod, manifest, backend, trust=pod.read_json("trust.json") or {}, intent=intent,
+                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, measured_apps=measured,
+                rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly}, interactive=True, hold=True,
+                tty=bundle.terminal,
+                accel=self.engine.config.stage1.accel,
+            )  # fmt: skip
+            return pod_exit_code(result.exit_codes) if result.exit_codes else 137
+        except BaseException as exc:  # the parent reports it; nothing else can
+            msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                os.write(err_fd, msg.encode()[:65536])
+            return 125
+
+    def start(self, cid: str) -> None:
+        """Start the held process.
+
+        Raises:
+            PodStateError: the container is not in the created state.
+        """
+        rec = self._record(cid)
+        status = self._status(rec)
+        if status != "created":
+            raise PodStateError(f"container {cid!r} is {status}, not created", state=status)
+        pod = self._pod(rec)
+        assert pod is not None
+        agent.request_go(pod.path, SIG_SOCKET)
+        deadline = time.monotonic() + 30
+        while self._status(rec) == "created" and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    # --- kill / delete -------------------------------------------------------------------------------
+
+    def kill(self, cid: str, signum: int, *, every_process: bool = False) -> None:
+        """Deliver a signal to the container process inside the VM (before start: end the container).
+
+        Raises:
+            PodStateError: the container is not created or running.
+        """
+        rec = self._record(cid)
+        status = self._status(rec)
+        if status not in ("created", "running"):
+            raise PodStateError(f"container {cid!r} is {status}: cannot signal it", state=status)
+        pod = self._pod(rec)
+        assert pod is not None
+        agent.request_kill(pod.path, SIG_SOCKET, signum, every_process=every_process)
+
+    def delete(self, cid: str, *, force: bool = False) -> None:
+        """Remove a stopped (or created) container; ``force`` stops a running one first (SIGKILL).
+
+        Raises:
+            PodStateError: the container is running and ``force`` was not given.
+        """
+        rec = self._record(cid)
+        status = self._status(rec)
+        if status == "running" and not force:
+            raise PodStateError(f"container {cid!r} is running", state=status, hint="stop it, or use --force")
+        pid = int(rec["pid"])
+        if status != "stopped":
+            with contextlib.suppress(KvmrktError):
+                self.kill(cid, signal.SIGKILL)
+            self._wait_gone(pid, 10)
+        if _proc.pid_alive(pid) and cid in " ".join(_proc.pid_cmdline(pid)):
+            os.kill(pid, signal.SIGKILL)  # our supervisor (its command line names this container)
+            self._wait_gone(pid, 10)
+        pod = self._pod(rec)
+        if pod is not None:
+            self._remove_pod(pod)
+        state_dir = self._dir(cid)
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
+
+    @staticmethod
+    def _wait_gone(pid: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while _proc.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _remove_pod(self, pod: Pod, timeout: float = 10) -> None:
+        """Remove the pod once its VM is gone (QEMU dies with the supervisor, a moment after it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pod.refresh()
+            if not pod.is_locked():
+                break
+            time.sleep(0.01)
+        self.engine.remove(pod.uuid)
+
+    # --- exec / ps -----------------------------------------------------------------------------------
+
+    def exec(self, cid: str, args: list[str], *, detach: bool, pid_file: Path | None,
+             terminal: bool = False) -> int:
+        """Run another process in the container's VM (through the guest agent, in the container's root). Returns
+        its exit status, or 0 at once with ``detach`` (its host-side pid goes to ``pid_file``; that process exits
+        with the guest process's status).
+
+        Raises:
+            PodStateError: the container is not running.
+            ConfigError: a terminal was asked for (not supported yet), or no arguments.
+        """
+        rec = self._record(cid)
+        status = self._status(rec)
+        if status != "running":
+            raise PodStateError(f"container {cid!r} is {status}, not running", state=status)
+        if terminal:
+            raise ConfigError("kvmrkt-oci cannot give an exec'd process a terminal yet", hint="run without -t")
+        if not args:
+            raise ConfigError("exec: no process arguments")
+        pod = self._pod(rec)
+        assert pod is not None
+        manifest = self.engine.pod_manifest(pod)
+        backend = self.engine.backend_for(pod)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 126
+            try:
+                code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+            except BaseException as exc:  # reported on the exec's stderr
+                with contextlib.suppress(OSError):
+                    sys.stderr.write(f"kvmrkt-oci exec: {exc}\n")
+                    sys.stderr.flush()
+            os._exit(code)
+        if pid_file is not None:
+            pid_file.write_text(str(pid))
+        if detach:
+            return 0
+        _, wstatus = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(wstatus)
+
+    def ps(self, cid: str) -> list[int]:
+        """Host pids of the container (the supervisor; the guest's processes are not host processes)."""
+        st = self.state(cid)
+        return [st["pid"]] if st["pid"] else []
+
+
+def _send_terminal(console_socket: Path) -> int:
+    """Open a new pseudo-terminal, send its master to ``console_socket`` (SCM_RIGHTS, with the terminal's name as
+    the message, as runc does) and return the slave, in raw mode: line discipline happens on the guest's own
+    terminal.
+
+    Raises:
+        ConfigError: the socket cannot be reached.
+    """
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(console_socket))
+            socket.send_fds(sock, [os.ttyname(slave).encode()], [master])
+    except OSError as exc:
+        os.close(slave)
+        raise ConfigError(f"cannot send the terminal to --console-socket {console_socket}: {exc}") from None
+    finally:
+        os.close(master)
+    return slave
+
+
+def features() -> dict[str, Any]:
+    """``kvmrkt-oci features`` (runtime-spec features.json)."""
+    return {
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": OCI_VERSION,
+        "hooks": [],
+        "mountOptions": ["bind", "rbind", "ro", "rw"],
+        "linux": {"namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
+                  "seccomp": {"enabled": False}, "apparmor": {"enabled": False}, "selinux": {"enabled": True}},
+        "annotations": {"io.kvmrkt.runtime": "vm", "io.kvmrkt.rootfs-sharing": "9p"},
+    }
+
+
+def _log(log: IO[str] | None, level: str, msg: str) -> None:
+    if log is not None:
+        log.write(json.dumps({"level": level, "msg": msg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                  + "\n")
+        log.flush()
