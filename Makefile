@@ -80,6 +80,7 @@ bench: setup
 	$(PY) bench/images.py
 	$(PY) bench/measured_launch.py
 	$(PY) bench/net.py
+	$(PY) bench/oci.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -231,3 +231,7 @@ def _log_error(msg: str) -> None:
         fmt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--log-format"), "text")
         obj = _OciCtx(DEFAULT_ROOT, Path(path) if path else None, fmt, DEFAULT_CONFIG_DIR, None, "")
     obj.say("error", msg)
+
+
+if __name__ == "__main__":
+    main()

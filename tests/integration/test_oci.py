@@ -1,0 +1,349 @@
+"""kvmrkt-oci against real VMs: its own command line (create/start/state/kill/delete/exec/ps), a real containerd
+(Debian's, on a private socket) driving it through the stock runc shim with `ctr run --runc-binary`, and
+Debian's podman with `--runtime`. State JSON is checked against the runtime-spec schema."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from .conftest import Kvmrkt
+
+SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def state_schema() -> dict[str, Any]:
+    """runtime-spec's state-schema.json with its references to defs.json inlined."""
+    defs = json.loads((SCHEMA_DIR / "defs.json").read_text())["definitions"]
+    schema: dict[str, Any] = json.loads((SCHEMA_DIR / "state-schema.json").read_text())
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith(("defs.json#/definitions/", "#/definitions/")):  # within defs.json, refs are local
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return dict(inline(schema))
+
+
+@dataclass
+class Oci:
+    """kvmrkt-oci with the test's config and data dirs, reachable as one executable (for ctr and podman)."""
+
+    kvmrkt: Kvmrkt
+    binary: Path
+    root: Path
+    busybox_layout: Path
+
+    def __call__(
+        self, *args: str, stdout: Any = subprocess.PIPE, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
+
+    def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL) -> tuple[int, Path, Path]:
+        """``create`` with the container's stdout/stderr in files (the supervisor keeps them open, so pipes
+        would not reach EOF); returns the exit code and the two files."""
+        out, err = bundle.parent / f"{cid}.out", bundle.parent / f"{cid}.err"
+        with out.open("w") as o, err.open("w") as e:
+            res = subprocess.run([str(self.binary), "--root", str(self.root), "create", "--bundle", str(bundle),
+                                  "--pid-file", str(bundle.parent / f"{cid}.pid"), cid], stdin=stdin, stdout=o,
+                                 stderr=e, timeout=120, check=False)
+        return res.returncode, out, err
+
+    def pid(self, cid: str, bundle: Path) -> int:
+        return int((bundle.parent / f"{cid}.pid").read_text())
+
+    def state(self, cid: str) -> dict[str, Any]:
+        res = self("state", cid)
+        assert res.returncode == 0, res.stderr
+        doc: dict[str, Any] = json.loads(res.stdout)
+        jsonschema.validate(doc, state_schema())
+        return doc
+
+    def bundle(self, path: Path, args: list[str], *, terminal: bool = False, **extra: Any) -> Path:
+        """An OCI bundle unpacked by umoci from the busybox image, running ``args``."""
+        subprocess.run(["umoci", "unpack", "--image", f"{self.busybox_layout}:latest", str(path)], check=True,
+                       capture_output=True)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["process"].update({"args": args, "terminal": terminal})
+        cfg.update(extra)
+        (path / "config.json").write_text(json.dumps(cfg))
+        return path
+
+    def wait_status(self, cid: str, status: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(cid)
+            if st["status"] == status or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def oci(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> Iterator[Oci]:
+    binary = tmp_path / "kvmrkt-oci"
+    binary.write_text(f"#!/bin/sh\nexec {Path(sys.executable).parent / 'kvmrkt-oci'} --config-dir {kvmrkt.config} "
+                      f"--dir {kvmrkt.data} \"$@\"\n")
+    binary.chmod(0o755)
+    o = Oci(kvmrkt, binary, tmp_path / "oci-root", busybox_layout)
+    yield o
+    for st in json.loads(o("list", "--format", "json").stdout or "[]"):
+        o("delete", "--force", st["id"])
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Make this test process the reaper of orphans, as containerd's shim is, so it sees supervisors exit."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def wait_exit(pid: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} did not exit")
+
+
+def test_create_start_state_delete(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "read x; echo hello $x from $(hostname); echo oops >&2; exit 3"],
+                   hostname="ocibox")
+    (tmp_path / "in").write_text("there\n")
+    with (tmp_path / "in").open() as stdin:
+        rc, out, err = oci.create("c1", b, stdin=stdin)
+    assert rc == 0, err.read_text()
+    pid = oci.pid("c1", b)
+    st = oci.state("c1")
+    assert st["status"] == "created" and st["pid"] == pid and st["bundle"] == str(b)
+    assert json.loads(oci("ps", "--format", "json", "c1").stdout) == [pid]
+    assert out.read_text() == ""  # held: nothing ran yet
+    assert oci("start", "c1").returncode == 0
+    assert wait_exit(pid) == 3  # the supervisor carries the process's exit status
+    assert out.read_text() == "hello there from ocibox\n" and "oops" in err.read_text()
+    st = oci.state("c1")
+    assert st["status"] == "stopped" and st["pid"] == 0
+    # The pod is an ordinary kvmrkt pod: measured, labelled, listed.
+    pod = json.loads(oci.kvmrkt.ok("status", "--format", "json", st["pod"]).out)
+    assert pod["measured"] is True and pod["selinux"]["process_label"]
+    assert oci("start", "c1").returncode == 1
+    assert oci("delete", "c1").returncode == 0
+    assert oci("state", "c1").returncode == 1 and "does not exist" in oci("state", "c1").stderr
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+
+
+def test_measured_launch_records_the_bundle(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    assert oci.create("m1", b)[0] == 0
+    oci("start", "m1")
+    wait_exit(oci.pid("m1", b))
+    log = json.loads(oci.kvmrkt.ok("attest", "log", "--format", "json").out)
+    events = [e["event"].split(":", 2)[1:] for e in log["events"]]
+    apps = [json.loads(data) for kind, data in events if kind == "app"]
+    assert apps[-1]["bundle"] == str(b) and apps[-1]["image"] == "oci-bundle"
+    config_digest = "sha256:" + hashlib.sha256((b / "config.json").read_bytes()).hexdigest()
+    assert apps[-1]["config"] == config_digest
+    trust = [data for kind, data in events if kind == "trust"]
+    assert "checked by the engine that pulled the image" in trust[-1]
+
+
+def test_create_then_delete_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"])
+    rc, _out, err = oci.create("c2", b)
+    assert rc == 0, err.read_text()
+    assert oci.state("c2")["status"] == "created"
+    assert oci("delete", "c2").returncode == 0  # a created container can be deleted (runc's rule)
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+    assert not list((oci.root / "kvmrkt-oci").iterdir())
+
+
+def test_kill_exec_and_force_delete(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "trap 'echo got TERM; exit 42' TERM; while :; do sleep 0.1; done"])
+    rc, out, _err = oci.create("c3", b)
+    assert rc == 0
+    pid = oci.pid("c3", b)
+    oci("start", "c3")
+    assert oci.wait_status("c3", "running")["status"] == "running"
+    res = oci("exec", "c3", "/bin/sh", "-c", "echo from-exec; exit 4")
+    assert res.returncode == 4 and res.stdout == "from-exec\n"
+    proc = tmp_path / "process.json"
+    proc.write_text(json.dumps({"args": ["/bin/sh", "-c", "exit 5"], "cwd": "/", "terminal": False}))
+    res = oci("exec", "--process", str(proc), "--detach", "--pid-file", str(tmp_path / "epid"), "c3")
+    assert res.returncode == 0
+    assert wait_exit(int((tmp_path / "epid").read_text())) == 5  # the detached exec's pid carries its status
+    assert oci("delete", "c3").returncode == 1  # running, no --force
+    assert oci("kill", "c3", "TERM").returncode == 0
+    assert wait_exit(pid) == 42 and "got TERM" in out.read_text()
+    assert oci("kill", "c3", "KILL").returncode == 1  # stopped: nothing to signal
+    # --force on a running container.
+    b2 = oci.bundle(tmp_path / "b2", ["/bin/sleep", "600"])
+    assert oci.create("c4", b2)[0] == 0
+    oci("start", "c4")
+    assert oci.wait_status("c4", "running")["status"] == "running"
+    assert oci("delete", "--force", "c4").returncode == 0
+    assert wait_exit(oci.pid("c4", b2)) != 0
+
+
+def test_a_vm_that_dies_is_reported_stopped_with_a_failure(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"])
+    assert oci.create("c5", b)[0] == 0
+    pid = oci.pid("c5", b)
+    oci("start", "c5")
+    pod = oci.wait_status("c5", "running")["pod"]
+    qemu = json.loads(oci.kvmrkt.ok("status", "--format", "json", pod).out)["pid"]
+    os.kill(qemu, signal.SIGKILL)  # the VM dies under the container
+    assert wait_exit(pid) != 0
+    assert oci.state("c5")["status"] == "stopped"
+    assert oci("delete", "c5").returncode == 0
+
+
+def test_errors_reach_the_log_file(oci: Oci, tmp_path: Path) -> None:
+    log = tmp_path / "log.json"
+    (tmp_path / "empty").mkdir()
+    res = oci("--log", str(log), "--log-format", "json", "create", "--bundle", str(tmp_path / "empty"), "bad")
+    assert res.returncode == 1 and "no config.json" in res.stderr
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "no config.json" in entry["msg"]
+    b = oci.bundle(tmp_path / "b", ["/bin/true"], terminal=True)
+    rc, _out, err = oci.create("t", b)
+    assert rc == 1 and "--console-socket" in err.read_text()
+    assert oci("state", "nosuch").returncode == 1
+    assert oci("start", "../x").returncode == 1
+    assert oci("--version").stdout.startswith("kvmrkt-oci version ")
+    assert json.loads(oci("features").stdout)["ociVersionMax"] == "1.0.2"
+
+
+# --- containerd ---------------------------------------------------------------------------------------------
+
+NS = "kvmrkt-test"
+
+
+@dataclass
+class Containerd:
+    socket: Path
+    image: str
+
+    def ctr(self, *args: str, timeout: float = 120, tty: bool = False) -> subprocess.CompletedProcess[str]:
+        argv = ["ctr", "--address", str(self.socket), "--namespace", NS, *args]
+        if tty:  # ctr -t needs a terminal on its stdin: give it one with script(1)
+            argv = ["script", "-qec", " ".join(f"'{a}'" for a in argv), "/dev/null"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def containerd(oci: Oci, tmp_path: Path) -> Iterator[Containerd]:
+    base = Path(f"/tmp/kvmrkt-ctrd-{os.getpid()}")  # short: containerd's socket path must fit in sun_path
+    base.mkdir()
+    (base / "config.toml").write_text(
+        f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n[grpc]\n  address = "{base}/c.sock"\n')
+    proc = subprocess.Popen(["containerd", "--config", str(base / "config.toml")], stdout=subprocess.DEVNULL,
+                            stderr=(base / "log").open("w"))
+    try:
+        deadline = time.monotonic() + 30
+        while not (base / "c.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "log").read_text()[-2000:]
+            time.sleep(0.05)
+        archive = tmp_path / "busybox.tar"
+        subprocess.run(["skopeo", "copy", f"oci:{oci.busybox_layout}:latest",
+                        f"docker-archive:{archive}:localhost/busybox:latest"], check=True, capture_output=True)
+        c = Containerd(base / "c.sock", "localhost/busybox:latest")
+        res = c.ctr("image", "import", str(archive))
+        assert res.returncode == 0, res.stderr
+        yield c
+        for task in c.ctr("task", "ls", "-q").stdout.split():
+            c.ctr("task", "kill", "-s", "SIGKILL", task)
+            time.sleep(1)
+            c.ctr("task", "delete", "-f", task)
+        for ctr in c.ctr("container", "ls", "-q").stdout.split():
+            c.ctr("container", "delete", ctr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        subprocess.run(["umount", "-R", str(base / "root")], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_args(oci: Oci, c: Containerd, *args: str) -> list[str]:
+    return ["run", "--runc-binary", str(oci.binary), *args]
+
+
+def test_ctr_run_output_exit_code_and_terminal(oci: Oci, containerd: Containerd) -> None:
+    res = containerd.ctr(*run_args(oci, containerd, "--rm", containerd.image, "r1", "/bin/sh", "-c",
+                                   "echo hello from $(uname -r); exit 3"))
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == "hello from 6.1.192\n" or res.stdout.startswith("hello from ")
+    res = containerd.ctr(*run_args(oci, containerd, "--rm", "-t", containerd.image, "r2", "/bin/sh", "-c",
+                                   "tty; stty size; exit 6"), tty=True)
+    assert res.returncode == 6, res.stdout + res.stderr
+    assert "/dev/pts/0" in res.stdout and "24 80" in res.stdout
+    res = containerd.ctr(*run_args(oci, containerd, "--rm", "--memory-limit", str(512 << 20), containerd.image, "r3",
+                                   "/bin/sh", "-c", "grep MemTotal /proc/meminfo"))
+    assert res.returncode == 0 and int(res.stdout.split()[1]) > 500_000  # the VM was sized from linux.resources
+
+
+def test_ctr_task_kill_exec_delete(oci: Oci, containerd: Containerd) -> None:
+    res = containerd.ctr(*run_args(oci, containerd, "-d", containerd.image, "k1", "/bin/sh", "-c",
+                                   "trap 'exit 42' TERM; while :; do sleep 0.1; done"))
+    assert res.returncode == 0, res.stderr
+    res = containerd.ctr("task", "exec", "--exec-id", "e1", "k1", "/bin/sh", "-c", "echo exec-out; exit 4")
+    assert res.returncode == 4 and res.stdout == "exec-out\n"
+    assert "RUNNING" in containerd.ctr("task", "ls").stdout
+    assert containerd.ctr("task", "kill", "k1").returncode == 0
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in containerd.ctr("task", "ls").stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "STOPPED" in containerd.ctr("task", "ls").stdout
+    res = containerd.ctr("task", "delete", "k1")
+    assert res.returncode == 0, res.stderr
+    assert containerd.ctr("container", "delete", "k1").returncode == 0
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"  # the pod went with the task
+
+
+# --- podman ---------------------------------------------------------------------------------------------------
+
+
+def test_podman_run(oci: Oci, tmp_path: Path) -> None:
+    base = Path(f"/tmp/kvmrkt-podman-{os.getpid()}")  # podman refuses a runroot longer than 50 characters
+    pm = ["podman", "--root", str(base / "root"), "--runroot", str(base / "run"), "--storage-driver", "vfs",
+          "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", str(oci.binary)]
+    archive = tmp_path / "busybox.tar"
+    subprocess.run(["skopeo", "copy", f"oci:{oci.busybox_layout}:latest",
+                    f"docker-archive:{archive}:localhost/busybox:latest"], check=True, capture_output=True)
+    try:
+        subprocess.run([*pm, "load", "-i", str(archive)], check=True, capture_output=True)
+        res = subprocess.run([*pm, "run", "--rm", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
+                              "echo hello from podman; exit 5"], capture_output=True, text=True, timeout=180)
+        assert res.returncode == 5, res.stderr
+        assert res.stdout == "hello from podman\n"
+        cmd = " ".join([*pm, "run", "--rm", "-t", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
+                        "'tty; exit 7'"])
+        res = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=180)
+        assert res.returncode == 7, res.stdout + res.stderr
+        assert "/dev/pts/0" in res.stdout
+    finally:
+        subprocess.run([*pm, "system", "reset", "--force"], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"

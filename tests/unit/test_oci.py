@@ -1,0 +1,129 @@
+"""The pure parts of kvmrkt-oci: reading a bundle's config.json, the pod manifest made from it, signals, the
+features document, and how a held, terminal, 9p-rooted app reaches QEMU and the guest config."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmrkt.config import Stage1Config
+from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.ocirt import APP, features, load_bundle, manifest_for, parse_signal
+from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vmspec import build_vmspec, guest_pod_config
+
+UUID = "0a9a8f5e-6b1f-4c1e-9a53-1c0f3b0f2d11"
+
+
+def bundle(tmp_path: Path, **changes: Any) -> Path:
+    (tmp_path / "rootfs").mkdir(exist_ok=True)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    doc: dict[str, Any] = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/bin/sh", "-c", "echo hi"], "env": ["PATH=/bin", "A=b=c"], "cwd": "/work",
+                    "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]}, "terminal": True},
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "box",
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                   {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                   {"destination": "/run", "type": "tmpfs", "source": "tmpfs"},
+                   {"destination": "/data", "type": "bind", "source": str(tmp_path / "data"),
+                    "options": ["rbind", "ro"]},
+                   {"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
+                    "options": ["bind"]}],
+        "linux": {"resources": {"memory": {"limit": 300 * 1024 * 1024 + 1}, "cpu": {"quota": 150000, "period": 100000}},
+                  "namespaces": [{"type": "pid"}], "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}},
+        "annotations": {"io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36",
+                        "io.kubernetes.cri.container-type": "container"},
+    }
+    for key, value in changes.items():
+        target = doc
+        *path, last = key.split("__")
+        for p in path:
+            target = target[p]
+        if value is None:
+            target.pop(last, None)
+        else:
+            target[last] = value
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+def test_load_bundle(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path))
+    assert b.args == ("/bin/sh", "-c", "echo hi") and b.env == (("PATH", "/bin"), ("A", "b=c"))
+    assert (b.cwd, b.uid, b.gid, b.gids, b.terminal) == ("/work", 1000, 1000, (10, 20), True)
+    assert b.rootfs == tmp_path / "rootfs" and b.readonly and b.hostname == "box"
+    assert b.memory_mib == 301 and b.cpus == 2
+    assert b.image_name == "docker.io/library/busybox:1.36"
+    assert b.config_digest.startswith("sha256:") and len(b.config_digest) == 71
+    # /proc and /dev come from the guest; /run is guest memory; /data is shared read-only; a file bind cannot be.
+    assert [(v.name, v.kind, v.read_only) for v in b.volumes] == [("m2", "empty", False), ("m3", "host", True)]
+    assert [(m.volume, m.target) for m in b.mounts] == [("m2", "/run"), ("m3", "/data")]
+    assert b.ignored == ("/etc/resolv.conf (bind of /etc/resolv.conf)",)
+
+
+def test_manifest_for_a_bundle(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path, hostname=None))
+    m = manifest_for(b, UUID, "ctr-1")
+    (app,) = m.apps
+    assert app.name == APP and app.exec == b.args and app.uid == 1000 and app.supplementary_gids == (10, 20)
+    assert app.memory_mib == 301 and app.cpus == 2 and app.image_name == "docker.io/library/busybox:1.36"
+    assert m.hostname == "kvmrkt-0a9a8f5e"
+    ann = dict(m.annotations)
+    assert ann["kvmrkt.oci/id"] == "ctr-1" and ann["kvmrkt.oci/config-digest"] == b.config_digest
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"ociVersion": "2.0.0"}, "ociVersion"),
+    ({"process__args": []}, "process.args"),
+    ({"process__args": ["/bin/sh", 3]}, "process.args"),
+    ({"process__env": ["NOEQUALS"]}, "KEY=VALUE"),
+    ({"process__user": {"uid": -1}}, "non-negative"),
+    ({"process__user": {"uid": True}}, "process.user.uid"),
+    ({"root__path": "missing"}, "is not a directory"),
+    ({"mounts": [{"type": "tmpfs"}]}, "destination"),
+    ({"mounts": [{"destination": "relative", "type": "tmpfs"}]}, "absolute"),
+    ({"annotations": {"a": 1}}, "annotations"),
+    ({"process": "nope"}, "process"),
+])
+def test_bad_configs_are_named(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        load_bundle(bundle(tmp_path, **changes))
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"no config\.json"):
+        load_bundle(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_bundle(tmp_path)
+
+
+def test_signals_and_features() -> None:
+    assert parse_signal("9") == parse_signal("KILL") == parse_signal("SIGKILL") == parse_signal("sigkill") == 9
+    assert parse_signal("TERM") == signal.SIGTERM
+    for bad in ("0", "99", "NOPE", ""):
+        with pytest.raises(ConfigError):
+            parse_signal(bad)
+    doc = features()
+    assert doc["ociVersionMin"] == "1.0.0" and doc["ociVersionMax"] == "1.0.2"
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_bundle_roots_reach_qemu_and_the_guest(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path))
+    m = manifest_for(b, UUID, "c")
+    spec = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={APP: b.rootfs},
+                        interactive=True, debug=False, tsc_khz=None, host_cpus=4, shared_roots={APP: True})
+    argv = " ".join(build_argv(spec))
+    assert f"local,id=root0,path={b.rootfs},security_model=passthrough,readonly=on" in argv
+    assert "mount_tag=root0" in argv and "virtio-blk" not in argv
+    assert spec.memory_mib == 301 + 128 and spec.vcpus == 2
+    cfg = guest_pod_config(m, interactive=True, shared_roots={APP: True}, hold=True, tty=True).decode()
+    assert "hold 1\n" in cfg and "tty 1\n" in cfg and "rootshare root0 1\n" in cfg and "serial" not in cfg
+    assert guest_pod_config(m, interactive=False).decode().count("hold") == 0
