@@ -11,10 +11,11 @@ the VM's QEMU runs inside the pod namespace, so it sees only the pod's own inter
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from kvmrkt.pod import Pod
 from kvmrkt.stage1 import NetworkPlan, Nic
 
 NETNS_DIR = Path("/run/netns")
+JOIN = "join"
 STATE = "net.json"
 CNI_TIMEOUT = 60.0
 
@@ -65,12 +67,14 @@ class Attachment:
 
 @dataclass(frozen=True, slots=True)
 class Intent:
-    """A validated plan for a pod's networking, made before anything is created."""
+    """A validated plan for a pod's networking, made before anything is created. Modes: none, user, cni (kvmrkt
+    makes a namespace and runs CNI), join (a namespace someone else made, at path ``netns``: an OCI bundle's)."""
 
     mode: str
     attachments: tuple[Attachment, ...] = ()
     forwards: tuple[PortForward, ...] = ()
     dns: DnsOptions = field(default_factory=DnsOptions)
+    netns: str = ""
 
 
 def netns_name(uuid: str) -> str:
@@ -192,6 +196,8 @@ class PodNetworks:
                                forwards=tuple((f.protocol, f.host_ip, f.host_port, f.pod_port)
                                               for f in intent.forwards),
                                files=self._files(intent.dns, hostname, USER_ADDR, [], user_mode=True))
+        if intent.mode == JOIN:
+            return self._join(pod, intent.netns)
         name = netns_name(pod.uuid)
         netns = str(NETNS_DIR / name)
         state["netns"] = name
@@ -199,14 +205,14 @@ class PodNetworks:
                               "config": a.net.to_dict(), "result": None} for a in intent.attachments]
         pod.write_json(STATE, state)
         self._iproute("netns", "add", name)
-        self._iproute("-n", name, "link", "set", "dev", "lo", "up")
+        self._iproute("link", "set", "dev", "lo", "up", netns=netns)
         for entry, att in zip(state["networks"], intent.attachments, strict=True):
             entry["added"] = True
             pod.write_json(STATE, state)
             entry["result"] = self._add(pod.uuid, netns, att)
             entry["ips"] = result_ips(entry["result"])
             pod.write_json(STATE, state)
-        nics = self._join_taps(name, intent.attachments)
+        nics = self._join_taps(netns, [a.ifname for a in intent.attachments])
         for entry, nic in zip(state["networks"], nics, strict=True):
             entry["mac"] = nic.mac
             entry["tap"] = nic.tap
@@ -215,6 +221,21 @@ class PodNetworks:
         dns = [result_dns(e["result"]) for e in state["networks"]]
         return NetworkPlan("cni", netns=netns, nics=nics,
                            files=self._files(intent.dns, hostname, first_ip, dns, user_mode=False))
+
+    def _join(self, pod: Pod, netns: str) -> NetworkPlan:
+        """Carry every interface of an existing namespace into the VM; the namespace, its addresses and routes
+        stay its owner's (no files are written: the engine that made it manages resolv.conf and hosts)."""
+        links = json.loads(self._iproute("-j", "link", "show", netns=netns) or "[]")
+        ifnames = [str(link["ifname"]) for link in links
+                   if link.get("link_type") == "ether" and not str(link["ifname"]).startswith("tap")]
+        nets = [{"name": n, "ifname": n, "tap": f"tap{i}"} for i, n in enumerate(ifnames)]
+        state: dict[str, Any] = {"mode": JOIN, "active": True, "netns": netns, "forwards": [], "networks": nets}
+        pod.write_json(STATE, state)
+        nics = self._join_taps(netns, ifnames)
+        for entry, nic in zip(state["networks"], nics, strict=True):
+            entry.update(mac=nic.mac, ips=[{"address": f"{ip}/{p}", "gateway": ""} for ip, p in nic.addrs])
+        pod.write_json(STATE, state)
+        return NetworkPlan("cni", netns=netns, nics=nics)
 
     def _files(self, dns: DnsOptions, hostname: str, pod_ip: str | None, cni_dns: list[dict[str, Any]], *,
                user_mode: bool) -> tuple[tuple[str, str], ...]:
@@ -227,43 +248,49 @@ class PodNetworks:
             files.append(("/etc/resolv.conf", resolv))
         return tuple(files)
 
-    def _iproute(self, *args: str, tool: str = "ip", stdin: str | None = None) -> str:
+    def _iproute(self, *args: str, tool: str = "ip", stdin: str | None = None, netns: str | None = None) -> str:
+        """Run ``ip``/``tc`` (in the network namespace at path ``netns``, through nsenter)."""
+        argv = [_proc.which(tool, hint="apt-get install iproute2"), *args]
+        if netns is not None:
+            argv = [_proc.which("nsenter", hint="apt-get install util-linux"), f"--net={netns}", *argv]
         try:
-            proc = _proc.run([_proc.which(tool, hint="apt-get install iproute2"), *args], timeout=30,
-                             input_bytes=stdin.encode() if stdin is not None else None)
+            proc = _proc.run(argv, timeout=30, input_bytes=stdin.encode() if stdin is not None else None)
         except CommandError as exc:
             raise NetworkError(f"{tool} {' '.join(args[:4])} failed: {exc.stderr_tail or exc.message}") from None
         return proc.stdout.decode()
 
-    def _join_taps(self, ns: str, attachments: Iterable[Attachment]) -> tuple[Nic, ...]:
-        """A tap per CNI interface, with every frame redirected between the two (tc mirred), and the interface's
-        MAC, MTU, IPv4 addresses and routes read back for the guest."""
-        atts = list(attachments)
-        shows = "".join(f"addr show dev {a.ifname}\nroute show dev {a.ifname}\n" for a in atts)
-        docs = _parse_json_stream(self._iproute("-n", ns, "-j", "-batch", "-", stdin=shows))
-        if len(docs) != 2 * len(atts):
-            raise NetworkError(f"could not read the interfaces CNI made in {ns}")
+    def _join_taps(self, netns: str, ifnames: list[str]) -> tuple[Nic, ...]:
+        """A tap per interface of the namespace at ``netns``, with every frame redirected between the two (tc
+        mirred), and the interface's MAC, MTU, IPv4 addresses and routes read back for the guest."""
+        shows = "".join(f"addr show dev {name}\nroute show dev {name}\n" for name in ifnames)
+        docs = _parse_json_stream(self._iproute("-j", "-batch", "-", stdin=shows, netns=netns))
+        if len(docs) != 2 * len(ifnames):
+            raise NetworkError(f"could not read the interfaces in {netns}")
         taps, redirects, nics = [], [], []
-        for i, att in enumerate(atts):
+        for i, name in enumerate(ifnames):
             link, routes = docs[2 * i], docs[2 * i + 1]
             if not link:
-                raise NetworkError(f"network {att.net.name!r}: no interface {att.ifname} in {ns} after CNI ADD")
+                raise NetworkError(f"no interface {name} in {netns}")
             info = link[0]
             tap = f"tap{i}"
             mtu = int(info.get("mtu", 1500))
             taps.append(f"tuntap add dev {tap} mode tap\nlink set dev {tap} mtu {mtu} up\n")
-            for src, dst in ((att.ifname, tap), (tap, att.ifname)):
+            for src, dst in ((name, tap), (tap, name)):
                 redirects.append(f"qdisc add dev {src} ingress\n"
                                  f"filter add dev {src} parent ffff: protocol all u32 match u32 0 0 "
                                  f"action mirred egress redirect dev {dst}\n")
             addrs = tuple((a["local"], int(a["prefixlen"])) for a in info.get("addr_info", [])
                           if a.get("family") == "inet")
             if not addrs:
-                self.warn(f"network {att.net.name!r} gave {att.ifname} no IPv4 address; the guest configures "
-                          "IPv4 only")
-            nics.append(Nic(att.ifname, str(info["address"]), mtu, tap, addrs, routes_for_guest(routes)))
-        self._iproute("-n", ns, "-batch", "-", stdin="".join(taps))
-        self._iproute("-n", ns, "-batch", "-", tool="tc", stdin="".join(redirects))
+                self.warn(f"interface {name} in {netns} has no IPv4 address; the guest configures IPv4 only")
+            nics.append(Nic(name, str(info["address"]), mtu, tap, addrs, routes_for_guest(routes)))
+        self._iproute("-batch", "-", stdin="".join(taps), netns=netns)
+        try:
+            self._iproute("-batch", "-", tool="tc", stdin="".join(redirects), netns=netns)
+        except NetworkError as exc:
+            raise NetworkError(f"cannot redirect the interfaces of {netns} to the VM: {exc.message}",
+                               hint="each network namespace can carry one VM (is another container using it?)"
+                               ) from None
         return tuple(nics)
 
     # --- CNI ----------------------------------------------------------------------------------------
@@ -322,6 +349,9 @@ class PodNetworks:
         if not isinstance(state, dict) or not state.get("active"):
             return
         errors: list[str] = []
+        if state.get("mode") == JOIN:
+            self._unjoin(pod, state)
+            return
         name = str(state.get("netns") or "")
         netns = str(NETNS_DIR / name) if name else ""
         for entry in reversed(state.get("networks", [])):
@@ -347,6 +377,17 @@ class PodNetworks:
             raise NetworkError(f"network teardown of pod {pod.uuid} incomplete: " + "; ".join(errors),
                                hint="fix the cause and run `kvmrkt gc` again")
         pod.write_json(STATE, {**state, "active": False, "teardown_errors": []})
+
+    def _unjoin(self, pod: Pod, state: dict[str, Any]) -> None:
+        """Remove the taps and redirects added to a namespace that is not ours (gone already: nothing to do)."""
+        netns = str(state["netns"])
+        if os.path.exists(netns):
+            cmds = "".join(f"qdisc del dev {e['ifname']} ingress\n" for e in state["networks"])
+            taps = "".join(f"link delete dev {e['tap']}\n" for e in state["networks"])
+            for tool, batch in (("tc", cmds), ("ip", taps)):
+                with contextlib.suppress(NetworkError):  # parts may be gone with the container's interfaces
+                    self._iproute("-force", "-batch", "-", tool=tool, stdin=batch, netns=netns)
+        pod.write_json(STATE, {**state, "active": False})
 
     # --- status -------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from kvmrkt import _proc
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
-from kvmrkt.netconf import NetOptions, NetRequest
+from kvmrkt.network import Intent
 from kvmrkt.pod import Pod, write_json
 from stage1_kvm import agent
 from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
@@ -73,6 +73,7 @@ class Bundle:
     cpus: int | None = None
     annotations: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    netns: str = ""  # a network namespace to join (linux.namespaces network path)
 
     @property
     def image_name(self) -> str:
@@ -134,6 +135,10 @@ def load_bundle(path: Path) -> Bundle:
     limit = _get(memory, "limit", int, "linux.resources.memory.", None)
     cpu = _get(res, "cpu", dict, "linux.resources.", {})
     quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
+    netns = ""
+    for ns in _get(linux, "namespaces", list, "linux.", []):
+        if isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str):
+            netns = ns["path"]
     annotations = _get(doc, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
@@ -145,6 +150,8 @@ def load_bundle(path: Path) -> Bundle:
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
         annotations=dict(annotations), ignored=ignored,
+        # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
+        netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip
 
 
@@ -347,8 +354,7 @@ class OciRuntime:
             backend = self.engine.backend_for(pod)
             measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
                          "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}"}]
-            intent = self.engine.networks.intent(NetOptions(nets=(NetRequest("none"),)), [],
-                                                 modes=backend.network_modes, user_forwards=False)
+            intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none")
             result = self.engine.boot(
                 pod, manifest, backend, trust=pod.read_json("trust.json") or {}, intent=intent,
                 stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, measured_apps=measured,

@@ -22,7 +22,10 @@ import jsonschema
 import pytest
 
 from .conftest import Kvmrkt
+from .registry import free_port
+from .test_network import http_get
 
+HTTPD = "mkdir -p /www && echo served from a VM > /www/index.html && exec httpd -f -p 80 -h /www"
 SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -322,10 +325,43 @@ def test_ctr_task_kill_exec_delete(oci: Oci, containerd: Containerd) -> None:
     assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"  # the pod went with the task
 
 
+def test_ctr_container_joins_the_network_namespace_it_is_given(oci: Oci, containerd: Containerd) -> None:
+    """The bundle names a network namespace (here one the test made, with a veth to the host): its interface is
+    carried into the VM, so the container serves on the namespace's address."""
+    n = os.getpid() % 200 + 20
+    ns = f"kvt-ctr-{n}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["ip", "link", "add", "name", f"kvc{n}h", "type", "veth", "peer", "name", f"kvc{n}p"],
+                    ["ip", "link", "set", "dev", f"kvc{n}p", "netns", ns],
+                    ["ip", "addr", "add", f"10.194.{n}.1/24", "dev", f"kvc{n}h"],
+                    ["ip", "link", "set", "dev", f"kvc{n}h", "up"],
+                    ["ip", "-n", ns, "addr", "add", f"10.194.{n}.2/24", "dev", f"kvc{n}p"],
+                    ["ip", "-n", ns, "link", "set", "dev", f"kvc{n}p", "up"]):
+            subprocess.run(cmd, check=True)
+        res = containerd.ctr(*run_args(oci, containerd, "-d", "--with-ns", f"network:/run/netns/{ns}",
+                                       containerd.image, "n1", "/bin/sh", "-c", HTTPD))
+        assert res.returncode == 0, res.stderr
+        assert http_get(f"http://10.194.{n}.2/") == "served from a VM\n"
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "n1")
+        deadline = time.monotonic() + 60
+        while "STOPPED" not in containerd.ctr("task", "ls").stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert containerd.ctr("task", "delete", "n1").returncode == 0
+        containerd.ctr("container", "delete", "n1")
+        # kvmrkt removed its tap and redirect; the namespace and its interface are the owner's and stay.
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
+        assert "tap0" not in links and f"kvc{n}p" in links
+        assert "ingress" not in subprocess.run(["tc", "-n", ns, "qdisc"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
 # --- podman ---------------------------------------------------------------------------------------------------
 
 
-def test_podman_run(oci: Oci, tmp_path: Path) -> None:
+@pytest.fixture
+def podman(oci: Oci, tmp_path: Path) -> Iterator[list[str]]:
     base = Path(f"/tmp/kvmrkt-podman-{os.getpid()}")  # podman refuses a runroot longer than 50 characters
     pm = ["podman", "--root", str(base / "root"), "--runroot", str(base / "run"), "--storage-driver", "vfs",
           "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--runtime", str(oci.binary)]
@@ -334,16 +370,33 @@ def test_podman_run(oci: Oci, tmp_path: Path) -> None:
                     f"docker-archive:{archive}:localhost/busybox:latest"], check=True, capture_output=True)
     try:
         subprocess.run([*pm, "load", "-i", str(archive)], check=True, capture_output=True)
-        res = subprocess.run([*pm, "run", "--rm", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
-                              "echo hello from podman; exit 5"], capture_output=True, text=True, timeout=180)
-        assert res.returncode == 5, res.stderr
-        assert res.stdout == "hello from podman\n"
-        cmd = " ".join([*pm, "run", "--rm", "-t", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
-                        "'tty; exit 7'"])
-        res = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=180)
-        assert res.returncode == 7, res.stdout + res.stderr
-        assert "/dev/pts/0" in res.stdout
+        yield pm
     finally:
+        subprocess.run([*pm, "rm", "--all", "--force"], capture_output=True, check=False)
         subprocess.run([*pm, "system", "reset", "--force"], capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
     assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+
+
+def test_podman_run(podman: list[str]) -> None:
+    pm = podman
+    res = subprocess.run([*pm, "run", "--rm", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
+                          "echo hello from podman; exit 5"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 5, res.stderr
+    assert res.stdout == "hello from podman\n"
+    cmd = " ".join([*pm, "run", "--rm", "-t", "--network", "none", "localhost/busybox:latest", "/bin/sh", "-c",
+                    "'tty; exit 7'"])
+    res = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "/dev/pts/0" in res.stdout
+
+
+def test_podman_bridge_network_and_published_port(podman: list[str]) -> None:
+    """podman's own network (netavark, a bridge and its port forwarding): the VM takes the container's interface."""
+    port = free_port()
+    res = subprocess.run([*podman, "run", "-d", "--name", "web", "-p", f"127.0.0.1:{port}:80",
+                          "localhost/busybox:latest", "/bin/sh", "-c", HTTPD], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert http_get(f"http://127.0.0.1:{port}/") == "served from a VM\n"
+    assert subprocess.run([*podman, "rm", "--force", "web"], capture_output=True, timeout=120).returncode == 0
