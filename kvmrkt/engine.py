@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 import time
 from collections.abc import Callable
@@ -808,8 +809,9 @@ class Engine:
         self._wait_exited(pod, 10)
         return pod.state()
 
-    def enter(self, ref: str, app: str | None, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes]) -> int:
-        """Run a command in an app of a running pod; returns its exit code."""
+    def enter(self, ref: str, app: str | None, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+              stdin: int | None = None) -> int:
+        """Run a command in an app of a running pod; returns its exit code (``stdin``: an fd copied to it)."""
         pod = self.find(ref)
         pod.require("running")
         manifest = self.pod_manifest(pod)
@@ -820,7 +822,8 @@ class Engine:
             app = names[0]
         if app not in names:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
-        return self.backend_for(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr)
+        return self.backend_for(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr,
+                                           stdin=stdin, forward_signals=(signal.SIGINT, signal.SIGTERM))
 
     def _collect(self, pod: Pod) -> bool:
         """Delete a pod directory that this process holds locked, after network and backend cleanup; free its

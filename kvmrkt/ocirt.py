@@ -47,6 +47,7 @@ STATE_DIR = "kvmrkt-oci"
 GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
 # Annotations that name the image (CRI, then the OCI image spec's).
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 NOT_CHECKED = ("image signatures are checked by the engine that pulled the image (containerd, podman); an OCI "
                "runtime only receives its unpacked rootfs")
 
@@ -447,39 +448,45 @@ class OciRuntime:
     # --- exec / ps -----------------------------------------------------------------------------------
 
     def exec(self, cid: str, args: list[str], *, detach: bool, pid_file: Path | None,
-             terminal: bool = False) -> int:
-        """Run another process in the container's VM (through the guest agent, in the container's root). Returns
-        its exit status, or 0 at once with ``detach`` (its host-side pid goes to ``pid_file``; that process exits
-        with the guest process's status).
+             console_socket: Path | None = None) -> int:
+        """Run another process in the container's VM (through the guest agent, in the container's root, with
+        this process's stdin; with ``console_socket``, on a terminal whose master is sent there). Returns its
+        exit status, or 0 at once with ``detach``: its host-side pid goes to ``pid_file``, and that process
+        exits with the guest process's status and passes the usual signals on to it.
 
         Raises:
             PodStateError: the container is not running.
-            ConfigError: a terminal was asked for (not supported yet), or no arguments.
+            ConfigError: no arguments.
         """
         rec = self._record(cid)
         status = self._status(rec)
         if status != "running":
             raise PodStateError(f"container {cid!r} is {status}, not running", state=status)
-        if terminal:
-            raise ConfigError("kvmrkt-oci cannot give an exec'd process a terminal yet", hint="run without -t")
         if not args:
             raise ConfigError("exec: no process arguments")
         pod = self._pod(rec)
         assert pod is not None
         manifest = self.engine.pod_manifest(pod)
         backend = self.engine.backend_for(pod)
+        term = _send_terminal(console_socket) if console_socket is not None else None
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             code = 126
             try:
-                code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+                if term is not None:
+                    for fd in (0, 1, 2):
+                        os.dup2(term, fd)
+                code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                                     stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
             except BaseException as exc:  # reported on the exec's stderr
                 with contextlib.suppress(OSError):
                     sys.stderr.write(f"kvmrkt-oci exec: {exc}\n")
                     sys.stderr.flush()
             os._exit(code)
+        if term is not None:
+            os.close(term)
         if pid_file is not None:
             pid_file.write_text(str(pid))
         if detach:

@@ -124,9 +124,12 @@ class Stage1(ABC):
 
     @abstractmethod
     def enter(
-        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes]
+        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+        stdin: int | None = None, tty: bool = False, forward_signals: tuple[int, ...] = (),
     ) -> int:
-        """Run argv inside an app of a running pod through the guest agent; return its exit code."""
+        """Run argv inside an app of a running pod through the guest agent; return its exit code. ``stdin``: a
+        file descriptor copied to the command; ``tty``: run it on a terminal in the guest; ``forward_signals``:
+        signals to this process that are passed on to it."""
 
     @abstractmethod
     def status(self, pod: Pod) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -158,31 +160,62 @@ class _Reader:
 
 def enter(
     pod_dir: Path, ctl_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-    timeout: float | None = None,
+    timeout: float | None = None, stdin: int | None = None, tty: bool = False,
+    forward_signals: tuple[int, ...] = (),
 ) -> int:
     """Run argv in an app's root inside the VM; stream its output; return its exit code.
+
+    ``stdin``: a file descriptor whose data is sent to the command until EOF. ``tty``: the command runs on a
+    terminal in the guest (its output arrives as stdout). ``forward_signals``: signals this process receives
+    that are passed on to the command (main thread only).
 
     Raises:
         AgentError: the channel failed or the guest refused the request.
     """
-    request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv)]) + "\n"
+    flags = (["tty"] if tty else []) + (["stdin"] if stdin is not None else [])
+    request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv), *flags]) + "\n"
     with _channel(pod_dir, ctl_socket, timeout=10.0, lock=True) as sock:
+        send_lock = threading.Lock()
+
+        def send(data: bytes) -> None:
+            with send_lock, contextlib.suppress(OSError):
+                sock.sendall(data)
+
         sock.sendall(request.encode())
         sock.settimeout(timeout)
-        reader = _Reader(sock)
-        while True:
-            head = reader.line().split(" ", 1)
-            if head[0] in ("OUT", "ERR") and len(head) == 2 and head[1].isdigit() and int(head[1]) <= MAX_FRAME:
-                data = reader.exact(int(head[1]))
-                out = stdout if head[0] == "OUT" else stderr
-                out.write(data)
-                out.flush()
-            elif head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
-                return int(head[1])
-            elif head[0] == "FAIL":
-                raise AgentError(f"the guest refused to enter: {unescape(head[1]) if len(head) > 1 else ''}")
-            else:
-                raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
+        if stdin is not None:
+            threading.Thread(target=_pump_input, args=(stdin, send), daemon=True).start()
+        old = {s: signal.signal(s, lambda signum, _f: send(f"SIG {signum}\n".encode())) for s in forward_signals}
+        try:
+            return _session_output(_Reader(sock), stdout, stderr)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _pump_input(fd: int, send: Callable[[bytes], None]) -> None:
+    try:
+        while data := os.read(fd, 65536):
+            send(b"IN %d\n" % len(data) + data)
+    except OSError:
+        pass
+    send(b"EOF\n")
+
+
+def _session_output(reader: _Reader, stdout: IO[bytes], stderr: IO[bytes]) -> int:
+    while True:
+        head = reader.line().split(" ", 1)
+        if head[0] in ("OUT", "ERR") and len(head) == 2 and head[1].isdigit() and int(head[1]) <= MAX_FRAME:
+            data = reader.exact(int(head[1]))
+            out = stdout if head[0] == "OUT" else stderr
+            out.write(data)
+            out.flush()
+        elif head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
+            return int(head[1])
+        elif head[0] == "FAIL":
+            raise AgentError(f"the guest refused to enter: {unescape(head[1]) if len(head) > 1 else ''}")
+        else:
+            raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
 
 
 def _sig_request(pod_dir: Path, sig_socket: str, line: str, what: str) -> None:

@@ -401,9 +401,11 @@ class QemuStage1(Stage1):
         agent.request_stop(pod.path, SIG_SOCKET, grace=self.config.stage1.stop_timeout)
 
     def enter(
-        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes]
+        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+        stdin: int | None = None, tty: bool = False, forward_signals: tuple[int, ...] = (),
     ) -> int:
-        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr)
+        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr, stdin=stdin, tty=tty,
+                           forward_signals=forward_signals)
 
     def status(self, pod: Pod) -> dict[str, Any]:
         rec = pod.read_json(RUN_RECORD, {}) or {}

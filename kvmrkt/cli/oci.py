@@ -135,7 +135,7 @@ def delete(c: _OciCtx, force: bool, container_id: str) -> None:
 
 @oci.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--process", "-p", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="A runtime-spec process JSON (args, terminal; env/cwd/user are the container's).")
+              help="A runtime-spec process JSON (args, terminal; env, cwd and user are the container's).")
 @click.option("--detach", "-d", is_flag=True, help="Return at once; the pid file's process carries the exit status.")
 @click.option("--pid-file", type=click.Path(path_type=Path))
 @click.option("--console-socket", type=click.Path(path_type=Path))
@@ -151,7 +151,7 @@ def exec(c: _OciCtx, process: Path | None, detach: bool, pid_file: Path | None, 
          tty: bool, cwd: str | None, env: tuple[str, ...], user: str | None, preserve_fds: int, container_id: str,
          command: tuple[str, ...]) -> None:
     """Run another process in a running container's VM."""
-    args, terminal = list(command), tty or console_socket is not None
+    args, terminal = list(command), tty
     if process is not None:
         try:
             spec: dict[str, Any] = json.loads(process.read_text())
@@ -159,7 +159,9 @@ def exec(c: _OciCtx, process: Path | None, detach: bool, pid_file: Path | None, 
             raise click.BadParameter(f"cannot read {process}: {exc}") from exc
         args = [str(a) for a in spec.get("args") or []]
         terminal = terminal or bool(spec.get("terminal"))
-    code = c.runtime().exec(container_id, args, detach=detach, pid_file=pid_file, terminal=terminal)
+    if terminal != (console_socket is not None):
+        raise click.UsageError("a terminal (--tty or process.terminal) needs --console-socket, and the reverse")
+    code = c.runtime().exec(container_id, args, detach=detach, pid_file=pid_file, console_socket=console_socket)
     sys.exit(code)
 
 

@@ -238,12 +238,15 @@ def gc(c: _Ctx, grace_period: str, expire_prepared: str, fmt: str) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--app", help="App to enter (needed when the pod has several).")
+@click.option("--interactive", "-i", is_flag=True, help="Copy stdin to the command (until EOF).")
 @click.argument("uuid")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def enter(c: _Ctx, uuid: str, app: str | None, cmd: tuple[str, ...]) -> None:
-    """Run CMD (default /bin/sh) in an app of a running pod, through the guest agent; exits with its code."""
-    sys.exit(c.engine().enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
+def enter(c: _Ctx, uuid: str, app: str | None, interactive: bool, cmd: tuple[str, ...]) -> None:
+    """Run CMD (default /bin/sh) in an app of a running pod, through the guest agent; exits with its code.
+    SIGINT and SIGTERM are passed on to it."""
+    sys.exit(c.engine().enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                              stdin=sys.stdin.fileno() if interactive else None))
 
 
 @cli.command("cat-manifest")

@@ -8,7 +8,8 @@
  *                                     ERROR <app> <message>, DONE. Values are %-escaped.
  *   kvmrkt.out.N / kvmrkt.err.N       stdout / stderr of app N (host: files).
  *   kvmrkt.in.0    (host: a socket)   stdin of app 0 for interactive pods.
- *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>...\n"; replies are frames
+ *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>... [tty] [stdin]\n" (then input
+ *                                     frames "IN <n>\n<bytes>", "EOF\n", "SIG <signal>\n"); replies are frames
  *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
  *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n";
  *                                     "KILL <signal> [all]\n": signal every app (all: every guest process).
@@ -732,8 +733,8 @@ static int setup_app(struct app *a)
     for (size_t i = 0; i < sizeof(api) / sizeof(api[0]); i++) {
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "%s/%s", a->root, api[i].dir);
-        /* An app on a terminal sees init's terminals (its own among them), so ttyname() finds it. */
-        int shared_pts = tty && a == &apps[0] && !strcmp(api[i].dir, "dev/pts");
+        /* An app on a terminal, or an OCI container (exec -t), sees init's terminals, so ttyname() works. */
+        int shared_pts = (tty || hold) && a == &apps[0] && !strcmp(api[i].dir, "dev/pts");
         if (mount_at(shared_pts ? "/dev/pts" : api[i].src, dir, shared_pts ? NULL : api[i].type,
                      shared_pts ? MS_BIND : api[i].flags, shared_pts ? NULL : api[i].data) < 0)
             return app_error(a, api[i].dir), -1;
@@ -909,35 +910,104 @@ static void send_frame(int fd, const char *kind, const char *buf, size_t n)
     write_all(fd, buf, n);
 }
 
-/* Enter session, run in a forked helper that owns the ctl port until the command exits. */
+static int session_tty = -1;  /* an enter session's terminal master (EOF does not close it) */
+
+static int tty_master_is(int fd)
+{
+    return fd >= 0 && fd == session_tty;
+}
+
+/*
+ * Input frames from the host during an enter session: "IN <n>\n<bytes>" (to the command's stdin or terminal),
+ * "EOF\n" (close its stdin), "SIG <signal>\n" (signal its session). Consumes complete frames from buf.
+ */
+static size_t session_input(char *buf, size_t len, int *in, pid_t pid)
+{
+    size_t used = 0;
+    while (used < len) {
+        char *nl = memchr(buf + used, '\n', len - used);
+        if (!nl)
+            break;
+        size_t hdr = (size_t)(nl - (buf + used)) + 1;
+        if (!strncmp(buf + used, "IN ", 3)) {
+            size_t n = strtoul(buf + used + 3, NULL, 10);
+            if (used + hdr + n > len)
+                break;  /* the payload is not all here yet */
+            if (*in >= 0)
+                write_all(*in, buf + used + hdr, n);
+            used += hdr + n;
+            continue;
+        }
+        if (!strncmp(buf + used, "EOF", 3) && *in >= 0 && !tty_master_is(*in)) {
+            close(*in);
+            *in = -1;
+        } else if (!strncmp(buf + used, "SIG ", 4)) {
+            kill(-pid, atoi(buf + used + 4));
+        }
+        used += hdr;
+    }
+    return used;
+}
+
+/*
+ * Enter session, run in a forked helper that owns the ctl port until the command exits. Request:
+ * "ENTER <app> <argc> <arg>... [tty] [stdin]": with tty the command runs on a new terminal (output as OUT
+ * frames, input to the terminal); with stdin it reads what the host sends as IN frames. If the host hangs up,
+ * the command's session is killed.
+ */
 static void enter_session(int ctl, char **fields, int n)
 {
     struct app *a = n >= 3 ? app_named(fields[1]) : NULL;
     int argc = n >= 3 ? atoi(fields[2]) : 0;
-    if (!a || argc < 1 || argc != n - 3 || !a->root[0]) {
+    if (!a || argc < 1 || argc > n - 3 || !a->root[0]) {
         dprintf(ctl, "FAIL %s\n", a ? "bad%20enter%20request" : "no%20such%20app");
         _exit(0);
+    }
+    int want_tty = 0, want_in = 0;
+    for (int i = 3 + argc; i < n; i++) {
+        want_tty |= !strcmp(fields[i], "tty");
+        want_in |= !strcmp(fields[i], "stdin");
     }
     char **argv = calloc((size_t)argc + 1, sizeof(char *));
     for (int i = 0; i < argc; i++)
         argv[i] = fields[3 + i];
-    int po[2], pe[2];
-    if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0) {
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1;
+    if (want_tty) {
+        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (m < 0 || grantpt(m) < 0 || unlockpt(m) < 0 || (term = open(ptsname(m), O_RDWR | O_NOCTTY)) < 0) {
+            dprintf(ctl, "FAIL no%%20terminal\n");
+            _exit(0);
+        }
+        struct winsize ws = {.ws_row = 24, .ws_col = 80};
+        ioctl(m, TIOCSWINSZ, &ws);
+        po[0] = in = m;
+        session_tty = m;
+    } else if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || (want_in && pipe2(pi, O_CLOEXEC) < 0)) {
         dprintf(ctl, "FAIL pipe\n");
         _exit(0);
     }
     pid_t pid = fork();
     if (pid == 0) {
-        int devnull = open("/dev/null", O_RDONLY);
-        become_app(a, argv, devnull, po[1], pe[1]);
+        if (term >= 0)
+            become_app(a, argv, term, term, term);
+        become_app(a, argv, want_in ? pi[0] : open("/dev/null", O_RDONLY), po[1], pe[1]);
     }
-    close(po[1]);
-    close(pe[1]);
-    struct pollfd p[2] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}};
-    int open_fds = 2;
-    char buf[16384];
+    if (term >= 0) {
+        close(term);
+    } else {
+        close(po[1]);
+        close(pe[1]);
+        if (want_in) {
+            close(pi[0]);
+            in = pi[1];
+        }
+    }
+    struct pollfd p[3] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}, {ctl, POLLIN, 0}};
+    int open_fds = want_tty ? 1 : 2;
+    char buf[16384], inbuf[65536 + 64];
+    size_t inlen = 0;
     while (open_fds > 0) {
-        if (poll(p, 2, -1) < 0) {
+        if (poll(p, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
@@ -946,13 +1016,28 @@ static void enter_session(int ctl, char **fields, int n)
             if (p[i].fd < 0 || !(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
                 continue;
             ssize_t r = read(p[i].fd, buf, sizeof(buf));
-            if (r <= 0) {
-                close(p[i].fd);
+            if (r <= 0) {  /* a terminal reads EIO once the command and its children have closed it */
+                if (p[i].fd != in)
+                    close(p[i].fd);
                 p[i].fd = -1;
                 open_fds--;
             } else {
                 send_frame(ctl, i == 0 ? "OUT" : "ERR", buf, (size_t)r);
             }
+        }
+        if (p[2].revents & POLLIN) {
+            ssize_t r = read(ctl, inbuf + inlen, sizeof(inbuf) - inlen);
+            if (r > 0) {
+                inlen += (size_t)r;
+                size_t used = session_input(inbuf, inlen, &in, pid);
+                memmove(inbuf, inbuf + used, inlen - used);
+                inlen -= used;
+                if (inlen == sizeof(inbuf))
+                    inlen = 0;  /* a frame larger than the buffer: not from our host agent */
+            }
+        } else if (p[2].revents & POLLHUP) {
+            kill(-pid, SIGKILL);  /* the host side went away: so does the command */
+            p[2].fd = -1;
         }
     }
     int st = 0;

@@ -104,6 +104,9 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     assert res.rc == 5
     assert res.out.startswith("inside kvmrkt-") and res.err == "to-err\n"
     assert kvmrkt("enter", "--app", "nope", uuid, "true").rc == 2
+    res = kvmrkt("enter", "-i", uuid, "/bin/sh", "-c", "read a; read b; echo got $a $b; cat | wc -c",
+                 input="one\ntwo\n" + "x" * 200_000)
+    assert res.rc == 0 and res.out.split() == ["got", "one", "two", "200000"]  # stdin, in frames, until EOF
     assert kvmrkt.ok("stop", uuid).out.split() == [uuid, "exited"]
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 42, err

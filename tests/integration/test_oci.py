@@ -56,9 +56,9 @@ class Oci:
     busybox_layout: Path
 
     def __call__(
-        self, *args: str, stdout: Any = subprocess.PIPE, timeout: float = 120
+        self, *args: str, stdout: Any = subprocess.PIPE, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout,
+        return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout, input=input,
                               stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
 
     def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL) -> tuple[int, Path, Path]:
@@ -190,8 +190,8 @@ def test_kill_exec_and_force_delete(oci: Oci, tmp_path: Path, subreaper: None) -
     pid = oci.pid("c3", b)
     oci("start", "c3")
     assert oci.wait_status("c3", "running")["status"] == "running"
-    res = oci("exec", "c3", "/bin/sh", "-c", "echo from-exec; exit 4")
-    assert res.returncode == 4 and res.stdout == "from-exec\n"
+    res = oci("exec", "c3", "/bin/sh", "-c", "read x; echo from-exec $x; exit 4", input="typed\n")
+    assert res.returncode == 4 and res.stdout == "from-exec typed\n"
     proc = tmp_path / "process.json"
     proc.write_text(json.dumps({"args": ["/bin/sh", "-c", "exit 5"], "cwd": "/", "terminal": False}))
     res = oci("exec", "--process", str(proc), "--detach", "--pid-file", str(tmp_path / "epid"), "c3")
@@ -313,6 +313,8 @@ def test_ctr_task_kill_exec_delete(oci: Oci, containerd: Containerd) -> None:
     assert res.returncode == 0, res.stderr
     res = containerd.ctr("task", "exec", "--exec-id", "e1", "k1", "/bin/sh", "-c", "echo exec-out; exit 4")
     assert res.returncode == 4 and res.stdout == "exec-out\n"
+    res = containerd.ctr("task", "exec", "-t", "--exec-id", "e2", "k1", "/bin/sh", "-c", "tty; exit 5", tty=True)
+    assert res.returncode == 5 and "/dev/pts/" in res.stdout, res.stdout + res.stderr
     assert "RUNNING" in containerd.ctr("task", "ls").stdout
     assert containerd.ctr("task", "kill", "k1").returncode == 0
     deadline = time.monotonic() + 60
