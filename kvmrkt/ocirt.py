@@ -28,7 +28,7 @@ import time
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kvmrkt import _proc
 from kvmrkt.engine import Engine, pod_exit_code
@@ -267,8 +267,7 @@ class OciRuntime:
 
     # --- create / start ------------------------------------------------------------------------------
 
-    def create(self, cid: str, bundle_dir: Path, pid_file: Path | None, *, console_socket: Path | None = None,
-               log: IO[str] | None = None) -> int:
+    def create(self, cid: str, bundle_dir: Path, pid_file: Path | None, *, console_socket: Path | None = None) -> int:
         """Boot the container's VM with its process set up and held; returns the supervisor's pid (also written
         to ``pid_file``). The supervisor inherits this process's stdio, which becomes the container's.
 
@@ -287,7 +286,7 @@ class OciRuntime:
             raise ConfigError(f"container {cid!r} already exists") from None
         try:
             for item in bundle.ignored:
-                _log(log, "warning", f"mount {item} is not supported in a VM and was ignored")
+                self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid),
                                       lambda _m: {APP: {"allowed": True, "checked": False, "reason": NOT_CHECKED}},
                                       keep_lock=True)
@@ -533,10 +532,3 @@ def features() -> dict[str, Any]:
                   "seccomp": {"enabled": False}, "apparmor": {"enabled": False}, "selinux": {"enabled": True}},
         "annotations": {"io.kvmrkt.runtime": "vm", "io.kvmrkt.rootfs-sharing": "9p"},
     }
-
-
-def _log(log: IO[str] | None, level: str, msg: str) -> None:
-    if log is not None:
-        log.write(json.dumps({"level": level, "msg": msg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                  + "\n")
-        log.flush()

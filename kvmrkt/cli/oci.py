@@ -95,7 +95,7 @@ def oci(ctx: click.Context, root: Path, log: Path | None, log_format: str, syste
 def create(c: _OciCtx, bundle: Path, pid_file: Path | None, console_socket: Path | None, no_pivot: bool,
            no_new_keyring: bool, preserve_fds: int, container_id: str) -> None:
     """Boot the container's VM and set its process up, held until `start`."""
-    c.runtime().create(container_id, bundle, pid_file, console_socket=console_socket, log=c.log)
+    c.runtime().create(container_id, bundle, pid_file, console_socket=console_socket)
 
 
 @oci.command()

@@ -61,12 +61,13 @@ class Oci:
         return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout, input=input,
                               stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
 
-    def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL) -> tuple[int, Path, Path]:
+    def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL,
+               flags: tuple[str, ...] = ()) -> tuple[int, Path, Path]:
         """``create`` with the container's stdout/stderr in files (the supervisor keeps them open, so pipes
         would not reach EOF); returns the exit code and the two files."""
         out, err = bundle.parent / f"{cid}.out", bundle.parent / f"{cid}.err"
         with out.open("w") as o, err.open("w") as e:
-            res = subprocess.run([str(self.binary), "--root", str(self.root), "create", "--bundle", str(bundle),
+            res = subprocess.run([str(self.binary), "--root", str(self.root), *flags, "create", "--bundle", str(bundle),
                                   "--pid-file", str(bundle.parent / f"{cid}.pid"), cid], stdin=stdin, stdout=o,
                                  stderr=e, timeout=120, check=False)
         return res.returncode, out, err
@@ -233,6 +234,16 @@ def test_errors_reach_the_log_file(oci: Oci, tmp_path: Path) -> None:
     b = oci.bundle(tmp_path / "b", ["/bin/true"], terminal=True)
     rc, _out, err = oci.create("t", b)
     assert rc == 1 and "--console-socket" in err.read_text()
+    # A bind-mounted file cannot reach a VM: the container runs, and the log says what was left out.
+    b3 = oci.bundle(tmp_path / "b3", ["/bin/true"])
+    cfg = json.loads((b3 / "config.json").read_text())
+    cfg["mounts"].append({"destination": "/etc/from-host", "type": "bind", "source": "/etc/hostname",
+                          "options": ["bind", "ro"]})
+    (b3 / "config.json").write_text(json.dumps(cfg))
+    assert oci.create("w", b3, flags=("--log", str(log), "--log-format", "json"))[0] == 0
+    warning = json.loads(log.read_text().splitlines()[-1])
+    assert warning["level"] == "warning" and "/etc/from-host (bind of /etc/hostname)" in warning["msg"]
+    assert oci("delete", "w").returncode == 0
     assert oci("state", "nosuch").returncode == 1
     assert oci("start", "../x").returncode == 1
     assert oci("--version").stdout.startswith("kvmrkt-oci version ")
