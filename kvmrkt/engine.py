@@ -523,6 +523,9 @@ class Engine:
                                insecure=sorted(self.config.insecure_options))
         measurer = Measurer(cfg.tcti, cfg.pcr, self.config.data_dir / "measure")
         recnums = measurer.measure(events)
+        if measurer.set_aside:
+            self.warn(f"WARNING: PCR {cfg.pcr} did not match the event log (the TPM was reset, or something else "
+                      f"extended it): that log is kept as {measurer.set_aside} and a new one was started")
         pod.write_json("measure.json", {"measured": True, "pcr": cfg.pcr, "log": str(measurer.log.path),
                                         "records": recnums, "events": [e.kind for e in events]})
 

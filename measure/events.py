@@ -121,13 +121,21 @@ class EventLog:
         finally:
             os.close(fd)
 
-    def start(self, pcr: int, initial: bytes) -> None:
-        """Write the first record if the log is new (call with the lock held)."""
+    def start(self, pcr: int, initial: bytes, *, previous: str | None = None) -> None:
+        """Write the first record if the log is new (call with the lock held); ``previous`` names a log set
+        aside because it no longer described the PCR."""
         if self.path.exists() and self.path.stat().st_size:
             return
         content = {"boot_id": self.path.stem, "pcr": pcr, "hashAlg": "sha256", "initial": initial.hex(),
-                   "started": time.time(), "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)"}
+                   "started": time.time(), "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)",
+                   **({"previous_log": previous} if previous else {})}
         self._append(encode_record(0, pcr, LOG_START, content, None))
+
+    def set_aside(self) -> Path:
+        """Rename the log out of the way (call with the lock held); it is kept, never deleted."""
+        target = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%dT%H%M%S')}.set-aside")
+        os.rename(self.path, target)
+        return target
 
     def _next_recnum(self) -> int:
         """The next record number, from the last complete record (read from the end: the log only grows)."""

@@ -1,10 +1,11 @@
 """The host TPM, through tpm2-pytss (ESAPI), and the measurer that extends it in step with the event log.
 
 Role: the only module that talks to the TPM. ``Measurer.measure(events)`` takes the log lock, writes the log's
-start record on first use (with the PCR value found then), and for each event appends + fsyncs the record,
-then extends the PCR with the event's SHA-256. Any TPM error is a ``TpmUnavailableError`` and the launch
-stops (fail closed); an event whose extend failed is voided in the log. Trust boundary: the TPM is trusted
-hardware (or swtpm, clearly labelled as emulated); the TCTI string comes from root-owned config.
+start record on first use (with the PCR value found then; a log whose replay no longer equals the PCR, after a
+TPM reset or a foreign extend, is set aside and a new one started, naming it), and for each event appends +
+fsyncs the record, then extends the PCR with the event's SHA-256. Any TPM error is a ``TpmUnavailableError``
+and the launch stops (fail closed); an event whose extend failed is voided in the log. Trust boundary: the TPM
+is trusted hardware (or swtpm, clearly labelled as emulated); the TCTI string comes from root-owned config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from kvmrkt.errors import ConfigError, TpmUnavailableError
 from measure.events import Event, EventLog
+from measure.replay import replay
 
 FORBIDDEN_PCRS = range(16, 23)
 
@@ -89,6 +91,7 @@ class Measurer:
         self.tcti = tcti
         self.pcr = check_pcr(pcr)
         self.log = EventLog(log_dir)
+        self.set_aside: Path | None = None
 
     def measure(self, events: list[Event]) -> list[int]:
         """Log and extend every event, in order; returns their record numbers.
@@ -100,8 +103,14 @@ class Measurer:
         handle = getattr(pytss.ESYS_TR, f"PCR{self.pcr}")
         recnums: list[int] = []
         with self.log.locked(), esapi(self.tcti) as ctx:
-            if not (self.log.path.exists() and self.log.path.stat().st_size):
-                self.log.start(self.pcr, _read(ctx, self.pcr))
+            current = _read(ctx, self.pcr)
+            if self.log.path.exists() and self.log.path.stat().st_size:
+                rep = replay(self.log.records())
+                if rep.pcr != self.pcr or rep.final != current:
+                    # The TPM was reset (an emulator restarted within this host boot) or something else
+                    # extended the PCR: this log no longer describes it. Keep it, start one that does.
+                    self.set_aside = self.log.set_aside()
+            self.log.start(self.pcr, current, previous=self.set_aside.name if self.set_aside else None)
             for event in events:
                 recnum = self.log.append(self.pcr, event)
                 ha = pytss.TPMT_HA(hashAlg=pytss.TPM2_ALG.SHA256)

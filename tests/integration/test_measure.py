@@ -9,7 +9,7 @@ from measure.events import parse_log
 from measure.replay import replay
 from measure.tpm import pcr_read
 
-from .conftest import Kvmrkt, _our_processes
+from .conftest import Kvmrkt, _our_processes, start_swtpm, stop_swtpm
 
 
 def _log(k: Kvmrkt) -> Path:
@@ -96,3 +96,23 @@ def test_rootfs_altered_after_measurement_fails_to_read_in_the_guest(kvmrkt: Kvm
     res = kvmrkt("image", "verify", "busybox")  # the full rehash notices and rebuilds it
     assert res.rc == 0, res.err
     kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+
+
+def test_a_log_that_no_longer_describes_the_pcr_is_set_aside(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    """A TPM reset within one host boot (here: another swtpm, as after an emulator restart) leaves the old log
+    describing a PCR value that is gone; the next launch keeps that log aside and starts one that matches."""
+    kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    (tmp_path / "tpm2").mkdir()
+    tpm = start_swtpm(tmp_path / "tpm2")
+    try:
+        kvmrkt.write_config(f'[measure]\ntcti = "{tpm.tcti}"\n')
+        res = kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+        assert "did not match the event log" in res.err
+        (old,) = (kvmrkt.data / "measure").glob("*.set-aside")
+        records = parse_log(_log(kvmrkt).read_bytes())
+        assert records[0]["content"]["previous_log"] == old.name
+        assert replay(records).final == pcr_read(tpm.tcti, 15)
+        assert "(matches)" in kvmrkt.ok("attest", "log").out
+        assert replay(parse_log(old.read_bytes())).events  # the old log is kept, intact
+    finally:
+        stop_swtpm(tpm)
