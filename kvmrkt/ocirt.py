@@ -17,13 +17,17 @@ and have no meaning for a VM, so they are ignored (the VM is the isolation bound
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import signal
 import socket
+import struct
 import sys
+import termios
+import threading
 import time
 import tty
 from dataclasses import dataclass, field
@@ -321,6 +325,10 @@ class OciRuntime:
                 for fd in (0, 1, 2):
                     os.dup2(term, fd)
                 os.close(term)
+                os.setsid()  # the terminal becomes ours, so its resizes reach us as SIGWINCH
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                signal.signal(signal.SIGWINCH, lambda _s, _f: threading.Thread(target=_relay_size, args=(pod,),
+                                                                               daemon=True).start())
             os._exit(self._supervise(pod, bundle, err_w))
         os.close(err_w)
         if term is not None:
@@ -497,6 +505,15 @@ class OciRuntime:
         """Host pids of the container (the supervisor; the guest's processes are not host processes)."""
         st = self.state(cid)
         return [st["pid"]] if st["pid"] else []
+
+
+def _relay_size(pod: Pod) -> None:
+    """Pass this process's terminal size on to the container's terminal in the guest (from a thread: the
+    agent channel's lock may be held by the code the signal interrupted)."""
+    with contextlib.suppress(OSError, KvmrktError):
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+        pod.refresh()
+        agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
 
 
 def _send_terminal(console_socket: Path) -> int:

@@ -244,6 +244,15 @@ def request_go(pod_dir: Path, sig_socket: str) -> None:
     _sig_request(pod_dir, sig_socket, "GO", "start the apps")
 
 
+def request_winsize(pod_dir: Path, sig_socket: str, rows: int, cols: int) -> None:
+    """Set the size of the first app's terminal in the guest (the app gets SIGWINCH).
+
+    Raises:
+        AgentError: the channel failed or the guest refused.
+    """
+    _sig_request(pod_dir, sig_socket, f"WINSZ {int(rows)} {int(cols)}", "resize the terminal")
+
+
 def request_kill(pod_dir: Path, sig_socket: str, signum: int, *, every_process: bool = False) -> None:
     """Send a signal to every app (``every_process``: to every process in the guest); before ``request_go``,
     the pod ends with 128+signal.

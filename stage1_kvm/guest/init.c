@@ -12,7 +12,8 @@
  *                                     frames "IN <n>\n<bytes>", "EOF\n", "SIG <signal>\n"); replies are frames
  *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
  *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n";
- *                                     "KILL <signal> [all]\n": signal every app (all: every guest process).
+ *                                     "KILL <signal> [all]\n": signal every app (all: every guest process);
+ *                                     "WINSZ <rows> <cols>\n": the size of app 0's terminal.
  * With "tty 1", app 0 runs on a pseudo-terminal (its controlling terminal); init relays between the terminal and
  * the kvmrkt.in.0 / kvmrkt.out.0 ports (the host side is the OCI runtime's console).
  * A pod config with "hold 1" (the OCI runtime's create) sets the apps up, reports HELD and starts them only on
@@ -115,6 +116,7 @@ static int interactive;
 static int hold;
 static int tty;
 static int tty_master = -1, tty_out = -1;  /* app 0's terminal and the port its output goes to */
+static struct winsize tty_size = {.ws_row = 24, .ws_col = 80};  /* until the host says ("WINSZ") */
 static struct nic nics[MAX_NICS];
 static int nnics;
 static struct file files[MAX_FILES];
@@ -865,8 +867,7 @@ static void start_app(int idx)
             status("EXIT %s 125", a->name);
             return;
         }
-        struct winsize ws = {.ws_row = 24, .ws_col = 80};  /* the host's size is not relayed (yet) */
-        ioctl(m, TIOCSWINSZ, &ws);
+        ioctl(m, TIOCSWINSZ, &tty_size);
         tty_master = m;
     }
     pid_t pid = fork();
@@ -1137,6 +1138,15 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* "WINSZ <rows> <cols>": app 0's terminal size (the kernel signals the app's foreground group with SIGWINCH). */
+static void set_tty_size(const char *rows, const char *cols)
+{
+    tty_size.ws_row = (unsigned short)atoi(rows);
+    tty_size.ws_col = (unsigned short)atoi(cols);
+    if (tty_master >= 0)
+        ioctl(tty_master, TIOCSWINSZ, &tty_size);
+}
+
 static void supervise(int ctl, int sig)
 {
     sigset_t mask;
@@ -1200,6 +1210,9 @@ static void supervise(int ctl, int sig)
                 else
                     signal_apps(atoi(f[1]));
                 write_all(sig, "OK\n", 3);
+            } else if (n == 3 && !strcmp(f[0], "WINSZ")) {
+                set_tty_size(f[1], f[2]);
+                write_all(sig, "OK\n", 3);
             } else if (n >= 1 && !strcmp(f[0], "PING")) {
                 write_all(sig, "PONG\n", 5);
             } else {
@@ -1251,6 +1264,9 @@ static int wait_for_go(int sig)
         } else if (n >= 2 && !strcmp(f[0], "KILL") && atoi(f[1]) > 0 && atoi(f[1]) < 65) {
             write_all(sig, "OK\n", 3);
             return atoi(f[1]);
+        } else if (n == 3 && !strcmp(f[0], "WINSZ")) {
+            set_tty_size(f[1], f[2]);
+            write_all(sig, "OK\n", 3);
         } else if (n == 1 && !strcmp(f[0], "PING")) {
             write_all(sig, "PONG\n", 5);
         } else {

@@ -262,8 +262,8 @@ class Containerd:
 
     def ctr(self, *args: str, timeout: float = 120, tty: bool = False) -> subprocess.CompletedProcess[str]:
         argv = ["ctr", "--address", str(self.socket), "--namespace", NS, *args]
-        if tty:  # ctr -t needs a terminal on its stdin: give it one with script(1)
-            argv = ["script", "-qec", " ".join(f"'{a}'" for a in argv), "/dev/null"]
+        if tty:  # ctr -t needs a terminal on its stdin: give it one (33x101) with script(1)
+            argv = ["script", "-qec", "stty rows 33 cols 101; " + " ".join(f"'{a}'" for a in argv), "/dev/null"]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -309,10 +309,12 @@ def test_ctr_run_output_exit_code_and_terminal(oci: Oci, containerd: Containerd)
                                    "echo hello from $(uname -r); exit 3"))
     assert res.returncode == 3, res.stderr
     assert res.stdout == "hello from 6.1.192\n" or res.stdout.startswith("hello from ")
+    # ctr passes its terminal's size on (a resize after start): the guest terminal follows.
+    wait_size = 'for i in $(seq 100); do s=$(stty size); [ "$s" = "33 101" ] && break; sleep 0.1; done; echo size $s'
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "-t", containerd.image, "r2", "/bin/sh", "-c",
-                                   "tty; stty size; exit 6"), tty=True)
+                                   f"tty; {wait_size}; exit 6"), tty=True)
     assert res.returncode == 6, res.stdout + res.stderr
-    assert "/dev/pts/0" in res.stdout and "24 80" in res.stdout
+    assert "/dev/pts/0" in res.stdout and "size 33 101" in res.stdout
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "--memory-limit", str(512 << 20), containerd.image, "r3",
                                    "/bin/sh", "-c", "grep MemTotal /proc/meminfo"))
     assert res.returncode == 0 and int(res.stdout.split()[1]) > 500_000  # the VM was sized from linux.resources
