@@ -17,6 +17,7 @@ from typing import IO, Any
 import click
 
 from kvmrkt import __version__
+from kvmrkt.cli._base import _Ctx
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
@@ -79,6 +80,13 @@ def oci(ctx: click.Context, root: Path, log: Path | None, log_format: str, syste
     ctr:        ctr run --runc-binary /usr/local/bin/kvmrkt-oci IMAGE ID CMD...
     podman:     podman --runtime /usr/local/bin/kvmrkt-oci run ...
     """
+    outer = ctx.find_object(_Ctx)  # as `kvmrkt oci`: kvmrkt's own --config-dir/--dir/--insecure-options apply
+    if outer is not None:
+        default = click.core.ParameterSource.DEFAULT
+        if ctx.get_parameter_source("config_dir") == default:
+            config_dir = outer.config_dir
+        data_dir = data_dir or outer.data_dir
+        insecure_options = insecure_options or outer.insecure
     ctx.obj = _OciCtx(root, log, log_format, config_dir, data_dir, insecure_options)
 
 

@@ -178,6 +178,8 @@ def test_create_then_delete_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
     rc, _out, err = oci.create("c2", b)
     assert rc == 0, err.read_text()
     assert oci.state("c2")["status"] == "created"
+    # `kvmrkt oci` is the same runtime, with kvmrkt's --dir/--config-dir.
+    assert json.loads(oci.kvmrkt.ok("oci", "--root", str(oci.root), "state", "c2").out)["status"] == "created"
     assert oci("delete", "c2").returncode == 0  # a created container can be deleted (runc's rule)
     assert oci("list", "--format", "json").stdout.strip() == "[]"
     assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
