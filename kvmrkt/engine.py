@@ -604,12 +604,22 @@ class Engine:
         return {"root": record.verity_root, "salt": record.verity_salt}
 
     def pod_manifest(self, pod: Pod) -> PodManifest:
+        """The manifest a pod was prepared with.
+
+        Raises:
+            PodStateError: the pod never finished preparing.
+        """
         doc = pod.read_json(POD_MANIFEST)
         if doc is None:
             raise PodStateError(f"pod {pod.uuid} has no manifest (it never finished preparing)", state=pod.state())
         return PodManifest.from_dict(doc)
 
     def backend_for(self, pod: Pod) -> Stage1:
+        """The stage1 backend a pod was prepared for.
+
+        Raises:
+            PodStateError: the installed backend speaks another stage1 interface version.
+        """
         rec = pod.read_json(STAGE1_RECORD) or {}
         backend = load_backend(str(rec.get("backend", self.config.stage1.backend)), self.config)
         if rec.get("interface_version", backend.interface_version) != backend.interface_version:
