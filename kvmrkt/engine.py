@@ -42,7 +42,7 @@ from kvmrkt.netconf import NetOptions
 from kvmrkt.network import Intent, PodNetworks
 from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
-from kvmrkt.stage1 import RunOptions, RunResult, Stage1, load_backend
+from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
 from measure.events import EventLog, boot_id, launch_events, parse_log
 from measure.replay import replay
@@ -835,8 +835,9 @@ class Engine:
             app = names[0]
         if app not in names:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
+        opts = EnterOptions(stdin=stdin, forward_signals=(signal.SIGINT, signal.SIGTERM))
         return self.backend_for(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr,
-                                           stdin=stdin, forward_signals=(signal.SIGINT, signal.SIGTERM))
+                                           opts=opts)
 
     def _collect(self, pod: Pod) -> bool:
         """Delete a pod directory that this process holds locked, after network and backend cleanup; free its

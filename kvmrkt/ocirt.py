@@ -30,7 +30,7 @@ import termios
 import threading
 import time
 import tty
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.network import Intent
 from kvmrkt.pod import Pod, write_json
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
 from stage1_kvm import agent
 from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
 
@@ -455,11 +456,12 @@ class OciRuntime:
     # --- exec / ps -----------------------------------------------------------------------------------
 
     def exec(self, cid: str, args: list[str], *, detach: bool, pid_file: Path | None,
-             console_socket: Path | None = None) -> int:
+             console_socket: Path | None = None, process: EnterOptions = PLAIN_ENTER) -> int:
         """Run another process in the container's VM (through the guest agent, in the container's root, with
-        this process's stdin; with ``console_socket``, on a terminal whose master is sent there). Returns its
-        exit status, or 0 at once with ``detach``: its host-side pid goes to ``pid_file``, and that process
-        exits with the guest process's status and passes the usual signals on to it.
+        this process's stdin; with ``console_socket``, on a terminal whose master is sent there; ``process``:
+        its env/cwd/uid/gid when not the container's). Returns its exit status, or 0 at once with ``detach``:
+        its host-side pid goes to ``pid_file``, and that process exits with the guest process's status and
+        passes the usual signals on to it.
 
         Raises:
             PodStateError: the container is not running.
@@ -485,8 +487,9 @@ class OciRuntime:
                 if term is not None:
                     for fd in (0, 1, 2):
                         os.dup2(term, fd)
+                opts = replace(process, stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
                 code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                                     stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
+                                     opts=opts)
             except BaseException as exc:  # reported on the exec's stderr
                 with contextlib.suppress(OSError):
                     sys.stderr.write(f"kvmrkt-oci exec: {exc}\n")

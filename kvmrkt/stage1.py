@@ -89,6 +89,24 @@ class RunOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class EnterOptions:
+    """How to run a command in a running app. ``stdin``: a file descriptor copied to it until EOF; ``tty``: run it
+    on a terminal in the guest; ``forward_signals``: signals to the calling process that are passed on to it;
+    ``env``/``cwd``/``uid``/``gid``: instead of the app's (None: the app's)."""
+
+    stdin: int | None = None
+    tty: bool = False
+    forward_signals: tuple[int, ...] = ()
+    env: tuple[str, ...] | None = None
+    cwd: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+PLAIN_ENTER = EnterOptions()
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     """What the pod's apps did: exit codes by app name, in app order."""
 
@@ -125,11 +143,9 @@ class Stage1(ABC):
     @abstractmethod
     def enter(
         self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-        stdin: int | None = None, tty: bool = False, forward_signals: tuple[int, ...] = (),
+        opts: EnterOptions = PLAIN_ENTER,
     ) -> int:
-        """Run argv inside an app of a running pod through the guest agent; return its exit code. ``stdin``: a
-        file descriptor copied to the command; ``tty``: run it on a terminal in the guest; ``forward_signals``:
-        signals to this process that are passed on to it."""
+        """Run argv inside an app of a running pod through the guest agent; return its exit code."""
 
     @abstractmethod
     def status(self, pod: Pod) -> dict[str, Any]:

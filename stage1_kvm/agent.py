@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmrkt.errors import AgentError
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
 from stage1_kvm.vmspec import escape
 
 MAX_FRAME = 1 << 20
@@ -160,19 +161,21 @@ class _Reader:
 
 def enter(
     pod_dir: Path, ctl_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-    timeout: float | None = None, stdin: int | None = None, tty: bool = False,
-    forward_signals: tuple[int, ...] = (),
+    timeout: float | None = None, opts: EnterOptions = PLAIN_ENTER,
 ) -> int:
-    """Run argv in an app's root inside the VM; stream its output; return its exit code.
-
-    ``stdin``: a file descriptor whose data is sent to the command until EOF. ``tty``: the command runs on a
-    terminal in the guest (its output arrives as stdout). ``forward_signals``: signals this process receives
-    that are passed on to the command (main thread only).
+    """Run argv in an app's root inside the VM; stream its output; return its exit code (see ``EnterOptions``;
+    with ``tty`` the output arrives as stdout; signals are forwarded from the main thread only).
 
     Raises:
         AgentError: the channel failed or the guest refused the request.
     """
-    flags = (["tty"] if tty else []) + (["stdin"] if stdin is not None else [])
+    stdin = opts.stdin
+    flags = (["tty"] if opts.tty else []) + (["stdin"] if stdin is not None else [])
+    flags += [escape(f"env={e}") for e in opts.env or ()] if opts.env is not None else []
+    flags += ["noenv"] if opts.env is not None and not opts.env else []
+    flags += [escape(f"cwd={opts.cwd}")] if opts.cwd else []
+    flags += [f"uid={opts.uid}"] if opts.uid is not None else []
+    flags += [f"gid={opts.gid}"] if opts.gid is not None else []
     request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv), *flags]) + "\n"
     with _channel(pod_dir, ctl_socket, timeout=10.0, lock=True) as sock:
         send_lock = threading.Lock()
@@ -185,7 +188,8 @@ def enter(
         sock.settimeout(timeout)
         if stdin is not None:
             threading.Thread(target=_pump_input, args=(stdin, send), daemon=True).start()
-        old = {s: signal.signal(s, lambda signum, _f: send(f"SIG {signum}\n".encode())) for s in forward_signals}
+        old = {s: signal.signal(s, lambda signum, _f: send(f"SIG {signum}\n".encode()))
+               for s in opts.forward_signals}
         try:
             return _session_output(_Reader(sock), stdout, stderr)
         finally:

@@ -35,7 +35,7 @@ from kvmrkt.errors import (
 )
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
-from kvmrkt.stage1 import RunOptions, RunResult, Stage1
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, RunOptions, RunResult, Stage1
 from stage1_kvm import agent
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.qemu_argv import build_argv
@@ -402,10 +402,9 @@ class QemuStage1(Stage1):
 
     def enter(
         self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-        stdin: int | None = None, tty: bool = False, forward_signals: tuple[int, ...] = (),
+        opts: EnterOptions = PLAIN_ENTER,
     ) -> int:
-        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr, stdin=stdin, tty=tty,
-                           forward_signals=forward_signals)
+        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr, opts=opts)
 
     def status(self, pod: Pod) -> dict[str, Any]:
         rec = pod.read_json(RUN_RECORD, {}) or {}

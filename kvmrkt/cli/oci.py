@@ -22,6 +22,7 @@ from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
 from kvmrkt.ocirt import OCI_VERSION, OciRuntime, features, parse_signal
+from kvmrkt.stage1 import EnterOptions
 
 DEFAULT_ROOT = Path("/run/kvmrkt-oci")
 
@@ -143,34 +144,49 @@ def delete(c: _OciCtx, force: bool, container_id: str) -> None:
 
 @oci.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--process", "-p", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="A runtime-spec process JSON (args, terminal; env, cwd and user are the container's).")
+              help="A runtime-spec process JSON (args, env, cwd, user.uid/gid, terminal).")
 @click.option("--detach", "-d", is_flag=True, help="Return at once; the pid file's process carries the exit status.")
 @click.option("--pid-file", type=click.Path(path_type=Path))
 @click.option("--console-socket", type=click.Path(path_type=Path))
 @click.option("--tty", "-t", is_flag=True)
-@click.option("--cwd", hidden=True)
-@click.option("--env", "-e", multiple=True, hidden=True)
-@click.option("--user", "-u", hidden=True)
+@click.option("--cwd", help="Working directory [default: the container's].")
+@click.option("--env", "-e", "env_flags", multiple=True, metavar="K=V", help="Environment (replaces the container's).")
+@click.option("--user", "-u", metavar="UID[:GID]", help="User [default: the container's].")
 @click.option("--preserve-fds", type=int, default=0, hidden=True)
 @click.argument("container_id")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_oci
 def exec(c: _OciCtx, process: Path | None, detach: bool, pid_file: Path | None, console_socket: Path | None,
-         tty: bool, cwd: str | None, env: tuple[str, ...], user: str | None, preserve_fds: int, container_id: str,
+         tty: bool, cwd: str | None, env_flags: tuple[str, ...], user: str | None, preserve_fds: int, container_id: str,
          command: tuple[str, ...]) -> None:
     """Run another process in a running container's VM."""
     args, terminal = list(command), tty
+    env: tuple[str, ...] | None = tuple(env_flags) or None
+    uid, gid = _user(user) if user else (None, None)
     if process is not None:
         try:
             spec: dict[str, Any] = json.loads(process.read_text())
-        except (OSError, ValueError) as exc:
+            args = [str(a) for a in spec.get("args") or []]
+            terminal = terminal or bool(spec.get("terminal"))
+            env = tuple(str(e) for e in spec["env"]) if isinstance(spec.get("env"), list) else env
+            cwd = str(spec["cwd"]) if spec.get("cwd") else cwd
+            user_spec = spec.get("user") or {}
+            uid, gid = int(user_spec.get("uid", uid or 0)), int(user_spec.get("gid", gid or 0))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise click.BadParameter(f"cannot read {process}: {exc}") from exc
-        args = [str(a) for a in spec.get("args") or []]
-        terminal = terminal or bool(spec.get("terminal"))
     if terminal != (console_socket is not None):
         raise click.UsageError("a terminal (--tty or process.terminal) needs --console-socket, and the reverse")
-    code = c.runtime().exec(container_id, args, detach=detach, pid_file=pid_file, console_socket=console_socket)
+    overrides = EnterOptions(env=env, cwd=cwd, uid=uid, gid=gid)
+    code = c.runtime().exec(container_id, args, detach=detach, pid_file=pid_file, console_socket=console_socket,
+                            process=overrides)
     sys.exit(code)
+
+
+def _user(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        raise click.BadParameter(f"--user {text!r}: expected UID[:GID] (numbers)")
+    return int(uid), int(gid or 0)
 
 
 @oci.command()

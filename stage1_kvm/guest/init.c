@@ -8,7 +8,8 @@
  *                                     ERROR <app> <message>, DONE. Values are %-escaped.
  *   kvmrkt.out.N / kvmrkt.err.N       stdout / stderr of app N (host: files).
  *   kvmrkt.in.0    (host: a socket)   stdin of app 0 for interactive pods.
- *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>... [tty] [stdin]\n" (then input
+ *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>... [tty] [stdin] [env=K=V]...
+ *                                     [noenv] [cwd=DIR] [uid=N] [gid=N]\n" (then input
  *                                     frames "IN <n>\n<bytes>", "EOF\n", "SIG <signal>\n"); replies are frames
  *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
  *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n";
@@ -965,10 +966,28 @@ static void enter_session(int ctl, char **fields, int n)
         _exit(0);
     }
     int want_tty = 0, want_in = 0;
+    struct app *as = malloc(sizeof(*as));  /* the app, with this session's env/cwd/uid/gid */
+    if (!as)
+        _exit(0);
+    *as = *a;
+    int envc = 0;
     for (int i = 3 + argc; i < n; i++) {
-        want_tty |= !strcmp(fields[i], "tty");
-        want_in |= !strcmp(fields[i], "stdin");
+        const char *f = fields[i];
+        want_tty |= !strcmp(f, "tty");
+        want_in |= !strcmp(f, "stdin");
+        if (!strcmp(f, "noenv") || (!strncmp(f, "env=", 4) && envc == 0))
+            as->envc = 0;  /* an env given for the session replaces the app's */
+        if (!strncmp(f, "env=", 4) && as->envc < MAX_LIST - 1)
+            as->env[as->envc++] = (char *)f + 4, envc++;
+        else if (!strncmp(f, "cwd=", 4))
+            as->cwd = (char *)f + 4;
+        else if (!strncmp(f, "uid=", 4))
+            as->uid = (uid_t)strtoul(f + 4, NULL, 10);
+        else if (!strncmp(f, "gid=", 4))
+            as->gid = (gid_t)strtoul(f + 4, NULL, 10), as->ngroups = 0;
     }
+    as->env[as->envc] = NULL;
+    a = as;
     char **argv = calloc((size_t)argc + 1, sizeof(char *));
     for (int i = 0; i < argc; i++)
         argv[i] = fields[3 + i];

@@ -196,6 +196,11 @@ def test_kill_exec_and_force_delete(oci: Oci, tmp_path: Path, subreaper: None) -
     res = oci("exec", "c3", "/bin/sh", "-c", "read x; echo from-exec $x; exit 4", input="typed\n")
     assert res.returncode == 4 and res.stdout == "from-exec typed\n"
     proc = tmp_path / "process.json"
+    proc.write_text(json.dumps({"args": ["/bin/sh", "-c", 'echo "$(id -u):$(id -g) $PWD $GREETING"'],
+                                "env": ["PATH=/bin", "GREETING=hi"], "cwd": "/tmp", "user": {"uid": 1000, "gid": 1001},
+                                "terminal": False}))
+    res = oci("exec", "--process", str(proc), "c3")
+    assert res.returncode == 0 and res.stdout == "1000:1001 /tmp hi\n", res.stderr  # the process's own identity
     proc.write_text(json.dumps({"args": ["/bin/sh", "-c", "exit 5"], "cwd": "/", "terminal": False}))
     res = oci("exec", "--process", str(proc), "--detach", "--pid-file", str(tmp_path / "epid"), "c3")
     assert res.returncode == 0
