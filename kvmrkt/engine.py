@@ -823,8 +823,9 @@ class Engine:
         return pod.state()
 
     def enter(self, ref: str, app: str | None, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-              stdin: int | None = None) -> int:
-        """Run a command in an app of a running pod; returns its exit code (``stdin``: an fd copied to it)."""
+              stdin: int | None = None, tty: bool = False) -> int:
+        """Run a command in an app of a running pod; returns its exit code (``stdin``: an fd copied to it;
+        ``tty``: on a terminal in the guest, whose size follows ``stdin``'s)."""
         pod = self.find(ref)
         pod.require("running")
         manifest = self.pod_manifest(pod)
@@ -835,7 +836,8 @@ class Engine:
             app = names[0]
         if app not in names:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
-        opts = EnterOptions(stdin=stdin, forward_signals=(signal.SIGINT, signal.SIGTERM))
+        opts = EnterOptions(stdin=stdin, tty=tty, forward_signals=(signal.SIGTERM,) if tty else
+                            (signal.SIGINT, signal.SIGTERM))
         return self.backend_for(pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout, stderr=stderr,
                                            opts=opts)
 

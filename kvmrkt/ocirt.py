@@ -487,6 +487,8 @@ class OciRuntime:
                 if term is not None:
                     for fd in (0, 1, 2):
                         os.dup2(term, fd)
+                    os.setsid()  # so the engine's resizes of the terminal reach us (and the guest) as SIGWINCH
+                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
                 opts = replace(process, stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
                 code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                      opts=opts)

@@ -14,6 +14,8 @@ import fcntl
 import os
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -190,6 +192,13 @@ def enter(
             threading.Thread(target=_pump_input, args=(stdin, send), daemon=True).start()
         old = {s: signal.signal(s, lambda signum, _f: send(f"SIG {signum}\n".encode()))
                for s in opts.forward_signals}
+        if opts.tty and stdin is not None and os.isatty(stdin):  # the guest terminal follows ours
+            def winsize(*_a: object) -> None:
+                rows, cols = struct.unpack("HHHH", fcntl.ioctl(stdin, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+                send(f"WINSZ {rows} {cols}\n".encode())
+
+            winsize()
+            old[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, winsize)
         try:
             return _session_output(_Reader(sock), stdout, stderr)
         finally:

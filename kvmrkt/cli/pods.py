@@ -4,6 +4,8 @@ version, config (rkt's names and semantics)."""
 from __future__ import annotations
 
 import sys
+import termios
+import tty as ttymod
 from pathlib import Path
 from typing import Any
 
@@ -239,14 +241,27 @@ def gc(c: _Ctx, grace_period: str, expire_prepared: str, fmt: str) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--app", help="App to enter (needed when the pod has several).")
 @click.option("--interactive", "-i", is_flag=True, help="Copy stdin to the command (until EOF).")
+@click.option("--tty", "-t", is_flag=True, help="Run it on a terminal in the guest connected to this one (implies -i).")
 @click.argument("uuid")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def enter(c: _Ctx, uuid: str, app: str | None, interactive: bool, cmd: tuple[str, ...]) -> None:
+def enter(c: _Ctx, uuid: str, app: str | None, interactive: bool, tty: bool, cmd: tuple[str, ...]) -> None:
     """Run CMD (default /bin/sh) in an app of a running pod, through the guest agent; exits with its code.
-    SIGINT and SIGTERM are passed on to it."""
-    sys.exit(c.engine().enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+    SIGINT and SIGTERM are passed on to it (with -t, Ctrl-C is typed into its terminal instead)."""
+    engine = c.engine()
+    if not tty:
+        sys.exit(engine.enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                               stdin=sys.stdin.fileno() if interactive else None))
+    if not sys.stdin.isatty():
+        raise click.UsageError("--tty needs a terminal on stdin")
+    saved = termios.tcgetattr(sys.stdin.fileno())
+    try:
+        ttymod.setraw(sys.stdin.fileno())
+        code = engine.enter(uuid, app, list(cmd), stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                            stdin=sys.stdin.fileno(), tty=True)
+    finally:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    sys.exit(code)
 
 
 @cli.command("cat-manifest")

@@ -736,10 +736,7 @@ static int setup_app(struct app *a)
     for (size_t i = 0; i < sizeof(api) / sizeof(api[0]); i++) {
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "%s/%s", a->root, api[i].dir);
-        /* An app on a terminal, or an OCI container (exec -t), sees init's terminals, so ttyname() works. */
-        int shared_pts = (tty || hold) && a == &apps[0] && !strcmp(api[i].dir, "dev/pts");
-        if (mount_at(shared_pts ? "/dev/pts" : api[i].src, dir, shared_pts ? NULL : api[i].type,
-                     shared_pts ? MS_BIND : api[i].flags, shared_pts ? NULL : api[i].data) < 0)
+        if (mount_at(api[i].src, dir, api[i].type, api[i].flags, api[i].data) < 0)
             return app_error(a, api[i].dir), -1;
     }
     for (int i = 0; i < a->nmounts; i++) {
@@ -830,6 +827,22 @@ fail:
     _exit(125);
 }
 
+/*
+ * A new terminal in the app's own devpts instance, so the process finds its name inside the app (ttyname); returns
+ * the master and puts the terminal (slave) in *peer.
+ */
+static int open_terminal(struct app *a, int *peer)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/dev/pts/ptmx", a->root);
+    int unlock = 0, m = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m >= 0 && (ioctl(m, TIOCSPTLCK, &unlock) < 0 || (*peer = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY)) < 0)) {
+        close(m);
+        m = -1;
+    }
+    return m;
+}
+
 static void start_app(int idx)
 {
     struct app *a = &apps[idx];
@@ -861,8 +874,8 @@ static void start_app(int idx)
     a->env[a->envc] = NULL;
     int term = -1;
     if (tty && idx == 0) {
-        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
-        if (m < 0 || grantpt(m) < 0 || unlockpt(m) < 0 || (term = open(ptsname(m), O_RDWR | O_NOCTTY)) < 0) {
+        int m = open_terminal(a, &term);
+        if (m < 0) {
             app_error(a, "allocating a terminal");
             a->exit_code = 125;
             status("EXIT %s 125", a->name);
@@ -921,7 +934,7 @@ static int tty_master_is(int fd)
 
 /*
  * Input frames from the host during an enter session: "IN <n>\n<bytes>" (to the command's stdin or terminal),
- * "EOF\n" (close its stdin), "SIG <signal>\n" (signal its session). Consumes complete frames from buf.
+ * "EOF\n" (close its stdin), "SIG <signal>\n" (signal its session), "WINSZ <rows> <cols>\n" (its terminal). Consumes complete frames from buf.
  */
 static size_t session_input(char *buf, size_t len, int *in, pid_t pid)
 {
@@ -945,6 +958,12 @@ static size_t session_input(char *buf, size_t len, int *in, pid_t pid)
             *in = -1;
         } else if (!strncmp(buf + used, "SIG ", 4)) {
             kill(-pid, atoi(buf + used + 4));
+        } else if (!strncmp(buf + used, "WINSZ ", 6) && session_tty >= 0) {
+            struct winsize ws = {0};
+            char *end = NULL;
+            ws.ws_row = (unsigned short)strtoul(buf + used + 6, &end, 10);
+            ws.ws_col = (unsigned short)strtoul(end, NULL, 10);
+            ioctl(session_tty, TIOCSWINSZ, &ws);
         }
         used += hdr;
     }
@@ -993,8 +1012,8 @@ static void enter_session(int ctl, char **fields, int n)
         argv[i] = fields[3 + i];
     int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1;
     if (want_tty) {
-        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
-        if (m < 0 || grantpt(m) < 0 || unlockpt(m) < 0 || (term = open(ptsname(m), O_RDWR | O_NOCTTY)) < 0) {
+        int m = open_terminal(a, &term);
+        if (m < 0) {
             dprintf(ctl, "FAIL no%%20terminal\n");
             _exit(0);
         }
@@ -1308,8 +1327,6 @@ int main(void)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
-    mkdir("/dev/pts", 0755);
-    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "ptmxmode=0666,mode=0620");
     int con = open("/dev/console", O_RDWR | O_CLOEXEC);
     if (con >= 0) {
         dup2(con, 1);

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CONFIG, Kvmrkt
+from .conftest import BASE_CONFIG, REPO, Kvmrkt
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
 
@@ -107,6 +109,11 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     res = kvmrkt("enter", "-i", uuid, "/bin/sh", "-c", "read a; read b; echo got $a $b; cat | wc -c",
                  input="one\ntwo\n" + "x" * 200_000)
     assert res.rc == 0 and res.out.split() == ["got", "one", "two", "200000"]  # stdin, in frames, until EOF
+    # -t: a terminal in the guest, sized like ours (script(1) gives this test a 40x120 one).
+    cmd = shlex.join(kvmrkt.argv("enter", "-t", uuid, "/bin/sh", "-c", "tty; stty size; exit 3"))
+    term = subprocess.run(["script", "-qec", f"stty rows 40 cols 120; {cmd}", "/dev/null"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert term.returncode == 3 and "/dev/pts/" in term.stdout and "40 120" in term.stdout, term.stdout
     assert kvmrkt.ok("stop", uuid).out.split() == [uuid, "exited"]
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 42, err

@@ -26,6 +26,8 @@ from .registry import free_port
 from .test_network import http_get
 
 HTTPD = "mkdir -p /www && echo served from a VM > /www/index.html && exec httpd -f -p 80 -h /www"
+# Wait (in the container) until its terminal has the size script(1) gave ctr's, then print it.
+WAIT_SIZE = 'for i in $(seq 100); do s=$(stty size); [ "$s" = "33 101" ] && break; sleep 0.1; done; echo size $s'
 SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -317,9 +319,8 @@ def test_ctr_run_output_exit_code_and_terminal(oci: Oci, containerd: Containerd)
     assert res.returncode == 3, res.stderr
     assert res.stdout == "hello from 6.1.192\n" or res.stdout.startswith("hello from ")
     # ctr passes its terminal's size on (a resize after start): the guest terminal follows.
-    wait_size = 'for i in $(seq 100); do s=$(stty size); [ "$s" = "33 101" ] && break; sleep 0.1; done; echo size $s'
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "-t", containerd.image, "r2", "/bin/sh", "-c",
-                                   f"tty; {wait_size}; exit 6"), tty=True)
+                                   f"tty; {WAIT_SIZE}; exit 6"), tty=True)
     assert res.returncode == 6, res.stdout + res.stderr
     assert "/dev/pts/0" in res.stdout and "size 33 101" in res.stdout
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "--memory-limit", str(512 << 20), containerd.image, "r3",
@@ -333,8 +334,9 @@ def test_ctr_task_kill_exec_delete(oci: Oci, containerd: Containerd) -> None:
     assert res.returncode == 0, res.stderr
     res = containerd.ctr("task", "exec", "--exec-id", "e1", "k1", "/bin/sh", "-c", "echo exec-out; exit 4")
     assert res.returncode == 4 and res.stdout == "exec-out\n"
-    res = containerd.ctr("task", "exec", "-t", "--exec-id", "e2", "k1", "/bin/sh", "-c", "tty; exit 5", tty=True)
-    assert res.returncode == 5 and "/dev/pts/" in res.stdout, res.stdout + res.stderr
+    res = containerd.ctr("task", "exec", "-t", "--exec-id", "e2", "k1", "/bin/sh", "-c", f"tty; {WAIT_SIZE}; exit 5",
+                         tty=True)
+    assert res.returncode == 5 and "/dev/pts/" in res.stdout and "size 33 101" in res.stdout, res.stdout + res.stderr
     assert "RUNNING" in containerd.ctr("task", "ls").stdout
     assert containerd.ctr("task", "kill", "k1").returncode == 0
     deadline = time.monotonic() + 60
