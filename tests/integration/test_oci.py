@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from .conftest import Kvmrkt
+from .conftest import BASE_CONFIG, Kvmrkt
 from .registry import free_port
 from .test_network import http_get
 
@@ -424,3 +424,16 @@ def test_podman_bridge_network_and_published_port(podman: list[str]) -> None:
     assert res.returncode == 0, res.stderr
     assert http_get(f"http://127.0.0.1:{port}/") == "served from a VM\n"
     assert subprocess.run([*podman, "rm", "--force", "web"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_libvirt_backend_runs_containers(libvirtd: str, oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    # (libvirtd first: a libvirtd started while this process is a subreaper would be reparented to it)
+    oci.kvmrkt.backend = "libvirt"
+    oci.kvmrkt.write_config(BASE_CONFIG)
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "echo hello from libvirt; exit 9"])
+    rc, out, err = oci.create("lv1", b)
+    assert rc == 0, err.read_text()
+    assert oci.state("lv1")["status"] == "created"
+    oci("start", "lv1")
+    assert wait_exit(oci.pid("lv1", b)) == 9 and out.read_text().startswith("hello from")
+    assert oci("delete", "lv1").returncode == 0
