@@ -75,6 +75,7 @@ class Intent:
     forwards: tuple[PortForward, ...] = ()
     dns: DnsOptions = field(default_factory=DnsOptions)
     netns: str = ""
+    files: bool = True  # write hostname/hosts/resolv.conf into the apps (not into an OCI bundle's rootfs)
 
 
 def netns_name(uuid: str) -> str:
@@ -185,7 +186,8 @@ class PodNetworks:
         hostname = manifest.hostname or f"kvmrkt-{pod.uuid[:8]}"
         if intent.mode == NONE:
             pod.write_json(STATE, {**state, "active": False})
-            return NetworkPlan(NONE, files=self._files(intent.dns, hostname, None, [], user_mode=False))
+            files = self._files(intent.dns, hostname, None, [], user_mode=False) if intent.files else ()
+            return NetworkPlan(NONE, files=files)
         if intent.mode == USER:
             nic = Nic("eth0", guest_mac(pod.uuid, 0), 1500, None, ((USER_ADDR, USER_PREFIX),),
                       ((USER_NET, USER_PREFIX, ""), (ANY_V4, 0, USER_GATEWAY)))

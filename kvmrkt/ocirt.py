@@ -363,7 +363,8 @@ class OciRuntime:
             backend = self.engine.backend_for(pod)
             measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
                          "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}"}]
-            intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none")
+            # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
+            intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             result = self.engine.boot(
                 pod, manifest, backend, trust=pod.read_json("trust.json") or {}, intent=intent,
                 stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, measured_apps=measured,

@@ -687,45 +687,58 @@ static int write_files(struct app *a)
     return 0;
 }
 
-/* The usual app root: its erofs image (through dm-verity when configured) under a tmpfs-backed overlay. */
-static int setup_image_root(struct app *a)
+/* A writable overlay, held in guest memory, over the app's read-only lower root (/kvmrkt/apps/<app>/lower). */
+static int overlay_root(struct app *a)
 {
-    enum { DEV = PATH_MAX, DATA = 3 * PATH_MAX };
-    char dev[DEV], lower[PATH_MAX], rw[PATH_MAX], data[DATA];
+    char lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
     snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
     snprintf(rw, sizeof(rw), "/kvmrkt/apps/%s/rw", a->name);
-    if (find_disk(a->serial, dev, DEV) < 0)
-        return app_error(a, "root disk not found"), -1;
-    if (a->verity_root) {
-        char data_dev[PATH_MAX];
-        snprintf(data_dev, sizeof(data_dev), "%s", dev);
-        if (open_verity(a, data_dev, dev, DEV) < 0)
-            return app_error(a, "opening the root disk through dm-verity"), -1;
-    }
-    if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
-        return app_error(a, "mounting the erofs root"), -1;
     if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)
         return app_error(a, "mounting the overlay tmpfs"), -1;
-    snprintf(data, DATA, "%s/upper", rw);
+    snprintf(data, sizeof(data), "%s/upper", rw);
     mkdir(data, 0755);
-    snprintf(data, DATA, "%s/work", rw);
+    snprintf(data, sizeof(data), "%s/work", rw);
     mkdir(data, 0755);
-    snprintf(data, DATA, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
+    snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
     if (mount_at("overlay", a->root, "overlay", 0, data) < 0)
         return app_error(a, "mounting the overlay root"), -1;
     return 0;
 }
 
+/*
+ * The app's root: its erofs image (through dm-verity when configured) under an overlay; or a shared host
+ * directory over 9p, read-write, or (read-only share) under an overlay too, so mount points can be made
+ * without writing to the host; setup_app makes such a root read-only once everything is mounted.
+ */
+static int setup_root(struct app *a)
+{
+    char dev[PATH_MAX], lower[PATH_MAX];
+    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
+    if (a->rootshare) {
+        const char *opts = "trans=virtio,version=9p2000.L,cache=none,msize=262144";
+        if (mount_at(a->rootshare, a->rootshare_ro ? lower : a->root, "9p", a->rootshare_ro ? MS_RDONLY : 0,
+                     opts) < 0)
+            return app_error(a, "mounting the shared root directory"), -1;
+        return a->rootshare_ro ? overlay_root(a) : 0;
+    }
+    if (find_disk(a->serial, dev, sizeof(dev)) < 0)
+        return app_error(a, "root disk not found"), -1;
+    if (a->verity_root) {
+        char data_dev[PATH_MAX];
+        snprintf(data_dev, sizeof(data_dev), "%s", dev);
+        if (open_verity(a, data_dev, dev, sizeof(dev)) < 0)
+            return app_error(a, "opening the root disk through dm-verity"), -1;
+    }
+    if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
+        return app_error(a, "mounting the erofs root"), -1;
+    return overlay_root(a);
+}
+
 static int setup_app(struct app *a)
 {
     snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
-    if (a->rootshare) {
-        if (mount_at(a->rootshare, a->root, "9p", a->rootshare_ro ? MS_RDONLY : 0,
-                     "trans=virtio,version=9p2000.L,cache=none,msize=262144") < 0)
-            return app_error(a, "mounting the shared root directory"), -1;
-    } else if (setup_image_root(a) < 0) {
+    if (setup_root(a) < 0)
         return -1;
-    }
     static const struct { const char *src, *dir, *type, *data; unsigned long flags; } api[] = {
         {"proc", "proc", "proc", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC},
         {"sysfs", "sys", "sysfs", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY},
@@ -755,6 +768,8 @@ static int setup_app(struct app *a)
     }
     if (write_files(a) < 0)
         return app_error(a, "writing /etc/hostname, /etc/hosts or /etc/resolv.conf"), -1;
+    if (a->rootshare && a->rootshare_ro && mount(NULL, a->root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+        return app_error(a, "making the root read-only"), -1;
     return 0;
 }
 

@@ -175,6 +175,18 @@ def test_measured_launch_records_the_bundle(oci: Oci, tmp_path: Path, subreaper:
     assert "checked by the engine that pulled the image" in trust[-1]
 
 
+def test_read_only_root_is_left_alone(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "touch /x 2>/dev/null && exit 1; echo read-only; exit 0"],
+                   root={"path": "rootfs", "readonly": True})
+    before = sorted(p.name for p in (b / "rootfs" / "etc").iterdir())
+    rc, out, err = oci.create("ro", b)
+    assert rc == 0, err.read_text()
+    oci("start", "ro")
+    assert wait_exit(oci.pid("ro", b)) == 0 and out.read_text() == "read-only\n"
+    assert sorted(p.name for p in (b / "rootfs" / "etc").iterdir()) == before  # nothing written into it
+    assert oci("delete", "ro").returncode == 0
+
+
 def test_create_then_delete_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
     b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"])
     rc, _out, err = oci.create("c2", b)
