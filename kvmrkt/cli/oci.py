@@ -54,6 +54,7 @@ class _OciCtx:
 
 
 pass_oci = click.make_pass_decorator(_OciCtx)
+_ACTIVE: dict[str, _OciCtx] = {}  # this process's context, for errors raised after click has unwound
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,7 +89,7 @@ def oci(ctx: click.Context, root: Path, log: Path | None, log_format: str, syste
             config_dir = outer.config_dir
         data_dir = data_dir or outer.data_dir
         insecure_options = insecure_options or outer.insecure
-    ctx.obj = _OciCtx(root, log, log_format, config_dir, data_dir, insecure_options)
+    ctx.obj = _ACTIVE["ctx"] = _OciCtx(root, log, log_format, config_dir, data_dir, insecure_options)
 
 
 @oci.command()
@@ -249,14 +250,10 @@ def main() -> None:
 
 
 def _log_error(msg: str) -> None:
-    ctx = click.get_current_context(silent=True)
-    obj = ctx.find_object(_OciCtx) if ctx else None
-    if obj is None:  # the context is gone by the time main() catches: find --log in argv
-        argv = sys.argv[1:]
-        path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--log"), None)
-        fmt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--log-format"), "text")
-        obj = _OciCtx(DEFAULT_ROOT, Path(path) if path else None, fmt, DEFAULT_CONFIG_DIR, None, "")
-    obj.say("error", msg)
+    """Also write an error to the --log file (once the global options were parsed; click's context is gone
+    by the time main() catches the error)."""
+    if "ctx" in _ACTIVE:
+        _ACTIVE["ctx"].say("error", msg)
 
 
 if __name__ == "__main__":
