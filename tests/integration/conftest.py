@@ -238,6 +238,15 @@ class Kvmrkt:
         raise AssertionError("pod did not start in time")
 
 
+def wait_output(kvmrkt: Kvmrkt, uuid: str, text: str, app: str = "busybox", timeout: float = 30) -> None:
+    """Wait until an app of a running pod has written ``text`` to its stdout (e.g. a handler is installed)."""
+    log = kvmrkt.data / "pods" / "run" / uuid / "logs" / f"{app}.stdout"
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{app} did not print {text!r}"
+        time.sleep(0.05)
+
+
 BASE_CONFIG = """
 [stage1]
 accel = "auto"

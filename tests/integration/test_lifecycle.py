@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CONFIG, REPO, Kvmrkt
+from .conftest import BASE_CONFIG, REPO, Kvmrkt, wait_output
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
 
@@ -102,6 +102,7 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",
                         "trap 'echo got-term; exit 42' TERM; echo started; while :; do sleep 0.2; done")
     uuid = kvmrkt.wait_running(uuid_file)
+    wait_output(kvmrkt, uuid, "started")
     res = kvmrkt("enter", uuid, "/bin/sh", "-c", "echo inside $(hostname); echo to-err >&2; exit 5")
     assert res.rc == 5
     assert res.out.startswith("inside kvmrkt-") and res.err == "to-err\n"
@@ -124,8 +125,10 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
 
 def test_stop_kills_apps_that_ignore_sigterm(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     uuid_file = tmp_path / "uuid"
-    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c", "trap '' TERM; while :; do sleep 1; done")
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",
+                        "trap '' TERM; echo ready; while :; do sleep 1; done")
     uuid = kvmrkt.wait_running(uuid_file)
+    wait_output(kvmrkt, uuid, "ready")  # a stop before the trap would (rightly) end the app with SIGTERM
     kvmrkt.ok("stop", uuid)
     proc.communicate(timeout=60)
     assert proc.returncode == 137
