@@ -411,7 +411,7 @@ class Engine:
                 if not any(v.name == m.volume for v in volumes):
                     volumes.append(Volume(m.volume, "empty"))
         return PodManifest(
-            uuid=uuid, apps=specs, volumes=tuple(volumes), hostname=opts.hostname or f"kvmrkt-{uuid[:8]}"
+            uuid=uuid, apps=specs, volumes=tuple(volumes), hostname=opts.hostname or ""
         )
 
     def prepare(self, apps: list[AppRequest], opts: PodOptions, *, progress: Progress = no_progress,

@@ -155,8 +155,9 @@ class PodManifest:
     def __post_init__(self) -> None:
         if not self.apps:
             raise ManifestError("a pod needs at least one app")
-        if self.hostname and (len(self.hostname) > 64 or self.hostname.endswith(".")
-                              or not DNS_NAME_RE.match(self.hostname)):
+        if not self.hostname:  # the one place the default hostname is decided
+            object.__setattr__(self, "hostname", f"kvmrkt-{self.uuid[:8]}")
+        if len(self.hostname) > 64 or self.hostname.endswith(".") or not DNS_NAME_RE.match(self.hostname):
             raise ManifestError(f"invalid hostname {self.hostname[:80]!r}",
                                 hint="letters, digits, '-' and '.', at most 64 characters")
         names = [a.name for a in self.apps]

@@ -183,7 +183,7 @@ class PodNetworks:
         """
         state: dict[str, Any] = {"mode": intent.mode, "active": True, "netns": "", "networks": [],
                                  "forwards": [f.cni() for f in intent.forwards]}
-        hostname = manifest.hostname or f"kvmrkt-{pod.uuid[:8]}"
+        hostname = manifest.hostname
         if intent.mode == NONE:
             pod.write_json(STATE, {**state, "active": False})
             files = self._files(intent.dns, hostname, None, [], user_mode=False) if intent.files else ()

@@ -22,9 +22,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
-import struct
 import sys
 import termios
 import threading
@@ -197,7 +197,7 @@ def manifest_for(bundle: Bundle, uuid: str, container_id: str) -> PodManifest:
         uid=bundle.uid, gid=bundle.gid, supplementary_gids=bundle.gids, memory_mib=bundle.memory_mib,
         cpus=bundle.cpus, mounts=bundle.mounts,
     )  # fmt: skip
-    return PodManifest(uuid=uuid, apps=(app,), volumes=bundle.volumes, hostname=bundle.hostname or f"kvmrkt-{uuid[:8]}",
+    return PodManifest(uuid=uuid, apps=(app,), volumes=bundle.volumes, hostname=bundle.hostname,
                        annotations=(("kvmrkt.oci/id", container_id), ("kvmrkt.oci/bundle", str(bundle.path)),
                                     ("kvmrkt.oci/config-digest", bundle.config_digest)))
 
@@ -304,10 +304,7 @@ class OciRuntime:
                 pid_file.write_text(str(pid))
             return pid
         except BaseException:
-            with contextlib.suppress(OSError):
-                for f in state_dir.iterdir():
-                    f.unlink()
-                state_dir.rmdir()
+            shutil.rmtree(state_dir, ignore_errors=True)
             raise
 
     def _spawn_supervisor(self, pod: Pod, bundle: Bundle, console_socket: Path | None) -> int:
@@ -323,11 +320,7 @@ class OciRuntime:
         if pid == 0:  # the supervisor; containerd's shim (a subreaper) becomes its parent when create exits
             os.close(err_r)
             if term is not None:
-                for fd in (0, 1, 2):
-                    os.dup2(term, fd)
-                os.close(term)
-                os.setsid()  # the terminal becomes ours, so its resizes reach us as SIGWINCH
-                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                _take_terminal(term)
                 signal.signal(signal.SIGWINCH, lambda _s, _f: threading.Thread(target=_relay_size, args=(pod,),
                                                                                daemon=True).start())
             os._exit(self._supervise(pod, bundle, err_w))
@@ -433,10 +426,7 @@ class OciRuntime:
         pod = self._pod(rec)
         if pod is not None:
             self._remove_pod(pod)
-        state_dir = self._dir(cid)
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
+        shutil.rmtree(self._dir(cid))
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float) -> None:
@@ -486,10 +476,7 @@ class OciRuntime:
             code = 126
             try:
                 if term is not None:
-                    for fd in (0, 1, 2):
-                        os.dup2(term, fd)
-                    os.setsid()  # so the engine's resizes of the terminal reach us (and the guest) as SIGWINCH
-                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                    _take_terminal(term)
                 opts = replace(process, stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
                 code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                      opts=opts)
@@ -517,9 +504,19 @@ def _relay_size(pod: Pod) -> None:
     """Pass this process's terminal size on to the container's terminal in the guest (from a thread: the
     agent channel's lock may be held by the code the signal interrupted)."""
     with contextlib.suppress(OSError, KvmrktError):
-        rows, cols = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+        rows, cols = agent.terminal_size(0)
         pod.refresh()
         agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
+
+
+def _take_terminal(term: int) -> None:
+    """In a forked child: make ``term`` its stdio and controlling terminal (a new session), so the engine's
+    resizes of the terminal reach it as SIGWINCH."""
+    for fd in (0, 1, 2):
+        os.dup2(term, fd)
+    os.close(term)
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _send_terminal(console_socket: Path) -> int:

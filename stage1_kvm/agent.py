@@ -194,7 +194,7 @@ def enter(
                for s in opts.forward_signals}
         if opts.tty and stdin is not None and os.isatty(stdin):  # the guest terminal follows ours
             def winsize(*_a: object) -> None:
-                rows, cols = struct.unpack("HHHH", fcntl.ioctl(stdin, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+                rows, cols = terminal_size(stdin)
                 send(f"WINSZ {rows} {cols}\n".encode())
 
             winsize()
@@ -204,6 +204,12 @@ def enter(
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    """Rows and columns of the terminal on ``fd``."""
+    rows, cols = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    return int(rows), int(cols)
 
 
 def _pump_input(fd: int, send: Callable[[bytes], None]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvmrkt.errors import ConfigError
+from kvmrkt.netconf import USER_NET, USER_PREFIX
 from stage1_kvm.vmspec import VMSpec
 
 
@@ -66,7 +67,7 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
         if nic.tap is not None:  # QEMU runs in the pod's network namespace, where the tap is
             netdev = f"tap,id=net{i},ifname={_opt(nic.tap)},script=no,downscript=no"
         else:
-            netdev = f"user,id=net{i},net=10.0.2.0/24"
+            netdev = f"user,id=net{i},net={USER_NET}/{USER_PREFIX}"  # the addresses the guest is given
             for proto, host_ip, host_port, guest_port in spec.user_forwards:
                 netdev += f",hostfwd={proto}:{host_ip}:{host_port}-:{guest_port}"
         argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
