@@ -1,8 +1,8 @@
 """sVirt-style SELinux labels: a unique MCS category pair per pod, and applying it.
 
 Role: allocate ``s0:cX,cY`` (X<Y, drawn with ``secrets``) unique among live pods across concurrent kvmrkt
-processes: the allocation file (``DATA_DIR/selinux/mcs.json``) is only read and written under an exclusive
-flock and is rebuilt from the pods that still exist each time, so pairs come back after gc and after a crash.
+processes (a ``kvmrkt.leases`` table, ``DATA_DIR/selinux/mcs.json``), so pairs come back after gc and after a
+crash.
 Types come from the host policy when it defines them (libvirt's ``virtual_domain_context`` and
 ``virtual_image_context``), else the usual svirt defaults, overridable in config. Applying: pod files get the
 file label as their ``security.selinux`` xattr (stored even where SELinux is off, as root), QEMU is executed in
@@ -15,17 +15,14 @@ is required is fatal (``SELinuxError``, exit 6).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmrkt import leases
 from kvmrkt.errors import SELinuxError
-from kvmrkt.pod import write_json
 
 SELINUXFS = Path("/sys/fs/selinux")
 DEFAULT_PROCESS = "system_u:system_r:svirt_t"
@@ -92,24 +89,6 @@ def host_types() -> tuple[str, str]:
     return read("virtual_domain_context", DEFAULT_PROCESS), read("virtual_image_context", DEFAULT_FILE)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[dict[str, list[int]]]:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            table = json.loads(path.read_text())
-        except FileNotFoundError:
-            table = {}
-        except ValueError:
-            table = {}  # a torn file cannot happen (atomic writes); an edited one is rebuilt from live pods
-        yield table
-        write_json(path, table)
-    finally:
-        os.close(fd)
-
-
 def allocate(path: Path, pod: str, live: Iterable[str] | None, *, categories: str = "c0.c1023",
              process: str | None = None, file: str | None = None) -> Label:
     """Allocate (or return the already allocated) pair for ``pod``; pairs of pods not in ``live`` are freed
@@ -120,29 +99,25 @@ def allocate(path: Path, pod: str, live: Iterable[str] | None, *, categories: st
     """
     lo, hi = parse_range(categories)
     default_process, default_file = host_types()
-    keep = None if live is None else set(live) | {pod}
-    with _locked(path) as table:
-        for stale in [uuid for uuid in table if keep is not None and uuid not in keep]:
-            del table[stale]
-        if pod not in table:
-            used = {tuple(v) for v in table.values()}
-            n = hi - lo + 1
-            if len(used) >= n * (n - 1) // 2:
-                raise SELinuxError("no free MCS category pair left", hint="collect exited pods (kvmrkt gc)")
-            while True:
-                a, b = lo + secrets.randbelow(n), lo + secrets.randbelow(n)
-                pair = (min(a, b), max(a, b))
-                if a != b and pair not in used:
-                    break
-            table[pod] = list(pair)
-        pair = (int(table[pod][0]), int(table[pod][1]))
-    return Label(process or default_process, file or default_file, pair)
+    n = hi - lo + 1
+
+    def choose(table: dict[str, object]) -> list[int]:
+        taken = {tuple(v) for v in leases.used(table) if isinstance(v, list)}
+        if len(taken) >= n * (n - 1) // 2:
+            raise SELinuxError("no free MCS category pair left", hint="collect exited pods (kvmrkt gc)")
+        while True:
+            a, b = lo + secrets.randbelow(n), lo + secrets.randbelow(n)
+            pair = (min(a, b), max(a, b))
+            if a != b and pair not in taken:
+                return list(pair)
+
+    value = leases.lease(path, pod, live, choose)
+    return Label(process or default_process, file or default_file, (int(value[0]), int(value[1])))
 
 
 def release(path: Path, pod: str) -> None:
     """Free a pod's pair (gc)."""
-    with _locked(path) as table:
-        table.pop(pod, None)
+    leases.release(path, pod)
 
 
 def label_files(paths: Iterable[Path], label: str) -> list[str]:
