@@ -1,6 +1,8 @@
 """Boot benchmark: ``kvmrkt run`` of a busybox app running ``true`` versus the same VM started by a bare QEMU
 command line, measured in the same run. Prints JSON: medians, ratio, the same run on the default CNI network,
-and the host memory of the QEMU process outside guest RAM.
+the cost of the VMM jail (the bare QEMU started jailed as kvmrkt starts it: its cgroup created, limited and
+removed, the mount namespace and private root built, privileges dropped, versus started plainly as root), and
+the host memory of the QEMU process outside guest RAM.
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/boot.py [--runs N] [--accel auto|tcg|kvm] [--kernel minimal|debian-cloud]
@@ -9,25 +11,33 @@ Usage (as root, after `make setup`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchtpm import swtpm
 
+from kvmrkt import _proc
+from kvmrkt import jail as jails
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine, PodOptions
 from kvmrkt.runargs import AppRequest
+from kvmrkt.stage1 import JailSpec
 from kvmrkt.store import no_progress
+from stage1_kvm import cgroups
+from stage1_kvm import jail as vmm_jail
 from stage1_kvm.assets import load_assets, pod_initrd
-from stage1_kvm.qemu import choose_accel, host_tsc_khz
+from stage1_kvm.qemu import choose_accel, host_tsc_khz, runtime_fds
 from stage1_kvm.qemu_argv import build_argv
-from stage1_kvm.vmspec import build_vmspec, guest_pod_config
+from stage1_kvm.vmspec import VMSpec, build_vmspec, guest_pod_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,12 +51,58 @@ def _time(argv: list[str], cwd: Path) -> float:
     return elapsed
 
 
-def _overhead_mib(argv: list[str], cwd: Path, guest_mib: int) -> dict[str, float]:
-    """Start QEMU on a pod whose app sleeps, then read its memory: total RSS, and RSS outside guest RAM."""
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+@dataclass
+class Bare:
+    """A pod's VM as one QEMU command line, with the files and sockets it needs opened per start."""
+
+    spec: VMSpec
+    cwd: Path
+    jail: JailSpec
+    qemu: str
+    guard: Path
+
+    @contextlib.contextmanager
+    def start(self, *, jailed: bool) -> Iterator[subprocess.Popen[bytes]]:
+        """QEMU started plainly as root, or exactly as the qemu backend starts it (cgroup, jail, guard, fds)."""
+        cg = None
+        spec, layout = (vmm_jail.plan(self.spec, self.cwd, guard=self.guard, vmm=Path(self.qemu)) if jailed
+                        else (self.spec, None))
+        with runtime_fds(self.cwd, self.spec) as fds:
+            argv = build_argv(spec, qemu=self.qemu, fds=fds)
+            if layout is not None:
+                argv = [f"/{vmm_jail.GUARD}", self.qemu, *argv]
+            if layout is None:
+                proc = _proc.spawn(argv, pass_fds=list(fds.values()), cwd=self.cwd, netns=self.spec.netns)
+            else:
+                cg = cgroups.create(self.jail.cgroup_parent, f"bench-{self.cwd.name}", self.jail)
+                vmm_jail.readable(layout)
+                root = self.cwd / "jail"
+                root.mkdir(exist_ok=True)
+                proc = _proc.spawn(argv, pass_fds=list(fds.values()), cwd=self.cwd, netns=self.spec.netns,
+                                   setup=vmm_jail.confine(root, layout, self.jail.uid, self.jail.gid, cg.procs_files))
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if cg is not None:
+                cg.remove()
+
+    def time(self, *, jailed: bool) -> float:
+        begin = time.perf_counter()
+        with self.start(jailed=jailed) as proc:
+            if proc.wait() != 0:
+                sys.exit(f"bare QEMU failed ({proc.returncode}) in {self.cwd}")
+        return time.perf_counter() - begin
+
+
+def _overhead_mib(bare: Bare) -> dict[str, float]:
+    """Start QEMU (jailed) on a pod whose app sleeps, then read its memory: total RSS, and RSS outside guest RAM."""
+    guest_mib = bare.spec.memory_mib
+    with bare.start(jailed=True) as proc:
         deadline = time.monotonic() + 60
-        status = cwd / "guest-status"
+        status = bare.cwd / "guest-status"
         while not status.exists() or "START" not in status.read_text(errors="replace"):
             if time.monotonic() > deadline or proc.poll() is not None:
                 sys.exit("memory probe VM did not start")
@@ -66,9 +122,6 @@ def _overhead_mib(argv: list[str], cwd: Path, guest_mib: int) -> dict[str, float
                     guest += rss_kib
         return {"qemu_rss_mib": round(total / 1024, 1), "guest_ram_resident_mib": round(guest / 1024, 1),
                 "qemu_overhead_mib": round((total - guest) / 1024, 1)}
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> None:
@@ -102,48 +155,53 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
     assets = load_assets(cfg)
     accel = choose_accel(requested_accel)
 
-    def bare_pod(exec_: list[str], name: str) -> tuple[list[str], Path, int]:
+    def bare_pod(exec_: list[str], name: str) -> Bare:
         pod = engine.prepare([AppRequest(image="busybox", exec=exec_[0], args=exec_[1:])], PodOptions())
         manifest = engine.pod_manifest(pod)
+        jail = jails.for_pod(config, manifest)
         rootfs = {a.name: engine._rootfs(a, no_progress) for a in manifest.apps}
         verity = {a.name: engine._verity(a) for a in manifest.apps}
-        spec = build_vmspec(manifest, cfg=cfg, accel=accel, kernel=assets.kernel, rootfs=rootfs, interactive=False,
-                            debug=False, tsc_khz=host_tsc_khz(), host_cpus=os.cpu_count() or 1,
-                            acpi=assets.acpi, verity=verity)
+        spec = build_vmspec(manifest, cfg=cfg, jail=jail, accel=accel, kernel=assets.kernel, rootfs=rootfs,
+                            interactive=False, debug=False, tsc_khz=host_tsc_khz(), acpi=assets.acpi, verity=verity)
         cwd = work / name
         (cwd / "logs").mkdir(parents=True)
         pod_initrd(assets.initrd, guest_pod_config(manifest, interactive=False, verity=verity), cwd / "initrd.img")
         engine.remove(pod.uuid)
-        return build_argv(spec, qemu=cfg.qemu), cwd, spec.memory_mib
+        return Bare(spec, cwd, jail, shutil.which(cfg.qemu) or cfg.qemu, assets.guard)
 
-    bare_argv, bare_cwd, _ = bare_pod(["/bin/true"], "bare")
+    bare = bare_pod(["/bin/true"], "bare")
     # The bare VM has no NIC, so the like-for-like kvmrkt run has none either; the default network's cost is
     # measured separately in the same run.
     run_argv = [*kvmrkt, "run", f"--accel={accel}", "--net=none", "busybox", "--exec", "/bin/true"]
     net_argv = [*kvmrkt, "run", f"--accel={accel}", "--net=default", "busybox", "--exec", "/bin/true"]
-    _time(run_argv, REPO)  # warm the page cache for both
+    _time(run_argv, REPO)  # warm the page cache for all
     _time(net_argv, REPO)
-    _time(bare_argv, bare_cwd)
-    kv, bare, net = [], [], []
+    bare.time(jailed=False)
+    bare.time(jailed=True)
+    kv, plain, jailed, net = [], [], [], []
     for _ in range(runs):
         kv.append(_time(run_argv, REPO))
-        bare.append(_time(bare_argv, bare_cwd))
+        plain.append(bare.time(jailed=False))
+        jailed.append(bare.time(jailed=True))
         net.append(_time(net_argv, REPO))
         subprocess.run([*kvmrkt, "gc", "--grace-period=0s"], capture_output=True, check=True)
-    sleep_argv, sleep_cwd, guest_mib = bare_pod(["/bin/sleep", "30"], "mem")
+    probe = bare_pod(["/bin/sleep", "30"], "mem")
     return {
         "accel": accel,
         "kernel": assets.kind,
         "runs": runs,
         "kvmrkt_run_median_s": round(statistics.median(kv), 3),
-        "bare_qemu_median_s": round(statistics.median(bare), 3),
-        "ratio": round(statistics.median(kv) / statistics.median(bare), 3),
+        "bare_qemu_median_s": round(statistics.median(plain), 3),
+        "ratio": round(statistics.median(kv) / statistics.median(plain), 3),
+        "bare_qemu_jailed_median_s": round(statistics.median(jailed), 3),
+        "jail_added_s": round(statistics.median(jailed) - statistics.median(plain), 4),
         "kvmrkt_run_default_net_median_s": round(statistics.median(net), 3),
         "default_net_added_s": round(statistics.median(net) - statistics.median(kv), 3),
         "kvmrkt_run_s": [round(x, 3) for x in kv],
-        "bare_qemu_s": [round(x, 3) for x in bare],
-        "guest_ram_mib": guest_mib,
-        **_overhead_mib(sleep_argv, sleep_cwd, guest_mib),
+        "bare_qemu_s": [round(x, 3) for x in plain],
+        "bare_qemu_jailed_s": [round(x, 3) for x in jailed],
+        "guest_ram_mib": probe.spec.memory_mib,
+        **_overhead_mib(probe),
     }
 
 

@@ -81,10 +81,13 @@ def run(
     return proc
 
 
-def _die_with(parent: int, exec_label: str | None = None, netns: str | None = None) -> Callable[[], None]:
+def _die_with(parent: int, exec_label: str | None = None, netns: str | None = None,
+              setup: Callable[[], None] | None = None) -> Callable[[], None]:
     """A pre-exec hook: the child gets SIGKILL when ``parent`` dies (no orphaned VMs), including when the
     parent died before the hook ran; with ``exec_label`` the program is executed in that SELinux context;
-    with ``netns`` it runs in that network namespace (a path), or in a new empty one ("")."""
+    with ``netns`` it runs in that network namespace (a path), or in a new empty one (""); ``setup`` runs last
+    (a jail that changes the child's root and credentials; the parent-death signal, which a change of
+    credentials clears, is set again after it)."""
 
     def hook() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -102,6 +105,11 @@ def _die_with(parent: int, exec_label: str | None = None, netns: str | None = No
         if exec_label:
             with open("/proc/self/attr/exec", "w") as fh:  # fails (and so does the spawn) if it cannot be set
                 fh.write(exec_label)
+        if setup is not None:
+            setup()
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
 
     return hook
 
@@ -118,8 +126,9 @@ def spawn(
     cwd: Path | None = None,
     exec_label: str | None = None,
     netns: str | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived program and return its Popen handle (``netns``: see ``_die_with``).
+    """Start a long-lived program and return its Popen handle (``netns``, ``setup``: see ``_die_with``).
 
     Raises:
         ConfigError: the program does not exist.
@@ -133,7 +142,7 @@ def spawn(
             stderr=stderr,
             pass_fds=tuple(pass_fds),
             close_fds=True,
-            preexec_fn=_die_with(os.getpid(), exec_label, netns) if die_with_parent else None,
+            preexec_fn=_die_with(os.getpid(), exec_label, netns, setup) if die_with_parent else None,
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )

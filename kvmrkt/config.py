@@ -9,6 +9,8 @@ a default.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,9 @@ INSECURE_VALUES = frozenset(
     | {"all"}
 )
 ACCELS = ("auto", "kvm", "tcg")
+DEFAULT_UID_RANGE = "2000000000-2000065535"
+UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to the set*id calls
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*\Z")
 KERNELS = ("minimal", "debian-cloud")
 
 
@@ -60,6 +65,21 @@ def parse_insecure_options(value: str) -> frozenset[str]:
         elif item != "none":
             out.add(item)
     return frozenset(out)
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``"2000000000-2000065535"`` -> (lo, hi), inclusive.
+
+    Raises:
+        ConfigError: malformed, empty, touching uid 0 or (uid_t)-1.
+    """
+    m = _RANGE.match(text)
+    if not m:
+        raise ConfigError(f"jail.uid_range {text!r}: expected FIRST-LAST, e.g. 2000000000-2000065535")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if not 0 < lo <= hi <= UID_MAX:
+        raise ConfigError(f"jail.uid_range {text!r}: must be within 1-{UID_MAX}, first <= last")
+    return lo, hi
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +133,37 @@ class SELinuxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JailConfig:
+    """The ``[jail]`` table: the host uids pods' VMMs run as (one per pod, the gid has the same number; a range
+    no account, group or subordinate range uses), the cgroup parent their limits live under, the memory the VMM
+    may use beyond guest RAM (measured: QEMU's code, TCG translation cache, device buffers) and the pids limit."""
+
+    uid_range: str = DEFAULT_UID_RANGE
+    cgroup_parent: str = "kvmrkt"
+    memory_margin_mib: int = 256
+    pids_max: int = 1024
+
+
+def _host_memory_mib() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PodsConfig:
+    """The ``[pods]`` table: the most guest memory and vCPUs one pod may ask for (defaults: half the host's
+    memory, all its CPUs). A pod asking for more is refused, never silently granted."""
+
+    max_memory_mib: int = field(default_factory=lambda: max(_host_memory_mib() // 2, 256))
+    max_vcpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkSettings:
     """The ``[network]`` table: the ``--net`` used when none is given, and where CNI plugins are."""
 
@@ -133,6 +184,8 @@ class RuntimeConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     selinux: SELinuxConfig = field(default_factory=SELinuxConfig)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    jail: JailConfig = field(default_factory=JailConfig)
+    pods: PodsConfig = field(default_factory=PodsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, as printed by ``kvmrkt config``."""
@@ -146,6 +199,8 @@ class RuntimeConfig:
             "measure": dataclasses.asdict(self.measure),
             "selinux": dataclasses.asdict(self.selinux),
             "network": {"default": self.network.default, "plugin_dirs": list(self.network.plugin_dirs)},
+            "jail": dataclasses.asdict(self.jail),
+            "pods": dataclasses.asdict(self.pods),
         }
 
 
@@ -217,7 +272,7 @@ def load_config(
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     _check_table(doc, {"paths": dict, "stage1": dict, "images": dict, "measure": dict, "selinux": dict,
-                       "network": dict, "insecure_options": list}, "", path)
+                       "network": dict, "insecure_options": list, "jail": dict, "pods": dict}, "", path)
     sel = dict(doc.get("selinux", {}))
     _check_table(sel, {"mode": str, "categories": str, "process_context": str, "file_context": str}, "selinux.", path)
     overrides = dict(overrides or {})
@@ -239,6 +294,19 @@ def load_config(
     if not all(isinstance(d, str) for d in net.get("plugin_dirs", [])):
         raise ConfigError(f"{path}: network.plugin_dirs must be a list of strings")
     net["plugin_dirs"] = tuple(net.get("plugin_dirs", DEFAULT_CNI_DIRS))
+    jail = doc.get("jail", {})
+    _check_table(jail, {"uid_range": str, "cgroup_parent": str, "memory_margin_mib": int, "pids_max": int}, "jail.",
+                 path)
+    if any(isinstance(v, int) and v <= 0 for v in jail.values()):
+        raise ConfigError(f"{path}: jail.memory_margin_mib and jail.pids_max must be positive")
+    parse_uid_range(jail.get("uid_range", DEFAULT_UID_RANGE))
+    parent = jail.get("cgroup_parent", "kvmrkt")
+    if not parent or parent.startswith("/") or any(p in ("", ".", "..") for p in parent.split("/")):
+        raise ConfigError(f"{path}: jail.cgroup_parent must be a relative cgroup path like kvmrkt or machine/kvmrkt")
+    pods = doc.get("pods", {})
+    _check_table(pods, {"max_memory_mib": int, "max_vcpus": int}, "pods.", path)
+    if any(v <= 0 for v in pods.values()):
+        raise ConfigError(f"{path}: pods.max_memory_mib and pods.max_vcpus must be positive")
     paths = doc.get("paths", {})
     _check_table(paths, {"data_dir": str}, "paths.", path)
     s1 = dict(doc.get("stage1", {}))
@@ -269,4 +337,6 @@ def load_config(
         measure=MeasureConfig(**meas),
         selinux=SELinuxConfig(**sel),
         network=NetworkSettings(**net),
+        jail=JailConfig(**jail),
+        pods=PodsConfig(**pods),
     )

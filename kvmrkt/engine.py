@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import images, oci
+from kvmrkt import confinement, images, oci
+from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
@@ -384,6 +385,7 @@ class Engine:
             memory_mib=memory,
             cpus=cpus,
             mounts=tuple(mounts),
+            confinement=confinement.resolve(req.confinement, img.isolators, self.config.insecure_options),
         )
 
     def _build_manifest(self, uuid: str, apps: list[AppRequest], opts: PodOptions, progress: Progress) -> PodManifest:
@@ -397,6 +399,9 @@ class Engine:
             if isinstance(doc, dict):
                 doc["uuid"] = uuid
             manifest = PodManifest.from_dict(doc)
+            manifest = replace(manifest, apps=tuple(
+                replace(a, confinement=confinement.lift(a.confinement, self.config.insecure_options))
+                for a in manifest.apps))
             for app in manifest.apps:
                 img = self.store.resolve(app.image_id)
                 if img.rootfs != app.rootfs_digest:
@@ -447,7 +452,9 @@ class Engine:
             label = self._allocate_label(pod.uuid)
             manifest = replace(manifest, annotations=(
                 *manifest.annotations, ("kvmrkt.selinux/process-label", label.process_label),
-                ("kvmrkt.selinux/file-label", label.file_label)))
+                ("kvmrkt.selinux/file-label", label.file_label),
+                (jails.UID_ANNOTATION, str(jails.lease(self.config, pod.uuid)))))
+            jails.for_pod(self.config, manifest)  # refuses a pod that asks for more than [pods] allows
             trust = judge(manifest)
             pod.write_json(POD_MANIFEST, manifest.to_dict())
             pod.write_json("trust.json", trust)
@@ -458,6 +465,8 @@ class Engine:
             )
             pod.move("prepared")
         except BaseException:
+            with contextlib.suppress(KvmrktError, OSError):
+                jails.release(self.config, pod.uuid)
             pod.delete()
             raise
         if not keep_lock:
@@ -474,7 +483,7 @@ class Engine:
     def _allocate_label(self, uuid: str) -> selinux.Label:
         """A unique MCS pair for a new pod (pairs of pods that no longer exist are freed first)."""
         cfg = self.config.selinux
-        live = [p.uuid for p in Pod.all(self.config.data_dir) if p.phase not in ("exited-garbage", "garbage")]
+        live = Pod.live_uuids(self.config.data_dir)
         return selinux.allocate(self._selinux_file(), uuid, live, categories=cfg.categories,
                                 process=cfg.process_context or None, file=cfg.file_context or None)
 
@@ -679,6 +688,11 @@ class Engine:
         network is torn down when the VM ends. ``run_options`` are ``RunOptions`` fields (rootfs, ...);
         ``measured_apps`` replaces the per-app events taken from the image store (for OCI bundles)."""
         labels = self._apply_labels(pod, manifest)
+        jail = jails.for_pod(self.config, manifest)
+        for layer in confinement.INSECURE_LAYERS:
+            if layer in self.config.insecure_options:
+                self.warn(f"WARNING: --insecure-options={layer}: the apps of pod {pod.uuid} run without the "
+                          f"{layer} restrictions")
 
         def before_boot(facts: dict[str, Any]) -> None:
             self._label_files(pod, labels)
@@ -686,8 +700,10 @@ class Engine:
 
         pod.move("run")
         try:
-            opts = RunOptions(**run_options, exec_label=labels["process"] if labels["process_applied"] else None,
-                              network=self.networks.setup(pod, manifest, intent), before_boot=before_boot)
+            opts = RunOptions(**run_options, jail=jail,
+                              exec_label=labels["process"] if labels["process_applied"] else None,
+                              network=self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid)),
+                              before_boot=before_boot)
             result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
         finally:
             self._teardown_network(pod)
@@ -754,9 +770,11 @@ class Engine:
         errors = backend_info.get("app_errors", {})
         info["apps"] = [
             {"name": a.name, "image": a.image_name, "image_id": a.image_id, "exit_code": exits.get(a.name),
+             "confinement": confinement.describe(a.confinement),
              **({"errors": errors[a.name]} if a.name in errors else {})}
             for a in (manifest.apps if manifest else ())
         ]
+        info["jail"] = backend_info.get("jail")
         info["measured"] = (pod.read_json("measure.json", {}) or {}).get("measured")
         sel = pod.read_json("selinux.json", {}) or {}
         ann = dict(manifest.annotations) if manifest else {}
@@ -849,6 +867,8 @@ class Engine:
             return False
         with contextlib.suppress(KvmrktError, OSError):
             selinux.release(self._selinux_file(), pod.uuid)
+        with contextlib.suppress(KvmrktError, OSError):
+            jails.release(self.config, pod.uuid)
         try:
             if pod.phase not in ("embryo", "prepare", "prepared"):
                 self.backend_for(pod).gc(pod)

@@ -48,6 +48,10 @@ class ConfigError(KvmrktError):
     exit_code = 2
 
 
+class LimitError(ConfigError):
+    """A pod asks for more host resources than the operator allows (``[pods]`` caps)."""
+
+
 class ManifestError(KvmrktError):
     """A pod or image manifest that does not follow its schema."""
 
@@ -161,6 +165,10 @@ class AssetError(Stage1Error):
 
 class AccelError(Stage1Error):
     """The requested accelerator cannot be used on this host."""
+
+
+class JailError(Stage1Error):
+    """The VMM jail (unprivileged uid, mount namespace, cgroup, share access) could not be set up."""
 
 
 class VMLaunchError(Stage1Error):

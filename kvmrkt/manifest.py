@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
+from kvmrkt.confinement import Confinement
 from kvmrkt.errors import ManifestError
 
 POD_MANIFEST_KIND = "kvmrkt.pod/v1"
@@ -127,6 +129,7 @@ class AppSpec:
     memory_mib: int | None = None
     cpus: int | None = None
     mounts: tuple[MountPoint, ...] = ()
+    confinement: Confinement = DEFAULT_CONFINEMENT
 
     def __post_init__(self) -> None:
         check_name("app", self.name)
@@ -193,6 +196,7 @@ class PodManifest:
                     "memoryMiB": a.memory_mib,
                     "cpus": a.cpus,
                     "mountPoints": [{"volume": m.volume, "path": m.target} for m in a.mounts],
+                    "confinement": a.confinement.to_dict(),
                 }
                 for a in self.apps
             ],
@@ -226,7 +230,7 @@ class PodManifest:
                 w,
                 {"name", "image", "exec"},
                 {"env", "workingDirectory", "user", "group", "uid", "gid", "supplementaryGIDs", "memoryMiB", "cpus",
-                 "mountPoints"},
+                 "mountPoints", "confinement"},
             )
             img = a["image"]
             _take(img, w + ".image", {"id", "name", "rootfs"}, set())
@@ -258,6 +262,8 @@ class PodManifest:
                     memory_mib=_int(a, "memoryMiB", w, optional=True),
                     cpus=_int(a, "cpus", w, optional=True),
                     mounts=tuple(mounts),
+                    confinement=Confinement.from_dict(a["confinement"], w + ".confinement")
+                    if "confinement" in a else DEFAULT_CONFINEMENT,
                 )
             )
         vols = []

@@ -172,8 +172,9 @@ class PodNetworks:
 
     # --- setup ---------------------------------------------------------------------------------------
 
-    def setup(self, pod: Pod, manifest: PodManifest, intent: Intent) -> NetworkPlan:
-        """Create the pod's networking and describe it for the VM.
+    def setup(self, pod: Pod, manifest: PodManifest, intent: Intent, *, owner: tuple[int, int]) -> NetworkPlan:
+        """Create the pod's networking and describe it for the VM; its taps belong to ``owner`` (uid, gid: the
+        pod's unprivileged VMM opens them without privileges).
 
         Every step is recorded in the pod directory before it is taken; on failure the caller runs
         ``teardown`` (which is also what gc runs).
@@ -199,7 +200,7 @@ class PodNetworks:
                                               for f in intent.forwards),
                                files=self._files(intent.dns, hostname, USER_ADDR, [], user_mode=True))
         if intent.mode == JOIN:
-            return self._join(pod, intent.netns)
+            return self._join(pod, intent.netns, owner)
         name = netns_name(pod.uuid)
         netns = str(NETNS_DIR / name)
         state["netns"] = name
@@ -214,7 +215,7 @@ class PodNetworks:
             entry["result"] = self._add(pod.uuid, netns, att)
             entry["ips"] = result_ips(entry["result"])
             pod.write_json(STATE, state)
-        nics = self._join_taps(netns, [a.ifname for a in intent.attachments])
+        nics = self._join_taps(netns, [a.ifname for a in intent.attachments], owner)
         for entry, nic in zip(state["networks"], nics, strict=True):
             entry["mac"] = nic.mac
             entry["tap"] = nic.tap
@@ -224,7 +225,7 @@ class PodNetworks:
         return NetworkPlan("cni", netns=netns, nics=nics,
                            files=self._files(intent.dns, hostname, first_ip, dns, user_mode=False))
 
-    def _join(self, pod: Pod, netns: str) -> NetworkPlan:
+    def _join(self, pod: Pod, netns: str, owner: tuple[int, int]) -> NetworkPlan:
         """Carry every interface of an existing namespace into the VM; the namespace, its addresses and routes
         stay its owner's (no files are written: the engine that made it manages resolv.conf and hosts)."""
         links = json.loads(self._iproute("-j", "link", "show", netns=netns) or "[]")
@@ -233,7 +234,7 @@ class PodNetworks:
         nets = [{"name": n, "ifname": n, "tap": f"tap{i}"} for i, n in enumerate(ifnames)]
         state: dict[str, Any] = {"mode": JOIN, "active": True, "netns": netns, "forwards": [], "networks": nets}
         pod.write_json(STATE, state)
-        nics = self._join_taps(netns, ifnames)
+        nics = self._join_taps(netns, ifnames, owner)
         for entry, nic in zip(state["networks"], nics, strict=True):
             entry.update(mac=nic.mac, ips=[{"address": f"{ip}/{p}", "gateway": ""} for ip, p in nic.addrs])
         pod.write_json(STATE, state)
@@ -261,9 +262,10 @@ class PodNetworks:
             raise NetworkError(f"{tool} {' '.join(args[:4])} failed: {exc.stderr_tail or exc.message}") from None
         return proc.stdout.decode()
 
-    def _join_taps(self, netns: str, ifnames: list[str]) -> tuple[Nic, ...]:
-        """A tap per interface of the namespace at ``netns``, with every frame redirected between the two (tc
-        mirred), and the interface's MAC, MTU, IPv4 addresses and routes read back for the guest."""
+    def _join_taps(self, netns: str, ifnames: list[str], owner: tuple[int, int]) -> tuple[Nic, ...]:
+        """A tap per interface of the namespace at ``netns`` owned by ``owner`` (uid, gid), with every frame
+        redirected between the two (tc mirred), and the interface's MAC, MTU, IPv4 addresses and routes read
+        back for the guest."""
         shows = "".join(f"addr show dev {name}\nroute show dev {name}\n" for name in ifnames)
         docs = _parse_json_stream(self._iproute("-j", "-batch", "-", stdin=shows, netns=netns))
         if len(docs) != 2 * len(ifnames):
@@ -276,7 +278,8 @@ class PodNetworks:
             info = link[0]
             tap = f"tap{i}"
             mtu = int(info.get("mtu", 1500))
-            taps.append(f"tuntap add dev {tap} mode tap\nlink set dev {tap} mtu {mtu} up\n")
+            taps.append(f"tuntap add dev {tap} mode tap user {owner[0]} group {owner[1]}\n"
+                        f"link set dev {tap} mtu {mtu} up\n")
             for src, dst in ((name, tap), (tap, name)):
                 redirects.append(f"qdisc add dev {src} ingress\n"
                                  f"filter add dev {src} parent ffff: protocol all u32 match u32 0 0 "

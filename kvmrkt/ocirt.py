@@ -10,8 +10,10 @@ exit status is the container process's); ``start`` releases it; ``kill`` signals
 Trust boundary: the bundle comes from the engine that pulled and unpacked the image (containerd, podman), which
 is where image signatures are checked; kvmrkt records that and measures ``config.json``'s digest, the bundle
 path, the image name from the annotations and the VM assets. ``config.json`` is parsed strictly (an error
-names the field); Linux namespace, cgroup, seccomp and capability settings describe a container on the host
-and have no meaning for a VM, so they are ignored (the VM is the isolation boundary).
+names the field); the process's confinement (capabilities, noNewPrivileges, rlimits, seccomp, maskedPaths,
+readonlyPaths) is applied to the container inside the guest (``kvmrkt.confinement``); Linux namespace and cgroup
+settings describe a container on the host and are ignored (each container has a VM, and the VM's jail has the
+limits).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt import _proc
+from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
+from kvmrkt.confinement import Confinement, from_oci, lift
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
@@ -80,6 +84,7 @@ class Bundle:
     annotations: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
+    confinement: Confinement = DEFAULT_CONFINEMENT
 
     @property
     def image_name(self) -> str:
@@ -155,7 +160,7 @@ def load_bundle(path: Path) -> Bundle:
         hostname=_get(doc, "hostname", str, "", ""), volumes=volumes, mounts=mounts,
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
-        annotations=dict(annotations), ignored=ignored,
+        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()),
         # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
         netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip
@@ -189,13 +194,14 @@ def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, .
     return tuple(volumes), tuple(mounts), tuple(ignored)
 
 
-def manifest_for(bundle: Bundle, uuid: str, container_id: str) -> PodManifest:
-    """The one-app pod manifest of a bundle (its annotations record the container and the bundle)."""
+def manifest_for(bundle: Bundle, uuid: str, container_id: str, insecure: frozenset[str] = frozenset()) -> PodManifest:
+    """The one-app pod manifest of a bundle (its annotations record the container and the bundle), its
+    confinement lifted by ``insecure`` (``--insecure-options``)."""
     app = AppSpec(
         name=APP, image_id=f"oci-bundle:{bundle.config_digest}", image_name=bundle.image_name, rootfs_digest="",
         exec=bundle.args, env=bundle.env, working_dir=bundle.cwd, user=str(bundle.uid), group=str(bundle.gid),
         uid=bundle.uid, gid=bundle.gid, supplementary_gids=bundle.gids, memory_mib=bundle.memory_mib,
-        cpus=bundle.cpus, mounts=bundle.mounts,
+        cpus=bundle.cpus, mounts=bundle.mounts, confinement=lift(bundle.confinement, insecure),
     )  # fmt: skip
     return PodManifest(uuid=uuid, apps=(app,), volumes=bundle.volumes, hostname=bundle.hostname,
                        annotations=(("kvmrkt.oci/id", container_id), ("kvmrkt.oci/bundle", str(bundle.path)),
@@ -292,7 +298,8 @@ class OciRuntime:
         try:
             for item in bundle.ignored:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
-            pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid),
+            insecure = self.engine.config.insecure_options
+            pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
                                       lambda _m: {APP: {"allowed": True, "checked": False, "reason": NOT_CHECKED}},
                                       keep_lock=True)
             pid = self._spawn_supervisor(pod, bundle, console_socket)

@@ -106,6 +106,11 @@ class Pod:
         return pods
 
     @classmethod
+    def live_uuids(cls, data_dir: Path) -> list[str]:
+        """The pods that still hold leases (MCS pairs, jail uids, share grants): every pod not yet garbage."""
+        return [p.uuid for p in cls.all(data_dir) if p.phase not in ("exited-garbage", "garbage")]
+
+    @classmethod
     def find(cls, data_dir: Path, ref: str) -> Pod:
         """Find a pod by full UUID or by a unique UUID prefix.
 

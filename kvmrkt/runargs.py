@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from kvmrkt.confinement import Request, check_caps, parse_seccomp_flag
 from kvmrkt.errors import ConfigError
 from kvmrkt.manifest import MountPoint, Volume, check_name
 
 APP_FLAGS = ("--exec", "--set-env", "--environment", "--working-dir", "--user", "--group", "--name", "--memory",
-             "--cpu", "--mount")  # fmt: skip
+             "--cpu", "--mount", "--caps-retain", "--caps-remove", "--seccomp")  # fmt: skip
 APP_FLAGS_HELP = """\
 App flags (after each IMAGE, apply to that app):
   --exec PATH            program to run instead of the image's entrypoint/cmd
@@ -27,6 +28,10 @@ App flags (after each IMAGE, apply to that app):
   --memory SIZE          memory limit, e.g. 256M, 1G, 512Mi (sizes the VM)
   --cpu N                CPU limit, e.g. 1, 2, 500m (sizes the VM)
   --mount volume=NAME,target=PATH   mount a pod volume into this app
+  --caps-retain CAP,...  the app's capability bounding set is exactly these (default: the OCI default set)
+  --caps-remove CAP,...  the default set without these
+  --seccomp mode=retain|remove[,errno=E],SYSCALL|@SET,...   the app's seccomp filter: retain allows only the
+                         listed calls, remove denies them (default: remove @kvmrkt/default-blacklist)
   -- ARGS... ---         arguments for the app (--- ends them; not needed for the last image)
 """
 
@@ -46,6 +51,7 @@ class AppRequest:
     memory_mib: int | None = None
     cpus: int | None = None
     mounts: list[MountPoint] = field(default_factory=list)
+    confinement: Request = field(default_factory=Request)
 
 
 def parse_kv_list(text: str, flag: str) -> dict[str, str]:
@@ -182,6 +188,14 @@ def _apply_flag(app: AppRequest, flag: str, value: str) -> None:
         app.cpus = parse_cpu(value)
     elif flag == "--mount":
         app.mounts.append(parse_mount(value))
+    elif flag in ("--caps-retain", "--caps-remove"):
+        caps = check_caps(c for c in value.split(",") if c.strip())
+        if flag == "--caps-retain":
+            app.confinement = replace(app.confinement, caps_retain=caps)
+        else:
+            app.confinement = replace(app.confinement, caps_remove=caps)
+    elif flag == "--seccomp":
+        app.confinement = replace(app.confinement, seccomp=parse_seccomp_flag(value))
 
 
 def default_app_name(image_name: str, taken: set[str]) -> str:

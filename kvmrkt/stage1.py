@@ -64,6 +64,28 @@ class NetworkPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class JailSpec:
+    """The VMM jail stage0 decided for a pod (``kvmrkt.jail``): the backend runs the VMM as ``uid``/``gid``
+    without capabilities, sized ``memory_mib``/``vcpus``, in a cgroup under ``cgroup_parent`` with these limits
+    (``cpu_quota`` in CPUs, None: no quota)."""
+
+    uid: int
+    gid: int
+    memory_mib: int
+    vcpus: int
+    memory_limit_mib: int
+    pids_max: int
+    cpu_quota: float | None = None
+    cgroup_parent: str = "kvmrkt"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (recorded in the pod, measured)."""
+        return {"uid": self.uid, "gid": self.gid, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
+                "memory_limit_mib": self.memory_limit_mib, "pids_max": self.pids_max, "cpu_quota": self.cpu_quota,
+                "cgroup_parent": self.cgroup_parent}
+
+
+@dataclass(frozen=True, slots=True)
 class RunOptions:
     """How to run a prepared pod (not part of the manifest: the same pod can run with other options).
 
@@ -73,10 +95,12 @@ class RunOptions:
     directory shared over 9p (an OCI bundle's rootfs) rather than an erofs image. ``hold``: set the apps up
     but start them only when asked (``stage1_kvm.agent.request_go``), as the OCI runtime's create/start do.
     ``tty`` (with ``interactive``): the first app runs on a terminal in the guest, relayed over its stdin and
-    stdout ports.
+    stdout ports. ``jail``: the VMM's identity, size and limits (the backend enforces them; it never runs a VMM
+    as root).
     """
 
     rootfs: Mapping[str, Path]
+    jail: JailSpec
     verity: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     interactive: bool = False
     accel: str = "auto"

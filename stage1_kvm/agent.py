@@ -64,11 +64,24 @@ class GuestStatus:
     errors: dict[str, list[str]] = field(default_factory=dict)
 
 
+MAX_LINE = 4096
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes included) shown as ``?``: what the guest says may
+    reach an operator's terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def parse_status(text: str) -> GuestStatus:
-    """Parse the status stream; a partial last line (still being written) is ignored."""
+    """Parse the status stream; a partial last line (still being written) is ignored. Only the guest init writes
+    it, but the guest is not trusted: lines longer than ``MAX_LINE`` are ignored, each app's first START and EXIT
+    count (a later one cannot rewrite an exit code), messages are made printable."""
     st = GuestStatus()
     lines = text.split("\n")
     for line in lines[:-1]:
+        if len(line) > MAX_LINE:
+            continue
         parts = line.split(" ", 2)
         kind = parts[0]
         if kind == "READY":
@@ -78,13 +91,13 @@ def parse_status(text: str) -> GuestStatus:
         elif kind == "DONE":
             st.done = True
         elif kind == "FATAL":
-            st.fatal = unescape(parts[1]) if len(parts) > 1 else "unknown"
+            st.fatal = st.fatal or (printable(unescape(parts[1])) if len(parts) > 1 else "unknown")
         elif kind == "START" and len(parts) == 3 and parts[2].isdigit():
-            st.pids[unescape(parts[1])] = int(parts[2])
+            st.pids.setdefault(unescape(parts[1]), int(parts[2]))
         elif kind == "EXIT" and len(parts) == 3 and parts[2].lstrip("-").isdigit():
-            st.exits[unescape(parts[1])] = int(parts[2])
+            st.exits.setdefault(unescape(parts[1]), int(parts[2]))
         elif kind == "ERROR" and len(parts) == 3:
-            st.errors.setdefault(unescape(parts[1]), []).append(unescape(parts[2]))
+            st.errors.setdefault(printable(unescape(parts[1])), []).append(printable(unescape(parts[2])))
     return st
 
 
@@ -106,6 +119,23 @@ def socket_path(pod_dir: Path, socket_name: str) -> Iterator[str]:
         yield f"/proc/self/fd/{dfd}/{socket_name}"
     finally:
         os.close(dfd)
+
+
+def listen(pod_dir: Path, socket_name: str) -> socket.socket:
+    """A listening unix socket in the pod directory (a stale one from an earlier boot is replaced), for the VMM
+    to serve: kvmrkt creates it as root in the root-only pod directory and passes the descriptor, so the jailed
+    VMM needs no writable directory and cannot put anything else at that path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with socket_path(pod_dir, socket_name) as path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock.bind(path)
+        sock.listen(8)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Guest assets (the stage1 image): the guest kernel and the base initramfs holding kvmrkt's guest init.
 
 Role: build them once per machine and record their digests (``assets.json``), find them for a boot, and add a
-pod's config to the base initramfs as a second cpio archive. The default kernel (``minimal``) is built from
+pod's config to the base initramfs as a second cpio archive. With them, the host-side ``kvmrkt-vmm-guard``
+(``vmm_guard.c``, static), which every pod's QEMU is started through. The default kernel (``minimal``) is built from
 Debian's ``linux-source-6.1`` with ``kernel.config`` on top of ``tinyconfig`` and booted as an uncompressed
 ``vmlinux`` (PVH). The alternative (``debian-cloud``) is Debian's packaged cloud kernel, unpacked from its .deb
 into the asset directory (never installed into the host's /boot), with the modules the guest needs put into
@@ -34,6 +35,8 @@ from kvmrkt.pod import write_json
 HERE = Path(__file__).resolve().parent
 KERNEL_CONFIG = HERE / "kernel.config"
 GUEST_INIT_SOURCE = HERE / "guest" / "init.c"
+GUARD_SOURCE = HERE / "vmm_guard.c"
+GUARD_NAME = "kvmrkt-vmm-guard"
 KERNEL_SOURCE_GLOB = "linux-source-6.1.tar.xz"
 SOURCE_DIR = Path("/usr/src")
 ASSETS_FILE = "assets.json"
@@ -51,16 +54,19 @@ class Assets:
     kernel_digest: Digest
     initrd_digest: Digest
     key: str
+    guard: Path
+    guard_digest: Digest
     acpi: bool = False
     features: tuple[str, ...] = ()
 
     def verify(self) -> None:
-        """Re-hash both files against the recorded digests.
+        """Re-hash the kernel, the initramfs and the VMM guard against the recorded digests.
 
         Raises:
             AssetError: a file changed since it was built.
         """
-        for path, digest in ((self.kernel, self.kernel_digest), (self.initrd, self.initrd_digest)):
+        for path, digest in ((self.kernel, self.kernel_digest), (self.initrd, self.initrd_digest),
+                             (self.guard, self.guard_digest)):
             if not Digest.of_file(path, digest.algorithm).matches(digest):
                 raise AssetError(
                     f"guest asset {path} does not match its recorded digest {digest}",
@@ -86,6 +92,8 @@ def load_assets(cfg: Stage1Config, kind: str | None = None) -> Assets:
             kernel_digest=Digest.parse(doc["kernel"]["digest"]),
             initrd_digest=Digest.parse(doc["initrd"]["digest"]),
             key=doc["key"],
+            guard=Path(doc["guard"]["path"]),
+            guard_digest=Digest.parse(doc["guard"]["digest"]),
             acpi=bool(doc.get("machine", {}).get("acpi", False)),
             features=tuple(doc.get("features", ())),
         )
@@ -93,7 +101,7 @@ def load_assets(cfg: Stage1Config, kind: str | None = None) -> Assets:
         raise AssetError(f"no guest assets for kernel {kind!r} in {cfg.assets_dir}", hint=hint) from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AssetError(f"unreadable asset record {record}: {exc}", hint=hint) from exc
-    for path in (assets.kernel, assets.initrd):
+    for path in (assets.kernel, assets.initrd, assets.guard):
         if not path.is_file():
             raise AssetError(f"guest asset {path} is missing", hint=hint)
     return assets
@@ -127,6 +135,27 @@ def pod_initrd(base: Path, pod_config: bytes, out: Path) -> None:
         shutil.copyfileobj(src, dst)
         dst.write(b"\0" * (-dst.tell() % 4))
         dst.write(extra)
+
+
+def build_guard(assets_dir: Path, progress: Progress) -> Path:
+    """Compile ``kvmrkt-vmm-guard`` (static, mode 0755: the pods' unprivileged uids execute it) unless the one
+    there was built from the same source."""
+    key = hashlib.sha256(b"kvmrkt-vmm-guard-v1\0" + GUARD_SOURCE.read_bytes()).hexdigest()[:16]
+    out = assets_dir / f"{GUARD_NAME}-{key}"
+    if out.is_file():
+        return out
+    progress("compiling the VMM guard (static)")
+    gcc = _proc.which("gcc", hint="apt-get install gcc libc6-dev")
+    tmp = out.with_name(f".{out.name}.tmp")
+    _proc.run([gcc, "-static", "-O2", "-Wall", "-o", tmp, GUARD_SOURCE], what="compiling the VMM guard")
+    _proc.run(["strip", tmp], what="strip")
+    os.chmod(tmp, 0o755)  # noqa: S103 (executed by the pods' uids; nothing in it is secret)
+    os.rename(tmp, out)
+    records = "".join(r.read_text() for r in assets_dir.glob(f"*/{ASSETS_FILE}"))
+    for old in assets_dir.glob(f"{GUARD_NAME}-*"):
+        if old != out and old.name not in records:  # no recorded asset set points at it any more
+            old.unlink()
+    return out
 
 
 def _build_initrd(workdir: Path, progress: Progress, modules: list[tuple[str, bytes]] | None = None) -> bytes:
@@ -317,9 +346,12 @@ def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress:
             progress(f"kernel built in {time.monotonic() - started:.0f}s")
         elif kind == "minimal":
             progress(f"kernel {kernel.name} is up to date")
+    guard = build_guard(cfg.assets_dir, progress)
+    for path in (kernel, initrd):  # read by each pod's VMM uid through its jail (the directory stays root-only)
+        os.chmod(path, 0o644)
     assets = Assets(
-        kind, kernel, initrd, Digest.of_file(kernel), Digest.of_file(initrd), f"{kkey}-{ikey}",
-        acpi=kind != "minimal", features=("9p",) if kind == "minimal" else (),
+        kind, kernel, initrd, Digest.of_file(kernel), Digest.of_file(initrd), f"{kkey}-{ikey}", guard,
+        Digest.of_file(guard), acpi=kind != "minimal", features=("9p",) if kind == "minimal" else (),
     )
     write_json(
         outdir / ASSETS_FILE,
@@ -329,6 +361,7 @@ def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress:
             "kernel": {"path": str(kernel), "digest": str(assets.kernel_digest),
                        "format": "vmlinux (PVH)" if kind == "minimal" else "bzImage"},
             "initrd": {"path": str(initrd), "digest": str(assets.initrd_digest)},
+            "guard": {"path": str(guard), "digest": str(assets.guard_digest)},
             "source": source,
             "machine": {"acpi": assets.acpi},
             "features": list(assets.features),

@@ -5,9 +5,15 @@ Role: reuse everything of ``QemuStage1`` (VM description, per-pod initramfs, mea
 the guest's status and output files, enter/stop through the agent) and replace only what touches the VM process:
 launch (``createXML`` of ``domain_xml``), force stop and gc (``destroy``), and status. The domain is transient:
 when the guest ends (kvmrkt's init reboots, ``on_reboot=destroy``) libvirt forgets it; gc destroys a domain
-left running by a killed ``kvmrkt run``. Unix sockets live in a short per-pod directory under
-``/run/kvmrkt`` (libvirt binds them by absolute path, and pod directories can be deeper than the 108-byte
-socket path limit), linked from the pod directory. Trust boundary: as for ``qemu``; libvirtd is trusted.
+left running by a killed ``kvmrkt run``. The jail: QEMU runs as the pod's own uid/gid (static DAC label) without
+capabilities in libvirt's own mount namespace and seccomp sandbox; what it reads is reachable only through
+``/run/kvmrkt/<uuid>`` (mode 0750, the pod's group): its own copies of the kernel and initramfs (which libvirt
+relabels) and read-only bind mounts of its images and shared directories (unmounted when the VM ends, or by gc);
+libvirt's state directory is made traversable for that uid only while the pod runs. The domain starts paused,
+its cgroups get the pod's limits (libvirt's own placement, plus a pids cgroup of kvmrkt's), then it resumes.
+Unix sockets live in the same short directory (libvirt binds them by absolute path, and pod directories can be
+deeper than the 108-byte socket path limit), linked from the pod directory. Trust boundary: as for ``qemu``;
+libvirtd is trusted.
 The libvirt Python binding is optional: this module imports it lazily and says how to install it.
 """
 
@@ -16,18 +22,26 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvmrkt.errors import ConfigError, Stage1Error, VMLaunchError
+from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
 from kvmrkt.pod import Pod
 from kvmrkt.stage1 import RunOptions
+from stage1_kvm import cgroups, shares
+from stage1_kvm import jail as jails
 from stage1_kvm.domain_xml import build_domain_xml
-from stage1_kvm.qemu import PID_FILE, RUN_RECORD, QemuStage1, VMHandle
+from stage1_kvm.qemu import JAIL_RECORD, PID_FILE, RUN_RECORD, QemuStage1, VMHandle
 from stage1_kvm.vmspec import VMSpec
 
 RUNTIME_DIR = Path("/run/kvmrkt")
 DEFAULT_URI = "qemu:///system"
+# libvirt's per-domain state (master key, monitor) lives under this directory, which only its own user may
+# traverse: QEMU running as the pod's uid needs to pass through it (Debian's layout for qemu:///system).
+LIBVIRT_QEMU_DIR = Path("/var/lib/libvirt/qemu")
+LIBVIRT_PID_DIR = Path("/run/libvirt/qemu")
+VIR_DOMAIN_START_PAUSED = 1
 
 
 def _libvirt() -> Any:
@@ -38,6 +52,28 @@ def _libvirt() -> Any:
                           hint="pip install 'kvmrkt[libvirt]' (make setup installs it)") from exc
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
     return libvirt
+
+
+def guarded_emulator(guard: Path, qemu: str) -> Path:
+    """The emulator libvirt starts for kvmrkt's pods: a script whose interpreter is a copy of the VMM guard
+    (``#!GUARD QEMU``), so QEMU runs under the guard's seccomp filter as it does with the qemu backend. Both live
+    in ``/run/kvmrkt`` (root's, traversable: libvirt probes and runs the emulator as unprivileged users) and are
+    rewritten only when they differ."""
+    RUNTIME_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+    copy = RUNTIME_DIR / guard.name
+    if not copy.is_file() or copy.read_bytes() != guard.read_bytes():
+        tmp = copy.with_name(f".{copy.name}.tmp")
+        shutil.copyfile(guard, tmp)
+        tmp.chmod(0o755)
+        tmp.rename(copy)
+    script = RUNTIME_DIR / "qemu-guarded"
+    text = f"#!{copy} {qemu}\n"
+    if not script.is_file() or script.read_text() != text:
+        tmp = script.with_name(".qemu-guarded.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.rename(script)
+    return script
 
 
 class _Domain:
@@ -101,27 +137,60 @@ class LibvirtStage1(QemuStage1):
     def _socket_dir(pod: Pod) -> Path:
         return RUNTIME_DIR / pod.uuid
 
-    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any]) -> VMHandle:
-        sockets = self._socket_dir(pod)
-        sockets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
+                guard: Path) -> VMHandle:
+        jail = opts.jail
+        emulator = guarded_emulator(guard, qemu)
+        root = self._socket_dir(pod)
+        jailed, layout = jails.plan(spec, pod.path, prefix=str(root))
+        # libvirt relabels the kernel and initramfs for the uid: they must be the pod's own copies.
+        copies = [b for b in layout.inputs if b.target in ("kernel", "initrd.img")]
+        layout = replace(layout, inputs=tuple(b for b in layout.inputs if b not in copies))
+        self._jail_up(pod, spec, jail, layout, cgroup=False)
+        rec = pod.read_json(JAIL_RECORD) or {}
+        pod.write_json(JAIL_RECORD, {**rec, "root": str(root), "libvirt_dir": str(LIBVIRT_QEMU_DIR)})
+        try:
+            jails.bind_on_host(root, layout, jail.gid)
+            for b in copies:
+                shutil.copyfile(b.source, root / b.target)
+        except OSError as exc:
+            raise JailError(f"cannot prepare the pod's files for libvirt under {root}: {exc}") from exc
+        shares.grant(self.config.data_dir, pod.uuid, Pod.live_uuids(self.config.data_dir), LIBVIRT_QEMU_DIR,
+                     jail.uid, write=False, perm=1)
         for port in spec.ports:
             if port.kind == "socket":
                 link = pod.file(port.path)
                 link.unlink(missing_ok=True)
-                link.symlink_to(sockets / Path(port.path).name)
+                link.symlink_to(root / Path(port.path).name)
         label = opts.exec_label  # set only where SELinux is enabled
-        xml = build_domain_xml(spec, uuid=pod.uuid, pod_dir=pod.path, qemu=qemu, selinux_label=label,
-                               socket_dir=sockets)
+        xml = build_domain_xml(jailed, uuid=pod.uuid, pod_dir=pod.path, qemu=str(emulator), jail=jail,
+                               selinux_label=label, socket_dir=root)
         pod.file("domain.xml").write_text(xml)
         pod.write_json(RUN_RECORD, {**record, "domain": spec.name, "uri": self.uri})
         conn = self._connect()
         lv = _libvirt()
         try:
-            conn.createXML(xml, 0)
+            dom = conn.createXML(xml, VIR_DOMAIN_START_PAUSED)
         except lv.libvirtError as exc:
             raise VMLaunchError(f"libvirt could not start the pod's domain: {exc}") from exc
-        pod.write_json(PID_FILE, {"pid": None, "started": time.time()})
-        return _Domain(conn, spec.name)
+        handle = _Domain(conn, spec.name)
+        try:
+            pid = int((LIBVIRT_PID_DIR / f"{spec.name}.pid").read_text().strip())
+            cg = cgroups.adopt(pid, jail.cgroup_parent, pod.uuid, jail)
+            pod.write_json(JAIL_RECORD, {**(pod.read_json(JAIL_RECORD) or {}), "cgroup": cg.to_dict()})
+            pod.write_json(PID_FILE, {"pid": pid, "started": time.time()})
+            dom.resume()
+        except (OSError, ValueError, KvmrktError, lv.libvirtError) as exc:
+            handle.kill()
+            raise VMLaunchError(f"the pod's domain could not be put under its limits: {exc}") from exc
+        return handle
+
+    def _unjail(self, pod: Pod) -> bool:
+        ok = super()._unjail(pod)
+        rec = pod.read_json(JAIL_RECORD, {}) or {}
+        if rec.get("root"):
+            ok = jails.unbind_on_host(Path(rec["root"])) and ok
+        return ok
 
     def stop(self, pod: Pod, *, force: bool) -> None:
         if force:
@@ -135,11 +204,13 @@ class LibvirtStage1(QemuStage1):
     def status(self, pod: Pod) -> dict[str, Any]:
         info = super().status(pod)
         rec = pod.read_json(RUN_RECORD, {}) or {}
-        info.update({"domain": rec.get("domain"), "uri": rec.get("uri"), "pid": None})
+        info.update({"domain": rec.get("domain"), "uri": rec.get("uri")})
         return info
 
-    def gc(self, pod: Pod) -> None:
+    def _sigkill(self, pod: Pod) -> None:
+        """libvirt owns the process: destroy the domain instead."""
         with contextlib.suppress(Stage1Error, ConfigError):
             self._destroy(pod)
-        shutil.rmtree(self._socket_dir(pod), ignore_errors=True)
-        super().gc(pod)
+
+    def gc(self, pod: Pod) -> None:
+        super().gc(pod)  # destroys the domain, then undoes the jail (mounts first, never deleting through them)

@@ -1,11 +1,13 @@
 """The ``qemu`` stage1 backend: one QEMU process per pod, started directly and supervised by ``kvmrkt run``.
 
 Role: the only module that starts, watches and kills the pod VM's QEMU process. It writes the per-pod
-initramfs, starts QEMU (cwd = pod directory, the pod lock fd inherited so the pod reads as running exactly
-while QEMU lives, killed if stage0 dies), streams app output from the log files QEMU writes, enforces the boot
-timeout, turns Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
+initramfs, sets up the pod's jail (its cgroup with the limits, access to its shared directories, the record gc
+undoes), opens every file and socket QEMU writes or serves, starts QEMU jailed (``stage1_kvm.jail``: the pod's
+own uid, no capabilities, a private root holding only its inputs; the pod lock fd inherited so the pod reads as
+running exactly while QEMU lives, killed if stage0 dies), streams app output from the log files, enforces the
+boot timeout, turns Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
 ``qmp.sock`` is used to quit the VM and to query it. Trust boundary: QEMU runs the untrusted guest under
-``-sandbox``; nothing the guest writes is executed or used as a path on the host.
+``-sandbox`` inside the jail; nothing the guest writes is executed or used as a path on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -35,8 +38,9 @@ from kvmrkt.errors import (
 )
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, RunOptions, RunResult, Stage1
-from stage1_kvm import agent
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, JailSpec, RunOptions, RunResult, Stage1
+from stage1_kvm import agent, cgroups, shares
+from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import (
@@ -56,6 +60,16 @@ from stage1_kvm.vmspec import (
 RUN_RECORD = "stage1-run.json"
 PID_FILE = "pid"
 QEMU_LOG = "qemu.log"
+JAIL_RECORD = "jail.json"
+JAIL_ROOT = "jail"  # an empty directory on the host; QEMU's private root is mounted on it in its own namespace
+
+
+def isolation_class(accel: str) -> str:
+    """What separates the guest from the host, in words for ``status`` and the measured stage1 event."""
+    if accel == "kvm":
+        return "kvm: hardware virtualisation, inside the VMM jail"
+    return ("tcg: emulation, which QEMU's security policy does not count as a security boundary; the VMM jail "
+            "(unprivileged uid, no capabilities, private root, cgroup limits, seccomp) is the boundary")
 
 
 def probe_kvm() -> str | None:
@@ -95,6 +109,27 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError):
         pass
     return 2_000_000
+
+
+@contextlib.contextmanager
+def runtime_fds(pod_dir: Path, spec: VMSpec) -> Iterator[dict[str, int]]:
+    """The files QEMU writes (console, status, app logs; truncated) and the sockets it serves (QMP, agent ports;
+    listening), opened in ``pod_dir`` and closed again when the block ends (QEMU has its copies by then)."""
+    fds: dict[str, int] = {}
+    socks: list[socket.socket] = []
+    try:
+        for name in (spec.console_log, *(p.path for p in spec.ports if p.kind == "file")):
+            fds[name] = os.open(pod_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        for name in (spec.qmp_socket, *(p.path for p in spec.ports if p.kind == "socket")):
+            socks.append(agent.listen(pod_dir, name))
+            fds[name] = socks[-1].fileno()
+        yield fds
+    finally:
+        files = set(fds.values()) - {sock.fileno() for sock in socks}
+        for sock in socks:
+            sock.close()
+        for fd in files:
+            os.close(fd)
 
 
 class VMHandle(Protocol):
@@ -226,6 +261,7 @@ class QemuStage1(Stage1):
         spec = build_vmspec(
             manifest,
             cfg=cfg,
+            jail=opts.jail,
             accel=accel,
             kernel=assets.kernel,
             rootfs=opts.rootfs,
@@ -233,7 +269,6 @@ class QemuStage1(Stage1):
             interactive=opts.interactive,
             debug=self.config.debug,
             tsc_khz=host_tsc_khz(),
-            host_cpus=os.cpu_count() or 1,
             acpi=assets.acpi,
             network=opts.network,
             shared_roots=opts.shared_roots,
@@ -246,7 +281,10 @@ class QemuStage1(Stage1):
         config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity,
                                   network=opts.network, shared_roots=opts.shared_roots, hold=opts.hold,
                                   tty=opts.tty)
-        pod_initrd(assets.initrd, config, pod.file(POD_INITRD))
+        initrd = pod.file(POD_INITRD)
+        pod_initrd(assets.initrd, config, initrd)
+        os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
+        os.chmod(initrd, 0o640)
         record = {
             "backend": self.name,
             "interface_version": self.interface_version,
@@ -259,25 +297,79 @@ class QemuStage1(Stage1):
         opts.before_boot({
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
             "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
+            "vmm_guard": str(assets.guard_digest),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
-            "network": opts.network.mode,
+            "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
         })  # fmt: skip
-        vm = self._launch(pod, spec, qemu, opts, record)
         try:
-            return self._supervise(pod, manifest, vm, opts, stdout=stdout, stderr=stderr)
+            vm = self._launch(pod, spec, qemu, opts, record, assets.guard)
+            try:
+                return self._supervise(pod, manifest, vm, opts, stdout=stdout, stderr=stderr)
+            finally:
+                if vm.poll() is None:
+                    vm.kill()
+                    vm.wait()
         finally:
-            if vm.poll() is None:
-                vm.kill()
-                vm.wait()
+            self._unjail(pod)
 
-    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any]) -> VMHandle:
-        """Start the VM (here: QEMU itself, holding the pod lock and dying with this process)."""
-        argv = build_argv(spec, qemu=qemu)
-        pod.write_json(RUN_RECORD, {**record, "argv": argv})
-        assert pod.lock_fd is not None
-        with pod.file(QEMU_LOG).open("wb") as qlog:
-            proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd], cwd=pod.path,
-                               exec_label=opts.exec_label, netns=spec.netns)
+    def _jail_facts(self, jail: JailSpec, accel: str) -> dict[str, Any]:
+        """The jail as measured: ids, limits, the backend's way of enforcing them, the isolation class."""
+        return {**jail.to_dict(), "enforced_by": self.name, "isolation": isolation_class(accel)}
+
+    def _jail_up(self, pod: Pod, spec: VMSpec, jail: JailSpec, layout: jails.Layout, *,
+                 cgroup: bool = True) -> cgroups.PodCgroup | None:
+        """Everything the jail needs outside QEMU: the record (written first, so gc can undo any part), the
+        cgroup with the limits, access to the shared directories, readable inputs.
+
+        Raises:
+            JailError: a part could not be set up (what was done is undone by ``_unjail``).
+        """
+        rec: dict[str, Any] = {"uid": jail.uid, "gid": jail.gid, "limits": jail.to_dict(), "cgroup": None,
+                               "shares": [str(b.source) for b in layout.inputs if b.directory]}
+        pod.write_json(JAIL_RECORD, rec)
+        cg = None
+        if cgroup:
+            cg = cgroups.create(jail.cgroup_parent, pod.uuid, jail)
+            rec["cgroup"] = cg.to_dict()
+            pod.write_json(JAIL_RECORD, rec)
+        live = Pod.live_uuids(self.config.data_dir)
+        for s in spec.shares:
+            shares.grant(self.config.data_dir, pod.uuid, live, s.path, jail.uid, write=not s.read_only)
+        jails.readable(layout)
+        return cg
+
+    def _unjail(self, pod: Pod) -> bool:
+        """Undo ``_jail_up`` once the VM is gone (idempotent; False if something is left for the next gc)."""
+        rec = pod.read_json(JAIL_RECORD, {}) or {}
+        ok = True
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        if cg is not None:
+            ok = cg.remove()
+        if rec:
+            ok = not shares.revoke(self.config.data_dir, pod.uuid) and ok
+        with contextlib.suppress(OSError):
+            pod.file(JAIL_ROOT).rmdir()
+        return ok
+
+    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
+                guard: Path) -> VMHandle:
+        """Start the VM (here: QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with
+        this process)."""
+        jail = opts.jail
+        jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
+                                    vmm=Path(qemu))
+        cg = self._jail_up(pod, spec, jail, layout)
+        assert pod.lock_fd is not None and cg is not None
+        root = pod.file(JAIL_ROOT)
+        root.mkdir(exist_ok=True, mode=0o700)
+        with runtime_fds(pod.path, spec) as fds:
+            qemu_argv = build_argv(jailed, qemu=qemu, fds=fds)
+            argv = [f"/{jails.GUARD}", qemu, *qemu_argv]
+            pod.write_json(RUN_RECORD, {**record, "argv": argv})
+            with pod.file(QEMU_LOG).open("wb") as qlog:
+                proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd, *fds.values()],
+                                   cwd=pod.path, exec_label=opts.exec_label, netns=spec.netns,
+                                   setup=jails.confine(root, layout, jail.uid, jail.gid, cg.procs_files))
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
         return proc
 
@@ -328,6 +420,10 @@ class QemuStage1(Stage1):
         for t in tails:
             t.pump()
         st = agent.read_status(pod.file(GUEST_STATUS))
+        oom = self._oom(pod)
+        if oom and not st.done:
+            raise Stage1Error(oom + "\n" + self._console_tail(pod),
+                              hint="give the apps less memory, or raise [jail] memory_margin_mib")
         if not st.ready and not killed:
             raise VMLaunchError(
                 f"QEMU exited with code {proc.returncode} before the guest was ready\n"
@@ -352,6 +448,16 @@ class QemuStage1(Stage1):
                 stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
         return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed), integrity_failures=integrity)
 
+    def _oom(self, pod: Pod) -> str | None:
+        """Why the VM was killed, if the kernel killed it for exceeding its cgroup memory limit."""
+        rec = pod.read_json(JAIL_RECORD, {}) or {}
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        if cg is None or not cg.oom_kills():
+            return None
+        limit = (rec.get("limits") or {}).get("memory_limit_mib")
+        return (f"the VM was killed by the host kernel: QEMU used more than the pod's memory limit of {limit} MiB "
+                f"(guest memory + [jail] memory_margin_mib), enforced by its cgroup")
+
     @staticmethod
     def _integrity_failures(pod: Pod) -> tuple[str, ...]:
         """dm-verity corruption reports from the guest kernel (errors are printed even with ``quiet``)."""
@@ -359,7 +465,7 @@ class QemuStage1(Stage1):
             text = pod.file(CONSOLE_LOG).read_bytes()[-(1 << 20):].decode("utf-8", "replace")
         except FileNotFoundError:
             return ()
-        hits = [ln.strip() for ln in text.splitlines() if "verity" in ln and "corrupted" in ln]
+        hits = [agent.printable(ln.strip()) for ln in text.splitlines() if "verity" in ln and "corrupted" in ln]
         return tuple(hits[:5])
 
     @staticmethod
@@ -370,7 +476,8 @@ class QemuStage1(Stage1):
             text = b""
         if not text.strip():
             return "(the guest console is empty)"
-        return "guest console (last lines):\n" + _proc.tail(text, 20)
+        lines = _proc.tail(text, 20).splitlines()
+        return "guest console (last lines):\n" + "\n".join(agent.printable(ln) for ln in lines)
 
     # --- other lifecycle --------------------------------------------------------------------------------
 
@@ -422,10 +529,22 @@ class QemuStage1(Stage1):
             "app_pids": st.pids,
             "app_exit_codes": st.exits,
             "app_errors": st.errors,
+            "jail": self._jail_status(pod, rec.get("accel")),
         }
+
+    def _jail_status(self, pod: Pod, accel: str | None) -> dict[str, Any] | None:
+        rec = pod.read_json(JAIL_RECORD, {}) or {}
+        if not rec:
+            return None
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        live = cg.facts() if cg is not None and cg.dirs["memory"].exists() else None
+        return {"uid": rec.get("uid"), "gid": rec.get("gid"), "limits": rec.get("limits"),
+                "cgroup": live or (cg.to_dict() if cg else None), "shares": rec.get("shares", []),
+                "isolation": isolation_class(accel) if accel else None}
 
     def gc(self, pod: Pod) -> None:
         self._sigkill(pod)
+        self._unjail(pod)
         for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, POD_INITRD):
             with contextlib.suppress(FileNotFoundError):
                 pod.file(name).unlink()

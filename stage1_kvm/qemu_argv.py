@@ -1,13 +1,19 @@
 """Pure translation of a ``VMSpec`` into a QEMU command line.
 
 Role: the one place that knows QEMU's flags. A lean ``microvm`` machine: no firmware, no default devices,
-direct kernel boot (PVH ``vmlinux``), virtio-mmio devices only. Trust boundary: paths come from the store and
-the pod directory, never from the guest; option values that QEMU parses with commas are checked so a path
-cannot smuggle in extra options.
+direct kernel boot (PVH ``vmlinux``), virtio-mmio devices only. QEMU runs jailed (``stage1_kvm.jail``): it reads
+its inputs at paths inside the jail, and every file it writes and every socket it serves is opened by kvmrkt and
+passed in as a file descriptor (``-add-fd`` + ``/dev/fdset/N`` for files, ``fd=`` for listening sockets), so the
+jail holds no writable directory at all. Shares use ``security_model=none``: QEMU, running as the pod's uid,
+creates files as that uid and cannot give them away (failed chowns are ignored), host symlinks work (the mapped
+models cannot read them), and the VMM guard refuses set-id bits and device nodes.
+Trust boundary: paths come from the store and the pod directory, never from the guest; option values that QEMU
+parses with commas are checked so a path cannot smuggle in extra options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from kvmrkt.errors import ConfigError
@@ -23,8 +29,19 @@ def _opt(value: str | Path) -> str:
     return text.replace(",", ",,")
 
 
-def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
-    """The full argv to start the VM described by ``spec`` (cwd must be the pod directory)."""
+def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system-x86_64") -> list[str]:
+    """The full argv to start the VM described by ``spec``; ``fds`` maps the spec's console, QMP and port names
+    to the descriptors QEMU inherits (files open for writing, sockets listening).
+
+    Raises:
+        ConfigError: a descriptor is missing, or a path cannot be passed.
+    """
+    fdsets: list[str] = []
+
+    def file_chardev(cid: str, name: str) -> str:
+        fdsets.extend(["-add-fd", f"fd={_fd(fds, name)},set={len(fdsets) // 2 + 1}"])
+        return f"file,id={cid},path=/dev/fdset/{len(fdsets) // 2}"
+
     cpu = "host" if spec.accel == "kvm" else "max"
     accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=64"
     argv = [
@@ -39,18 +56,19 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
         "-kernel", _opt(spec.kernel),
         "-initrd", _opt(spec.initrd),
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={_opt(spec.console_log)}",
+        "-chardev", file_chardev("console", spec.console_log),
         "-serial", "chardev:console",
-        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={_fd(fds, spec.qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
     if spec.sandbox:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     argv += ["-device", f"virtio-serial-device,max_ports={len(spec.ports) + 1}"]
     for i, port in enumerate(spec.ports):
         if port.kind == "file":
-            argv += ["-chardev", f"file,id=port{i},path={_opt(port.path)}"]
+            argv += ["-chardev", file_chardev(f"port{i}", port.path)]
         else:
-            argv += ["-chardev", f"socket,id=port{i},path={_opt(port.path)},server=on,wait=off"]
+            argv += ["-chardev", f"socket,id=port{i},fd={_fd(fds, port.path)},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev=port{i},name={port.name}"]
     for disk in spec.disks:
         argv += [
@@ -60,7 +78,7 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
     for share in spec.shares:
         ro = ",readonly=on" if share.read_only else ""
         argv += [
-            "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=passthrough{ro}",
+            "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=none{ro}",
             "-device", f"virtio-9p-device,fsdev={share.id},mount_tag={share.tag}",
         ]  # fmt: skip
     for i, nic in enumerate(spec.nics):
@@ -71,4 +89,10 @@ def build_argv(spec: VMSpec, *, qemu: str = "qemu-system-x86_64") -> list[str]:
             for proto, host_ip, host_port, guest_port in spec.user_forwards:
                 netdev += f",hostfwd={proto}:{host_ip}:{host_port}-:{guest_port}"
         argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
-    return argv
+    return [argv[0], *fdsets, *argv[1:]]  # descriptors first: QEMU resolves /dev/fdset/N when it opens the file
+
+
+def _fd(fds: Mapping[str, int], name: str) -> int:
+    if name not in fds:
+        raise ConfigError(f"no file descriptor was opened for {name!r}")
+    return fds[name]

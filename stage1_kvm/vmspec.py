@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmrkt.config import Stage1Config
+from kvmrkt.confinement import guest_config
 from kvmrkt.manifest import PodManifest
-from kvmrkt.stage1 import NetworkPlan, Nic
+from kvmrkt.stage1 import JailSpec, NetworkPlan, Nic
 
 # Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs
 # with it as cwd), which keeps them under the 108-byte sun_path limit however deep the data dir is.
@@ -25,6 +26,8 @@ STDIN_SOCKET = "stdin.sock"
 GUEST_STATUS = "guest-status"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
+# The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
+POD_CONFIG_VERSION = 2
 
 
 def app_log(app: str, stream: str) -> str:
@@ -83,14 +86,6 @@ class VMSpec:
     netns: str | None = ""  # where QEMU runs: a namespace path, "" a new empty one, None the host's
 
 
-def size_vm(manifest: PodManifest, cfg: Stage1Config, host_cpus: int) -> tuple[int, int]:
-    """rkt's sizing rule: memory = sum of app limits + overhead (at least the minimum); vCPUs = sum of app
-    CPU limits capped at the host's CPUs, 1 when no app sets one."""
-    mem = sum(a.memory_mib or 0 for a in manifest.apps) + cfg.memory_overhead_mib
-    cpus = sum(a.cpus or 0 for a in manifest.apps)
-    return max(mem, cfg.min_memory_mib), max(1, min(cpus, host_cpus))
-
-
 def kernel_cmdline(*, accel: str, tsc_khz: int | None, debug: bool) -> str:
     """The guest kernel command line. Under TCG, ``tsc_early_khz`` skips the TSC calibration that hangs
     about one boot in six on nested hosts."""
@@ -105,6 +100,7 @@ def build_vmspec(
     manifest: PodManifest,
     *,
     cfg: Stage1Config,
+    jail: JailSpec,
     accel: str,
     kernel: Path,
     rootfs: Mapping[str, Path],
@@ -112,14 +108,12 @@ def build_vmspec(
     verity: Mapping[str, Mapping[str, str]] | None = None,
     debug: bool,
     tsc_khz: int | None,
-    host_cpus: int,
     acpi: bool = False,
     network: NetworkPlan | None = None,
     shared_roots: Mapping[str, bool] | None = None,
 ) -> VMSpec:
-    """Describe the VM for a pod (pure). ``acpi``: the guest kernel finds virtio-mmio devices through ACPI
-    (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
-    memory, vcpus = size_vm(manifest, cfg, host_cpus)
+    """Describe the VM for a pod (pure), sized as its ``jail`` says. ``acpi``: the guest kernel finds virtio-mmio
+    devices through ACPI (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
     network = network or NetworkPlan()
     netns = {"none": "", "user": None}.get(network.mode, network.netns)
     disks: list[Disk] = []
@@ -149,8 +143,8 @@ def build_vmspec(
     return VMSpec(
         name=f"kvmrkt-{manifest.uuid}",
         accel=accel,
-        memory_mib=memory,
-        vcpus=vcpus,
+        memory_mib=jail.memory_mib,
+        vcpus=jail.vcpus,
         kernel=kernel,
         initrd=POD_INITRD,
         cmdline=kernel_cmdline(accel=accel, tsc_khz=tsc_khz, debug=debug),
@@ -188,7 +182,7 @@ def guest_pod_config(
     """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format). With
     ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity; ``network`` gives the
     interfaces to configure and the files every app gets; ``shared_roots``, ``hold``, ``tty``: see ``RunOptions``."""
-    lines = [_line("version", 1), _line("interactive", int(interactive))]
+    lines = [_line("version", POD_CONFIG_VERSION), _line("interactive", int(interactive))]
     if hold:
         lines.append(_line("hold", 1))
     if tty:
@@ -224,4 +218,5 @@ def guest_pod_config(
         lines.extend(_line("arg", a) for a in app.exec)
         lines.extend(_line("env", f"{k}={v}") for k, v in app.env)
         lines.extend(_line("mount", m.volume, m.target) for m in app.mounts)
+        lines.extend(_line(*fields) for fields in guest_config(app.confinement))
     return "".join(lines).encode()

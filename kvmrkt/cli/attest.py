@@ -139,5 +139,6 @@ def stage1_build(c: _Ctx, kernel: str | None, force: bool) -> None:
     assets = build_assets(cfg, kernel or cfg.kernel, force=force, progress=_progress)
     click.echo(f"kernel {assets.kernel} {assets.kernel_digest}")
     click.echo(f"initrd {assets.initrd} {assets.initrd_digest}")
+    click.echo(f"guard {assets.guard} {assets.guard_digest}")
 
 

@@ -193,6 +193,14 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
     net = info.get("network") or {}
     click.echo("networks=" + ",".join(f"{n['name']}:{n['interface']}:" + "+".join(n["ips"])
                                       for n in net.get("networks", [])))
+    jail = info.get("jail") or {}
+    if jail:
+        limits, cg = jail.get("limits") or {}, jail.get("cgroup") or {}
+        quota = limits.get("cpu_quota")
+        click.echo(f"jail=uid {jail.get('uid')} gid {jail.get('gid')}; cgroup {cg.get('path', '')} (memory "
+                   f"{limits.get('memory_limit_mib')} MiB, pids {limits.get('pids_max')}, "
+                   f"cpu {'unlimited' if quota is None else quota})")
+        click.echo(f"isolation={jail.get('isolation') or ''}")
     for app in info["apps"]:
         click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
 

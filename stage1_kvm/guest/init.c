@@ -26,9 +26,19 @@
  * the pod's network namespace. "file" entries (hostname, hosts, resolv.conf) are written into every app root.
  * When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
  *
+ * Confinement: each app runs in its own mount, PID, IPC and UTS namespaces (the pod's network namespace is
+ * shared), pivot_root'ed into its root (mounted nodev), with a minimal read-only /dev (null, zero, full, random,
+ * urandom, tty, console -> null, ptmx, pts, shm, mqueue; no ports or disks), its /proc masked and read-only
+ * paths ("maskpath", "ropath"), its capability bounding set ("caps", a hex mask), its seccomp filter ("seccomp",
+ * classic BPF in hex, compiled by the host), no_new_privs ("nnp") and rlimits ("rlimit"). PID 1 of each app's
+ * namespace is a small forked init (ns-init: not dumpable, holding no descriptor of ours) that forwards signals to
+ * the app and exits with its status; only this init (PID 1 of the VM) writes status lines, once per app.
+ * Enter sessions join the app's namespaces (setns on its ns-init) and get the same confinement.
+ *
  * Trust boundary: everything the host sends (pod config in /kvmrkt/pod.cfg, control requests) is trusted as
- * coming from stage0; the apps are not trusted, and nothing here reads data the apps can write, except that an
- * app can of course kill the VM it runs in.
+ * coming from stage0; the apps are not trusted: they cannot see this init or the ports, cannot open a device
+ * node they make, and nothing here reads data the apps can write, except that an app can of course kill the VM
+ * it runs in.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -37,20 +47,26 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <linux/capability.h>
 #include <linux/dm-ioctl.h>
+#include <linux/filter.h>
 #include <linux/openat2.h>
+#include <linux/seccomp.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/sysmacros.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
@@ -68,6 +84,9 @@
 #define MAX_ADDRS 8
 #define MAX_ROUTES 32
 #define MAX_FILES 16
+#define MAX_PATHS 64
+#define MAX_RLIMITS 16
+#define POD_CONFIG_VERSION "2"
 
 struct mountspec { char *vol; char *target; };
 
@@ -90,6 +109,16 @@ struct app {
     int envc;
     struct mountspec mounts[MAX_VOLS];
     int nmounts;
+    unsigned long long caps;    /* capability bounding set */
+    struct sock_filter *filter; /* seccomp (NULL: none) */
+    unsigned short filter_len;
+    int nnp;
+    char *masked[MAX_PATHS];
+    int nmasked;
+    char *ropaths[MAX_PATHS];
+    int nro;
+    struct { int resource; rlim_t soft, hard; } rlimits[MAX_RLIMITS];
+    int nrlimits;
     char root[PATH_MAX];
     pid_t pid;
     int running;
@@ -228,6 +257,28 @@ static int split(char *line, char **fields, int max)
     return n;
 }
 
+/* A seccomp filter in hex (struct sock_filter[], little endian, as the host compiled it). */
+static int parse_filter(struct app *a, const char *hex)
+{
+    size_t len = strlen(hex);
+    if (len == 0 || len % (2 * sizeof(struct sock_filter)) || len / 2 / sizeof(struct sock_filter) > BPF_MAXINSNS)
+        return -1;
+    unsigned char *buf = malloc(len / 2);
+    if (!buf)
+        return -1;
+    for (size_t i = 0; i < len / 2; i++) {
+        int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) {
+            free(buf);
+            return -1;
+        }
+        buf[i] = (unsigned char)(hi * 16 + lo);
+    }
+    a->filter = (struct sock_filter *)buf;
+    a->filter_len = (unsigned short)(len / 2 / sizeof(struct sock_filter));
+    return 0;
+}
+
 static int parse_config(const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -245,7 +296,7 @@ static int parse_config(const char *path)
             continue;
         const char *k = fv[0];
         if (!strcmp(k, "version") && n == 2) {
-            if (strcmp(fv[1], "1")) {
+            if (strcmp(fv[1], POD_CONFIG_VERSION)) {
                 logmsg("unsupported pod config version %s", fv[1]);
                 fclose(f);
                 return -1;
@@ -278,6 +329,7 @@ static int parse_config(const char *path)
             memset(cur, 0, sizeof(*cur));
             cur->name = fv[1];
             cur->cwd = "/";
+            cur->caps = 0;  /* the host always sends the set; without one the app gets no capability (fail closed) */
         } else if (cur && !strcmp(k, "rootshare") && n == 3) {
             cur->rootshare = fv[1];
             cur->rootshare_ro = atoi(fv[2]);
@@ -301,6 +353,24 @@ static int parse_config(const char *path)
             cur->env[cur->envc++] = fv[1];
         } else if (cur && !strcmp(k, "mount") && n == 3 && cur->nmounts < MAX_VOLS) {
             cur->mounts[cur->nmounts++] = (struct mountspec){fv[1], fv[2]};
+        } else if (cur && !strcmp(k, "caps") && n == 2) {
+            cur->caps = strtoull(fv[1], NULL, 16);
+        } else if (cur && !strcmp(k, "seccomp") && n == 2) {
+            if (parse_filter(cur, fv[1]) < 0) {
+                logmsg("bad seccomp filter for app %s", cur->name);
+                fclose(f);
+                return -1;
+            }
+        } else if (cur && !strcmp(k, "nnp") && n == 2) {
+            cur->nnp = atoi(fv[1]);
+        } else if (cur && !strcmp(k, "maskpath") && n == 2 && cur->nmasked < MAX_PATHS) {
+            cur->masked[cur->nmasked++] = fv[1];
+        } else if (cur && !strcmp(k, "ropath") && n == 2 && cur->nro < MAX_PATHS) {
+            cur->ropaths[cur->nro++] = fv[1];
+        } else if (cur && !strcmp(k, "rlimit") && n == 4 && cur->nrlimits < MAX_RLIMITS) {
+            cur->rlimits[cur->nrlimits].resource = atoi(fv[1]);
+            cur->rlimits[cur->nrlimits].soft = (rlim_t)strtoull(fv[2], NULL, 10);
+            cur->rlimits[cur->nrlimits++].hard = (rlim_t)strtoull(fv[3], NULL, 10);
         } else {
             logmsg("ignoring pod config line starting with %s", k);
         }
@@ -515,10 +585,10 @@ static int setup_volumes(void)
         snprintf(dir, sizeof(dir), "/kvmrkt/vol/%s", vols[i].name);
         int rc;
         if (!strcmp(vols[i].kind, "host")) {
-            rc = mount_at(vols[i].tag, dir, "9p", vols[i].ro ? MS_RDONLY : 0,
+            rc = mount_at(vols[i].tag, dir, "9p", MS_NODEV | (vols[i].ro ? MS_RDONLY : 0),
                           "trans=virtio,version=9p2000.L,cache=none,msize=262144");
         } else {
-            rc = mount_at("kvmrkt-vol", dir, "tmpfs", 0, "mode=0755");
+            rc = mount_at("kvmrkt-vol", dir, "tmpfs", MS_NODEV, "mode=0755");
         }
         if (rc < 0) {
             logmsg("volume %s: mount failed: %s", vols[i].name, strerror(errno));
@@ -687,6 +757,49 @@ static int write_files(struct app *a)
     return 0;
 }
 
+/*
+ * The app's /dev: a small tmpfs holding only harmless nodes (no virtio ports, no disks, console -> null), a
+ * devpts instance of its own, shm, and a mount point for its mqueue; read-only once made, so a node the app makes
+ * (CAP_MKNOD) can only live on its nodev root, where it cannot be opened.
+ */
+static int setup_dev(struct app *a)
+{
+    static const struct { const char *name; unsigned maj, min; mode_t mode; } nodes[] = {
+        {"null", 1, 3, 0666}, {"zero", 1, 5, 0666}, {"full", 1, 7, 0666}, {"random", 1, 8, 0666},
+        {"urandom", 1, 9, 0666}, {"tty", 5, 0, 0666}, {"console", 1, 3, 0666},
+    };
+    static const struct { const char *name, *target; } links[] = {
+        {"ptmx", "pts/ptmx"}, {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"},
+        {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"}, {"core", "/proc/kcore"},
+    };
+    char dev[PATH_MAX], p[PATH_MAX];
+    snprintf(dev, sizeof(dev), "%s/dev", a->root);
+    if (mount_at("kvmrkt-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
+        return app_error(a, "mounting /dev"), -1;
+    for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", dev, nodes[i].name);
+        if (mknod(p, S_IFCHR | nodes[i].mode, makedev(nodes[i].maj, nodes[i].min)) < 0 || chmod(p, nodes[i].mode) < 0)
+            return app_error(a, "making /dev nodes"), -1;
+    }
+    for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", dev, links[i].name);
+        if (symlink(links[i].target, p) < 0)
+            return app_error(a, "making /dev links"), -1;
+    }
+    snprintf(p, sizeof(p), "%s/mqueue", dev);
+    if (mkdir(p, 0755) < 0)
+        return app_error(a, "/dev/mqueue"), -1;
+    snprintf(p, sizeof(p), "%s/pts", dev);
+    if (mount_at("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") < 0)
+        return app_error(a, "mounting /dev/pts"), -1;
+    snprintf(p, sizeof(p), "%s/shm", dev);
+    if (mount_at("shm", p, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        return app_error(a, "mounting /dev/shm"), -1;
+    if (mount(NULL, dev, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
+        return app_error(a, "making /dev read-only"), -1;
+    return 0;
+}
+
 /* A writable overlay, held in guest memory, over the app's read-only lower root (/kvmrkt/apps/<app>/lower). */
 static int overlay_root(struct app *a)
 {
@@ -700,7 +813,7 @@ static int overlay_root(struct app *a)
     snprintf(data, sizeof(data), "%s/work", rw);
     mkdir(data, 0755);
     snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
-    if (mount_at("overlay", a->root, "overlay", 0, data) < 0)
+    if (mount_at("overlay", a->root, "overlay", MS_NODEV, data) < 0)
         return app_error(a, "mounting the overlay root"), -1;
     return 0;
 }
@@ -716,8 +829,8 @@ static int setup_root(struct app *a)
     snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
     if (a->rootshare) {
         const char *opts = "trans=virtio,version=9p2000.L,cache=none,msize=262144";
-        if (mount_at(a->rootshare, a->rootshare_ro ? lower : a->root, "9p", a->rootshare_ro ? MS_RDONLY : 0,
-                     opts) < 0)
+        if (mount_at(a->rootshare, a->rootshare_ro ? lower : a->root, "9p",
+                     MS_NODEV | (a->rootshare_ro ? MS_RDONLY : 0), opts) < 0)
             return app_error(a, "mounting the shared root directory"), -1;
         return a->rootshare_ro ? overlay_root(a) : 0;
     }
@@ -739,19 +852,15 @@ static int setup_app(struct app *a)
     snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
     if (setup_root(a) < 0)
         return -1;
-    static const struct { const char *src, *dir, *type, *data; unsigned long flags; } api[] = {
-        {"proc", "proc", "proc", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC},
-        {"sysfs", "sys", "sysfs", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY},
-        {"devtmpfs", "dev", "devtmpfs", "mode=0755", MS_NOSUID},
-        {"devpts", "dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MS_NOSUID | MS_NOEXEC},
-        {"shm", "dev/shm", "tmpfs", "mode=1777", MS_NOSUID | MS_NODEV},
-    };
-    for (size_t i = 0; i < sizeof(api) / sizeof(api[0]); i++) {
-        char dir[PATH_MAX];
-        snprintf(dir, sizeof(dir), "%s/%s", a->root, api[i].dir);
-        if (mount_at(api[i].src, dir, api[i].type, api[i].flags, api[i].data) < 0)
-            return app_error(a, api[i].dir), -1;
-    }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s/proc", a->root);  /* mounted by the app's ns-init, in its PID namespace */
+    if (mkdirs(dir, 0555) < 0)
+        return app_error(a, "proc"), -1;
+    snprintf(dir, sizeof(dir), "%s/sys", a->root);
+    if (mount_at("sysfs", dir, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+        return app_error(a, "sys"), -1;
+    if (setup_dev(a) < 0)
+        return -1;
     for (int i = 0; i < a->nmounts; i++) {
         struct volume *v = volume_named(a->mounts[i].vol);
         char src[PATH_MAX], dst[PATH_MAX];
@@ -763,12 +872,13 @@ static int setup_app(struct app *a)
         snprintf(dst, sizeof(dst), "%s/%s", a->root, a->mounts[i].target);
         if (mount_at(src, dst, NULL, MS_BIND, NULL) < 0)
             return app_error(a, "bind-mounting a volume"), -1;
-        if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
+        if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV, NULL) < 0)
             return app_error(a, "remounting a volume read-only"), -1;
     }
     if (write_files(a) < 0)
         return app_error(a, "writing /etc/hostname, /etc/hosts or /etc/resolv.conf"), -1;
-    if (a->rootshare && a->rootshare_ro && mount(NULL, a->root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+    if (a->rootshare && a->rootshare_ro &&
+        mount(NULL, a->root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV, NULL) < 0)
         return app_error(a, "making the root read-only"), -1;
     return 0;
 }
@@ -781,7 +891,7 @@ static const char *env_path(char **env)
     return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 }
 
-/* execve() with a PATH search done inside the (already chrooted) app root. */
+/* execve() with a PATH search done inside the app's root (the caller is already in its mount namespace). */
 static void exec_in_path(char **argv, char **env)
 {
     if (strchr(argv[0], '/')) {
@@ -804,8 +914,27 @@ static void exec_in_path(char **argv, char **env)
     errno = saved;
 }
 
-/* In a forked child: become the app (chroot, credentials, cwd) and exec argv; never returns. */
-static void become_app(struct app *a, char **argv, int in, int out, int err)
+/* Keep only the capabilities in `keep` in the effective set (the permitted set is left as it is). */
+static int set_effective(unsigned long long keep)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &hdr, data) < 0)
+        return -1;
+    for (int i = 0; i < 2; i++) {
+        data[i].effective = data[i].permitted & (unsigned)(keep >> (32 * i));
+        data[i].inheritable = 0;
+    }
+    return (int)syscall(SYS_capset, &hdr, data);
+}
+
+/*
+ * In the app's namespaces (its root is /): become the app and exec argv; never returns. Order: stdio and
+ * terminal, working directory, rlimits, capability bounding set, groups and ids (capabilities kept across
+ * setuid just long enough to install the seccomp filter without no_new_privs), then no_new_privs and the
+ * filter, last, so nothing after it needs a call it may deny.
+ */
+static void exec_app(struct app *a, char **argv, int in, int out, int err)
 {
     sigset_t none;
     sigemptyset(&none);
@@ -816,11 +945,21 @@ static void become_app(struct app *a, char **argv, int in, int out, int err)
         _exit(125);
     if (isatty(0))
         ioctl(0, TIOCSCTTY, 0);
-    const char *step = "chroot";
-    if (chroot(a->root) < 0)
-        goto fail;
-    step = "chdir";
+    syscall(SYS_close_range, 3U, ~0U, 0);
+    const char *step = "chdir";
     if (chdir(a->cwd) < 0)
+        goto fail;
+    step = "setrlimit";
+    for (int i = 0; i < a->nrlimits; i++) {
+        struct rlimit rl = {a->rlimits[i].soft, a->rlimits[i].hard};
+        if (setrlimit(a->rlimits[i].resource, &rl) < 0)
+            goto fail;
+    }
+    step = "capabilities";
+    for (int c = 0; c < 64; c++)
+        if (!(a->caps & (1ULL << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+            goto fail;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
         goto fail;
     step = "setgroups";
     if (setgroups((size_t)a->ngroups, a->groups) < 0)
@@ -829,10 +968,20 @@ static void become_app(struct app *a, char **argv, int in, int out, int err)
     if (setgid(a->gid) < 0)
         goto fail;
     step = "setuid";
-    if (setuid(a->uid) < 0)
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || setuid(a->uid) < 0)
         goto fail;
-    if (hostname)
-        sethostname(hostname, strlen(hostname));
+    step = "capabilities";
+    if (set_effective(a->uid == 0 ? ~0ULL : 1ULL << CAP_SYS_ADMIN) < 0)
+        goto fail;
+    step = "no_new_privs";
+    if (a->nnp && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        goto fail;
+    step = "seccomp";
+    if (a->filter) {
+        struct sock_fprog prog = {a->filter_len, a->filter};
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
+            goto fail;
+    }
     exec_in_path(argv, a->env);
     int e = errno;
     dprintf(2, "kvmrkt: cannot execute %s in app %s: %s\n", argv[0], a->name, strerror(e));
@@ -840,6 +989,81 @@ static void become_app(struct app *a, char **argv, int in, int out, int err)
 fail:
     dprintf(2, "kvmrkt: app %s: %s %s: %s\n", a->name, step, step[2] == 'd' ? a->cwd : "", strerror(errno));
     _exit(125);
+}
+
+/* Mask (a file: /dev/null over it; a directory: an empty read-only tmpfs) or make read-only a path of the app. */
+static int restrict_path(const char *path, int mask)
+{
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -1;
+    if (mask && S_ISDIR(st.st_mode))
+        return mount("kvmrkt-masked", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555");
+    if (mask)
+        return mount("/dev/null", path, NULL, MS_BIND, NULL);
+    if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0)
+        return -1;
+    return mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+}
+
+static void ns_fail(struct app *a, int err, const char *what)
+{
+    dprintf(err, "kvmrkt: app %s: %s: %s\n", a->name, what, strerror(errno));
+    _exit(125);
+}
+
+/*
+ * PID 1 of an app's new mount, PID, IPC and UTS namespaces (a clone of this init): mount /proc and the mqueue,
+ * pivot_root into the app's root (the old root is detached: no way back to the VM's), mask and protect paths,
+ * shed every descriptor but the app's stdio and make itself undumpable, then start the app and, like tini,
+ * forward every signal to it and exit with its status (its leftovers die with the namespace). Never returns.
+ */
+static void ns_init(struct app *a, int in, int out, int err)
+{
+    char p[PATH_MAX];
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        ns_fail(a, err, "making its mounts private");
+    snprintf(p, sizeof(p), "%s/proc", a->root);
+    if (mount("proc", p, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        ns_fail(a, err, "mounting /proc");
+    snprintf(p, sizeof(p), "%s/dev/mqueue", a->root);
+    if (mount("mqueue", p, "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        ns_fail(a, err, "mounting /dev/mqueue");
+    if (hostname)
+        sethostname(hostname, strlen(hostname));
+    if (chdir(a->root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
+        ns_fail(a, err, "entering its root");
+    for (int i = 0; i < a->nmasked; i++)
+        if (restrict_path(a->masked[i], 1) < 0)
+            ns_fail(a, err, a->masked[i]);
+    for (int i = 0; i < a->nro; i++)
+        if (restrict_path(a->ropaths[i], 0) < 0)
+            ns_fail(a, err, a->ropaths[i]);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+        _exit(125);
+    syscall(SYS_close_range, 3U, ~0U, 0);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    pid_t app = fork();
+    if (app == 0)
+        exec_app(a, a->argv, 0, 1, 2);
+    if (app < 0)
+        ns_fail(a, 2, "fork");
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&all, &si);
+        if (sig == SIGCHLD) {
+            int st;
+            pid_t pid;
+            while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+                if (pid == app)
+                    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+        } else if (sig > 0 && kill(-app, sig) < 0) {
+            kill(app, sig);  /* not yet a process group leader */
+        }
+    }
 }
 
 /*
@@ -899,11 +1123,12 @@ static void start_app(int idx)
         ioctl(m, TIOCSWINSZ, &tty_size);
         tty_master = m;
     }
-    pid_t pid = fork();
+    pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD,
+                               NULL, NULL, NULL, 0);
     if (pid == 0) {
         if (term >= 0)
-            become_app(a, a->argv, term, term, term);
-        become_app(a, a->argv, in, out, err);
+            ns_init(a, term, term, term);
+        ns_init(a, in, out, err);
     }
     if (term >= 0) {
         close(term);
@@ -1040,11 +1265,18 @@ static void enter_session(int ctl, char **fields, int n)
         dprintf(ctl, "FAIL pipe\n");
         _exit(0);
     }
+    /* Into the app's namespaces (its ns-init's): the command is then a child in its PID namespace. */
+    int nsfd = a->running ? (int)syscall(SYS_pidfd_open, a->pid, 0) : -1;
+    if (nsfd < 0 || setns(nsfd, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) < 0) {
+        dprintf(ctl, "FAIL the%%20app%%20is%%20not%%20running\n");
+        _exit(0);
+    }
+    close(nsfd);
     pid_t pid = fork();
     if (pid == 0) {
         if (term >= 0)
-            become_app(a, argv, term, term, term);
-        become_app(a, argv, want_in ? pi[0] : open("/dev/null", O_RDONLY), po[1], pe[1]);
+            exec_app(a, argv, term, term, term);
+        exec_app(a, argv, want_in ? pi[0] : open("/dev/null", O_RDONLY | O_CLOEXEC), po[1], pe[1]);
     }
     if (term >= 0) {
         close(term);
@@ -1102,11 +1334,12 @@ static void enter_session(int ctl, char **fields, int n)
     _exit(0);
 }
 
+/* Signal every running app: its ns-init passes the signal on (SIGKILL ends its whole namespace). */
 static void signal_apps(int sig)
 {
     for (int i = 0; i < napps; i++)
         if (apps[i].running)
-            kill(-apps[i].pid, sig);
+            kill(apps[i].pid, sig);
 }
 
 static int apps_running(void)
@@ -1168,8 +1401,6 @@ static void reap(void)
                 apps[i].running = 0;
                 apps[i].exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
                 status("EXIT %s %d", apps[i].name, apps[i].exit_code);
-                /* Anything the app left behind in its session goes with it. */
-                kill(-pid, SIGKILL);
             }
         }
     }
@@ -1328,6 +1559,60 @@ static int wait_for_go(int sig)
     }
 }
 
+/* Remove everything from the initramfs (rootfs) but the directory `keep`, without crossing into mounts. */
+static void empty_rootfs(int dfd, const char *keep)
+{
+    DIR *d = fdopendir(dfd);
+    struct dirent *e;
+    struct stat root, st;
+    if (!d || fstat(dfd, &root) < 0) {
+        if (d)
+            closedir(d);
+        return;
+    }
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || (keep && !strcmp(e->d_name, keep)))
+            continue;
+        if (fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || st.st_dev != root.st_dev)
+            continue;
+        if (S_ISDIR(st.st_mode)) {
+            int sub = openat(dfd, e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub >= 0)
+                empty_rootfs(sub, NULL);
+            unlinkat(dfd, e->d_name, AT_REMOVEDIR);
+        } else {
+            unlinkat(dfd, e->d_name, 0);
+        }
+    }
+    closedir(d);
+}
+
+/*
+ * Leave the initramfs, as switch_root does: move /proc, /sys and /dev onto a fresh tmpfs, delete every file of the
+ * initramfs (this binary, the pod config with every app's environment, modules), and make the tmpfs our root.
+ * pivot_root(2) cannot leave the initramfs itself, but app namespaces can pivot_root away from a tmpfs root; and
+ * what lies above every mount namespace's root is then an empty directory, not the pod config.
+ */
+static int reroot(void)
+{
+    if (mkdir("/newroot", 0755) < 0 || mount("kvmrkt-root", "/newroot", "tmpfs", MS_NOSUID, "mode=0755") < 0)
+        return logmsg("reroot: %s", strerror(errno)), -1;
+    static const char *moved[] = {"proc", "sys", "dev"};
+    for (size_t i = 0; i < sizeof(moved) / sizeof(moved[0]); i++) {
+        char from[64], to[64];
+        snprintf(from, sizeof(from), "/%s", moved[i]);
+        snprintf(to, sizeof(to), "/newroot/%s", moved[i]);
+        if (mkdir(to, 0755) < 0 || mount(from, to, NULL, MS_MOVE, NULL) < 0)
+            return logmsg("reroot: moving %s: %s", from, strerror(errno)), -1;
+    }
+    if (mkdir("/newroot/kvmrkt", 0755) < 0)
+        return -1;
+    empty_rootfs(open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC), "newroot");
+    if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
+        return logmsg("reroot: %s", strerror(errno)), -1;
+    return 0;
+}
+
 int main(void)
 {
     sigset_t mask;
@@ -1354,6 +1639,10 @@ int main(void)
     if (status_fd < 0 || parse_config("/kvmrkt/pod.cfg") < 0 || napps == 0) {
         logmsg("no usable pod configuration; halting");
         status("FATAL bad%%20pod%%20configuration");
+        shutdown_vm();
+    }
+    if (reroot() < 0) {
+        status("FATAL cannot%%20leave%%20the%%20initramfs");
         shutdown_vm();
     }
     if (hostname)

@@ -167,6 +167,24 @@ def net_snapshot() -> dict[str, set[str]]:
     }
 
 
+def jail_leaks(data: Path) -> list[str]:
+    """What pods of a data dir could leave behind on the host beyond networks: cgroups, mounts (the libvirt
+    backend's bind mounts), grants on shared directories, jail directories, processes running as a jail uid."""
+    leaks = []
+    for ctrl in ("memory", "cpu", "pids"):
+        base = Path("/sys/fs/cgroup") / ctrl / "kvmrkt"
+        if base.is_dir():
+            leaks += [str(d) for d in base.iterdir() if d.is_dir()]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith((str(data), "/run/kvmrkt/")):
+            leaks.append(f"mount {point}")
+    grants = data / "jail" / "shares.json"
+    if grants.exists() and json.loads(grants.read_text()):
+        leaks.append(f"share grants {grants.read_text()}")
+    return leaks
+
+
 def net_leaks(before: dict[str, set[str]]) -> dict[str, set[str]]:
     """What exists now and did not in ``before``."""
     return {k: v - before[k] for k, v in net_snapshot().items() if v - before[k]}
@@ -278,3 +296,4 @@ def kvmrkt(tmp_path: Path, busybox_layout: Path, swtpm: Swtpm) -> Iterator[Kvmrk
         os.kill(pid, signal.SIGKILL)
     assert not leaked, f"leaked QEMU processes {leaked}"
     assert not net_leaks(before), f"leaked host network state {net_leaks(before)}"
+    assert not jail_leaks(data), f"leaked jail state {jail_leaks(data)}"

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -185,6 +186,35 @@ def test_read_only_root_is_left_alone(oci: Oci, tmp_path: Path, subreaper: None)
     assert wait_exit(oci.pid("ro", b)) == 0 and out.read_text() == "read-only\n"
     assert sorted(p.name for p in (b / "rootfs" / "etc").iterdir()) == before  # nothing written into it
     assert oci("delete", "ro").returncode == 0
+
+
+def test_a_writable_bundle_root_never_gets_privileged_files(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    """The container is root in the guest; what it writes into its root on the host belongs to the pod's uid, is
+    never set-uid or set-gid, never a device node; the root directory keeps its mode; the image's symlinks work.
+    Its confinement comes from config.json's process fields."""
+    attack = ("cp /bin/busybox /suid; chmod 4755 /suid; mknod /null c 1 3; chmod 0777 /; echo ok > /result; "
+              "grep -E '^(CapBnd|Seccomp):' /proc/self/status; readlink /bin/sh")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", attack])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["process"]["capabilities"] = {"bounding": ["CAP_CHOWN", "CAP_FOWNER", "CAP_MKNOD", "CAP_DAC_OVERRIDE"]}
+    (b / "config.json").write_text(json.dumps(cfg))
+    root = b / "rootfs"
+    mode = stat.S_IMODE(root.stat().st_mode)
+    rc, out, err = oci.create("w", b)
+    assert rc == 0, err.read_text()
+    oci("start", "w")
+    assert wait_exit(oci.pid("w", b)) == 0, err.read_text()
+    text = out.read_text()
+    assert "CapBnd:\t000000000800000b" in text and "Seccomp:\t2" in text and "busybox" in text
+    assert err.read_text().count("Operation not permitted") == 3
+    pod = json.loads(oci.kvmrkt.ok("status", "--format", "json", oci.state("w")["pod"]).out)
+    uid = pod["jail"]["uid"]
+    assert stat.S_IMODE(root.stat().st_mode) == mode and (root / "result").read_text() == "ok\n"
+    assert not (root / "null").exists()
+    for name in ("suid", "result"):
+        st = (root / name).lstat()
+        assert stat.S_ISREG(st.st_mode) and not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and st.st_uid == uid
+    assert oci("delete", "w").returncode == 0
 
 
 def test_create_then_delete_leaves_nothing(oci: Oci, tmp_path: Path) -> None:

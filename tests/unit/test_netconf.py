@@ -30,8 +30,9 @@ from kvmrkt.netconf import (
 from kvmrkt.network import _parse_json_stream, guest_mac, routes_for_guest
 from kvmrkt.stage1 import NetworkPlan, Nic
 from stage1_kvm.domain_xml import build_domain_xml
-from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
+
+from .test_vm import JAIL, argv_of
 
 UUID = "0a9a8f5e-6b1f-4c1e-9a53-1c0f3b0f2d11"
 
@@ -168,22 +169,22 @@ USER_PLAN = NetworkPlan("user", nics=(Nic("eth0", "02:6b:00:00:00:00", 1500, Non
 
 def vm(plan: NetworkPlan):  # type: ignore[no-untyped-def]
     m = manifest()
-    return build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={"web": Path("/r.erofs")},
-                        interactive=False, debug=False, tsc_khz=None, host_cpus=1, network=plan)
+    return build_vmspec(m, cfg=Stage1Config(), jail=JAIL, accel="tcg", kernel=Path("/k"),
+                        rootfs={"web": Path("/r.erofs")}, interactive=False, debug=False, tsc_khz=None, network=plan)
 
 
 def test_network_plans_reach_qemu() -> None:
     cni = vm(CNI_PLAN)
     assert cni.netns == "/run/netns/kvmrkt-x"
-    argv = build_argv(cni)
+    argv = argv_of(cni)
     assert argv[argv.index("-netdev") + 1] == "tap,id=net0,ifname=tap0,script=no,downscript=no"
     assert "virtio-net-device,netdev=net1,mac=aa:bb:cc:dd:ee:02" in argv
-    user = build_argv(vm(USER_PLAN))
+    user = argv_of(vm(USER_PLAN))
     assert user[user.index("-netdev") + 1] == ("user,id=net0,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:8080-:80,"
                                                "hostfwd=udp::5353-:53")
     assert vm(USER_PLAN).netns is None  # user mode: QEMU's own sockets are in the host namespace
     none = vm(NetworkPlan())
-    assert none.netns == "" and "-netdev" not in build_argv(none)  # a new, empty namespace for QEMU
+    assert none.netns == "" and "-netdev" not in argv_of(none)  # a new, empty namespace for QEMU
 
 
 def test_network_plans_reach_the_guest_config() -> None:
@@ -194,7 +195,7 @@ def test_network_plans_reach_the_guest_config() -> None:
 
 
 def test_libvirt_domain_gets_user_mode_nic() -> None:
-    dom = ET.fromstring(build_domain_xml(vm(USER_PLAN), uuid=UUID, pod_dir=Path("/p"), qemu="/q"))
+    dom = ET.fromstring(build_domain_xml(vm(USER_PLAN), uuid=UUID, pod_dir=Path("/p"), qemu="/q", jail=JAIL))
     iface = dom.find("devices/interface")
     assert iface is not None and iface.get("type") == "user"
     assert iface.find("mac").get("address") == "02:6b:00:00:00:00"  # type: ignore[union-attr]

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
-from kvmrkt.config import Stage1Config
+from kvmrkt.config import JailConfig, PodsConfig, Stage1Config
 from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.jail import jail_spec
 from kvmrkt.ocirt import APP, features, load_bundle, manifest_for, parse_signal
-from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
+
+from .test_vm import argv_of
 
 UUID = "0a9a8f5e-6b1f-4c1e-9a53-1c0f3b0f2d11"
 
@@ -118,10 +120,11 @@ def test_signals_and_features() -> None:
 def test_bundle_roots_reach_qemu_and_the_guest(tmp_path: Path) -> None:
     b = load_bundle(bundle(tmp_path))
     m = manifest_for(b, UUID, "c")
-    spec = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={APP: b.rootfs},
-                        interactive=True, debug=False, tsc_khz=None, host_cpus=4, shared_roots={APP: True})
-    argv = " ".join(build_argv(spec))
-    assert f"local,id=root0,path={b.rootfs},security_model=passthrough,readonly=on" in argv
+    js = jail_spec(m, 2000000001, Stage1Config(), PodsConfig(max_memory_mib=4096, max_vcpus=4), JailConfig())
+    spec = build_vmspec(m, cfg=Stage1Config(), jail=js, accel="tcg", kernel=Path("/k"), rootfs={APP: b.rootfs},
+                        interactive=True, debug=False, tsc_khz=None, shared_roots={APP: True})
+    argv = " ".join(argv_of(spec))
+    assert f"local,id=root0,path={b.rootfs},security_model=none,readonly=on" in argv
     assert "mount_tag=root0" in argv and "virtio-blk" not in argv
     assert spec.memory_mib == 301 + 128 and spec.vcpus == 2
     cfg = guest_pod_config(m, interactive=True, shared_roots={APP: True}, hold=True, tty=True).decode()

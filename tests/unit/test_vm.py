@@ -1,4 +1,4 @@
-"""Pure stage1 logic: VM sizing, kernel command line, guest pod config, QEMU argv, status parsing, cpio."""
+"""Pure stage1 logic: kernel command line, guest pod config, QEMU argv, status parsing, cpio."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import pytest
 from kvmrkt.config import Stage1Config
 from kvmrkt.errors import ConfigError
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.stage1 import JailSpec
 from stage1_kvm.agent import parse_status, unescape
 from stage1_kvm.assets import cpio_archive
 from stage1_kvm.qemu_argv import build_argv
-from stage1_kvm.vmspec import build_vmspec, escape, guest_pod_config, size_vm
+from stage1_kvm.vmspec import VMSpec, build_vmspec, escape, guest_pod_config
+
+JAIL = JailSpec(uid=2000000001, gid=2000000001, memory_mib=256, vcpus=1, memory_limit_mib=512, pids_max=1024)
 
 UUID = "0a9a8f5e-6b1f-4c1e-9a53-1c0f3b0f2d11"
 
@@ -28,17 +31,16 @@ def pod(*apps: AppSpec, volumes: tuple[Volume, ...] = ()) -> PodManifest:
     return PodManifest(uuid=UUID, apps=apps or (app(),), volumes=volumes, hostname="h1")
 
 
-def spec(manifest: PodManifest, accel: str = "tcg", interactive: bool = False, cfg: Stage1Config | None = None):  # type: ignore[no-untyped-def]
-    return build_vmspec(manifest, cfg=cfg or Stage1Config(), accel=accel, kernel=Path("/k/vmlinux"),
+def spec(manifest: PodManifest, accel: str = "tcg", interactive: bool = False, cfg: Stage1Config | None = None,
+         **kw: object) -> VMSpec:
+    return build_vmspec(manifest, cfg=cfg or Stage1Config(), jail=JAIL, accel=accel, kernel=Path("/k/vmlinux"),
                         rootfs={a.name: Path(f"/store/{a.name}.erofs") for a in manifest.apps},
-                        interactive=interactive, debug=False, tsc_khz=2_500_000, host_cpus=2)
+                        interactive=interactive, debug=False, tsc_khz=2_500_000, **kw)  # type: ignore[arg-type]
 
 
-def test_sizing_follows_rkt_rule() -> None:
-    cfg = Stage1Config(memory_overhead_mib=128, min_memory_mib=256)
-    assert size_vm(pod(app()), cfg, 8) == (256, 1)
-    assert size_vm(pod(app("a", memory_mib=300, cpus=1), app("b", memory_mib=200, cpus=2)), cfg, 8) == (628, 3)
-    assert size_vm(pod(app("a", cpus=16)), cfg, 2) == (256, 2)
+def argv_of(s: VMSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
+    names = [s.console_log, s.qmp_socket, *(p.path for p in s.ports)]
+    return build_argv(s, qemu=qemu, fds={n: 10 + i for i, n in enumerate(names)})
 
 
 def test_cmdline_skips_tsc_calibration_only_under_tcg() -> None:
@@ -50,7 +52,7 @@ def test_cmdline_skips_tsc_calibration_only_under_tcg() -> None:
 
 
 def test_argv_is_a_lean_microvm() -> None:
-    argv = build_argv(spec(pod(app("a"), app("b"))), qemu="/usr/bin/qemu")
+    argv = argv_of(spec(pod(app("a"), app("b"))), qemu="/usr/bin/qemu")
     joined = " ".join(argv)
     assert argv[0] == "/usr/bin/qemu"
     assert "-nodefaults" in argv and "-no-user-config" in argv and "-no-reboot" in argv
@@ -62,33 +64,33 @@ def test_argv_is_a_lean_microvm() -> None:
     assert "name=kvmrkt.out.1" in joined and "name=kvmrkt.err.0" in joined
     assert "name=kvmrkt.in.0" not in joined
     assert "-sandbox" in argv
-    kvm = build_argv(spec(pod(), accel="kvm"))
+    kvm = argv_of(spec(pod(), accel="kvm"))
     assert kvm[kvm.index("-cpu") + 1] == "host" and kvm[kvm.index("-accel") + 1] == "kvm"
 
 
 def test_argv_interactive_and_volumes() -> None:
     vols = (Volume("data", "host", "/srv/da,ta", read_only=True), Volume("scratch", "empty"))
     m = pod(app(mounts=(MountPoint("data", "/data"), MountPoint("scratch", "/s"))), volumes=vols)
-    joined = " ".join(build_argv(spec(m, interactive=True)))
+    joined = " ".join(argv_of(spec(m, interactive=True)))
     assert "name=kvmrkt.in.0" in joined
-    # Commas in paths are doubled so a path cannot add QEMU options.
-    assert "local,id=vol0,path=/srv/da,,ta,security_model=passthrough,readonly=on" in joined
+    # Commas in paths are doubled so a path cannot add QEMU options; QEMU's failed chowns are ignored.
+    assert "local,id=vol0,path=/srv/da,,ta,security_model=none,readonly=on" in joined
     assert joined.count("virtio-9p-device") == 1
 
 
 def test_argv_rejects_newline_paths() -> None:
     m = pod(app())
-    s = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k/vm\nlinux"), rootfs={"web": Path("/x")},
-                     interactive=False, debug=False, tsc_khz=None, host_cpus=1)
+    s = build_vmspec(m, cfg=Stage1Config(), jail=JAIL, accel="tcg", kernel=Path("/k/vm\nlinux"),
+                     rootfs={"web": Path("/x")}, interactive=False, debug=False, tsc_khz=None)
     with pytest.raises(ConfigError):
-        build_argv(s)
+        argv_of(s)
 
 
 def test_guest_config_escapes_everything_that_could_inject_lines() -> None:
     m = pod(app(exec=("/bin/echo", "a b", "", "x\nversion 2", "100%"), env=(("K", "v v"),)))
     text = guest_pod_config(m, interactive=False).decode()
     lines = text.splitlines()
-    assert lines[0] == "version 1"
+    assert lines[0] == "version 2"
     assert "arg a%20b" in lines and "arg %" in lines and "arg x%0Aversion%202" in lines and "arg 100%25" in lines
     assert "env K=v%20v" in lines
     assert sum(1 for ln in lines if ln.startswith("version")) == 1
@@ -107,6 +109,14 @@ def test_parse_status_ignores_partial_and_unknown_lines() -> None:
     assert st.exits == {"web": 7}
     assert st.errors == {"db": ["mount failed"]}
     assert parse_status("READY\nDONE\n").done
+
+
+def test_parse_status_believes_only_the_first_exit_and_keeps_escapes_off_terminals() -> None:
+    st = parse_status("READY\nEXIT web 1\nEXIT web 0\nERROR web %1B[2Jcleared%07\nSTART db 5\nSTART db 6\n"
+                      + "ERROR web " + "x" * 5000 + "\n")
+    assert st.exits == {"web": 1} and st.pids == {"db": 5}
+    assert st.errors == {"web": ["?[2Jcleared?"]}
+    assert parse_status("FATAL a%0Db\nFATAL later\n").fatal == "a?b"
 
 
 def test_cpio_is_deterministic_newc() -> None:
@@ -137,11 +147,10 @@ def test_module_load_order_puts_dependencies_first() -> None:
 
 def test_acpi_only_for_kernels_that_need_it() -> None:
     m = pod()
-    plain = build_argv(spec(m))
+    plain = argv_of(spec(m))
     assert plain[plain.index("-M") + 1].endswith("acpi=off")
-    s = build_vmspec(m, cfg=Stage1Config(), accel="tcg", kernel=Path("/k"), rootfs={"web": Path("/x")},
-                     interactive=False, debug=False, tsc_khz=None, host_cpus=1, acpi=True)
-    assert "acpi=off" not in build_argv(s)[build_argv(s).index("-M") + 1]
+    s = spec(m, acpi=True)
+    assert "acpi=off" not in argv_of(s)[argv_of(s).index("-M") + 1]
 
 
 def test_domain_xml_is_the_same_microvm() -> None:
@@ -152,8 +161,8 @@ def test_domain_xml_is_the_same_microvm() -> None:
     vols = (Volume("data", "host", "/srv/data", read_only=True),)
     m = pod(app(mounts=(MountPoint("data", "/data"),)), volumes=vols)
     s = spec(m, interactive=True)
-    xml = build_domain_xml(s, uuid=UUID, pod_dir=Path("/pods/x"), qemu="/usr/bin/qemu", selinux_label="u:r:t:s0:c1,c2",
-                           socket_dir=Path("/run/kvmrkt/x"))
+    xml = build_domain_xml(s, uuid=UUID, pod_dir=Path("/pods/x"), qemu="/usr/bin/qemu", jail=JAIL,
+                           selinux_label="u:r:t:s0:c1,c2", socket_dir=Path("/run/kvmrkt/x"))
     dom = ET.fromstring(xml)
     assert dom.get("type") == "qemu" and dom.findtext("name") == f"kvmrkt-{UUID}"
     assert dom.find("os/type").get("machine") == "microvm"  # type: ignore[union-attr]
@@ -163,11 +172,14 @@ def test_domain_xml_is_the_same_microvm() -> None:
     disks = dom.findall("devices/disk")
     assert [d.findtext("serial") for d in disks] == ["app0"] and disks[0].find("readonly") is not None
     assert all(d.find("address").get("type") == "virtio-mmio" for d in disks)  # type: ignore[union-attr]
+    # Shared store images are never relabelled (chowned) for one pod's uid.
+    assert all(d.find("source/seclabel").get("relabel") == "no" for d in disks)  # type: ignore[union-attr]
     names = {c.find("target").get("name"): c for c in dom.findall("devices/channel")}  # type: ignore[union-attr]
     assert names["kvmrkt.status"].find("source").get("path") == "/pods/x/guest-status"  # type: ignore[union-attr]
     assert names["kvmrkt.ctl"].find("source").get("path") == "/run/kvmrkt/x/ctl.sock"  # type: ignore[union-attr]
     assert "kvmrkt.in.0" in names
     fs = dom.find("devices/filesystem")
     assert fs is not None and fs.find("readonly") is not None and fs.find("target").get("dir") == "vol0"  # type: ignore[union-attr]
+    assert fs.get("accessmode") == "squash"
     labels = {s.get("model"): s.findtext("label") for s in dom.findall("seclabel")}
-    assert labels == {"dac": "+0:+0", "selinux": "u:r:t:s0:c1,c2"}
+    assert labels == {"dac": "+2000000001:+2000000001", "selinux": "u:r:t:s0:c1,c2"}
