@@ -1,7 +1,8 @@
 """Boot benchmark: ``kvmrkt run`` of a busybox app running ``true`` versus the same VM started by a bare QEMU
 command line, measured in the same run. Prints JSON: medians, ratio, the same run on the default CNI network,
 the cost of the VMM jail (the bare QEMU started jailed as kvmrkt starts it: its cgroup created, limited and
-removed, the mount namespace and private root built, privileges dropped, versus started plainly as root), and
+removed, the mount namespace and private root built, privileges dropped, the guard's filter, versus started
+plainly as root; and the same for ``/bin/true``, which shows the jail's own cost without the VM's noise), and
 the host memory of the QEMU process outside guest RAM.
 
 Usage (as root, after `make setup`):
@@ -88,6 +89,30 @@ class Bare:
             proc.wait()
             if cg is not None:
                 cg.remove()
+
+    def setup_cost_ms(self, runs: int = 25) -> dict[str, float]:
+        """The jail's own cost without the VM's noise: ``/bin/true`` started plainly versus started exactly as
+        QEMU is (cgroup created and removed, private root built, privileges dropped, through the guard)."""
+        _, layout = vmm_jail.plan(self.spec, self.cwd, guard=self.guard, vmm=Path(self.qemu))
+        root = self.cwd / "jail"
+        root.mkdir(exist_ok=True)
+        plain, jailed = [], []
+        for _ in range(runs):
+            begin = time.perf_counter()
+            _proc.spawn(["/bin/true"], cwd=self.cwd).wait()
+            plain.append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            cg = cgroups.create(self.jail.cgroup_parent, f"bench-{self.cwd.name}", self.jail)
+            vmm_jail.readable(layout)
+            proc = _proc.spawn([f"/{vmm_jail.GUARD}", "/bin/true", "true"], cwd=self.cwd,
+                               setup=vmm_jail.confine(root, layout, self.jail.uid, self.jail.gid, cg.procs_files))
+            if proc.wait() != 0:
+                sys.exit("the jailed /bin/true failed")
+            cg.remove()
+            jailed.append(time.perf_counter() - begin)
+        return {"true_plain_ms": round(statistics.median(plain) * 1000, 2),
+                "true_jailed_ms": round(statistics.median(jailed) * 1000, 2),
+                "jail_setup_ms": round((statistics.median(jailed) - statistics.median(plain)) * 1000, 2)}
 
     def time(self, *, jailed: bool) -> float:
         begin = time.perf_counter()
@@ -200,6 +225,7 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
         "kvmrkt_run_s": [round(x, 3) for x in kv],
         "bare_qemu_s": [round(x, 3) for x in plain],
         "bare_qemu_jailed_s": [round(x, 3) for x in jailed],
+        **bare.setup_cost_ms(),
         "guest_ram_mib": probe.spec.memory_mib,
         **_overhead_mib(probe),
     }

@@ -227,7 +227,8 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
     """Apply a reference policy to one launch (fills ``launch.problems``).
 
     Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``; ``stage1``:
-    ``{"kernel": [D...], "initrd": [D...]}``; ``allow_insecure``: list of options tolerated (default none).
+    ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...]}``; ``allow_insecure``: list of options tolerated
+    (default none).
     """
     allowed = reference.get("images")
     for app in launch.apps:
@@ -239,7 +240,7 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
         if not ok:
             launch.problems.append(f"image {app.get('image')} ({app.get('manifest')}) is not allowed")
     s1 = reference.get("stage1") or {}
-    for part in ("kernel", "initrd"):
+    for part in ("kernel", "initrd", "vmm_guard"):
         if part in s1 and launch.stage1.get(part) not in s1[part]:
             launch.problems.append(f"stage1 {part} {launch.stage1.get(part)} is not an allowed digest")
     tolerated = set(reference.get("allow_insecure", []))

@@ -69,7 +69,8 @@ def isolation_class(accel: str) -> str:
     if accel == "kvm":
         return "kvm: hardware virtualisation, inside the VMM jail"
     return ("tcg: emulation, which QEMU's security policy does not count as a security boundary; the VMM jail "
-            "(unprivileged uid, no capabilities, private root, cgroup limits, seccomp) is the boundary")
+            "(its own unprivileged uid, no capabilities, seccomp, a private mount namespace, cgroup limits) is the "
+            "boundary")
 
 
 def probe_kvm() -> str | None:

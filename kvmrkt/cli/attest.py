@@ -54,7 +54,7 @@ def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: 
     \b
     Reference policy (all keys optional):
       {"images": [{"digest": "sha256:..."}, {"name": "example.com/app:1", "signer": "FPR"}],
-       "stage1": {"kernel": ["sha256:..."], "initrd": ["sha256:..."]},
+       "stage1": {"kernel": ["sha256:..."], "initrd": ["sha256:..."], "vmm_guard": ["sha256:..."]},
        "allow_insecure": []}
     """
     from kvmrkt.errors import AttestationError

@@ -99,3 +99,14 @@ def test_launch_events_order_and_insecure() -> None:
                         insecure=["tpm"])
     assert [e.kind for e in evs] == ["stage1", "app", "pod-manifest", "trust", "insecure"]
     assert evs[0].data["cmdline_digest"] == "sha256:" + hashlib.sha256(b"x").hexdigest()
+
+
+def test_reference_policy_pins_the_vmm_guard() -> None:
+    from measure.attest import Launch, evaluate
+
+    launch = Launch("p")
+    launch.stage1 = {"kernel": "sha256:k", "initrd": "sha256:i", "vmm_guard": "sha256:g"}
+    evaluate(launch, {"stage1": {"vmm_guard": ["sha256:g"]}})
+    assert launch.problems == []
+    evaluate(launch, {"stage1": {"vmm_guard": ["sha256:other"]}})
+    assert launch.problems == ["stage1 vmm_guard sha256:g is not an allowed digest"]
