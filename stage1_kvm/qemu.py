@@ -538,9 +538,14 @@ class QemuStage1(Stage1):
         if not rec:
             return None
         cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
-        live = cg.facts() if cg is not None and cg.dirs["memory"].exists() else None
+        if cg is None:
+            facts = None
+        elif cg.dirs["memory"].exists():
+            facts = cg.facts()
+        else:  # the VM is gone, and its cgroup with it
+            facts = {"path": str(cg.dirs["memory"]), "removed": True}
         return {"uid": rec.get("uid"), "gid": rec.get("gid"), "limits": rec.get("limits"),
-                "cgroup": live or (cg.to_dict() if cg else None), "shares": rec.get("shares", []),
+                "cgroup": facts, "shares": rec.get("shares", []),
                 "isolation": isolation_class(accel) if accel else None}
 
     def gc(self, pod: Pod) -> None:

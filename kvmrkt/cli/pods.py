@@ -197,9 +197,10 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
     if jail:
         limits, cg = jail.get("limits") or {}, jail.get("cgroup") or {}
         quota = limits.get("cpu_quota")
-        click.echo(f"jail=uid {jail.get('uid')} gid {jail.get('gid')}; cgroup {cg.get('path', '')} (memory "
+        where = f"{cg.get('path', '')}{' (removed)' if cg.get('removed') else ''}" if cg else "none"
+        click.echo(f"jail=uid {jail.get('uid')} gid {jail.get('gid')}; cgroup {where}; limits: memory "
                    f"{limits.get('memory_limit_mib')} MiB, pids {limits.get('pids_max')}, "
-                   f"cpu {'unlimited' if quota is None else quota})")
+                   f"cpu {'unlimited' if quota is None else quota}")
         click.echo(f"isolation={jail.get('isolation') or ''}")
     for app in info["apps"]:
         click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
