@@ -256,6 +256,15 @@ class Kvmrkt:
         raise AssertionError("pod did not start in time")
 
 
+def use_backend(kvmrkt: Kvmrkt, request: pytest.FixtureRequest, backend: str) -> Kvmrkt:
+    """Point a test's kvmrkt at a stage1 backend (starting libvirtd for ``libvirt``)."""
+    if backend == "libvirt":
+        request.getfixturevalue("libvirtd")
+    kvmrkt.backend = backend
+    kvmrkt.write_config(BASE_CONFIG)
+    return kvmrkt
+
+
 def wait_output(kvmrkt: Kvmrkt, uuid: str, text: str, app: str = "busybox", timeout: float = 30) -> None:
     """Wait until an app of a running pod has written ``text`` to its stdout (e.g. a handler is installed)."""
     log = kvmrkt.data / "pods" / "run" / uuid / "logs" / f"{app}.stdout"

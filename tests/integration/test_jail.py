@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CONFIG, Kvmrkt
+from .conftest import BASE_CONFIG, Kvmrkt, use_backend
 
 HERE = Path(__file__).resolve().parent
 # The OCI default bounding set (CAP_CHOWN ... CAP_SETFCAP), as /proc/PID/status shows it.
@@ -25,11 +25,7 @@ NOBODY = 65534
 
 @pytest.fixture(params=["qemu", "libvirt"])
 def backend(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> Kvmrkt:
-    if request.param == "libvirt":
-        request.getfixturevalue("libvirtd")
-    kvmrkt.backend = request.param
-    kvmrkt.write_config(BASE_CONFIG)
-    return kvmrkt
+    return use_backend(kvmrkt, request, request.param)
 
 
 @pytest.fixture(scope="session")

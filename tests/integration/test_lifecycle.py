@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CONFIG, REPO, Kvmrkt, wait_output
+from .conftest import REPO, Kvmrkt, use_backend, wait_output
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
 
@@ -19,11 +19,7 @@ SH = ["busybox", "--exec", "/bin/sh", "--"]
 @pytest.fixture(params=["qemu", "libvirt"])
 def kvmrkt(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> Kvmrkt:
     """Every lifecycle test runs against both backends: QEMU started directly, and a libvirt domain."""
-    if request.param == "libvirt":
-        request.getfixturevalue("libvirtd")
-    kvmrkt.backend = request.param
-    kvmrkt.write_config(BASE_CONFIG)
-    return kvmrkt
+    return use_backend(kvmrkt, request, request.param)
 
 
 @pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 7", 7), ("exit 255", 255), ("kill -KILL $$", 137)])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CONFIG, Kvmrkt, net_leaks, net_snapshot
+from .conftest import Kvmrkt, net_leaks, net_snapshot, use_backend
 from .registry import free_port
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
@@ -278,9 +278,7 @@ def test_broken_network_configs_fail_cleanly(kvmrkt: Kvmrkt, conf: str, code: in
 
 
 def test_libvirt_backend_runs_user_mode_networking(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> None:
-    request.getfixturevalue("libvirtd")
-    kvmrkt.backend = "libvirt"
-    kvmrkt.write_config(BASE_CONFIG)
+    use_backend(kvmrkt, request, "libvirt")
     res = kvmrkt.ok("run", "--net=user", *SH, "-c", "ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf")
     assert "eth0    inet 10.0.2.15/24" in res.out and "default via 10.0.2.2 dev eth0" in res.out
     assert "nameserver 10.0.2.3" in res.out
