@@ -144,10 +144,13 @@ def grant(data_dir: Path, pod: str, live: Iterable[str], path: Path, uid: int, *
     path = path.resolve()  # an operator's symlink to a directory is fine; its target gets the grant
     key = str(path)
     alive = set(live) | {pod}
+    want = perm if perm is not None else 7 if write else 5
     with leases.locked_table(_table(data_dir)) as table:
         fd = _open_dir(path)
         try:
             st = os.fstat(fd)
+            if key not in table and st.st_mode & want == want:
+                return  # everybody has that much already (a read-only share may be on a read-only filesystem)
             entry = table.get(key)
             if entry is None or entry.get("inode") != [st.st_dev, st.st_ino]:
                 acl = _read_acl(fd)
@@ -156,7 +159,7 @@ def grant(data_dir: Path, pod: str, live: Iterable[str], path: Path, uid: int, *
         finally:
             os.close(fd)
         entry["holders"] = {p: h for p, h in entry["holders"].items() if p in alive}
-        entry["holders"][pod] = [uid, perm if perm is not None else 7 if write else 5]
+        entry["holders"][pod] = [uid, want]
         entry["granted"] = sorted({*entry.get("granted", []), uid})
         table[key] = entry
         try:

@@ -3,6 +3,7 @@ limits and hierarchy choice, the jail layout, POSIX ACL grants on shared directo
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -209,3 +210,13 @@ def test_grants_of_another_data_dir_survive_a_revoke(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         os.getxattr(share, shares.XATTR)  # no ACL left, as before
     assert stat.S_IMODE(share.stat().st_mode) == 0o750
+
+
+def test_no_grant_where_everybody_has_the_access_already(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    os.chmod(share, 0o755)
+    shares.grant(tmp_path / "d", "a", ["a"], share, 3000001, write=False)
+    assert shares.XATTR not in os.listxattr(share)
+    assert json.loads((tmp_path / "d" / "jail" / "shares.json").read_text()) == {}
+    assert shares.revoke(tmp_path / "d", "a") == []
