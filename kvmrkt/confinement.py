@@ -252,41 +252,67 @@ class Request:
 
 def resolve(request: Request, isolators: Iterable[tuple[str, str]], insecure: Iterable[str],
             base: Confinement | None = None) -> Confinement:
-    """An app's confinement: ``base`` (default: kvmrkt's defaults), then the image's isolators, then the
-    operator's flags (flags win over isolators, as in rkt), then each insecure option lifts its own layer.
+    """An app's confinement: ``base`` (default: kvmrkt's defaults), narrowed by the image's isolators, then the
+    operator's flags (which win over isolators, as in rkt, and may widen), then each insecure option lifts its
+    own layer. An image is not trusted to widen anything: its capability sets only remove capabilities, its
+    seccomp sets only deny more calls, and no-new-privileges can only be switched on.
 
     Raises:
         ManifestError: conflicting or unknown names.
     """
-    conf = base or Confinement()
-    caps_retain, caps_remove, seccomp = request.caps_retain, request.caps_remove, request.seccomp
-    if caps_retain is not None and caps_remove is not None:
+    conf = narrow(base or Confinement(), isolators)
+    if request.caps_retain is not None and request.caps_remove is not None:
         raise ManifestError("--caps-retain and --caps-remove cannot be combined")
-    iso = dict(isolators)
-    if caps_retain is None and caps_remove is None:
-        if "os/linux/capabilities-retain-set" in iso:
-            caps_retain = tuple(_isolator_set(iso["os/linux/capabilities-retain-set"],
-                                              "os/linux/capabilities-retain-set")[0])
-        elif "os/linux/capabilities-remove-set" in iso:
-            caps_remove = tuple(_isolator_set(iso["os/linux/capabilities-remove-set"],
-                                              "os/linux/capabilities-remove-set")[0])
-    if caps_retain is not None:
-        conf = replace(conf, capabilities=tuple(sorted(set(check_caps(caps_retain)), key=CAPABILITIES.index)))
-    elif caps_remove is not None:
-        drop = set(check_caps(caps_remove))
-        conf = replace(conf, capabilities=tuple(c for c in conf.capabilities if c not in drop))
-    if seccomp is None:
-        for key, mode in (("os/linux/seccomp-retain-set", "retain"), ("os/linux/seccomp-remove-set", "remove")):
-            if key in iso:
-                items, err = _isolator_set(iso[key], key)
-                seccomp = Seccomp(mode, expand_syscalls(items), err.upper())
-                break
-    if seccomp is not None:
-        conf = replace(conf, seccomp=seccomp)
-    nnp = iso.get("os/linux/no-new-privileges")
-    if nnp is not None:
-        conf = replace(conf, no_new_privileges=nnp == "true")
+    if request.caps_retain is not None:
+        conf = replace(conf, capabilities=_ordered(check_caps(request.caps_retain)))
+    elif request.caps_remove is not None:
+        drop = set(check_caps(request.caps_remove))
+        base_caps = (base or Confinement()).capabilities
+        conf = replace(conf, capabilities=tuple(c for c in base_caps if c not in drop))
+    if request.seccomp is not None:
+        conf = replace(conf, seccomp=request.seccomp)
     return lift(conf, insecure)
+
+
+def _ordered(caps: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(caps), key=CAPABILITIES.index))
+
+
+def narrow(conf: Confinement, isolators: Iterable[tuple[str, str]]) -> Confinement:
+    """Apply an image's appc isolators, which may only restrict ``conf``.
+
+    Raises:
+        ManifestError: a malformed isolator or unknown names.
+    """
+    iso = dict(isolators)
+    for key in ("os/linux/capabilities-retain-set", "os/linux/capabilities-remove-set"):
+        if key in iso:
+            names = set(check_caps(_isolator_set(iso[key], key)[0]))
+            keep = [c for c in conf.capabilities if (c in names) == key.endswith("retain-set")]
+            conf = replace(conf, capabilities=tuple(keep))
+    for key, mode in (("os/linux/seccomp-retain-set", "retain"), ("os/linux/seccomp-remove-set", "remove")):
+        if key in iso:
+            items, err = _isolator_set(iso[key], key)
+            conf = replace(conf, seccomp=_stricter(conf.seccomp, Seccomp(mode, expand_syscalls(items), err.upper())))
+    if iso.get("os/linux/no-new-privileges") == "true":
+        conf = replace(conf, no_new_privileges=True)
+    return conf
+
+
+def _stricter(base: Seccomp | None, extra: Seccomp) -> Seccomp:
+    """A filter that denies what either filter denies."""
+    if base is None:
+        return extra
+    b, e = set(base.syscalls), set(extra.syscalls)
+    if base.mode == "remove":
+        return Seccomp("remove", tuple(sorted(b | e)), extra.errno) if extra.mode == "remove" else (
+            Seccomp("retain", tuple(sorted(e - b)), extra.errno))
+    return Seccomp("retain", tuple(sorted(b - e if extra.mode == "remove" else b & e)), extra.errno)
+
+
+def lifted(insecure: Iterable[str]) -> list[str]:
+    """The confinement layers ``--insecure-options`` lifts (for the warning every launch prints)."""
+    return [layer for layer in INSECURE_LAYERS if layer in set(insecure)]
 
 
 def lift(conf: Confinement, insecure: Iterable[str]) -> Confinement:
@@ -314,8 +340,7 @@ def from_oci(process: Mapping[str, Any], linux: Mapping[str, Any], insecure: Ite
     conf = Confinement()
     caps = process.get("capabilities")
     if isinstance(caps, dict) and isinstance(caps.get("bounding"), list):
-        conf = replace(conf, capabilities=tuple(sorted(set(check_caps(caps["bounding"])),
-                                                       key=CAPABILITIES.index)))
+        conf = replace(conf, capabilities=_ordered(check_caps(caps["bounding"])))
     if isinstance(process.get("noNewPrivileges"), bool):
         conf = replace(conf, no_new_privileges=process["noNewPrivileges"])
     rl = []

@@ -249,3 +249,22 @@ def test_a_uid_range_that_collides_with_an_account_is_refused(kvmrkt: Kvmrkt) ->
     assert res.rc == 2 and "nobody" in res.err and "uid_range" in res.err
     kvmrkt.write_config(BASE_CONFIG + '\n[jail]\nuid_range = "0-100"\n')
     assert kvmrkt("run", "busybox", "--exec", "/bin/true").rc == 2
+
+
+def test_an_image_cannot_widen_its_confinement_or_its_size(kvmrkt: Kvmrkt, busybox_layout: Path,
+                                                          tmp_path: Path) -> None:
+    from .test_images import _aci
+
+    greedy = _aci(tmp_path, "greedy", {"name": "example.com/greedy", "app": {
+        "exec": ["/bin/sh", "-c", "grep -E '^(CapBnd|Seccomp):' /proc/self/status"], "user": "0", "group": "0",
+        "isolators": [{"name": "os/linux/capabilities-retain-set", "value": {"set": ["CAP_SYS_ADMIN", "CAP_NET_RAW"]}},
+                      {"name": "os/linux/seccomp-retain-set", "value": {"set": ["@appc.io/all"]}}]}}, busybox_layout)
+    huge = _aci(tmp_path, "huge", {"name": "example.com/huge", "app": {
+        "exec": ["/bin/true"], "user": "0", "group": "0",
+        "isolators": [{"name": "resource/memory", "value": {"limit": "1T"}}]}}, busybox_layout)
+    kvmrkt.ok("image", "import", str(greedy))
+    kvmrkt.ok("image", "import", str(huge))
+    res = kvmrkt.ok("run", "example.com/greedy")
+    assert "CapBnd:\t0000000000002000" in res.out and "Seccomp:\t2" in res.out  # only what the default allowed
+    res = kvmrkt("run", "example.com/huge")
+    assert res.rc == 2 and "more than this host allows" in res.err

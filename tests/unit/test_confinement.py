@@ -36,20 +36,41 @@ def test_each_insecure_option_lifts_only_its_layer() -> None:
     assert c.lift(d, {"image", "tpm"}) == d
 
 
-def test_flags_beat_image_isolators() -> None:
-    iso = [("os/linux/capabilities-retain-set", json.dumps({"set": ["CAP_NET_ADMIN"]})),
-           ("os/linux/seccomp-retain-set", json.dumps({"set": ["read", "write"], "errno": "ENOSYS"})),
+def test_image_isolators_only_narrow_and_flags_beat_them() -> None:
+    iso = [("os/linux/capabilities-retain-set", json.dumps({"set": ["CAP_NET_RAW", "CAP_SYS_ADMIN"]})),
+           ("os/linux/seccomp-retain-set", json.dumps({"set": ["read", "write", "ptrace"], "errno": "ENOSYS"})),
            ("os/linux/no-new-privileges", "true")]
     from_image = c.resolve(c.Request(), iso, ())
-    assert from_image.capabilities == ("CAP_NET_ADMIN",)
-    assert from_image.seccomp == c.Seccomp("retain", ("read", "write"), "ENOSYS")
+    assert from_image.capabilities == ("CAP_NET_RAW",)  # CAP_SYS_ADMIN is not the image's to ask for
+    assert from_image.seccomp == c.Seccomp("retain", ("read", "write"), "ENOSYS")  # ptrace stays denied
     assert from_image.no_new_privileges
-    flags = c.Request(caps_remove=("CAP_NET_RAW",), seccomp=c.parse_seccomp_flag("mode=remove,mkdir"))
-    both = c.resolve(flags, iso, ())
-    assert "CAP_NET_RAW" not in both.capabilities and "CAP_CHOWN" in both.capabilities
-    assert both.seccomp == c.Seccomp("remove", ("mkdir",))
+    wide = [("os/linux/seccomp-retain-set", json.dumps({"set": ["@appc.io/all"]})),
+            ("os/linux/capabilities-remove-set", json.dumps({"set": ["CAP_KILL"]})),
+            ("os/linux/no-new-privileges", "false")]
+    narrowed = c.resolve(c.Request(), wide, ())
+    assert narrowed.seccomp is not None and narrowed.seccomp.mode == "retain"
+    assert not set(c.DEFAULT_DENY) & set(narrowed.seccomp.syscalls) and "read" in narrowed.seccomp.syscalls
+    assert "CAP_KILL" not in narrowed.capabilities and len(narrowed.capabilities) == 13
+    assert not narrowed.no_new_privileges
+    denied = c.resolve(c.Request(), [("os/linux/seccomp-remove-set", json.dumps({"set": ["mkdir"]}))], ())
+    assert denied.seccomp is not None and {"mkdir", "ptrace"} <= set(denied.seccomp.syscalls)
+    flags = c.Request(caps_retain=("CAP_SYS_ADMIN",), seccomp=c.parse_seccomp_flag("mode=remove,mkdir"))
+    both = c.resolve(flags, iso, ())  # the operator may widen
+    assert both.capabilities == ("CAP_SYS_ADMIN",) and both.seccomp == c.Seccomp("remove", ("mkdir",))
+    assert "CAP_KILL" in c.resolve(c.Request(caps_remove=("CAP_NET_RAW",)), wide, ()).capabilities
     with pytest.raises(ManifestError, match="cannot be combined"):
         c.resolve(c.Request(caps_retain=("CAP_CHOWN",), caps_remove=("CAP_KILL",)), (), ())
+    with pytest.raises(ManifestError, match="unknown capability"):
+        c.resolve(c.Request(), [("os/linux/capabilities-retain-set", json.dumps({"set": ["CAP_NOPE"]}))], ())
+    with pytest.raises(ManifestError, match="expected"):
+        c.resolve(c.Request(), [("os/linux/seccomp-remove-set", json.dumps(["mkdir"]))], ())
+
+
+def test_malformed_oci_rlimits_are_refused() -> None:
+    for bad in ([{"type": "RLIMIT_NOFILE"}], [{"type": "RLIMIT_NOFILE", "soft": "x", "hard": 1}], ["nope"],
+                [{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 1}], [{"type": "RLIMIT_NOFILE", "soft": 9, "hard": 1}]):
+        with pytest.raises(ManifestError):
+            c.from_oci({"rlimits": bad}, {}, ())
 
 
 @pytest.mark.parametrize("text", ["mode=keep,read", "read,write", "mode=remove", "mode=remove,nosuchcall",
