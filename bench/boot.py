@@ -71,13 +71,13 @@ class Bare:
         with runtime_fds(self.cwd, self.spec) as fds:
             argv = build_argv(spec, qemu=self.qemu, fds=fds)
             if layout is not None:
-                argv = [f"/{vmm_jail.GUARD}", self.qemu, *argv]
+                argv = vmm_jail.guarded(self.qemu, argv)
             if layout is None:
                 proc = _proc.spawn(argv, pass_fds=list(fds.values()), cwd=self.cwd, netns=self.spec.netns)
             else:
                 cg = cgroups.create(self.jail.cgroup_parent, f"bench-{self.cwd.name}", self.jail)
                 vmm_jail.readable(layout)
-                root = self.cwd / "jail"
+                root = self.cwd / vmm_jail.ROOT
                 root.mkdir(exist_ok=True)
                 proc = _proc.spawn(argv, pass_fds=list(fds.values()), cwd=self.cwd, netns=self.spec.netns,
                                    setup=vmm_jail.confine(root, layout, self.jail.uid, self.jail.gid, cg.procs_files))
@@ -94,7 +94,7 @@ class Bare:
         """The jail's own cost without the VM's noise: ``/bin/true`` started plainly versus started exactly as
         QEMU is (cgroup created and removed, private root built, privileges dropped, through the guard)."""
         _, layout = vmm_jail.plan(self.spec, self.cwd, guard=self.guard, vmm=Path(self.qemu))
-        root = self.cwd / "jail"
+        root = self.cwd / vmm_jail.ROOT
         root.mkdir(exist_ok=True)
         plain, jailed = [], []
         for _ in range(runs):
@@ -104,7 +104,7 @@ class Bare:
             begin = time.perf_counter()
             cg = cgroups.create(self.jail.cgroup_parent, f"bench-{self.cwd.name}", self.jail)
             vmm_jail.readable(layout)
-            proc = _proc.spawn([f"/{vmm_jail.GUARD}", "/bin/true", "true"], cwd=self.cwd,
+            proc = _proc.spawn(vmm_jail.guarded("/bin/true", ["true"]), cwd=self.cwd,
                                setup=vmm_jail.confine(root, layout, self.jail.uid, self.jail.gid, cg.procs_files))
             if proc.wait() != 0:
                 sys.exit("the jailed /bin/true failed")

@@ -689,10 +689,9 @@ class Engine:
         ``measured_apps`` replaces the per-app events taken from the image store (for OCI bundles)."""
         labels = self._apply_labels(pod, manifest)
         jail = jails.for_pod(self.config, manifest)
-        for layer in confinement.INSECURE_LAYERS:
-            if layer in self.config.insecure_options:
-                self.warn(f"WARNING: --insecure-options={layer}: the apps of pod {pod.uuid} run without the "
-                          f"{layer} restrictions")
+        for layer in confinement.lifted(self.config.insecure_options):
+            self.warn(f"WARNING: --insecure-options={layer}: the apps of pod {pod.uuid} run without the {layer} "
+                      "restrictions")
 
         def before_boot(facts: dict[str, Any]) -> None:
             self._label_files(pod, labels)

@@ -25,7 +25,11 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from kvmrkt.pod import Pod
+from kvmrkt.stage1 import JailSpec
+from stage1_kvm import cgroups, shares
 from stage1_kvm.vmspec import VMSpec
 
 # <sys/mount.h>, <sched.h>, <linux/prctl.h>
@@ -70,6 +74,22 @@ class Layout:
 
 
 GUARD = "kvmrkt-vmm-guard"  # in the jail's root: QEMU is started through it (stage1_kvm/vmm_guard.c)
+RECORD = "jail.json"  # in the pod directory: what the jail set up, so that any part can be undone (gc)
+ROOT = "jail"  # an empty directory of the pod's: QEMU's private root is mounted on it in its own namespace
+
+
+def isolation_class(accel: str) -> str:
+    """What separates the guest from the host, in words for ``status`` and the measured stage1 event."""
+    if accel == "kvm":
+        return "kvm: hardware virtualisation, inside the VMM jail"
+    return ("tcg: emulation, which QEMU's security policy does not count as a security boundary; the VMM jail "
+            "(its own unprivileged uid, no capabilities, seccomp, a private mount namespace, cgroup limits) is the "
+            "boundary")
+
+
+def guarded(qemu: str, argv: Sequence[str]) -> list[str]:
+    """QEMU's argv as started inside the jail: through the guard, which executes ``qemu`` with ``argv``."""
+    return [f"/{GUARD}", qemu, *argv]
 
 
 def plan(spec: VMSpec, pod_dir: Path, *, prefix: str = "/", resolv_conf: bool = False,
@@ -119,6 +139,83 @@ def readable(layout: Layout) -> None:
             st = os.stat(b.source)
             if not st.st_mode & stat.S_IROTH:
                 os.chmod(b.source, stat.S_IMODE(st.st_mode) | 0o444)
+
+
+# --- the host side: what the jail sets up outside QEMU, recorded so that gc can undo it -----------------------
+
+class PodJail:
+    """A pod's jail as recorded in its directory (``jail.json``): ids, limits, cgroup, shares, host bind root."""
+
+    def __init__(self, pod: Pod, data_dir: Path) -> None:
+        self.pod, self.data_dir = pod, data_dir
+
+    def _rec(self) -> dict[str, Any]:
+        rec = self.pod.read_json(RECORD, {})
+        return rec if isinstance(rec, dict) else {}
+
+    def record(self, **fields: Any) -> None:
+        """Add facts to the record (before the thing they name is created)."""
+        self.pod.write_json(RECORD, {**self._rec(), **fields})
+
+    def up(self, spec: VMSpec, jail: JailSpec, layout: Layout, *, cgroup: bool = True) -> cgroups.PodCgroup | None:
+        """The record (first), the cgroup with the limits (unless the VMM's manager places it), access to the
+        shared directories, readable inputs.
+
+        Raises:
+            JailError: a part could not be set up (``down`` undoes what was done).
+        """
+        self.pod.write_json(RECORD, {"uid": jail.uid, "gid": jail.gid, "limits": jail.to_dict(), "cgroup": None,
+                                     "shares": [str(s.path) for s in spec.shares]})
+        cg = None
+        if cgroup:
+            cg = cgroups.create(jail.cgroup_parent, self.pod.uuid, jail)
+            self.record(cgroup=cg.to_dict())
+        live = Pod.live_uuids(self.data_dir)
+        for s in spec.shares:
+            shares.grant(self.data_dir, self.pod.uuid, live, s.path, jail.uid, write=not s.read_only)
+        readable(layout)
+        return cg
+
+    def down(self) -> bool:
+        """Undo ``up`` (and a host bind root) once the VM is gone; idempotent. False if something is left for the
+        next gc."""
+        rec = self._rec()
+        ok = True
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        if cg is not None:
+            ok = cg.remove()
+        if rec:
+            ok = not shares.revoke(self.data_dir, self.pod.uuid) and ok
+        if rec.get("root"):
+            ok = unbind_on_host(Path(rec["root"])) and ok
+        with contextlib.suppress(OSError):
+            self.pod.file(ROOT).rmdir()
+        return ok
+
+    def oom(self) -> str | None:
+        """Why the VM died, if the kernel killed it for exceeding its cgroup memory limit."""
+        rec = self._rec()
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        if cg is None or not cg.oom_kills():
+            return None
+        limit = (rec.get("limits") or {}).get("memory_limit_mib")
+        return (f"the VM was killed by the host kernel: QEMU used more than the pod's memory limit of {limit} MiB "
+                f"(guest memory + [jail] memory_margin_mib), enforced by its cgroup")
+
+    def status(self, accel: str | None) -> dict[str, Any] | None:
+        """The jail for ``status``: ids, limits, the cgroup as the kernel reports it now, the isolation class."""
+        rec = self._rec()
+        if not rec:
+            return None
+        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
+        if cg is None:
+            facts = None
+        elif cg.dirs["memory"].exists():
+            facts = cg.facts()
+        else:  # the VM is gone, and its cgroup with it
+            facts = {"path": str(cg.dirs["memory"]), "removed": True}
+        return {"uid": rec.get("uid"), "gid": rec.get("gid"), "limits": rec.get("limits"), "cgroup": facts,
+                "shares": rec.get("shares", []), "isolation": isolation_class(accel) if accel else None}
 
 
 # --- the child side -----------------------------------------------------------------------------------------

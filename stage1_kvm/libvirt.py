@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
-from kvmrkt.pod import Pod
+from kvmrkt.pod import Pod, write_atomic
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails
 from stage1_kvm.domain_xml import build_domain_xml
-from stage1_kvm.qemu import JAIL_RECORD, PID_FILE, RUN_RECORD, QemuStage1, VMHandle
+from stage1_kvm.qemu import PID_FILE, RUN_RECORD, QemuStage1, VMHandle
 from stage1_kvm.vmspec import VMSpec
 
 RUNTIME_DIR = Path("/run/kvmrkt")
@@ -58,21 +58,12 @@ def guarded_emulator(guard: Path, qemu: str) -> Path:
     """The emulator libvirt starts for kvmrkt's pods: a script whose interpreter is a copy of the VMM guard
     (``#!GUARD QEMU``), so QEMU runs under the guard's seccomp filter as it does with the qemu backend. Both live
     in ``/run/kvmrkt`` (root's, traversable: libvirt probes and runs the emulator as unprivileged users) and are
-    rewritten only when they differ."""
+    rewritten (atomically) only when they differ."""
     RUNTIME_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
-    copy = RUNTIME_DIR / guard.name
-    if not copy.is_file() or copy.read_bytes() != guard.read_bytes():
-        tmp = copy.with_name(f".{copy.name}.tmp")
-        shutil.copyfile(guard, tmp)
-        tmp.chmod(0o755)
-        tmp.rename(copy)
-    script = RUNTIME_DIR / "qemu-guarded"
-    text = f"#!{copy} {qemu}\n"
-    if not script.is_file() or script.read_text() != text:
-        tmp = script.with_name(".qemu-guarded.tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        tmp.rename(script)
+    copy, script = RUNTIME_DIR / guard.name, RUNTIME_DIR / "qemu-guarded"
+    for path, data in ((copy, guard.read_bytes()), (script, f"#!{copy} {qemu}\n".encode())):
+        if not path.is_file() or path.read_bytes() != data:
+            write_atomic(path, data, mode=0o755)
     return script
 
 
@@ -146,9 +137,9 @@ class LibvirtStage1(QemuStage1):
         # libvirt relabels the kernel and initramfs for the uid: they must be the pod's own copies.
         copies = [b for b in layout.inputs if b.target in ("kernel", "initrd.img")]
         layout = replace(layout, inputs=tuple(b for b in layout.inputs if b not in copies))
-        self._jail_up(pod, spec, jail, layout, cgroup=False)
-        rec = pod.read_json(JAIL_RECORD) or {}
-        pod.write_json(JAIL_RECORD, {**rec, "root": str(root), "libvirt_dir": str(LIBVIRT_QEMU_DIR)})
+        pod_jail = jails.PodJail(pod, self.config.data_dir)
+        pod_jail.up(spec, jail, layout, cgroup=False)
+        pod_jail.record(root=str(root))
         try:
             jails.bind_on_host(root, layout, jail.gid)
             for b in copies:
@@ -177,20 +168,13 @@ class LibvirtStage1(QemuStage1):
         try:
             pid = int((LIBVIRT_PID_DIR / f"{spec.name}.pid").read_text().strip())
             cg = cgroups.adopt(pid, jail.cgroup_parent, pod.uuid, jail)
-            pod.write_json(JAIL_RECORD, {**(pod.read_json(JAIL_RECORD) or {}), "cgroup": cg.to_dict()})
+            pod_jail.record(cgroup=cg.to_dict())
             pod.write_json(PID_FILE, {"pid": pid, "started": time.time()})
             dom.resume()
         except (OSError, ValueError, KvmrktError, lv.libvirtError) as exc:
             handle.kill()
             raise VMLaunchError(f"the pod's domain could not be put under its limits: {exc}") from exc
         return handle
-
-    def _unjail(self, pod: Pod) -> bool:
-        ok = super()._unjail(pod)
-        rec = pod.read_json(JAIL_RECORD, {}) or {}
-        if rec.get("root"):
-            ok = jails.unbind_on_host(Path(rec["root"])) and ok
-        return ok
 
     def stop(self, pod: Pod, *, force: bool) -> None:
         if force:

@@ -39,7 +39,7 @@ from kvmrkt.errors import (
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, JailSpec, RunOptions, RunResult, Stage1
-from stage1_kvm import agent, cgroups, shares
+from stage1_kvm import agent
 from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.qemu_argv import build_argv
@@ -60,18 +60,6 @@ from stage1_kvm.vmspec import (
 RUN_RECORD = "stage1-run.json"
 PID_FILE = "pid"
 QEMU_LOG = "qemu.log"
-JAIL_RECORD = "jail.json"
-JAIL_ROOT = "jail"  # an empty directory on the host; QEMU's private root is mounted on it in its own namespace
-
-
-def isolation_class(accel: str) -> str:
-    """What separates the guest from the host, in words for ``status`` and the measured stage1 event."""
-    if accel == "kvm":
-        return "kvm: hardware virtualisation, inside the VMM jail"
-    return ("tcg: emulation, which QEMU's security policy does not count as a security boundary; the VMM jail "
-            "(its own unprivileged uid, no capabilities, seccomp, a private mount namespace, cgroup limits) is the "
-            "boundary")
-
 
 def probe_kvm() -> str | None:
     """None when KVM can run our guests here, else why not."""
@@ -315,42 +303,11 @@ class QemuStage1(Stage1):
 
     def _jail_facts(self, jail: JailSpec, accel: str) -> dict[str, Any]:
         """The jail as measured: ids, limits, the backend's way of enforcing them, the isolation class."""
-        return {**jail.to_dict(), "enforced_by": self.name, "isolation": isolation_class(accel)}
-
-    def _jail_up(self, pod: Pod, spec: VMSpec, jail: JailSpec, layout: jails.Layout, *,
-                 cgroup: bool = True) -> cgroups.PodCgroup | None:
-        """Everything the jail needs outside QEMU: the record (written first, so gc can undo any part), the
-        cgroup with the limits, access to the shared directories, readable inputs.
-
-        Raises:
-            JailError: a part could not be set up (what was done is undone by ``_unjail``).
-        """
-        rec: dict[str, Any] = {"uid": jail.uid, "gid": jail.gid, "limits": jail.to_dict(), "cgroup": None,
-                               "shares": [str(b.source) for b in layout.inputs if b.directory]}
-        pod.write_json(JAIL_RECORD, rec)
-        cg = None
-        if cgroup:
-            cg = cgroups.create(jail.cgroup_parent, pod.uuid, jail)
-            rec["cgroup"] = cg.to_dict()
-            pod.write_json(JAIL_RECORD, rec)
-        live = Pod.live_uuids(self.config.data_dir)
-        for s in spec.shares:
-            shares.grant(self.config.data_dir, pod.uuid, live, s.path, jail.uid, write=not s.read_only)
-        jails.readable(layout)
-        return cg
+        return {**jail.to_dict(), "enforced_by": self.name, "isolation": jails.isolation_class(accel)}
 
     def _unjail(self, pod: Pod) -> bool:
-        """Undo ``_jail_up`` once the VM is gone (idempotent; False if something is left for the next gc)."""
-        rec = pod.read_json(JAIL_RECORD, {}) or {}
-        ok = True
-        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
-        if cg is not None:
-            ok = cg.remove()
-        if rec:
-            ok = not shares.revoke(self.config.data_dir, pod.uuid) and ok
-        with contextlib.suppress(OSError):
-            pod.file(JAIL_ROOT).rmdir()
-        return ok
+        """Undo the jail once the VM is gone (idempotent; False if something is left for the next gc)."""
+        return jails.PodJail(pod, self.config.data_dir).down()
 
     def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
                 guard: Path) -> VMHandle:
@@ -359,13 +316,12 @@ class QemuStage1(Stage1):
         jail = opts.jail
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
                                     vmm=Path(qemu))
-        cg = self._jail_up(pod, spec, jail, layout)
+        cg = jails.PodJail(pod, self.config.data_dir).up(spec, jail, layout)
         assert pod.lock_fd is not None and cg is not None
-        root = pod.file(JAIL_ROOT)
+        root = pod.file(jails.ROOT)
         root.mkdir(exist_ok=True, mode=0o700)
         with runtime_fds(pod.path, spec) as fds:
-            qemu_argv = build_argv(jailed, qemu=qemu, fds=fds)
-            argv = [f"/{jails.GUARD}", qemu, *qemu_argv]
+            argv = jails.guarded(qemu, build_argv(jailed, qemu=qemu, fds=fds))
             pod.write_json(RUN_RECORD, {**record, "argv": argv})
             with pod.file(QEMU_LOG).open("wb") as qlog:
                 proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd, *fds.values()],
@@ -421,7 +377,7 @@ class QemuStage1(Stage1):
         for t in tails:
             t.pump()
         st = agent.read_status(pod.file(GUEST_STATUS))
-        oom = self._oom(pod)
+        oom = jails.PodJail(pod, self.config.data_dir).oom()
         if oom and not st.done:
             raise Stage1Error(oom + "\n" + self._console_tail(pod),
                               hint="give the apps less memory, or raise [jail] memory_margin_mib")
@@ -448,16 +404,6 @@ class QemuStage1(Stage1):
             for msg in messages:
                 stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
         return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed), integrity_failures=integrity)
-
-    def _oom(self, pod: Pod) -> str | None:
-        """Why the VM was killed, if the kernel killed it for exceeding its cgroup memory limit."""
-        rec = pod.read_json(JAIL_RECORD, {}) or {}
-        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
-        if cg is None or not cg.oom_kills():
-            return None
-        limit = (rec.get("limits") or {}).get("memory_limit_mib")
-        return (f"the VM was killed by the host kernel: QEMU used more than the pod's memory limit of {limit} MiB "
-                f"(guest memory + [jail] memory_margin_mib), enforced by its cgroup")
 
     @staticmethod
     def _integrity_failures(pod: Pod) -> tuple[str, ...]:
@@ -530,23 +476,8 @@ class QemuStage1(Stage1):
             "app_pids": st.pids,
             "app_exit_codes": st.exits,
             "app_errors": st.errors,
-            "jail": self._jail_status(pod, rec.get("accel")),
+            "jail": jails.PodJail(pod, self.config.data_dir).status(rec.get("accel")),
         }
-
-    def _jail_status(self, pod: Pod, accel: str | None) -> dict[str, Any] | None:
-        rec = pod.read_json(JAIL_RECORD, {}) or {}
-        if not rec:
-            return None
-        cg = cgroups.PodCgroup.from_dict(rec.get("cgroup"))
-        if cg is None:
-            facts = None
-        elif cg.dirs["memory"].exists():
-            facts = cg.facts()
-        else:  # the VM is gone, and its cgroup with it
-            facts = {"path": str(cg.dirs["memory"]), "removed": True}
-        return {"uid": rec.get("uid"), "gid": rec.get("gid"), "limits": rec.get("limits"),
-                "cgroup": facts, "shares": rec.get("shares", []),
-                "isolation": isolation_class(accel) if accel else None}
 
     def gc(self, pod: Pod) -> None:
         self._sigkill(pod)
