@@ -268,3 +268,48 @@ def test_an_image_cannot_widen_its_confinement_or_its_size(kvmrkt: Kvmrkt, busyb
     assert "CapBnd:\t0000000000002000" in res.out and "Seccomp:\t2" in res.out  # only what the default allowed
     res = kvmrkt("run", "example.com/huge")
     assert res.rc == 2 and "more than this host allows" in res.err
+
+
+GUARD_PROBE = r"""
+import ctypes, errno, os, stat
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    rc = libc.syscall(*args)
+    print(name, "ok" if rc >= 0 else errno.errorcode[ctypes.get_errno()])
+d = os.environ["D"].encode()
+f = d + b"/f"
+os.close(os.open(f, os.O_CREAT | os.O_WRONLY, 0o644))
+call("chmod-suid", 90, f, 0o4755)
+call("chmod-plain", 90, f, 0o755)
+call("fchmodat-sgid", 268, -100, f, 0o2755, 0)
+call("openat-create-suid", 257, -100, d + b"/g", os.O_CREAT | os.O_WRONLY, 0o4755)
+call("mknodat-char", 259, -100, d + b"/c", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+call("mknodat-fifo", 259, -100, d + b"/p", stat.S_IFIFO | 0o600, 0)
+call("openat2", 437, -100, f, None, 0)
+call("io_uring_setup", 425, 1, None)
+call("fchmodat2", 452, -100, f, 0o4755, 0)
+"""
+
+
+def test_the_vmm_guard_refuses_privileged_files_and_unchecked_calls() -> None:
+    import shutil
+    import tempfile
+
+    from kvmrkt.config import Stage1Config
+    from stage1_kvm.assets import load_assets
+
+    uid = 2000065000
+    work = Path(tempfile.mkdtemp(prefix="kvmrkt-guard-", dir="/tmp"))  # reachable for an unprivileged uid
+    try:
+        guard = work / "guard"
+        shutil.copyfile(load_assets(Stage1Config()).guard, guard)
+        guard.chmod(0o755)
+        os.chown(work, uid, uid)
+        res = as_uid(uid, "env", f"D={work}", str(guard), "/usr/bin/python3", "python3", "-c", GUARD_PROBE)
+        got = dict(line.split() for line in res.stdout.splitlines())
+        assert got == {"chmod-suid": "EPERM", "chmod-plain": "ok", "fchmodat-sgid": "EPERM",
+                       "openat-create-suid": "EPERM", "mknodat-char": "EPERM", "mknodat-fifo": "ok",
+                       "openat2": "ENOSYS", "io_uring_setup": "ENOSYS", "fchmodat2": "ENOSYS"}, res.stderr
+        assert not (work / "f").stat().st_mode & stat.S_ISUID and not (work / "g").exists()
+    finally:
+        shutil.rmtree(work)

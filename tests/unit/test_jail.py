@@ -220,3 +220,26 @@ def test_no_grant_where_everybody_has_the_access_already(tmp_path: Path) -> None
     assert shares.XATTR not in os.listxattr(share)
     assert json.loads((tmp_path / "d" / "jail" / "shares.json").read_text()) == {}
     assert shares.revoke(tmp_path / "d", "a") == []
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('uid_range = "0-100"', "uid_range"), ('uid_range = "2000-1000"', "uid_range"), ('uid_range = "a-b"', "uid_range"),
+    ('cgroup_parent = "../escape"', "cgroup_parent"), ('cgroup_parent = "/sys/fs/cgroup/x"', "cgroup_parent"),
+    ('cgroup_parent = ""', "cgroup_parent"), ("memory_margin_mib = 0", "positive"), ("pids_max = -1", "positive"),
+    ("pids = 5", "unknown key"),
+])
+def test_bad_jail_config_is_refused(tmp_path: Path, table: str, message: str) -> None:
+    from kvmrkt.config import load_config
+
+    (tmp_path / "config.toml").write_text(f"[jail]\n{table}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_dir=tmp_path)
+
+
+def test_bad_pod_caps_config_is_refused(tmp_path: Path) -> None:
+    from kvmrkt.config import load_config
+
+    for table in ("max_memory_mib = 0", "max_vcpus = -2", 'max_vcpus = "4"'):
+        (tmp_path / "config.toml").write_text(f"[pods]\n{table}\n")
+        with pytest.raises(ConfigError):
+            load_config(config_dir=tmp_path)
