@@ -956,8 +956,8 @@ static void exec_app(struct app *a, char **argv, int in, int out, int err)
             goto fail;
     }
     step = "capabilities";
-    for (int c = 0; c < 64; c++)
-        if (!(a->caps & (1ULL << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+    for (int c = 0; c < 64 && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0; c++)  /* up to the kernel's last */
+        if (!(a->caps & (1ULL << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
             goto fail;
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
         goto fail;
