@@ -115,10 +115,13 @@ def _default_tcti() -> str:
 
 @dataclass(frozen=True, slots=True)
 class MeasureConfig:
-    """The ``[measure]`` table: which TPM (a TCTI string) and which PCR measured launch uses."""
+    """The ``[measure]`` table: which TPM (a TCTI string), which PCR measured launch uses, and where its event
+    log lives. The log belongs to the TPM's PCR, not to a data directory: every kvmrkt data directory that
+    measures into one PCR must share ``log_dir`` (the default), or each sees the other's extends as tampering."""
 
     tcti: str = field(default_factory=_default_tcti)
     pcr: int = 15
+    log_dir: Path = Path("/var/lib/kvmrkt/measure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +199,7 @@ class RuntimeConfig:
             "insecure_options": sorted(self.insecure_options),
             "stage1": s1,
             "images": dataclasses.asdict(self.images),
-            "measure": dataclasses.asdict(self.measure),
+            "measure": {k: _plain(v) for k, v in dataclasses.asdict(self.measure).items()},
             "selinux": dataclasses.asdict(self.selinux),
             "network": {"default": self.network.default, "plugin_dirs": list(self.network.plugin_dirs)},
             "jail": dataclasses.asdict(self.jail),
@@ -282,7 +285,11 @@ def load_config(
     if sel.get("mode", "auto") not in ("auto", "required"):
         raise ConfigError(f"selinux mode must be auto or required, not {sel.get('mode')!r}")
     meas = doc.get("measure", {})
-    _check_table(meas, {"tcti": str, "pcr": int}, "measure.", path)
+    _check_table(meas, {"tcti": str, "pcr": int, "log_dir": str}, "measure.", path)
+    if "log_dir" in meas:
+        if not meas["log_dir"].startswith("/"):
+            raise ConfigError(f"{path}: measure.log_dir must be an absolute path")
+        meas = {**meas, "log_dir": Path(meas["log_dir"])}
     img = doc.get("images", {})
     _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int, "scratch": str}, "images.", path)
     if any(isinstance(v, int) and v <= 0 for v in img.values()):

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import confinement, images, oci
+from kvmrkt import admission, confinement, images, oci
 from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
     ConfigError,
-    EventLogError,
     ImageError,
     ImageNotFoundError,
     KvmrktError,
@@ -45,9 +44,8 @@ from kvmrkt.pod import Pod
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
-from measure.events import EventLog, boot_id, launch_events, parse_log
-from measure.replay import replay
-from measure.tpm import Measurer, pcr_read
+from measure.events import launch_events
+from measure.tpm import Measurer
 from policy import selinux
 from policy.model import Policy, load_policy
 from policy.trust import Decision, Subject, decide, match_scope
@@ -342,8 +340,8 @@ class Engine:
         return self.store.resolve(ref)
 
     def _trust_pod(self, manifest: PodManifest) -> dict[str, Any]:
-        """Judge every app's image now (the policy may have changed since it was fetched)."""
-        return {app.name: self.check_trust(self.store.get(app.image_id)).to_dict() for app in manifest.apps}
+        """Judge every image whose files reach the pod now (the policy may have changed since it was fetched)."""
+        return admission.judge(manifest, self.store, self.check_trust)
 
     # --- prepare ------------------------------------------------------------------------------------------
 
@@ -525,72 +523,27 @@ class Engine:
                 "no TPM is configured and /dev/tpmrm0 does not exist: the pod cannot be measured",
                 hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
                      "with --insecure-options=tpm (unmeasured)")
+        deps: list[dict[str, Any]] = []
         if apps is None:
-            apps = [self._app_event(app) for app in manifest.apps]
-        events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, stage1=facts,
-                               trust={"policy": self._policy_digest(), "decisions": trust},
+            apps, deps = admission.measured_images(manifest, self.store, trust)
+        events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, dependencies=deps,
+                               stage1=facts, trust={"policy": self._policy_digest(), "decisions": trust},
                                insecure=sorted(self.config.insecure_options))
-        measurer = Measurer(cfg.tcti, cfg.pcr, self.config.data_dir / "measure")
+        measurer = Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
         recnums = measurer.measure(events)
-        if measurer.set_aside:
-            self.warn(f"WARNING: PCR {cfg.pcr} did not match the event log (the TPM was reset, or something else "
-                      f"extended it): that log is kept as {measurer.set_aside} and a new one was started")
+        self._measurement_warnings(measurer)
         pod.write_json("measure.json", {"measured": True, "pcr": cfg.pcr, "log": str(measurer.log.path),
                                         "records": recnums, "events": [e.kind for e in events]})
 
-    def _app_event(self, app: AppSpec) -> dict[str, Any]:
-        record = self.store.get(app.image_id)
-        return {"app": app.name, "image": app.image_name, "manifest": app.image_id, "signed": record.signed_digest,
-                "rootfs": app.rootfs_digest, "verity_root": record.verity_root}
-
-    def event_log(self, path: Path | None) -> dict[str, Any]:
-        """Check and replay an event log (default: this boot's) and read the PCR it should match.
-
-        Raises:
-            EventLogError: the log does not check (naming the first broken record).
-        """
-        log_path = path or EventLog(self.config.data_dir / "measure").path
-        try:
-            records = parse_log(log_path.read_bytes())
-        except FileNotFoundError as exc:
-            raise EventLogError(f"no event log at {log_path} (nothing was measured this boot)") from exc
-        rep = replay(records)
-        info: dict[str, Any] = {
-            "path": str(log_path), "boot_id": rep.boot_id, "pcr": rep.pcr, "initial": rep.initial.hex(),
-            "replayed": rep.final.hex(),
-            "events": [{"recnum": e["recnum"], "digest": e["digest"].hex(), "event": e["event"]} for e in rep.events],
-        }  # fmt: skip
-        if self.config.measure.tcti and rep.boot_id == boot_id():
-            with contextlib.suppress(TpmUnavailableError):
-                value = pcr_read(self.config.measure.tcti, rep.pcr)
-                info["tpm"] = value.hex()
-                info["matches"] = value == rep.final
-        return info
-
-    def _tcti(self) -> str:
-        if not self.config.measure.tcti:
-            raise TpmUnavailableError("no TPM is configured", hint="set [measure] tcti in config.toml")
-        return self.config.measure.tcti
-
-    def attest_init(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ak.pem and ek.pem."""
-        from measure import attest
-
-        return attest.init(self._tcti(), out_dir)
-
-    def attest_quote(self, nonce_hex: str, tpm2_tools_dir: Path | None) -> dict[str, Any]:
-        """Evidence over the measurement PCR for a verifier's nonce."""
-        from measure import attest
-
-        try:
-            nonce = bytes.fromhex(nonce_hex)
-        except ValueError as exc:
-            raise ConfigError("--nonce must be hex") from exc
-        evidence = attest.quote(self._tcti(), self.config.measure.pcr, nonce,
-                                EventLog(self.config.data_dir / "measure").path)
-        if tpm2_tools_dir:
-            attest.write_tpm2_tools(evidence, tpm2_tools_dir)
-        return evidence
+    def _measurement_warnings(self, measurer: Measurer) -> None:
+        if measurer.ended:
+            self.warn(f"note: {measurer.ended[1]}: the measurement log of the last reset cycle is kept as "
+                      f"{measurer.ended[0]} and a new one started")
+        if measurer.mismatch:
+            self.warn(f"WARNING: TAMPER EVIDENCE: PCR {measurer.pcr} holds {measurer.mismatch[1].hex()[:16]}..., "
+                      f"where kvmrkt's log leads to {measurer.mismatch[0].hex()[:16]}...: something outside "
+                      f"kvmrkt extended it (or the log was edited). Recorded in {measurer.log.path}; until the "
+                      "TPM is reset (host reboot), no verifier will accept this host's evidence")
 
     def _policy_digest(self) -> str | None:
         with contextlib.suppress(KvmrktError):

@@ -6,7 +6,10 @@ keys. ``quote`` gathers evidence: the quote and its signature (TPM wire format),
 the AK public key and the boot id. ``verify`` is what a security team runs on evidence from a machine it does
 not trust, with the AK public key it enrolled and the nonce it chose; checks run in Keylime's order and the
 first failure is reported: signature (ECDSA with SHA-256 only: no downgrade), quote magic and type, nonce, PCR
-selection and digest against the PCR value, event log replay against the PCR, then the reference policy.
+selection and digest against the PCR value, the TPM's clock and counters against the previous evidence when
+given (they never go back; within one reset cycle the clock moves on), event log replay against the PCR, the
+history (the log starts from the PCR's reset value in the quote's own reset cycle, with no pcr-mismatch
+record: otherwise launches could be hidden), then the reference policy, image by image.
 
 Trust boundary: evidence is attacker-controlled; only the AK public key, the nonce and the reference policy
 given by the verifier are trusted. The AK is bound to this TPM by enrolment (``ak.pem`` next to ``ek.pem``);
@@ -31,13 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kvmrkt.errors import AttestationError, EventLogError
-from measure.events import boot_id, parse_log
-from measure.replay import replay
+from measure.events import RESET_VALUE, TpmClock, boot_id, parse_log
+from measure.replay import Replay, replay
 from measure.tpm import _pytss, esapi
 
 TPM_GENERATED = 0xFF544347
 ST_ATTEST_QUOTE = 0x8018
-EVIDENCE_VERSION = 1
+EVIDENCE_VERSION = 2
 
 
 def new_nonce() -> str:
@@ -147,6 +150,7 @@ class Launch:
     pod: str
     time: float | None = None
     apps: list[dict[str, Any]] = field(default_factory=list)
+    dependencies: list[dict[str, Any]] = field(default_factory=list)
     stage1: dict[str, Any] = field(default_factory=dict)
     trust: dict[str, Any] = field(default_factory=dict)
     insecure: list[str] = field(default_factory=list)
@@ -156,12 +160,21 @@ class Launch:
     def verdict(self) -> str:
         return "ok" if not self.problems else "REJECTED"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"pod": self.pod, "time": self.time, "apps": [a.get("app") for a in self.apps],
+                "images": [a.get("manifest") for a in self.apps],
+                "dependencies": [{"image": d.get("image"), "digest": d.get("manifest"), "apps": d.get("apps")}
+                                 for d in self.dependencies],
+                "insecure": self.insecure, "verdict": self.verdict, "problems": self.problems}
+
 
 def _fail(check: str, message: str) -> AttestationError:
     return AttestationError(f"{check}: {message}", check=check)
 
 
-def _check_quote(evidence: dict[str, Any], ak_pem: bytes, nonce: bytes) -> None:
+def _check_quote(evidence: dict[str, Any], ak_pem: bytes, nonce: bytes | None) -> Any:
+    """Signature, quote structure, nonce (unless None: a previous quote), PCR selection and digest; returns the
+    parsed TPMS_ATTEST."""
     t = _pytss()
     try:
         key = serialization.load_pem_public_key(ak_pem)
@@ -190,7 +203,7 @@ def _check_quote(evidence: dict[str, Any], ak_pem: bytes, nonce: bytes) -> None:
         raise _fail("quote", "trailing bytes after the quote")
     if attest.magic != TPM_GENERATED or attest.type != ST_ATTEST_QUOTE:
         raise _fail("quote", "wrong magic or type: not a TPM-generated quote")
-    if bytes(attest.extraData) != nonce:
+    if nonce is not None and bytes(attest.extraData) != nonce:
         raise _fail("nonce", "the quote is not over the given nonce (replayed or for another challenge)")
     sel = attest.attested.quote.pcrSelect
     pcr = int(evidence["pcr"])
@@ -202,6 +215,7 @@ def _check_quote(evidence: dict[str, Any], ak_pem: bytes, nonce: bytes) -> None:
     value = bytes.fromhex(evidence["pcr_value"])
     if hashlib.sha256(value).digest() != bytes(attest.attested.quote.pcrDigest):
         raise _fail("pcr-digest", "the PCR value in the evidence is not the one the TPM quoted")
+    return attest
 
 
 def launches(events: list[dict[str, Any]]) -> list[Launch]:
@@ -209,13 +223,20 @@ def launches(events: list[dict[str, Any]]) -> list[Launch]:
     out: dict[str, Launch] = {}
     for ev in events:
         _domain, kind, body = ev["event"].split(":", 2)
-        data = json.loads(body)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise _fail("log", f"record {ev['recnum']}: the event is not a JSON object")
         launch = out.setdefault(str(data.get("pod")), Launch(str(data.get("pod"))))
         if kind == "stage1":
             launch.stage1 = data
             launch.time = data.get("time")
         elif kind == "app":
             launch.apps.append(data)
+        elif kind == "dependency":
+            launch.dependencies.append(data)
         elif kind == "trust":
             launch.trust = data
         elif kind == "insecure":
@@ -223,22 +244,36 @@ def launches(events: list[dict[str, Any]]) -> list[Launch]:
     return list(out.values())
 
 
+def _allowed(image: dict[str, Any], allowed: list[dict[str, Any]]) -> bool:
+    """An image (an app's or a dependency's event) is allowed by its own digest, or by the name it was judged
+    as together with one of its own signers: never by another image's signature or a manifest's name."""
+    signers = image.get("signers")
+    signers = set(signers) if isinstance(signers, list) else set()
+    return any(isinstance(r, dict) and (
+        (r.get("digest") is not None and r.get("digest") == image.get("manifest")) or
+        (r.get("name") is not None and r.get("name") == image.get("image") and r.get("signer") in signers))
+        for r in allowed)
+
+
 def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
     """Apply a reference policy to one launch (fills ``launch.problems``).
 
-    Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``; ``stage1``:
-    ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...]}``; ``allow_insecure``: list of options tolerated
-    (default none).
+    Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``, matched against
+    every app's image and every dependency image separately (its digest; or the name it was judged as and
+    its own signers); ``stage1``: ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...]}``;
+    ``allow_insecure``: list of options tolerated (default none).
     """
     allowed = reference.get("images")
-    for app in launch.apps:
-        if allowed is None:
-            break
-        signers = {s for d in (launch.trust.get("decisions") or {}).values() for s in d.get("signers", [])}
-        ok = any(r.get("digest") == app.get("manifest") or
-                 (r.get("name") == app.get("image") and r.get("signer") in signers) for r in allowed)
-        if not ok:
-            launch.problems.append(f"image {app.get('image')} ({app.get('manifest')}) is not allowed")
+    if allowed is not None:
+        for app in launch.apps:
+            if not _allowed(app, allowed):
+                launch.problems.append(f"app {app.get('app')}: image {app.get('image')} ({app.get('manifest')}) "
+                                       f"signed by {app.get('signers') or 'nobody'} is not allowed")
+        for dep in launch.dependencies:
+            if not _allowed(dep, allowed):
+                launch.problems.append(f"dependency {dep.get('image')} ({dep.get('manifest')}) of "
+                                       f"{', '.join(map(str, dep.get('apps') or []))}, signed by "
+                                       f"{dep.get('signers') or 'nobody'}, is not allowed")
     s1 = reference.get("stage1") or {}
     for part in ("kernel", "initrd", "vmm_guard"):
         if part in s1 and launch.stage1.get(part) not in s1[part]:
@@ -249,43 +284,98 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
         launch.problems.append(f"launched with --insecure-options={','.join(bad)}")
 
 
+def _clock_info(attest: Any) -> TpmClock:
+    info = attest.clockInfo
+    return TpmClock(int(info.clock), int(info.resetCount), int(info.restartCount), bool(info.safe))
+
+
+def _check_format(evidence: Any, what: str) -> None:
+    if not isinstance(evidence, dict) or evidence.get("version") != EVIDENCE_VERSION:
+        got = evidence.get("version") if isinstance(evidence, dict) else None
+        raise _fail("format", f"{what}: unsupported evidence version {got!r} (this verifier reads "
+                              f"{EVIDENCE_VERSION})")
+    pcr = evidence.get("pcr")
+    if not isinstance(pcr, int) or isinstance(pcr, bool) or not 0 <= pcr <= 23:
+        raise _fail("format", f"{what}: pcr must be a PCR number")
+    for key in ("quote", "signature", "pcr_value", "log"):
+        if not isinstance(evidence.get(key), str):
+            raise _fail("format", f"{what}: {key} must be a string")
+    try:
+        bytes.fromhex(evidence["pcr_value"])
+    except ValueError as exc:
+        raise _fail("format", f"{what}: pcr_value is not hex") from exc
+
+
+def _check_timing(now: TpmClock, before: TpmClock) -> dict[str, Any]:
+    """Keylime's check_quote_timing: the counters never go back, and within one reset cycle the clock moves on
+    (an old quote replayed). Returns what changed."""
+    if now.cycle < before.cycle:
+        raise _fail("timing", f"the TPM's reset/restart counters went back ({before.cycle} -> {now.cycle}): "
+                              "another TPM, a cleared TPM, or replayed evidence")
+    if now.cycle == before.cycle and now.clock <= before.clock:
+        raise _fail("timing", "the TPM clock did not advance since the previous evidence (a replayed quote)")
+    return {"reset_since_previous": now.reset_count != before.reset_count,
+            "restart_since_previous": now.cycle != before.cycle and now.reset_count == before.reset_count}
+
+
+def _check_history(rep: Replay, clock: TpmClock, pcr: int) -> None:
+    """The log must account for every extend of the PCR since the TPM's last reset."""
+    if rep.pcr != pcr:
+        raise _fail("log", f"the log is for PCR {rep.pcr}, the quote for PCR {pcr}")
+    if rep.initial != RESET_VALUE:
+        raise _fail("history", "the log does not start from the PCR's reset value, so it cannot show everything "
+                               "measured since the TPM was reset")
+    if rep.cycle != clock.cycle:
+        raise _fail("history", f"the log is for another TPM reset cycle (resetCount, restartCount {rep.cycle}; "
+                               f"the quote's: {clock.cycle}): it does not describe this PCR")
+
+
 def verify(
-    evidence: dict[str, Any], *, ak_pem: bytes, nonce: bytes, reference: dict[str, Any] | None
+    evidence: dict[str, Any], *, ak_pem: bytes, nonce: bytes, reference: dict[str, Any] | None,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Verify evidence end to end. Returns the report (launches with verdicts).
+    """Verify evidence end to end. Returns the report (launches with verdicts). ``previous``: earlier evidence
+    from the same machine (already verified), for the clock and counter checks.
 
     Raises:
-        AttestationError: naming the first failed check (signature, quote, nonce, pcr-selection, pcr-digest,
-        log, reference).
+        AttestationError: naming the first failed check (format, ak, signature, quote, nonce, pcr-selection,
+        pcr-digest, timing, log, history, reference); history and reference failures carry the report.
     """
-    if evidence.get("version") != EVIDENCE_VERSION:
-        raise _fail("format", f"unsupported evidence version {evidence.get('version')!r}")
-    _check_quote(evidence, ak_pem, nonce)
+    _check_format(evidence, "evidence")
+    attest = _check_quote(evidence, ak_pem, nonce)
+    clock = _clock_info(attest)
+    timing: dict[str, Any] = {}
+    if previous is not None:
+        _check_format(previous, "previous evidence")
+        timing = _check_timing(clock, _clock_info(_check_quote(previous, ak_pem, None)))
     try:
         rep = replay(parse_log(str(evidence.get("log", "")).encode()))
     except EventLogError as exc:
         raise _fail("log", exc.message) from exc
-    quoted = bytes.fromhex(evidence["pcr_value"])
-    if rep.pcr != int(evidence["pcr"]):
-        raise _fail("log", f"the log is for PCR {rep.pcr}, the quote for PCR {evidence['pcr']}")
-    if quoted == rep.initial:
-        attested = 0
-    elif quoted in rep.values:
-        attested = rep.values.index(quoted) + 1
-    else:
+    pcr = int(evidence["pcr"])
+    _check_history(rep, clock, pcr)
+    attested = rep.attested(bytes.fromhex(evidence["pcr_value"]))
+    if attested is None:
         raise _fail("log", "the event log does not replay to the quoted PCR value (edited, truncated, reordered "
-                           "or injected events)")
+                           "or injected events, or extends the log does not show)")
     found = launches(rep.events[:attested])
     for launch in found:
         evaluate(launch, reference or {})
-    report = {
-        "ok": all(not launch.problems for launch in found),
+    report: dict[str, Any] = {
+        "ok": all(not launch.problems for launch in found) and not rep.mismatches,
         "boot_id": rep.boot_id, "pcr": rep.pcr, "attested_events": attested,
         "unattested_events": len(rep.events) - attested,
-        "launches": [{"pod": x.pod, "time": x.time, "apps": [a.get("app") for a in x.apps],
-                      "images": [a.get("manifest") for a in x.apps], "insecure": x.insecure,
-                      "verdict": x.verdict, "problems": x.problems} for x in found],
+        "tpm": {**clock.to_dict(), **timing},
+        "tampered": [{k: m.get(k) for k in ("recnum", "expected", "found", "detected", "after_events")}
+                     for m in rep.mismatches],
+        "launches": [x.to_dict() for x in found],
     }  # fmt: skip
+    if rep.mismatches:
+        m = rep.mismatches[0]
+        raise AttestationError(
+            f"history: PCR {pcr} was extended outside kvmrkt (record {m.get('recnum')}: the TPM held "
+            f"{str(m.get('found'))[:16]}... where the log led to {str(m.get('expected'))[:16]}...): the log no "
+            "longer proves which pods ran on this machine since the TPM was reset", check="history", report=report)
     if not report["ok"]:
         first = next(x for x in found if x.problems)
         raise AttestationError(f"reference: pod {first.pod}: {first.problems[0]}", check="reference", report=report)

@@ -3,10 +3,15 @@
 Role: define what kvmrkt measures and how it is written down. Every event is ``kvmrkt:<kind>:`` followed by
 canonical JSON (sorted keys, no whitespace, UTF-8: RFC 8785 for the values kvmrkt emits); its SHA-256 is what
 the PCR is extended with, and the exact bytes are in the log so anyone can recompute the digest. One log per
-host boot (``DATA_DIR/measure/<boot_id>.cel``); its first record (not extended) names the boot, the PCR and
-the PCR's value when the log was started, so replay works where something else extended the PCR earlier.
-Records are appended and fsynced under an exclusive lock *before* the PCR is extended; a record whose extend
-failed is followed by a ``void`` record (not extended) so later replays still match.
+TPM reset cycle (``[measure] log_dir/<boot_id>.cel``, one directory for every data directory on the host: the PCR
+is the host's). Its first record (not extended) names the boot, the PCR, the TPM's reset and restart counters
+and the PCR's *reset value* (zero): a log proves the PCR's whole history since the TPM was reset, never a
+history that starts where someone chose. Records are appended and fsynced under an exclusive lock *before* the
+PCR is extended; a record whose extend failed is followed by a ``void`` record (not extended) so later replays
+still match. A PCR found holding anything other than what the log says is written down as a ``pcr-mismatch``
+record (tamper evidence, not extended: the chain continues from the value found, and no verifier accepts a log
+holding one); a TPM resumed with its PCRs kept gets a ``tpm-restart`` record with the new counters; a TPM
+reset (the counters say so) ends the log (renamed ``<boot_id>.cel.<time>.ended``, kept) and starts a new one.
 
 Trust boundary: the log file is evidence for a remote verifier, who trusts nothing in it until it replays to a
 quoted PCR value; locally it is written only by kvmrkt (0600, root).
@@ -32,6 +37,29 @@ RS = b"\x1e"
 CONTENT_TYPE = "kvmrkt"
 LOG_START = "kvmrkt-log-start"
 VOID = "kvmrkt-void"
+MISMATCH = "kvmrkt-pcr-mismatch"
+RESTART = "kvmrkt-tpm-restart"
+RESET_VALUE = bytes(32)  # PCRs 0-15 after TPM2_Startup(CLEAR), the only ones kvmrkt measures into
+
+
+@dataclass(frozen=True, slots=True)
+class TpmClock:
+    """The TPM's own clock and counters (TPMS_CLOCK_INFO): ``reset_count`` grows at every TPM reset (host boot,
+    emulator restart), ``restart_count`` at every restart or resume since; PCRs 0-15 start from zero at each."""
+
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+
+    @property
+    def cycle(self) -> tuple[int, int]:
+        """The reset cycle: (resetCount, restartCount)."""
+        return self.reset_count, self.restart_count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clock": self.clock, "resetCount": self.reset_count, "restartCount": self.restart_count,
+                "safe": self.safe}
 
 
 def canonical(value: Any) -> bytes:
@@ -121,21 +149,33 @@ class EventLog:
         finally:
             os.close(fd)
 
-    def start(self, pcr: int, initial: bytes, *, previous: str | None = None) -> None:
-        """Write the first record if the log is new (call with the lock held); ``previous`` names a log set
-        aside because it no longer described the PCR."""
-        if self.path.exists() and self.path.stat().st_size:
-            return
-        content = {"boot_id": self.path.stem, "pcr": pcr, "hashAlg": "sha256", "initial": initial.hex(),
-                   "started": time.time(), "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)",
-                   **({"previous_log": previous} if previous else {})}
+    def start(self, pcr: int, tpm: str, clock: TpmClock, *, previous: str | None = None, why: str = "") -> None:
+        """Write the first record of a new log (call with the lock held): the PCR from its reset value, in the
+        TPM's current reset cycle. ``previous`` names the log this one follows, ``why`` says why it ended."""
+        content = {"boot_id": self.path.stem, "pcr": pcr, "hashAlg": "sha256", "initial": RESET_VALUE.hex(),
+                   "tpm": tpm, **clock.to_dict(), "started": time.time(),
+                   "format": "TCG CEL JSON, JSON-SEQ (RFC 7464)",
+                   **({"previous_log": previous, "previous_ended": why} if previous else {})}
         self._append(encode_record(0, pcr, LOG_START, content, None))
 
-    def set_aside(self) -> Path:
-        """Rename the log out of the way (call with the lock held); it is kept, never deleted."""
-        target = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%dT%H%M%S')}.set-aside")
+    def end(self) -> Path:
+        """Rename the log of an ended reset cycle out of the way (call with the lock held); it is kept."""
+        target = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%dT%H%M%S')}.ended")
         os.rename(self.path, target)
         return target
+
+    def mismatch(self, pcr: int, expected: bytes, found: bytes, clock: TpmClock) -> None:
+        """Record that the PCR holds ``found`` where the log leads to ``expected`` (tamper evidence; later
+        records chain from ``found``)."""
+        content = {"expected": expected.hex(), "found": found.hex(), **clock.to_dict(), "detected": time.time(),
+                   "meaning": "the PCR was extended outside kvmrkt (or this log was edited): its history is no "
+                              "longer proven by this log"}
+        self._append(encode_record(self._next_recnum(), pcr, MISMATCH, content, None))
+
+    def restart(self, pcr: int, clock: TpmClock) -> None:
+        """Record a TPM restart or resume that kept the PCR (its new counters)."""
+        self._append(encode_record(self._next_recnum(), pcr, RESTART, {**clock.to_dict(), "noted": time.time()},
+                                   None))
 
     def _next_recnum(self) -> int:
         """The next record number, from the last complete record (read from the end: the log only grows)."""
@@ -166,16 +206,19 @@ class EventLog:
 
 def launch_events(
     *, pod: str, manifest: bytes, apps: list[dict[str, Any]], trust: dict[str, Any], stage1: dict[str, Any],
-    insecure: list[str], when: float | None = None,
+    insecure: list[str], dependencies: list[dict[str, Any]] | None = None, when: float | None = None,
 ) -> list[Event]:
     """The events of one pod launch, in measurement order: the VM (stage1 assets, kernel command line), each
-    app (image name, manifest digest, digest of the root filesystem image the VM reads), the pod manifest
-    (digest of its canonical JSON), the trust decision, and any insecure options in effect."""
+    image an app's files are built from besides its own (appc dependencies: digest, the name it was judged as,
+    its signers), each app (its image's digest, judged name and signers, the digest of the root filesystem
+    image the VM reads), the pod manifest (digest of its canonical JSON), the trust decisions, and any insecure
+    options in effect."""
     events = [
         Event("stage1", {"pod": pod, "time": int(when if when is not None else time.time()),
                          **{k: stage1[k] for k in sorted(stage1)},
                          "cmdline_digest": "sha256:" + hashlib.sha256(str(stage1.get("cmdline", "")).encode())
                          .hexdigest()}),
+        *(Event("dependency", {"pod": pod, **dep}) for dep in dependencies or ()),
         *(Event("app", {"pod": pod, **app}) for app in apps),
         Event("pod-manifest", {"pod": pod, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest()}),
         Event("trust", {"pod": pod, **trust}),

@@ -1,11 +1,14 @@
 """The host TPM, through tpm2-pytss (ESAPI), and the measurer that extends it in step with the event log.
 
-Role: the only module that talks to the TPM. ``Measurer.measure(events)`` takes the log lock, writes the log's
-start record on first use (with the PCR value found then; a log whose replay no longer equals the PCR, after a
-TPM reset or a foreign extend, is set aside and a new one started, naming it), and for each event appends +
-fsyncs the record, then extends the PCR with the event's SHA-256. Any TPM error is a ``TpmUnavailableError``
-and the launch stops (fail closed); an event whose extend failed is voided in the log. Trust boundary: the TPM
-is trusted hardware (or swtpm, clearly labelled as emulated); the TCTI string comes from root-owned config.
+Role: the only module that talks to the TPM. ``Measurer.measure(events)`` takes the log lock and first
+reconciles the log with the TPM (``sync``): a new log starts from the PCR's reset value in the TPM's current
+reset cycle (its resetCount/restartCount); a TPM reset (the counters moved, the PCR was not kept) ends the
+old log and starts a new one naming it; a resume that kept the PCR is noted; and a PCR that holds anything
+else than the log leads to is recorded as a ``pcr-mismatch`` (tamper evidence: never a silent fresh start).
+Then for each event it appends + fsyncs the record, then extends the PCR with the event's SHA-256. Any TPM
+error is a ``TpmUnavailableError`` and the launch stops (fail closed); an event whose extend failed is voided
+in the log. Trust boundary: the TPM is trusted hardware (or swtpm, clearly labelled as emulated); the TCTI
+string comes from root-owned config.
 """
 
 from __future__ import annotations
@@ -18,24 +21,26 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import ConfigError, TpmUnavailableError
-from measure.events import Event, EventLog
+from measure.events import RESET_VALUE, Event, EventLog, TpmClock
 from measure.replay import replay
-
-FORBIDDEN_PCRS = range(16, 23)
 
 
 def check_pcr(pcr: int) -> int:
-    """Validate the configured PCR.
+    """Validate the configured PCR: only 0-15 are reset by nothing but a TPM reset, so only they can prove
+    their whole history.
 
     Raises:
-        ConfigError: 16 (debug, resettable by anyone at locality 0) and 17-22 (DRTM, locality 4 only).
+        ConfigError: 16 and 23 (resettable at locality 0 by anyone with TPM access: a reset erases history
+        without the TPM's counters noticing) and 17-22 (DRTM, locality 4 only).
     """
     if not 0 <= pcr <= 23:
         raise ConfigError(f"measure.pcr {pcr} is not a PCR (0-23)")
-    if pcr in FORBIDDEN_PCRS:
-        why = "resettable at locality 0 by anyone with TPM access" if pcr == 16 else "reserved for DRTM (locality 4)"
+    if pcr >= 16:
+        why = "reserved for DRTM (locality 4)" if 17 <= pcr <= 22 else \
+            "resettable at locality 0 by anyone with TPM access, so it cannot prove its history"
         raise ConfigError(f"measure.pcr {pcr} cannot be used: PCR {pcr} is {why}",
-                          hint="use 15 (the default, rkt's choice) or 23 (application PCR, also resettable)")
+                          hint="use 15 (the default, rkt's choice), or another of 8-15 that nothing else on the "
+                               "host extends")
     return pcr
 
 
@@ -84,6 +89,17 @@ def pcr_read(tcti: str, pcr: int) -> bytes:
         return _read(ctx, pcr)
 
 
+def _clock(ctx: Any) -> TpmClock:
+    info = ctx.read_clock().clockInfo
+    return TpmClock(int(info.clock), int(info.resetCount), int(info.restartCount), bool(info.safe))
+
+
+def read_clock(tcti: str) -> TpmClock:
+    """The TPM's clock and reset/restart counters (TPM2_ReadClock)."""
+    with esapi(tcti) as ctx:
+        return _clock(ctx)
+
+
 class Measurer:
     """Extends one PCR with events, logging each first."""
 
@@ -91,7 +107,37 @@ class Measurer:
         self.tcti = tcti
         self.pcr = check_pcr(pcr)
         self.log = EventLog(log_dir)
-        self.set_aside: Path | None = None
+        self.ended: tuple[Path, str] | None = None  # a log this call ended, and why
+        self.mismatch: tuple[bytes, bytes] | None = None  # (expected, found) recorded by this call
+
+    def sync(self, ctx: Any) -> None:
+        """Bring the log in step with the TPM (call with the log lock held and an open ESAPI context)."""
+        current, clock = _read(ctx, self.pcr), _clock(ctx)
+        rep = replay(self.log.records()) if self.log.path.exists() and self.log.path.stat().st_size else None
+        why = ""
+        if rep is not None:
+            if rep.pcr != self.pcr or rep.tpm != self.tcti:
+                why = f"the measurement TPM or PCR changed (was {rep.tpm or '?'} PCR {rep.pcr})"
+            elif rep.cycle != clock.cycle:
+                if rep.cycle is not None and clock.reset_count == rep.cycle[0] and current == rep.final:
+                    self.log.restart(self.pcr, clock)  # resumed with its PCRs kept: same history
+                else:
+                    why = f"the TPM was reset (resetCount, restartCount {rep.cycle} -> {clock.cycle})"
+            if why:
+                self.ended = (self.log.end(), why)
+                rep = None
+        if rep is None:
+            self.log.start(self.pcr, self.tcti, clock, previous=self.ended[0].name if self.ended else None,
+                           why=why)
+        expected = rep.final if rep is not None else RESET_VALUE
+        if current != expected:
+            self.log.mismatch(self.pcr, expected, current, clock)
+            self.mismatch = (expected, current)
+
+    def check(self) -> None:
+        """Reconcile the log with the TPM without measuring anything (before a quote)."""
+        with self.log.locked(), esapi(self.tcti) as ctx:
+            self.sync(ctx)
 
     def measure(self, events: list[Event]) -> list[int]:
         """Log and extend every event, in order; returns their record numbers.
@@ -103,14 +149,7 @@ class Measurer:
         handle = getattr(pytss.ESYS_TR, f"PCR{self.pcr}")
         recnums: list[int] = []
         with self.log.locked(), esapi(self.tcti) as ctx:
-            current = _read(ctx, self.pcr)
-            if self.log.path.exists() and self.log.path.stat().st_size:
-                rep = replay(self.log.records())
-                if rep.pcr != self.pcr or rep.final != current:
-                    # The TPM was reset (an emulator restarted within this host boot) or something else
-                    # extended the PCR: this log no longer describes it. Keep it, start one that does.
-                    self.set_aside = self.log.set_aside()
-            self.log.start(self.pcr, current, previous=self.set_aside.name if self.set_aside else None)
+            self.sync(ctx)
             for event in events:
                 recnum = self.log.append(self.pcr, event)
                 ha = pytss.TPMT_HA(hashAlg=pytss.TPM2_ALG.SHA256)

@@ -23,7 +23,9 @@ def attest() -> None:
 def attest_init(c: _Ctx, out_dir: Path) -> None:
     """Derive the attestation key (restricted ECDSA P-256 signing key in the endorsement hierarchy; the same
     key every time on this TPM) and write ak.pem and ek.pem for enrolment by the security team."""
-    ak, ek = c.engine().attest_init(out_dir)
+    from kvmrkt import evidence
+
+    ak, ek = evidence.attest_init(c.config(), out_dir)
     click.echo(f"wrote {ak} and {ek}")
 
 
@@ -35,8 +37,13 @@ def attest_init(c: _Ctx, out_dir: Path) -> None:
                    "(-l sha256:PCR -g sha256 -q NONCE).")
 @pass_ctx
 def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None) -> None:
-    """Quote the measurement PCR with the AK and write the evidence (quote, PCR value, event log, AK, boot id)."""
-    evidence = c.engine().attest_quote(nonce, tpm2_tools_dir)
+    """Quote the measurement PCR with the AK and write the evidence (quote, PCR value, event log, AK, boot id).
+
+    The log is first reconciled with the TPM: a PCR extended by something else is recorded in the log as tamper
+    evidence, which every verifier then reports."""
+    from kvmrkt import evidence as local
+
+    evidence = local.attest_quote(c.config(), nonce, tpm2_tools_dir)
     output.write_text(json.dumps(evidence, indent=2) + "\n")
     click.echo(f"wrote {output}")
 
@@ -45,11 +52,18 @@ def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None)
 @click.option("--ak-pub", type=click.Path(path_type=Path, exists=True), required=True, help="The enrolled AK.")
 @click.option("--nonce", required=True, help="The nonce the quote must be over (hex).")
 @click.option("--reference", type=click.Path(path_type=Path, exists=True), help="Reference policy (JSON).")
+@click.option("--previous", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Evidence verified earlier from the same machine: the TPM's counters must not go back and, "
+                   "within one reset cycle, its clock must move on.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("evidence", type=click.Path(path_type=Path, exists=True))
 @pass_ctx
-def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: Path | None, fmt: str) -> None:
-    """Verify evidence offline: signature, quote, nonce, PCR digest, log replay, then the reference policy.
+def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: Path | None, previous: Path | None,
+                  fmt: str) -> None:
+    """Verify evidence offline: signature, quote, nonce, PCR digest, TPM clock and counters (with --previous),
+    log replay, the PCR's whole history since the TPM was reset (a log that starts elsewhere, belongs to another
+    reset cycle or records an extend from outside kvmrkt is refused), then the reference policy, image by image
+    (dependencies included).
 
     \b
     Reference policy (all keys optional):
@@ -62,11 +76,13 @@ def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: 
 
     try:
         report = attestation.verify(_load_json_file(evidence), ak_pem=ak_pub.read_bytes(), nonce=_hex(nonce),
-                                    reference=_load_json_file(reference) if reference else None)
+                                    reference=_load_json_file(reference) if reference else None,
+                                    previous=_load_json_file(previous) if previous else None)
     except AttestationError as exc:
         if fmt == "json":
             _dump({"ok": False, "failed_check": exc.check, "message": exc.message, "report": exc.report})
         elif exc.report:
+            _print_tampered(exc.report)
             _print_launches(exc.report)
         raise
     if fmt == "json":
@@ -77,12 +93,20 @@ def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: 
     _print_launches(report)
 
 
+def _print_tampered(report: dict[str, Any]) -> None:
+    for m in report.get("tampered", []):
+        click.echo(f"TAMPERED: record {m['recnum']}, after {m['after_events']} event(s): the TPM held "
+                   f"{m['found'][:16]}... where the log led to {m['expected'][:16]}...")
+
+
 def _print_launches(report: dict[str, Any]) -> None:
     click.echo(f"{'TIME':<20}{'POD':<38}{'VERDICT':<10}APPS / IMAGES")
     for x in report["launches"]:
         when = _when(x["time"]) if x["time"] else "-"
         images = ", ".join(f"{a}={i[:19]}" for a, i in zip(x["apps"], x["images"], strict=False))
         click.echo(f"{when:<20}{x['pod']:<38}{x['verdict']:<10}{images}")
+        for d in x.get("dependencies", []):
+            click.echo(f"{'':<20}  dependency {d['image']} ({str(d['digest'])[:19]}) of {', '.join(d['apps'] or [])}")
         for p in x["problems"]:
             click.echo(f"{'':<20}  - {p}")
 
@@ -106,18 +130,29 @@ def _load_json_file(path: Path) -> Any:
 @click.argument("log_file", required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @pass_ctx
 def attest_log(c: _Ctx, log_file: Path | None, fmt: str) -> None:
-    """Check and print an event log (default: this boot's), and compare its replay with the TPM's PCR."""
-    info = c.engine().event_log(log_file)
+    """Check and print an event log (default: this boot's), and compare its replay with the TPM's PCR and reset
+    cycle. Exits 5 when the log does not prove the PCR's history (it records an extend from outside kvmrkt) or
+    no longer matches the TPM."""
+    from kvmrkt import evidence
+
+    info = evidence.event_log(c.config(), log_file)
     if fmt == "json":
         _dump(info)
         return
-    click.echo(f"log {info['path']} (boot {info['boot_id']}), PCR {info['pcr']}, initial {info['initial'][:16]}...")
+    cycle = "/".join(map(str, info["cycle"])) if info["cycle"] else "?"
+    click.echo(f"log {info['path']} (boot {info['boot_id']}, TPM reset cycle {cycle}), PCR {info['pcr']}, "
+               f"initial {info['initial'][:16]}...")
     for ev in info["events"]:
         click.echo(f"{ev['recnum']:>6}  {ev['digest'][:16]}  {ev['event'][:150]}")
+    for m in info["mismatches"]:
+        click.echo(f"TAMPERED: record {m['recnum']}, after {m['after_events']} event(s): the PCR held "
+                   f"{m['found'][:16]}... where the log led to {m['expected'][:16]}... (extended outside kvmrkt)")
     click.echo(f"replayed PCR {info['pcr']}: {info['replayed']}")
     if info.get("tpm") is not None:
         click.echo(f"TPM      PCR {info['pcr']}: {info['tpm']} ({'matches' if info['matches'] else 'DOES NOT MATCH'})")
-    if info.get("matches") is False:
+    click.echo("history: " + ("proven since the TPM was reset" if info["proven"] else
+                              "NOT PROVEN (a verifier will refuse this log)"))
+    if info.get("matches") is False or not info["proven"]:
         sys.exit(5)
 
 

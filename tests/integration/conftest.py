@@ -8,6 +8,7 @@ not there before the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,14 @@ class Swtpm:
 
     port: int
     proc: subprocess.Popen[bytes]
+    state: Path
+
+    def restart(self) -> None:
+        """Stop and start this TPM on the same state and port: a TPM reset (resetCount goes up, PCRs 0-15 are
+        zero again), as at a host reboot."""
+        stop_swtpm(self)
+        new = start_swtpm(self.state, self.port)
+        self.proc = new.proc
 
     @property
     def tcti(self) -> str:
@@ -103,20 +112,23 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.1)
 
 
-def start_swtpm(state: Path) -> Swtpm:
-    """Start swtpm on a free pair of loopback ports (retrying if another process takes one first)."""
+def start_swtpm(state: Path, port: int | None = None) -> Swtpm:
+    """Start swtpm on a free pair of loopback ports (retrying if another process takes one first), or on
+    ``port`` (to restart a TPM: the same state and TCTI, the next TPM reset cycle)."""
     from .registry import free_port
 
+    fixed = port
     for _attempt in range(20):
-        port = free_port()
+        port = fixed or free_port()
         proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
                                  "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
                                  "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if wait_port(port, proc):
-            return Swtpm(port, proc)
+            return Swtpm(port, proc, state)
         proc.kill()
         proc.wait()
+        time.sleep(0.1)
     raise RuntimeError("swtpm did not start")
 
 
@@ -125,8 +137,10 @@ def stop_swtpm(tpm: Swtpm) -> None:
     tpm.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A TPM of the test's own: a measurement log proves its PCR's whole history since the TPM was reset, so
+    tests that each keep their own log cannot share one (each would see the others' extends as tampering)."""
     tpm = start_swtpm(tmp_path_factory.mktemp("swtpm"))
     yield tpm
     stop_swtpm(tpm)
@@ -167,17 +181,32 @@ def net_snapshot() -> dict[str, set[str]]:
     }
 
 
+# The pods of this test session get cgroups of their own, so that sessions run side by side (by several
+# developers' worktrees) do not count each other's pods as leaks.
+CGROUP_PARENT = f"kvmrkt-test-{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cgroups() -> Iterator[None]:
+    yield
+    for ctrl in ("memory", "cpu", "pids", "unified"):
+        with contextlib.suppress(OSError):
+            (Path("/sys/fs/cgroup") / ctrl / CGROUP_PARENT).rmdir()
+
+
 def jail_leaks(data: Path) -> list[str]:
     """What pods of a data dir could leave behind on the host beyond networks: cgroups, mounts (the libvirt
     backend's bind mounts), grants on shared directories, jail directories, processes running as a jail uid."""
     leaks = []
     for ctrl in ("memory", "cpu", "pids"):
-        base = Path("/sys/fs/cgroup") / ctrl / "kvmrkt"
+        base = Path("/sys/fs/cgroup") / ctrl / CGROUP_PARENT
         if base.is_dir():
             leaks += [str(d) for d in base.iterdir() if d.is_dir()]
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point.startswith((str(data), "/run/kvmrkt/")):
+        root, point = line.split()[3:5]
+        # The libvirt backend binds a pod's files from the data dir to /run/kvmrkt/<uuid>; another session's
+        # pods bind from theirs (the bind's root is the source path: the test dirs are on the root fs here).
+        if point.startswith(str(data)) or (point.startswith("/run/kvmrkt/") and root.startswith(str(data))):
             leaks.append(f"mount {point}")
     grants = data / "jail" / "shares.json"
     if grants.exists() and json.loads(grants.read_text()):
@@ -229,12 +258,18 @@ class Kvmrkt:
         return proc
 
     def write_config(self, text: str) -> None:
-        """Write config.toml; every test config measures into the session's swtpm and runs pods without a network
-        unless it says otherwise (tests/integration/test_network.py asks for networks explicitly)."""
+        """Write config.toml; every test config measures into the test's swtpm, with the event log in the data
+        directory, and runs pods without a network unless it says otherwise (tests/integration/test_network.py
+        asks for networks explicitly)."""
         if "[measure]" not in text:
             text += f'\n[measure]\ntcti = "{self.tcti}"\n'
+        if "log_dir" not in text:
+            text = text.replace("[measure]\n", f'[measure]\nlog_dir = "{self.data / "measure"}"\n', 1)
         if "[network]" not in text:
             text += '\n[network]\ndefault = "none"\n'
+        if "cgroup_parent" not in text:
+            text = text.replace("[jail]\n", f'[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n', 1) if "[jail]\n" in \
+                text else text + f'\n[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n'
         if self.backend != "qemu":
             line = f'backend = "{self.backend}"\n'
             text = text.replace("[stage1]\n", "[stage1]\n" + line, 1) if "[stage1]\n" in text else (

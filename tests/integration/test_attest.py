@@ -96,7 +96,38 @@ def _inject(doc: dict[str, Any]) -> None:
     _set_log(doc, [*c[:-1], json.dumps(rec) + "\n", c[-1]])
 
 
+def _start_at_quoted_value(doc: dict[str, Any]) -> None:
+    """Review finding: the log cut down to its start record, whose initial value is set to the quoted PCR: it
+    used to verify, with every launch gone from the report."""
+    start = json.loads(_log_records(doc)[0])
+    start["content"]["initial"] = doc["pcr_value"]
+    _set_log(doc, [json.dumps(start) + "\n"])
+
+
+def _start_at_zero_with_nothing(doc: dict[str, Any]) -> None:
+    _set_log(doc, _log_records(doc)[:1])
+
+
+def _declared_mismatch(doc: dict[str, Any]) -> None:
+    """A log that admits a mismatch to reach the quoted value: it replays, but proves nothing."""
+    start = _log_records(doc)[0]
+    mismatch = {"recnum": 1, "pcr": 15, "content_type": "kvmrkt-pcr-mismatch", "digests": [],
+                "content": {"expected": "00" * 32, "found": doc["pcr_value"]}}
+    _set_log(doc, [start, json.dumps(mismatch) + "\n"])
+
+
+def _other_cycle(doc: dict[str, Any]) -> None:
+    c = _log_records(doc)
+    start = json.loads(c[0])
+    start["content"]["resetCount"] += 1
+    _set_log(doc, [json.dumps(start) + "\n", *c[1:]])
+
+
 TAMPERS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "log restarted at the quoted value": (_start_at_quoted_value, "history"),
+    "log emptied": (_start_at_zero_with_nothing, "log"),
+    "log declaring a mismatch": (_declared_mismatch, "history"),
+    "log of another reset cycle": (_other_cycle, "history"),
     "flipped quote byte": (_flip_quote, "signature"),
     "log truncated": (_truncate, "log"),
     "log reordered": (_reorder, "log"),

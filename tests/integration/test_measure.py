@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import secrets
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from measure.events import parse_log
 from measure.replay import replay
 from measure.tpm import pcr_read
 
-from .conftest import Kvmrkt, _our_processes, start_swtpm, stop_swtpm
+from .conftest import Kvmrkt, Swtpm, _our_processes
 
 
 def _log(k: Kvmrkt) -> Path:
@@ -98,21 +101,87 @@ def test_rootfs_altered_after_measurement_fails_to_read_in_the_guest(kvmrkt: Kvm
     kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
 
 
-def test_a_log_that_no_longer_describes_the_pcr_is_set_aside(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
-    """A TPM reset within one host boot (here: another swtpm, as after an emulator restart) leaves the old log
-    describing a PCR value that is gone; the next launch keeps that log aside and starts one that matches."""
+def _quote(k: Kvmrkt, tmp_path: Path, name: str) -> tuple[Path, str]:
+    nonce = secrets.token_hex(16)
+    k.ok("attest", "quote", "--nonce", nonce, "-o", str(tmp_path / name))
+    return tmp_path / name, nonce
+
+
+def _verify(k: Kvmrkt, evidence: Path, nonce: str, ak: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    res = k("attest", "verify", str(evidence), "--ak-pub", str(ak), "--nonce", nonce, "--format", "json", *extra)
+    return res.rc, json.loads(res.out)
+
+
+def test_a_pcr_extended_outside_kvmrkt_is_tamper_evidence(kvmrkt: Kvmrkt, tmp_path: Path, swtpm: Swtpm) -> None:
+    """Review finding: one extend from outside made kvmrkt start a fresh log at the new value, and a quote then
+    verified showing only the later launch. Now the log stays, the mismatch is recorded in it, and no verifier
+    accepts it; both launches stay visible."""
+    kvmrkt.ok("attest", "init", "--out-dir", str(tmp_path))
+    first = tmp_path / "first"
+    kvmrkt.ok("run", "--uuid-file-save", str(first), "busybox", "--exec", "/bin/true")
+    subprocess.run(["tpm2_pcrextend", "-T", swtpm.tcti, "15:sha256=" + "00" * 31 + "01"], check=True)
+    second = tmp_path / "second"
+    res = kvmrkt.ok("run", "--uuid-file-save", str(second), "busybox", "--exec", "/bin/true")
+    assert "TAMPER EVIDENCE" in res.err and "extended it" in res.err
+    assert [p.name for p in (kvmrkt.data / "measure").iterdir() if ".cel" in p.name] == [_log(kvmrkt).name]
+    rep = replay(parse_log(_log(kvmrkt).read_bytes()))
+    assert not rep.proven and rep.mismatches[0]["after_events"] == 4 and rep.final == pcr_read(swtpm.tcti, 15)
+    res = kvmrkt("attest", "log")
+    assert res.rc == 5 and "TAMPERED: record 5" in res.out and "NOT PROVEN" in res.out
+    evidence, nonce = _quote(kvmrkt, tmp_path, "ev.json")
+    rc, doc = _verify(kvmrkt, evidence, nonce, tmp_path / "ak.pem")
+    assert rc == 5 and doc["failed_check"] == "history", doc
+    assert [x["pod"] for x in doc["report"]["launches"]] == [first.read_text().strip(), second.read_text().strip()]
+    assert doc["report"]["tampered"][0]["recnum"] == 5
+    text = kvmrkt("attest", "verify", str(evidence), "--ak-pub", str(tmp_path / "ak.pem"), "--nonce", nonce)
+    assert text.rc == 5 and "TAMPERED" in text.out and "extended outside kvmrkt" in text.err
+
+
+def test_an_extend_after_the_last_launch_is_recorded_by_the_quote(kvmrkt: Kvmrkt, tmp_path: Path,
+                                                                  swtpm: Swtpm) -> None:
+    kvmrkt.ok("attest", "init", "--out-dir", str(tmp_path))
     kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
-    (tmp_path / "tpm2").mkdir()
-    tpm = start_swtpm(tmp_path / "tpm2")
-    try:
-        kvmrkt.write_config(f'[measure]\ntcti = "{tpm.tcti}"\n')
-        res = kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
-        assert "did not match the event log" in res.err
-        (old,) = (kvmrkt.data / "measure").glob("*.set-aside")
-        records = parse_log(_log(kvmrkt).read_bytes())
-        assert records[0]["content"]["previous_log"] == old.name
-        assert replay(records).final == pcr_read(tpm.tcti, 15)
-        assert "(matches)" in kvmrkt.ok("attest", "log").out
-        assert replay(parse_log(old.read_bytes())).events  # the old log is kept, intact
-    finally:
-        stop_swtpm(tpm)
+    subprocess.run(["tpm2_pcrextend", "-T", swtpm.tcti, "15:sha256=" + "00" * 31 + "02"], check=True)
+    evidence, nonce = _quote(kvmrkt, tmp_path, "ev.json")
+    rc, doc = _verify(kvmrkt, evidence, nonce, tmp_path / "ak.pem")
+    assert rc == 5 and doc["failed_check"] == "history" and len(doc["report"]["launches"]) == 1
+
+
+def test_a_tpm_reset_ends_the_log_and_the_counters_say_so(kvmrkt: Kvmrkt, tmp_path: Path, swtpm: Swtpm) -> None:
+    """A TPM reset (here: the emulator restarted on its state, as at a host reboot) is proven by the TPM's own
+    resetCount: the old log is kept as ended, a new one starts from zero, and evidence from before the reset
+    cannot be replayed as newer evidence."""
+    kvmrkt.ok("attest", "init", "--out-dir", str(tmp_path))
+    kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    old, old_nonce = _quote(kvmrkt, tmp_path, "old.json")
+    swtpm.restart()
+    res = kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    assert "the TPM was reset" in res.err and "TAMPER" not in res.err
+    (ended,) = (kvmrkt.data / "measure").glob("*.ended")
+    records = parse_log(_log(kvmrkt).read_bytes())
+    assert records[0]["content"]["previous_log"] == ended.name
+    old_cycle = replay(parse_log(ended.read_bytes())).cycle
+    assert old_cycle is not None and records[0]["content"]["resetCount"] == old_cycle[0] + 1
+    rep = replay(records)
+    assert rep.proven and rep.final == pcr_read(swtpm.tcti, 15) and len(rep.events) == 4
+    assert replay(parse_log(ended.read_bytes())).events  # the old log is kept, intact
+    assert "(matches)" in kvmrkt.ok("attest", "log").out
+    new, nonce = _quote(kvmrkt, tmp_path, "new.json")
+    rc, doc = _verify(kvmrkt, new, nonce, tmp_path / "ak.pem", "--previous", str(old))
+    assert rc == 0 and doc["tpm"]["reset_since_previous"] is True and len(doc["launches"]) == 1, doc
+    rc, doc = _verify(kvmrkt, old, old_nonce, tmp_path / "ak.pem", "--previous", str(new))
+    assert rc == 5 and doc["failed_check"] == "timing", doc
+    # the old evidence's log does not describe the PCR in the new cycle, whatever its quote says
+    forged = json.loads(new.read_text())
+    forged["log"] = json.loads(old.read_text())["log"]
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    rc, doc = _verify(kvmrkt, tmp_path / "forged.json", nonce, tmp_path / "ak.pem")
+    assert rc == 5 and doc["failed_check"] == "history" and "reset cycle" in doc["message"], doc
+
+
+def test_resettable_pcrs_are_refused(kvmrkt: Kvmrkt) -> None:
+    """PCR 23 (and 16) can be reset by anyone with TPM access, which erases history without the TPM's counters
+    noticing: a log there proves nothing."""
+    kvmrkt.write_config(f'[measure]\ntcti = "{kvmrkt.tcti}"\npcr = 23\n')
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 2 and "measure.pcr 23 cannot be used" in res.err and "resettable" in res.err

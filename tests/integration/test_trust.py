@@ -331,3 +331,87 @@ def test_stage1_asset_modified_after_build(kvmrkt: Kvmrkt, tmp_path: Path) -> No
     initrd.write_bytes(bytes(data))
     res = kvmrkt("run", "busybox", "--exec", "/bin/true")
     assert res.rc == 8 and "does not match its recorded digest" in res.err
+
+
+def _attest(k: Kvmrkt, tmp_path: Path, reference: dict[str, object]) -> tuple[int, dict[str, object]]:
+    """Quote this test's TPM and verify the evidence against a reference policy."""
+    import secrets
+
+    k.ok("attest", "init", "--out-dir", str(tmp_path / "keys"))
+    nonce = secrets.token_hex(16)
+    k.ok("attest", "quote", "--nonce", nonce, "-o", str(tmp_path / "ev.json"))
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    res = k("attest", "verify", str(tmp_path / "ev.json"), "--ak-pub", str(tmp_path / "keys" / "ak.pem"),
+            "--nonce", nonce, "--reference", str(tmp_path / "ref.json"), "--format", "json")
+    return res.rc, json.loads(res.out)
+
+
+def test_an_unsigned_dependency_is_judged_at_every_run(strict: Kvmrkt, gpg: Gpg, busybox_layout: Path,
+                                                       tmp_path: Path) -> None:
+    """Review finding: an unsigned example.com/base imported once with --insecure-options=image, and a signed
+    app that depends on it, ran the unsigned code with no insecure option. Every image whose files reach the pod
+    is judged at prepare and run, measured as its own event and named in the attestation report."""
+    from .test_images import _aci
+
+    base = _aci(tmp_path, "base", {"name": "example.com/base", "labels": [{"name": "version", "value": "1"}]},
+                busybox_layout)
+    app = _aci(tmp_path, "app", {
+        "name": "example.com/app", "labels": [{"name": "version", "value": "1"}],
+        "dependencies": [{"imageName": "example.com/base", "labels": [{"name": "version", "value": "1"}]}],
+        "app": {"exec": ["/bin/echo", "ran"], "user": "0", "group": "0"}}, None)
+    fpr = trusted_key(strict, gpg, tmp_path)
+    Path(f"{app}.asc").write_bytes(gpg.detach_sign(fpr, app))
+    assert strict("image", "import", str(base)).rc == 40
+    strict.ok("--insecure-options=image", "image", "import", str(base))
+    strict.ok("image", "import", str(app))
+    for command in (["run"], ["prepare"]):
+        res = strict(*command, "example.com/app:1")
+        assert res.rc == 40 and "example.com/base:1" in res.err and "a dependency of example.com/app:1" in res.err
+    assert not list((strict.data / "pods").glob("*/*"))  # nothing prepared
+    uuid = strict.ok("--insecure-options=image", "prepare", "--quiet", "example.com/app:1").out.strip()
+    res = strict("run-prepared", uuid)  # judged again at run, without the option
+    assert res.rc == 40 and "example.com/base:1" in res.err
+    # Signed by a key trusted for it, the base is accepted; the measurement names each image with its own signer.
+    base_key = gpg.new_key("base <base@example.com>")
+    strict.ok("trust", "--prefix", "example.com/base", str(gpg.export(base_key, tmp_path / "base.asc")))
+    Path(f"{base}.asc").write_bytes(gpg.detach_sign(base_key, base))
+    strict.ok("image", "import", str(base))
+    res = strict.ok("run", "example.com/app:1")
+    assert res.out == "ran\n"
+    rc, doc = _attest(strict, tmp_path, {"images": [{"name": "example.com/app:1", "signer": fpr}]})
+    assert rc == 5 and doc["failed_check"] == "reference", doc
+    (launch,) = doc["report"]["launches"]  # type: ignore[index]
+    dep = launch["dependencies"][0]
+    assert dep["image"] == "example.com/base:1" and dep["apps"] == ["app"]
+    assert launch["problems"] == [f"dependency example.com/base:1 ({dep['digest']}) of app, signed by "
+                                  f"['{base_key}'], is not allowed"]
+    rc, doc = _attest(strict, tmp_path, {"images": [{"name": "example.com/app:1", "signer": fpr},
+                                                    {"name": "example.com/base:1", "signer": base_key}]})
+    assert rc == 0, doc
+
+
+def test_each_app_of_a_pod_is_judged_by_its_own_image(strict: Kvmrkt, image: Image, gpg: Gpg,
+                                                      tmp_path: Path) -> None:
+    """Review finding: with --pod-manifest, an unsigned app's image renamed to a trusted name passed the
+    reference policy, because signers were pooled across the pod's apps and the name came from the manifest."""
+    (strict.config / "policy.json").write_text(json.dumps({"default": [{"type": "reject"}], "transports": {
+        "oci": {"unsigned": [{"type": "insecureAcceptAnything"}]}}}))
+    fpr = trusted_key(strict, gpg, tmp_path)
+    gpg.standalone_sign(image.manifest, NAME, fpr, image.sigdir / "signature-1")
+    strict.ok("image", "import", image.ref, "--name", NAME)
+    other = tmp_path / "other"  # another image (same bytes would be one image, judged under its latest name)
+    shutil.copytree(image.layout, other)
+    subprocess.run(["umoci", "config", "--image", f"{other}:latest", "--config.label", "made=unsigned"], check=True,
+                   capture_output=True)
+    strict.ok("image", "import", f"oci:{other}:latest", "--name", "unsigned/box")
+    uuid = strict.ok("prepare", "--quiet", NAME, "--name", "app", "--exec", "/bin/true", "---", "unsigned/box",
+                     "--name", "box", "--exec", "/bin/true").out.strip()
+    manifest = json.loads(strict.ok("cat-manifest", uuid).out)
+    manifest["apps"][1]["image"]["name"] = NAME  # the unsigned app, renamed to the trusted name
+    (tmp_path / "pod.json").write_text(json.dumps(manifest))
+    strict.ok("run", "--pod-manifest", str(tmp_path / "pod.json"))
+    rc, doc = _attest(strict, tmp_path, {"images": [{"name": NAME, "signer": fpr}]})
+    assert rc == 5 and doc["failed_check"] == "reference", doc
+    launch = doc["report"]["launches"][-1]  # type: ignore[index]
+    assert launch["verdict"] == "REJECTED" and len(launch["problems"]) == 1, launch
+    assert launch["problems"][0].startswith("app box: image unsigned/box:latest"), launch

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from kvmrkt.errors import EventLogError
-from measure.events import RS, Event, EventLog, canonical, launch_events, parse_log
+from measure.events import RESET_VALUE, RS, Event, EventLog, TpmClock, canonical, launch_events, parse_log
 from measure.replay import matches, replay
+
+CLOCK = TpmClock(clock=1000, reset_count=3, restart_count=0, safe=True)
 
 
 def test_event_bytes_are_domain_separated_and_canonical() -> None:
@@ -24,7 +26,7 @@ def _log(tmp_path: Path, n: int = 3) -> tuple[EventLog, list[Event]]:
     log = EventLog(tmp_path, boot="test-boot")
     events = [Event("app", {"i": i}) for i in range(n)]
     with log.locked():
-        log.start(15, b"\x01" * 32)
+        log.start(15, "test-tpm", CLOCK)
         for ev in events:
             log.append(15, ev)
     return log, events
@@ -32,11 +34,43 @@ def _log(tmp_path: Path, n: int = 3) -> tuple[EventLog, list[Event]]:
 
 def test_replay_matches_the_pcr_math(tmp_path: Path) -> None:
     log, events = _log(tmp_path)
-    value = b"\x01" * 32
+    value = RESET_VALUE
     for ev in events:
         value = hashlib.sha256(value + ev.digest()).digest()
     rep = replay(log.records())
     assert rep.final == value and matches(rep, value) and rep.boot_id == "test-boot"
+    assert rep.proven and rep.cycle == (3, 0) and rep.tpm == "test-tpm"
+    assert rep.attested(value) == 3 and rep.attested(RESET_VALUE) == 0 and rep.attested(b"x" * 32) is None
+
+
+def test_a_pcr_mismatch_is_kept_as_tamper_evidence(tmp_path: Path) -> None:
+    """The chain goes on from the value found, but the log no longer proves the PCR's history."""
+    log, _ = _log(tmp_path, 2)
+    before = replay(log.records()).final
+    found = hashlib.sha256(before + b"\x00" * 31 + b"\x01").digest()
+    later = Event("app", {"i": 9})
+    with log.locked():
+        log.mismatch(15, before, found, CLOCK)
+        log.append(15, later)
+    rep = replay(log.records())
+    assert not rep.proven and rep.mismatches[0]["after_events"] == 2 and rep.mismatches[0]["recnum"] == 3
+    assert rep.final == hashlib.sha256(found + later.digest()).digest() and rep.attested(found) == 2
+
+
+def test_a_restart_that_kept_the_pcr_moves_the_cycle_on(tmp_path: Path) -> None:
+    log, _ = _log(tmp_path, 1)
+    with log.locked():
+        log.restart(15, TpmClock(clock=2000, reset_count=3, restart_count=1, safe=True))
+    rep = replay(log.records())
+    assert rep.cycle == (3, 1) and rep.proven and len(rep.steps) == 2
+
+
+def test_a_log_that_does_not_start_at_the_reset_value_is_not_proven(tmp_path: Path) -> None:
+    log, _ = _log(tmp_path, 1)
+    chunks = _raw(log)
+    chunks[0] = chunks[0].replace(RESET_VALUE.hex().encode(), b"11" * 32)
+    rep = replay(_write(log, chunks))
+    assert not rep.proven and rep.initial == b"\x11" * 32
 
 
 def test_void_records_are_skipped(tmp_path: Path) -> None:
@@ -44,7 +78,7 @@ def test_void_records_are_skipped(tmp_path: Path) -> None:
     with log.locked():
         log.void(15, 2, "extend failed")
     rep = replay(log.records())
-    assert rep.final == hashlib.sha256(b"\x01" * 32 + events[0].digest()).digest()
+    assert rep.final == hashlib.sha256(RESET_VALUE + events[0].digest()).digest()
 
 
 def _raw(log: EventLog) -> list[bytes]:
@@ -56,7 +90,7 @@ def _write(log: EventLog, chunks: list[bytes]) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("tamper", ["truncate-start", "reorder", "edit", "inject", "other-pcr", "bad-digest",
-                                    "foreign-domain", "void-of-start"])
+                                    "foreign-domain", "void-of-start", "extended-mismatch", "bad-counters"])
 def test_tampered_logs_are_rejected(tmp_path: Path, tamper: str) -> None:
     log, _ = _log(tmp_path)
     chunks = _raw(log)
@@ -84,6 +118,12 @@ def test_tampered_logs_are_rejected(tmp_path: Path, tamper: str) -> None:
     elif tamper == "void-of-start":
         chunks.append(json.dumps({"recnum": 4, "pcr": 15, "content_type": "kvmrkt-void",
                                   "content": {"voids": 0}, "digests": []}).encode() + b"\n")
+    elif tamper == "extended-mismatch":  # a mismatch record that claims to be extended
+        chunks.append(json.dumps({"recnum": 4, "pcr": 15, "content_type": "kvmrkt-pcr-mismatch",
+                                  "content": {"found": "00" * 32},
+                                  "digests": [{"hashAlg": "sha256", "digest": "00" * 32}]}).encode() + b"\n")
+    elif tamper == "bad-counters":
+        chunks[0] = chunks[0].replace(b'"resetCount":3', b'"resetCount":"3"')
     with pytest.raises(EventLogError):
         replay(_write(log, chunks))
 
@@ -99,6 +139,9 @@ def test_launch_events_order_and_insecure() -> None:
                         insecure=["tpm"])
     assert [e.kind for e in evs] == ["stage1", "app", "pod-manifest", "trust", "insecure"]
     assert evs[0].data["cmdline_digest"] == "sha256:" + hashlib.sha256(b"x").hexdigest()
+    evs = launch_events(pod="p", manifest=b"{}", apps=[{"app": "a"}], dependencies=[{"image": "base"}],
+                        trust={}, stage1={}, insecure=[])
+    assert [e.kind for e in evs] == ["stage1", "dependency", "app", "pod-manifest", "trust"]
 
 
 def test_reference_policy_pins_the_vmm_guard() -> None:
@@ -110,3 +153,25 @@ def test_reference_policy_pins_the_vmm_guard() -> None:
     assert launch.problems == []
     evaluate(launch, {"stage1": {"vmm_guard": ["sha256:other"]}})
     assert launch.problems == ["stage1 vmm_guard sha256:g is not an allowed digest"]
+
+
+def test_reference_policy_judges_each_image_by_its_own_signers() -> None:
+    """An unsigned app renamed to a trusted name does not borrow another app's signer; a dependency is judged
+    on its own."""
+    from measure.attest import Launch, evaluate
+
+    ref = {"images": [{"name": "demo/app:1", "signer": "FPR"}]}
+    launch = Launch("p")
+    launch.apps = [{"app": "good", "image": "demo/app:1", "manifest": "sha256:a", "signers": ["FPR"]},
+                   {"app": "evil", "image": "demo/app:1", "manifest": "sha256:e", "signers": []}]
+    launch.trust = {"decisions": {"good": {"signers": ["FPR"]}, "evil": {"signers": []}}}
+    evaluate(launch, ref)
+    assert len(launch.problems) == 1 and launch.problems[0].startswith("app evil: image demo/app:1 (sha256:e)")
+    launch = Launch("p")
+    launch.apps = [{"app": "good", "image": "demo/app:1", "manifest": "sha256:a", "signers": ["FPR"]}]
+    launch.dependencies = [{"image": "example.com/base:1", "manifest": "sha256:b", "signers": [], "apps": ["good"]}]
+    evaluate(launch, ref)
+    assert launch.problems == ["dependency example.com/base:1 (sha256:b) of good, signed by nobody, is not allowed"]
+    launch.problems = []
+    evaluate(launch, {"images": [*ref["images"], {"digest": "sha256:b"}]})
+    assert launch.problems == []
