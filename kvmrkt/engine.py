@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import confinement, images, oci
+from kvmrkt import confinement, images, jsondoc, oci
 from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
@@ -74,7 +74,7 @@ def _isolator_limit(img: ImageRecord, name: str, parse: Callable[[str], int]) ->
     for key, value in img.isolators:
         if key == name:
             with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError, KvmrktError):
-                return parse(str(json.loads(value)["limit"]))
+                return parse(str(jsondoc.loads(value)["limit"]))
     return None
 
 
@@ -393,7 +393,7 @@ class Engine:
             if apps:
                 raise ConfigError("--pod-manifest replaces images and app flags: give one or the other")
             try:
-                doc = json.loads(opts.pod_manifest.read_text())
+                doc = jsondoc.load(opts.pod_manifest)
             except (OSError, ValueError) as exc:
                 raise ManifestError(f"cannot read pod manifest {opts.pod_manifest}: {exc}") from exc
             if isinstance(doc, dict):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import _proc
+from kvmrkt import _proc, jsondoc
 from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.confinement import Confinement, from_oci, lift
 from kvmrkt.engine import Engine, pod_exit_code
@@ -108,7 +108,7 @@ def load_bundle(path: Path) -> Bundle:
     """
     try:
         raw = (path / "config.json").read_bytes()
-        doc = json.loads(raw)
+        doc = jsondoc.loads(raw)
     except FileNotFoundError:
         raise ManifestError(f"{path} is not an OCI bundle: it has no config.json") from None
     except (OSError, ValueError) as exc:

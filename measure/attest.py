@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import AttestationError, EventLogError
 from measure.events import boot_id, parse_log
 from measure.replay import replay
@@ -208,8 +208,13 @@ def launches(events: list[dict[str, Any]]) -> list[Launch]:
     """Group replayed events into pod launches."""
     out: dict[str, Launch] = {}
     for ev in events:
-        _domain, kind, body = ev["event"].split(":", 2)
-        data = json.loads(body)
+        _domain, kind, body = [*ev["event"].split(":", 2), "", ""][:3]
+        try:
+            data = jsondoc.loads(body)
+        except ValueError as exc:
+            raise _fail("log", f"an attested event's body is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise _fail("log", "an attested event's body is not a JSON object")
         launch = out.setdefault(str(data.get("pod")), Launch(str(data.get("pod"))))
         if kind == "stage1":
             launch.stage1 = data

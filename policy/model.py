@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import PolicyLoadError
 from policy.scopes import candidate_scopes
 
@@ -73,9 +73,11 @@ class Policy:
 
 def _load_json(path: Path) -> tuple[Any, bytes]:
     try:
-        data = path.read_bytes()
+        data = jsondoc.read(path)
     except OSError as exc:
         raise PolicyLoadError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PolicyLoadError(f"{path}: {exc}") from exc
 
     def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
@@ -85,7 +87,7 @@ def _load_json(path: Path) -> tuple[Any, bytes]:
         return dict(pairs)
 
     try:
-        return json.loads(data, object_pairs_hook=no_dups), data
+        return jsondoc.loads(data, object_pairs_hook=no_dups), data
     except ValueError as exc:
         raise PolicyLoadError(f"{path}: not valid JSON: {exc}") from exc
 

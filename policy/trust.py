@@ -10,11 +10,11 @@ scope that matched. Trust boundary: payloads are parsed only after their signatu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import PolicyDeniedError
 from policy.model import Identity, Policy, Requirement
 from policy.scopes import candidate_scopes, repository
@@ -86,7 +86,7 @@ def _strict_json(data: bytes) -> Any:
             raise ValueError("duplicate key")
         return dict(pairs)
 
-    return json.loads(data, object_pairs_hook=no_dups)
+    return jsondoc.loads(data, object_pairs_hook=no_dups)
 
 
 def parse_payload(data: bytes, expected_type: str) -> tuple[str, str]:

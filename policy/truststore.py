@@ -75,6 +75,7 @@ def trust(config_dir: Path, key_file: Path, *, prefix: str | None, root: bool) -
     keys_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(keys_dir / f"{fpr}.asc", key, mode=0o644)
     main = config_dir / POLICY_FILE
+    load_policy(config_dir)  # the files read below as plain JSON must be sound policy files first
     doc: dict[str, Any] = json.loads(main.read_text()) if main.exists() else {"default": [{"type": "reject"}]}
     dropin = config_dir / DROPIN_DIR / f"{TRUST_PREFIX}{_slug(prefix or '')}.json"
     before = {p: p.read_bytes() if p.exists() else None for p in (main, dropin)}
@@ -109,6 +110,7 @@ def trusted(config_dir: Path) -> list[dict[str, str]]:
     """Keys written by ``trust``: fingerprint, scope (a prefix, or "root") and the file that grants it."""
     out = []
     main = config_dir / POLICY_FILE
+    load_policy(config_dir)  # the files read below as plain JSON must be sound policy files first
     if main.exists():
         doc = json.loads(main.read_text())
         for req in doc.get("default", []):

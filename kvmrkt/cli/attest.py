@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from kvmrkt import jsondoc
 from kvmrkt.cli._base import FORMATS, _Ctx, _dump, _progress, _when, cli, pass_ctx
 
 
@@ -96,7 +97,7 @@ def _hex(text: str) -> bytes:
 
 def _load_json_file(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return jsondoc.load(path)
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"{path}: {exc}") from exc
 

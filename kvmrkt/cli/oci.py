@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import click
 
-from kvmrkt import __version__
+from kvmrkt import __version__, jsondoc
 from kvmrkt.cli._base import _Ctx
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
@@ -166,7 +166,7 @@ def exec(c: _OciCtx, process: Path | None, detach: bool, pid_file: Path | None, 
     uid, gid = _user(user) if user else (None, None)
     if process is not None:
         try:
-            spec: dict[str, Any] = json.loads(process.read_text())
+            spec: dict[str, Any] = jsondoc.load(process)
             args = [str(a) for a in spec.get("args") or []]
             terminal = terminal or bool(spec.get("terminal"))
             env = tuple(str(e) for e in spec["env"]) if isinstance(spec.get("env"), list) else env

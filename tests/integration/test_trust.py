@@ -220,6 +220,18 @@ def test_a_dropin_cannot_relax_policy_json(strict: Kvmrkt, image: Image, gpg: Gp
     strict.ok("image", "import", image.ref, "--name", NAME)  # both keys signed: the drop-in added one
 
 
+def test_a_deeply_nested_policy_is_exit_code_4(strict: Kvmrkt, image: Image, tmp_path: Path) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    (strict.config / "policy.json").write_text(deep)
+    for cmd in (["policy", "check"], ["image", "import", image.ref, "--name", NAME], ["trust", "list"]):
+        res = strict(*cmd)
+        assert res.rc == 4 and "policy.json" in res.err and "nested deeper than 64 levels" in res.err, res.err
+        assert "Traceback" not in res.err
+    (tmp_path / "pod.json").write_text(deep)
+    res = strict("--insecure-options=image", "prepare", "--pod-manifest", str(tmp_path / "pod.json"))
+    assert res.rc == 2 and "nested deeper" in res.err and "Traceback" not in res.err
+
+
 def _cosign_key(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     pub = tmp_path / "cosign.pub"
