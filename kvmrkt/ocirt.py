@@ -43,7 +43,7 @@ from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.network import Intent
-from kvmrkt.pod import Pod, write_json
+from kvmrkt.pod import Pod, write_atomic, write_json
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
 from stage1_kvm import agent
 from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
@@ -308,7 +308,7 @@ class OciRuntime:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
             })  # fmt: skip
             if pid_file is not None:
-                pid_file.write_text(str(pid))
+                write_atomic(pid_file, str(pid).encode(), mode=0o644)
             return pid
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -495,7 +495,7 @@ class OciRuntime:
         if term is not None:
             os.close(term)
         if pid_file is not None:
-            pid_file.write_text(str(pid))
+            write_atomic(pid_file, str(pid).encode(), mode=0o644)
         if detach:
             return 0
         _, wstatus = os.waitpid(pid, 0)

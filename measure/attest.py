@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kvmrkt import jsondoc
-from kvmrkt.errors import AttestationError, EventLogError
+from kvmrkt.errors import AttestationError, EventLogError, MeasurementError
+from kvmrkt.pod import write_atomic
 from measure.events import boot_id, parse_log
 from measure.replay import replay
 from measure.tpm import _pytss, esapi
@@ -90,8 +91,9 @@ def init(tcti: str, out_dir: Path) -> tuple[Path, Path]:
         _cert, ek_template = create_ek_template("EK-ECC256", nv_read)
         with _primary(ctx, _ak_template()) as (_ak_handle, ak_pub), _primary(ctx, ek_template) as (_ek, ek_pub):
             pass
-    (out_dir / "ak.pem").write_bytes(_pem(ak_pub))
-    (out_dir / "ek.pem").write_bytes(_pem(ek_pub))
+    _out_dir(out_dir)
+    write_atomic(out_dir / "ak.pem", _pem(ak_pub), mode=0o644)
+    write_atomic(out_dir / "ek.pem", _pem(ek_pub), mode=0o644)
     return out_dir / "ak.pem", out_dir / "ek.pem"
 
 
@@ -130,11 +132,27 @@ def quote(tcti: str, pcr: int, nonce: bytes, log_path: Path) -> dict[str, Any]:
 def write_tpm2_tools(evidence: dict[str, Any], out: Path) -> None:
     """quote.msg (TPMS_ATTEST), quote.sig (TPMT_SIGNATURE), quote.pcrs (the PCR value: use
     ``tpm2_checkquote -l sha256:PCR``) and ak.pem."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quote.msg").write_bytes(bytes.fromhex(evidence["quote"]))
-    (out / "quote.sig").write_bytes(bytes.fromhex(evidence["signature"]))
-    (out / "quote.pcrs").write_bytes(bytes.fromhex(evidence["pcr_value"]))
-    (out / "ak.pem").write_text(evidence["ak_pub"])
+    _out_dir(out)
+    for name, data in (("quote.msg", bytes.fromhex(evidence["quote"])),
+                       ("quote.sig", bytes.fromhex(evidence["signature"])),
+                       ("quote.pcrs", bytes.fromhex(evidence["pcr_value"])), ("ak.pem", evidence["ak_pub"].encode())):
+        write_atomic(out / name, data, mode=0o644)
+
+
+def _out_dir(path: Path) -> None:
+    """Create a user-given output directory; refuse one that is a symlink (planted by another user, it would
+    redirect root's files anywhere).
+
+    Raises:
+        MeasurementError: ``path`` is a symlink or not a directory.
+    """
+    try:
+        if not path.is_symlink():
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MeasurementError(f"cannot create {path}: {exc.strerror}") from exc
+    if path.is_symlink() or not path.is_dir():
+        raise MeasurementError(f"{path}: not a directory (a symlink is refused)", hint="give a real directory")
 
 
 # --- verification ---------------------------------------------------------------------------------------

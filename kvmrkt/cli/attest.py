@@ -11,6 +11,7 @@ import click
 
 from kvmrkt import jsondoc
 from kvmrkt.cli._base import FORMATS, _Ctx, _dump, _progress, _when, cli, pass_ctx
+from kvmrkt.pod import write_atomic
 
 
 @cli.group()
@@ -38,7 +39,7 @@ def attest_init(c: _Ctx, out_dir: Path) -> None:
 def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None) -> None:
     """Quote the measurement PCR with the AK and write the evidence (quote, PCR value, event log, AK, boot id)."""
     evidence = c.engine().attest_quote(nonce, tpm2_tools_dir)
-    output.write_text(json.dumps(evidence, indent=2) + "\n")
+    write_atomic(output, (json.dumps(evidence, indent=2) + "\n").encode(), mode=0o644)
     click.echo(f"wrote {output}")
 
 

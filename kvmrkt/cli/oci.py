@@ -9,6 +9,7 @@ Trust boundary: the caller is the container engine (root); see ``kvmrkt.ocirt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ class _OciCtx:
     @property
     def log(self) -> IO[str] | None:
         if self._log is None and self.log_path is not None:
-            self._log = self.log_path.open("a")
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._log = os.fdopen(fd, "a")  # O_NOFOLLOW: a symlink planted at the path is refused
         return self._log
 
     def say(self, level: str, msg: str) -> None:
