@@ -65,9 +65,9 @@ def policy_check(c: _Ctx, path: Path | None) -> None:
     check_keys(pol)
     click.echo(f"ok: {len(pol.files)} file(s), {len(pol.transports)} scope(s), policy digest {pol.digest}")
     click.echo(f"drop-in rule: {DROPIN_RULE}")
-    for transport, scope, path, cover in pol.dropins:
+    for transport, scope, dropin, cover in pol.dropins:
         under = f"keeps every requirement of policy.json's {cover}" if cover else "under policy.json's default"
-        click.echo(f"  {path.name}: transports.{transport}[{scope!r}] {under}")
+        click.echo(f"  {dropin.name}: transports.{transport}[{scope!r}] {under}")
 
 
 @policy.command("explain")
