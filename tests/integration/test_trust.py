@@ -205,11 +205,11 @@ def test_a_dropin_cannot_relax_policy_json(strict: Kvmrkt, image: Image, gpg: Gp
             res = strict(*cmd)
             assert res.rc == 4 and "team.json" in res.err and f"transports.oci[{scope!r}]" in res.err, res.err
             assert "Traceback" not in res.err
+    dropin.unlink()
     other = gpg.new_key("other <other@example.com>")
     gpg.standalone_sign(image.manifest, NAME, other, image.sigdir / "signature-1")
     res = strict("trust", "--prefix", "example.com/app", str(gpg.export(other, tmp_path / "other.asc")))
     assert res.rc == 4 and "would relax policy.json's scope 'example.com'" in res.err
-    dropin.unlink()
     assert not list((strict.config / "policy.d").glob("*.json"))  # the refused trust left nothing behind
     assert strict("image", "import", image.ref, "--name", NAME).rc == 42  # signed, but not by policy.json's key
     dropin.write_text(json.dumps({"transports": {"oci": {"example.com/app": [signed, {"type": "signedBy",
