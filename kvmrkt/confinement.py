@@ -17,12 +17,12 @@ result to apps it does not trust.
 from __future__ import annotations
 
 import errno as errno_mod
-import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import ManifestError
 from kvmrkt.syscalls import SYSCALLS_X86_64
 
@@ -231,7 +231,7 @@ def parse_seccomp_flag(text: str) -> Seccomp:
 
 def _isolator_set(value: str, name: str) -> tuple[list[str], str]:
     try:
-        doc = json.loads(value)
+        doc = jsondoc.loads(value)
         items = doc["set"]
         err = doc.get("errno", "EPERM")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

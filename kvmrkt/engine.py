@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import admission, confinement, images, oci
+from kvmrkt import admission, confinement, images, jsondoc, oci
 from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
@@ -40,7 +40,7 @@ from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.netconf import NetOptions
 from kvmrkt.network import Intent, PodNetworks
-from kvmrkt.pod import Pod
+from kvmrkt.pod import Pod, temp_beside
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
@@ -72,7 +72,7 @@ def _isolator_limit(img: ImageRecord, name: str, parse: Callable[[str], int]) ->
     for key, value in img.isolators:
         if key == name:
             with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError, KvmrktError):
-                return parse(str(json.loads(value)["limit"]))
+                return parse(str(jsondoc.loads(value)["limit"]))
     return None
 
 
@@ -288,7 +288,7 @@ class Engine:
         Raises:
             ConfigError: ``dest`` exists.
         """
-        if dest.exists():
+        if os.path.lexists(dest):  # a dangling symlink too: never unpack through one
             raise ConfigError(f"{dest} already exists", hint="choose a new directory")
         record = self.store.resolve(ref)
         with self.store.tmpdir() as tmp:
@@ -308,12 +308,12 @@ class Engine:
         if out.exists() and not overwrite:
             raise ConfigError(f"{out} already exists", hint="use --overwrite")
         record = self.store.resolve(ref)
-        tmp = out.with_name(f".{out.name}.tmp")
+        fd, tmp = temp_beside(out, 0o644)  # then renamed over ``out``: a symlink there is replaced, not followed
         if record.kind == "aci":
-            with self.store.open_blob(Digest.parse(record.id)) as reader, tmp.open("wb") as fh:
+            with self.store.open_blob(Digest.parse(record.id)) as reader, os.fdopen(fd, "wb") as fh:
                 shutil.copyfileobj(reader, fh)
         else:
-            with tarfile.open(tmp, "w") as tar:
+            with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
                 def add(name: str, data: bytes) -> None:
                     info = tarfile.TarInfo(name)
                     info.size, info.mode = len(data), 0o644
@@ -391,7 +391,7 @@ class Engine:
             if apps:
                 raise ConfigError("--pod-manifest replaces images and app flags: give one or the other")
             try:
-                doc = json.loads(opts.pod_manifest.read_text())
+                doc = jsondoc.load(opts.pod_manifest)
             except (OSError, ValueError) as exc:
                 raise ManifestError(f"cannot read pod manifest {opts.pod_manifest}: {exc}") from exc
             if isinstance(doc, dict):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmrkt import aci as aci_format
-from kvmrkt import oci
+from kvmrkt import jsondoc, oci
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
@@ -221,7 +221,7 @@ def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: st
             return import_oci_archive(store, path, tag, name=name, progress=progress, gate=gate)
         with _member(tar, "manifest.json", str(path)) as fh:
             try:
-                entries = json.loads(fh.read(oci.MAX_DOCUMENT + 1))
+                entries = jsondoc.loads(fh.read(oci.MAX_DOCUMENT + 1))
             except ValueError as exc:
                 raise ManifestError(f"{path}:manifest.json is not valid JSON: {exc}") from exc
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

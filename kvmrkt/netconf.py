@@ -10,13 +10,13 @@ a host program's output, but malformed output must give an error, not a crash).
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, NetworkError
 from kvmrkt.manifest import DNS_NAME_RE
 
@@ -272,8 +272,8 @@ def parse_dns(*, dns: tuple[str, ...], search: tuple[str, ...], opts: tuple[str,
 
 def _load_one(path: Path, text: str) -> NetworkConfig:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+        doc = jsondoc.loads(text)
+    except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a CNI network config must be a JSON object")

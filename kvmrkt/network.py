@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import _proc
+from kvmrkt import _proc, jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import CommandError, ConfigError, NetworkError
 from kvmrkt.manifest import PodManifest
@@ -320,8 +320,8 @@ class PodNetworks:
                          timeout=CNI_TIMEOUT, check=False)
         out = proc.stdout.decode("utf-8", "replace")
         try:
-            doc = json.loads(out) if out.strip() else {}
-        except json.JSONDecodeError:
+            doc = jsondoc.loads(out) if out.strip() else {}
+        except ValueError:
             doc = None
         if proc.returncode != 0:
             msg = doc.get("msg") if isinstance(doc, dict) else None

@@ -7,11 +7,11 @@ Trust boundary: every byte here comes from an image author or a registry; sizes 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ManifestError
 
@@ -90,7 +90,7 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
         return dict(pairs)
 
     try:
-        doc = json.loads(data, object_pairs_hook=no_dups)
+        doc = jsondoc.loads(data, object_pairs_hook=no_dups)
     except ValueError as exc:
         raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import _proc
+from kvmrkt import _proc, jsondoc
 from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.confinement import Confinement, from_oci, lift
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.network import Intent
-from kvmrkt.pod import Pod, write_json
+from kvmrkt.pod import Pod, write_atomic, write_json
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
 from stage1_kvm import agent
 from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
@@ -108,7 +108,7 @@ def load_bundle(path: Path) -> Bundle:
     """
     try:
         raw = (path / "config.json").read_bytes()
-        doc = json.loads(raw)
+        doc = jsondoc.loads(raw)
     except FileNotFoundError:
         raise ManifestError(f"{path} is not an OCI bundle: it has no config.json") from None
     except (OSError, ValueError) as exc:
@@ -308,7 +308,7 @@ class OciRuntime:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
             })  # fmt: skip
             if pid_file is not None:
-                pid_file.write_text(str(pid))
+                write_atomic(pid_file, str(pid).encode(), mode=0o644)
             return pid
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -495,7 +495,7 @@ class OciRuntime:
         if term is not None:
             os.close(term)
         if pid_file is not None:
-            pid_file.write_text(str(pid))
+            write_atomic(pid_file, str(pid).encode(), mode=0o644)
         if detach:
             return 0
         _, wstatus = os.waitpid(pid, 0)

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -43,16 +44,29 @@ _STATES = {
 }
 
 
+def temp_beside(path: Path, mode: int = 0o600) -> tuple[int, Path]:
+    """A new, empty temp file in ``path``'s directory, created exclusively under a random name (a file or
+    symlink planted there by another user is never opened), for a later ``os.replace(tmp, path)``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, mode)
+    return fd, Path(name)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file so readers see the old or the new content, never a torn one (temp, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Write a file so readers see the old or the new content, never a torn one (temp, fsync, rename). The
+    rename replaces whatever is at ``path``, a symlink included, and never writes through it: this is how
+    kvmrkt writes files at paths users give it (--uuid-file-save, pid files, evidence)."""
+    fd, tmp = temp_beside(path, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import re
 import ssl
 import urllib.error
@@ -27,7 +26,7 @@ from http.client import HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import oci
+from kvmrkt import jsondoc, oci
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
 from kvmrkt.images import import_oci
@@ -53,7 +52,7 @@ def _config_files(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """
     for path in sorted(directory.glob("*.json")):
         try:
-            doc = json.loads(path.read_text())
+            doc = jsondoc.load(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
         if not isinstance(doc, dict):
@@ -136,7 +135,7 @@ class RegistryClient:
             headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
         try:
             with self._open(url, headers) as resp:
-                doc = json.loads(resp.read(1 << 20))
+                doc = jsondoc.loads(resp.read(1 << 20))
         except (urllib.error.URLError, ValueError, OSError) as exc:
             raise ImageError(f"{self.ref.host}: token request to {fields['realm']} failed: {exc}",
                              hint=self._auth_hint()) from exc

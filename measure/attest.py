@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -33,7 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from kvmrkt.errors import AttestationError, EventLogError
+from kvmrkt import jsondoc
+from kvmrkt.errors import AttestationError, EventLogError, MeasurementError
+from kvmrkt.pod import write_atomic
 from measure.events import RESET_VALUE, TpmClock, boot_id, parse_log
 from measure.replay import Replay, replay
 from measure.tpm import _pytss, esapi
@@ -93,8 +94,9 @@ def init(tcti: str, out_dir: Path) -> tuple[Path, Path]:
         _cert, ek_template = create_ek_template("EK-ECC256", nv_read)
         with _primary(ctx, _ak_template()) as (_ak_handle, ak_pub), _primary(ctx, ek_template) as (_ek, ek_pub):
             pass
-    (out_dir / "ak.pem").write_bytes(_pem(ak_pub))
-    (out_dir / "ek.pem").write_bytes(_pem(ek_pub))
+    _out_dir(out_dir)
+    write_atomic(out_dir / "ak.pem", _pem(ak_pub), mode=0o644)
+    write_atomic(out_dir / "ek.pem", _pem(ek_pub), mode=0o644)
     return out_dir / "ak.pem", out_dir / "ek.pem"
 
 
@@ -133,11 +135,27 @@ def quote(tcti: str, pcr: int, nonce: bytes, log_path: Path) -> dict[str, Any]:
 def write_tpm2_tools(evidence: dict[str, Any], out: Path) -> None:
     """quote.msg (TPMS_ATTEST), quote.sig (TPMT_SIGNATURE), quote.pcrs (the PCR value: use
     ``tpm2_checkquote -l sha256:PCR``) and ak.pem."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quote.msg").write_bytes(bytes.fromhex(evidence["quote"]))
-    (out / "quote.sig").write_bytes(bytes.fromhex(evidence["signature"]))
-    (out / "quote.pcrs").write_bytes(bytes.fromhex(evidence["pcr_value"]))
-    (out / "ak.pem").write_text(evidence["ak_pub"])
+    _out_dir(out)
+    for name, data in (("quote.msg", bytes.fromhex(evidence["quote"])),
+                       ("quote.sig", bytes.fromhex(evidence["signature"])),
+                       ("quote.pcrs", bytes.fromhex(evidence["pcr_value"])), ("ak.pem", evidence["ak_pub"].encode())):
+        write_atomic(out / name, data, mode=0o644)
+
+
+def _out_dir(path: Path) -> None:
+    """Create a user-given output directory; refuse one that is a symlink (planted by another user, it would
+    redirect root's files anywhere).
+
+    Raises:
+        MeasurementError: ``path`` is a symlink or not a directory.
+    """
+    try:
+        if not path.is_symlink():
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MeasurementError(f"cannot create {path}: {exc.strerror}") from exc
+    if path.is_symlink() or not path.is_dir():
+        raise MeasurementError(f"{path}: not a directory (a symlink is refused)", hint="give a real directory")
 
 
 # --- verification ---------------------------------------------------------------------------------------
@@ -222,11 +240,11 @@ def launches(events: list[dict[str, Any]]) -> list[Launch]:
     """Group replayed events into pod launches."""
     out: dict[str, Launch] = {}
     for ev in events:
-        _domain, kind, body = ev["event"].split(":", 2)
+        _domain, kind, body = [*ev["event"].split(":", 2), "", ""][:3]
         try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
+            data = jsondoc.loads(body)
+        except ValueError as exc:
+            raise _fail("log", f"record {ev['recnum']}: the event is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise _fail("log", f"record {ev['recnum']}: the event is not a JSON object")
         launch = out.setdefault(str(data.get("pod")), Launch(str(data.get("pod"))))

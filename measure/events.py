@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import EventLogError
 
 DOMAIN = "kvmrkt"
@@ -108,7 +109,7 @@ def parse_log(data: bytes) -> list[dict[str, Any]]:
         if not chunk.endswith(b"\n") and i == len(chunks) - 2:
             break
         try:
-            rec = json.loads(chunk)
+            rec = jsondoc.loads(chunk)
         except ValueError as exc:
             raise EventLogError(f"event log record {i} is not valid JSON: {exc}") from exc
         if not isinstance(rec, dict):

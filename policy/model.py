@@ -4,27 +4,33 @@ Role: turn policy files (the containers ``policy.json`` format, plus a ``keyFing
 values, or fail naming the file and the field. Unknown fields, duplicate JSON keys, a missing ``default``,
 both ``keyPath`` and ``keyData``, a missing or unreadable key file, an unknown requirement type: each is a
 ``PolicyLoadError``. Drop-in files (one per team, owned by config management) may only add ``transports``
-scopes; two files defining the same scope is an error. Trust boundary: policy files are trusted once they
-parse, which is why parsing refuses anything it does not fully understand. Key material is read here, so the
-verdict never depends on files changing between load and check.
+scopes, and only ever add requirements (``DROPIN_RULE``); two files defining the same scope is an error.
+Trust boundary: policy files are trusted once they parse, which is why parsing refuses anything it does not
+fully understand; drop-ins are trusted less than ``policy.json``: they cannot relax what it says. Key
+material is read here, so the verdict never depends on files changing between load and check.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import PolicyLoadError
+from policy.scopes import candidate_scopes
 
 POLICY_FILE = "policy.json"
 DROPIN_DIR = "policy.d"
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "appc")
 IDENTITY_TYPES = ("matchExact", "matchRepoDigestOrExact", "matchRepository", "exactReference", "exactRepository",
                   "remapIdentity")  # fmt: skip
+DROPIN_RULE = ("a drop-in only adds requirements: it may not use insecureAcceptAnything or the transport "
+               "default scope \"\", and a scope under one that policy.json names (a parent path, a matching "
+               "*.domain, or that transport's \"\") must repeat every requirement of the most specific such "
+               "scope (policy.json's default is the fallback for unnamed images, not a covering scope)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,8 @@ class Policy:
     transports: tuple[tuple[str, str, tuple[Requirement, ...]], ...]
     files: tuple[Path, ...]
     digest: str
+    dropins: tuple[tuple[str, str, Path, str], ...] = ()
+    """Each drop-in scope: (transport, scope, file, the policy.json scope covering it or "" for default)."""
 
     def scopes(self, transport: str) -> dict[str, tuple[Requirement, ...]]:
         """The scopes defined for one transport."""
@@ -65,9 +73,11 @@ class Policy:
 
 def _load_json(path: Path) -> tuple[Any, bytes]:
     try:
-        data = path.read_bytes()
+        data = jsondoc.read(path)
     except OSError as exc:
         raise PolicyLoadError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PolicyLoadError(f"{path}: {exc}") from exc
 
     def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
@@ -77,7 +87,7 @@ def _load_json(path: Path) -> tuple[Any, bytes]:
         return dict(pairs)
 
     try:
-        return json.loads(data, object_pairs_hook=no_dups), data
+        return jsondoc.loads(data, object_pairs_hook=no_dups), data
     except ValueError as exc:
         raise PolicyLoadError(f"{path}: not valid JSON: {exc}") from exc
 
@@ -223,9 +233,46 @@ def load_policy(config_dir: Path) -> Policy | None:
                     raise PolicyLoadError(f"{where}: scope {scope!r} of {transport} is also defined in {other}")
                 transports[(transport, scope)] = (
                     _requirements(reqs, f"{where}: transports.{transport}[{scope!r}]", config_dir), path)
+    main_scopes = {key: reqs for key, (reqs, p) in transports.items() if p == main}
+    dropin_scopes = [(t, s, reqs, p) for (t, s), (reqs, p) in sorted(transports.items()) if p != main]
     return Policy(
         default=default,
         transports=tuple((t, s, r) for (t, s), (r, _p) in sorted(transports.items())),
         files=(main, *dropins),
         digest=f"sha256:{h.hexdigest()}",
+        dropins=tuple((t, s, p, _check_dropin(t, s, reqs, p, main_scopes)) for t, s, reqs, p in dropin_scopes),
     )
+
+
+def _same(a: Requirement, b: Requirement) -> bool:
+    return (a.type, set(a.keys), set(a.fingerprints), a.identity) == (b.type, set(b.keys), set(b.fingerprints),
+                                                                      b.identity)
+
+
+def _check_dropin(transport: str, scope: str, reqs: tuple[Requirement, ...], path: Path,
+                  main: dict[tuple[str, str], tuple[Requirement, ...]]) -> str:
+    """Enforce ``DROPIN_RULE`` on one scope of a drop-in; returns the policy.json scope covering it ("" when
+    only the default does).
+
+    Raises:
+        PolicyLoadError: naming the drop-in, the scope and what it would relax.
+    """
+    label = f"{path}: transports.{transport}[{scope!r}]"
+    if scope == "":
+        raise PolicyLoadError(f"{label}: a drop-in may not set the transport default scope \"\"",
+                              hint=f"the defaults belong to {POLICY_FILE}; {DROPIN_RULE}")
+    for r in reqs:
+        if r.type == "insecureAcceptAnything":
+            raise PolicyLoadError(f"{r.where}: a drop-in may not accept unsigned images (insecureAcceptAnything)",
+                                  hint=f"only {POLICY_FILE} can; {DROPIN_RULE}")
+    cover = next((c for c in candidate_scopes(scope)[1:] if (transport, c) in main), None)
+    if cover is None:
+        return ""
+    if any(r.type == "reject" for r in reqs):  # nothing is stricter
+        return f"transports.{transport}[{cover!r}]"
+    for need in main[(transport, cover)]:
+        if need.type != "insecureAcceptAnything" and not any(_same(need, r) for r in reqs):
+            raise PolicyLoadError(
+                f"{label} would relax {POLICY_FILE}'s scope {cover!r}, which covers it: it lacks {need.type} "
+                f"({need.where})", hint=DROPIN_RULE)
+    return f"transports.{transport}[{cover!r}]"

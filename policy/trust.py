@@ -10,13 +10,14 @@ scope that matched. Trust boundary: payloads are parsed only after their signatu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmrkt import jsondoc
 from kvmrkt.errors import PolicyDeniedError
 from policy.model import Identity, Policy, Requirement
+from policy.scopes import candidate_scopes, repository
 
 GPG_PAYLOAD_TYPE = "atomic container signature"
 COSIGN_PAYLOAD_TYPE = "cosign container image signature"
@@ -65,26 +66,6 @@ class Decision:
 # --- scopes ---------------------------------------------------------------------------------------------
 
 
-def candidate_scopes(reference: str) -> list[str]:
-    """Scopes that could apply to an image name, most specific first (then the transport default ``""``).
-
-    Matching is on path segments: ``example.com/etc`` covers ``example.com/etc/x`` but not ``example.com/etcd``.
-    The order: the full reference (with its tag or digest), the repository, each parent path, the host, then
-    ``*.domain`` wildcards. Every transport matches on the image's name (for local sources, the name it is
-    stored under: a file path says nothing about what an image is).
-    """
-    repo = _repository(reference)
-    parts = repo.split("/")
-    out = [reference, *("/".join(parts[:i]) for i in range(len(parts), 0, -1))]
-    labels = parts[0].split(":", 1)[0].split(".")
-    out += ["*." + ".".join(labels[i:]) for i in range(1, len(labels))]
-    seen: list[str] = []
-    for s in [*out, ""]:
-        if s not in seen:
-            seen.append(s)
-    return seen
-
-
 def match_scope(pol: Policy, subject: Subject) -> tuple[str, tuple[Requirement, ...]]:
     """The most specific scope with requirements for the subject (``default`` when none)."""
     scopes = pol.scopes(subject.transport)
@@ -105,7 +86,7 @@ def _strict_json(data: bytes) -> Any:
             raise ValueError("duplicate key")
         return dict(pairs)
 
-    return json.loads(data, object_pairs_hook=no_dups)
+    return jsondoc.loads(data, object_pairs_hook=no_dups)
 
 
 def parse_payload(data: bytes, expected_type: str) -> tuple[str, str]:
@@ -135,24 +116,18 @@ def parse_payload(data: bytes, expected_type: str) -> tuple[str, str]:
     return digest, ref
 
 
-def _repository(ref: str) -> str:
-    repo = ref.split("@", 1)[0]
-    last = repo.rsplit("/", 1)[-1]
-    return repo[: len(repo) - len(last)] + last.split(":", 1)[0]
-
-
 def identity_matches(rule: Identity, image_ref: str, signed_ref: str) -> bool:
     """Does the reference in a signature vouch for this image reference under ``rule``?"""
     if rule.type == "matchExact":
         return image_ref == signed_ref
     if rule.type == "matchRepoDigestOrExact":
-        return _repository(image_ref) == _repository(signed_ref) if "@" in image_ref else image_ref == signed_ref
+        return repository(image_ref) == repository(signed_ref) if "@" in image_ref else image_ref == signed_ref
     if rule.type == "matchRepository":
-        return _repository(image_ref) == _repository(signed_ref)
+        return repository(image_ref) == repository(signed_ref)
     if rule.type == "exactReference":
         return signed_ref == rule.docker_reference
     if rule.type == "exactRepository":
-        return _repository(signed_ref) == rule.docker_repository
+        return repository(signed_ref) == rule.docker_repository
     if rule.type == "remapIdentity":
         if image_ref.startswith(rule.prefix) and (
             len(image_ref) == len(rule.prefix) or image_ref[len(rule.prefix)] in "/:@" or rule.prefix.endswith("/")

@@ -75,7 +75,10 @@ def trust(config_dir: Path, key_file: Path, *, prefix: str | None, root: bool) -
     keys_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(keys_dir / f"{fpr}.asc", key, mode=0o644)
     main = config_dir / POLICY_FILE
+    load_policy(config_dir)  # the files read below as plain JSON must be sound policy files first
     doc: dict[str, Any] = json.loads(main.read_text()) if main.exists() else {"default": [{"type": "reject"}]}
+    dropin = config_dir / DROPIN_DIR / f"{TRUST_PREFIX}{_slug(prefix or '')}.json"
+    before = {p: p.read_bytes() if p.exists() else None for p in (main, dropin)}
     if root:
         req = doc["default"][0] if doc.get("default") else {}
         fprs = sorted({*req.get("keyFingerprints", []), fpr}) if req.get("type") == "signedBy" else [fpr]
@@ -83,7 +86,7 @@ def trust(config_dir: Path, key_file: Path, *, prefix: str | None, root: bool) -
         target = main
     else:
         assert prefix is not None
-        target = config_dir / DROPIN_DIR / f"{TRUST_PREFIX}{_slug(prefix)}.json"
+        target = dropin
         old = json.loads(target.read_text()) if target.exists() else {"transports": {}}
         prev = old["transports"].get("docker", {}).get(prefix, [{}])[0].get("keyFingerprints", [])
         fprs = sorted({*prev, fpr})
@@ -91,7 +94,15 @@ def trust(config_dir: Path, key_file: Path, *, prefix: str | None, root: bool) -
         _write(target, {"transports": {t: {prefix: [req]} for t in TRANSPORTS}})
     if not main.exists() or root:
         _write(main, doc)
-    load_policy(config_dir)
+    try:
+        load_policy(config_dir)
+    except PolicyLoadError:  # e.g. the drop-in would relax policy.json: leave the policy as it was
+        for path, data in before.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, data, mode=0o644)
+        raise
     return fpr, target
 
 
@@ -99,6 +110,7 @@ def trusted(config_dir: Path) -> list[dict[str, str]]:
     """Keys written by ``trust``: fingerprint, scope (a prefix, or "root") and the file that grants it."""
     out = []
     main = config_dir / POLICY_FILE
+    load_policy(config_dir)  # the files read below as plain JSON must be sound policy files first
     if main.exists():
         doc = json.loads(main.read_text())
         for req in doc.get("default", []):

@@ -67,10 +67,17 @@ class GuestStatus:
 MAX_LINE = 4096
 
 
-def printable(text: str) -> str:
-    """``text`` with control characters (terminal escapes included) shown as ``?``: what the guest says may
-    reach an operator's terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every character that is not printable (control characters: ESC and so every terminal
+    escape sequence, C1 controls, bidi overrides...) shown visibly as ``\\xNN``/``\\uNNNN``, except those in
+    ``keep``. The one sanitizer for guest text that reaches an operator's terminal."""
+    return "".join(c if c.isprintable() or c in keep else f"\\x{ord(c):02x}" if ord(c) < 0x100
+                   else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
+
+
+def printable_stream(data: bytes) -> bytes:
+    """``printable`` for a stream of guest lines (the console shown by ``--debug``): keeps line ends and tabs."""
+    return printable(data.decode("utf-8", "replace").replace("\r\n", "\n"), keep="\n\t").encode()
 
 
 def parse_status(text: str) -> GuestStatus:
@@ -93,9 +100,9 @@ def parse_status(text: str) -> GuestStatus:
         elif kind == "FATAL":
             st.fatal = st.fatal or (printable(unescape(parts[1])) if len(parts) > 1 else "unknown")
         elif kind == "START" and len(parts) == 3 and parts[2].isdigit():
-            st.pids.setdefault(unescape(parts[1]), int(parts[2]))
+            st.pids.setdefault(printable(unescape(parts[1])), int(parts[2]))
         elif kind == "EXIT" and len(parts) == 3 and parts[2].lstrip("-").isdigit():
-            st.exits.setdefault(unescape(parts[1]), int(parts[2]))
+            st.exits.setdefault(printable(unescape(parts[1])), int(parts[2]))
         elif kind == "ERROR" and len(parts) == 3:
             st.errors.setdefault(printable(unescape(parts[1])), []).append(printable(unescape(parts[2])))
     return st
@@ -262,7 +269,7 @@ def _session_output(reader: _Reader, stdout: IO[bytes], stderr: IO[bytes]) -> in
         elif head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
             return int(head[1])
         elif head[0] == "FAIL":
-            raise AgentError(f"the guest refused to enter: {unescape(head[1]) if len(head) > 1 else ''}")
+            raise AgentError(f"the guest refused to enter: {printable(unescape(head[1])) if len(head) > 1 else ''}")
         else:
             raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
 

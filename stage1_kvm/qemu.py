@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -141,6 +141,7 @@ class _Tail:
     path: Path
     out: IO[bytes] | None
     offset: int = 0
+    clean: Callable[[bytes], bytes] | None = None
 
     def pump(self) -> None:
         try:
@@ -154,7 +155,7 @@ class _Tail:
             if self.out is None:
                 return
             try:
-                self.out.write(data)
+                self.out.write(self.clean(data) if self.clean else data)
                 self.out.flush()
             except (BrokenPipeError, ValueError):
                 self.out = None
@@ -341,7 +342,7 @@ class QemuStage1(Stage1):
             for s in ("stdout", "stderr")
         ]
         if self.config.debug:
-            tails.append(_Tail(pod.file(CONSOLE_LOG), stderr))
+            tails.append(_Tail(pod.file(CONSOLE_LOG), stderr, clean=agent.printable_stream))  # guest text
         started = time.monotonic()
         stop_sent = 0.0
         killed = False

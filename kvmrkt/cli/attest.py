@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
+from kvmrkt import jsondoc
 from kvmrkt.cli._base import FORMATS, _Ctx, _dump, _progress, _when, cli, pass_ctx
+from kvmrkt.pod import write_atomic
 
 
 @cli.group()
@@ -44,7 +46,7 @@ def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None)
     from kvmrkt import evidence as local
 
     evidence = local.attest_quote(c.config(), nonce, tpm2_tools_dir)
-    output.write_text(json.dumps(evidence, indent=2) + "\n")
+    write_atomic(output, (json.dumps(evidence, indent=2) + "\n").encode(), mode=0o644)
     click.echo(f"wrote {output}")
 
 
@@ -120,7 +122,7 @@ def _hex(text: str) -> bytes:
 
 def _load_json_file(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return jsondoc.load(path)
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"{path}: {exc}") from exc
 

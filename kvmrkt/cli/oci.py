@@ -9,6 +9,7 @@ Trust boundary: the caller is the container engine (root); see ``kvmrkt.ocirt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import IO, Any
 
 import click
 
-from kvmrkt import __version__
+from kvmrkt import __version__, jsondoc
 from kvmrkt.cli._base import _Ctx
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
@@ -37,7 +38,8 @@ class _OciCtx:
     @property
     def log(self) -> IO[str] | None:
         if self._log is None and self.log_path is not None:
-            self._log = self.log_path.open("a")
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._log = os.fdopen(fd, "a")  # O_NOFOLLOW: a symlink planted at the path is refused
         return self._log
 
     def say(self, level: str, msg: str) -> None:
@@ -166,7 +168,7 @@ def exec(c: _OciCtx, process: Path | None, detach: bool, pid_file: Path | None, 
     uid, gid = _user(user) if user else (None, None)
     if process is not None:
         try:
-            spec: dict[str, Any] = json.loads(process.read_text())
+            spec: dict[str, Any] = jsondoc.load(process)
             args = [str(a) for a in spec.get("args") or []]
             terminal = terminal or bool(spec.get("terminal"))
             env = tuple(str(e) for e in spec["env"]) if isinstance(spec.get("env"), list) else env

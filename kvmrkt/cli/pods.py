@@ -15,6 +15,7 @@ from kvmrkt import __version__
 from kvmrkt.cli._base import FORMATS, PULL_POLICY, _Ctx, _dump, _duration, _progress, _when, cli, pass_ctx
 from kvmrkt.engine import PodOptions
 from kvmrkt.netconf import NetOptions, parse_dns, parse_nets, parse_port
+from kvmrkt.pod import write_atomic
 from kvmrkt.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
 from kvmrkt.store import no_progress
 
@@ -112,7 +113,7 @@ def run(c: _Ctx, /, images_and_flags: tuple[str, ...], volume: tuple[str, ...], 
 
     def saved(pod: Any) -> None:
         if uuid_file_save:
-            uuid_file_save.write_text(pod.uuid + "\n")
+            write_atomic(uuid_file_save, f"{pod.uuid}\n".encode(), mode=0o644)
 
     code = engine.run(apps, opts, interactive=interactive, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                       progress=_progress, on_prepared=saved, net=net)
@@ -133,7 +134,7 @@ def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...],
     opts = _pod_options(volume, hostname, set_env, stage1, pod_manifest, pull_policy)
     pod = c.engine(backend=stage1).prepare(apps, opts, progress=no_progress if quiet else _progress)
     if uuid_file_save:
-        uuid_file_save.write_text(pod.uuid + "\n")
+        write_atomic(uuid_file_save, f"{pod.uuid}\n".encode(), mode=0o644)
     click.echo(pod.uuid if quiet else f"prepared pod {pod.uuid}")
 
 

@@ -51,8 +51,10 @@ def policy() -> None:
 @click.argument("path", required=False, type=click.Path(path_type=Path, exists=True))
 @pass_ctx
 def policy_check(c: _Ctx, path: Path | None) -> None:
-    """Lint the policy files in PATH (a config directory, or a policy.json in one) and load every key."""
-    from policy.model import load_policy
+    """Lint the policy files in PATH (a config directory, or a policy.json in one) and load every key.
+
+    Drop-ins only add requirements (each scope is listed with the policy.json scope it must keep)."""
+    from policy.model import DROPIN_RULE, load_policy
     from policy.signatures import check_keys
 
     config_dir = (path.parent if path.is_file() else path) if path else c.config_dir
@@ -62,6 +64,10 @@ def policy_check(c: _Ctx, path: Path | None) -> None:
         sys.exit(4)
     check_keys(pol)
     click.echo(f"ok: {len(pol.files)} file(s), {len(pol.transports)} scope(s), policy digest {pol.digest}")
+    click.echo(f"drop-in rule: {DROPIN_RULE}")
+    for transport, scope, dropin, cover in pol.dropins:
+        under = f"keeps every requirement of policy.json's {cover}" if cover else "under policy.json's default"
+        click.echo(f"  {dropin.name}: transports.{transport}[{scope!r}] {under}")
 
 
 @policy.command("explain")

@@ -193,6 +193,22 @@ static void escape(const char *in, char *out, size_t outlen)
     out[o] = 0;
 }
 
+/* Text that came from an image or a pod config, as printable ASCII for messages on an app's stderr (which the
+ * host copies to the operator's terminal): every other byte, and '\\', becomes \\xNN, so no terminal escape
+ * sequence gets through (the host renders its own guest text the same way). */
+static const char *visible(const char *in, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)in; *p && o + 5 < outlen; p++) {
+        if (*p < 0x20 || *p >= 0x7f || *p == '\\')
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", *p);
+        else
+            out[o++] = (char)*p;
+    }
+    out[o] = 0;
+    return out;
+}
+
 static void status(const char *fmt, ...)
 {
     char line[4096];
@@ -984,10 +1000,14 @@ static void exec_app(struct app *a, char **argv, int in, int out, int err)
     }
     exec_in_path(argv, a->env);
     int e = errno;
-    dprintf(2, "kvmrkt: cannot execute %s in app %s: %s\n", argv[0], a->name, strerror(e));
+    char shown[1024];
+    dprintf(2, "kvmrkt: cannot execute %s in app %s: %s\n", visible(argv[0], shown, sizeof(shown)), a->name,
+            strerror(e));
     _exit(e == ENOENT ? 127 : 126);
 fail:
-    dprintf(2, "kvmrkt: app %s: %s %s: %s\n", a->name, step, step[2] == 'd' ? a->cwd : "", strerror(errno));
+    e = errno;
+    dprintf(2, "kvmrkt: app %s: %s %s: %s\n", a->name, step,
+            step[2] == 'd' ? visible(a->cwd, shown, sizeof(shown)) : "", strerror(e));
     _exit(125);
 }
 
@@ -1008,7 +1028,9 @@ static int restrict_path(const char *path, int mask)
 
 static void ns_fail(struct app *a, int err, const char *what)
 {
-    dprintf(err, "kvmrkt: app %s: %s: %s\n", a->name, what, strerror(errno));
+    int e = errno;
+    char shown[1024];
+    dprintf(err, "kvmrkt: app %s: %s: %s\n", a->name, visible(what, shown, sizeof(shown)), strerror(e));
     _exit(125);
 }
 

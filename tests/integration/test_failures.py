@@ -123,3 +123,16 @@ def test_image_rm_refuses_images_in_use(kvmrkt: Kvmrkt) -> None:
     kvmrkt.ok("image", "rm", "busybox")
     assert json.loads(kvmrkt.ok("image", "list", "--format", "json").out) == []
     assert not list((kvmrkt.data / "cas" / "rootfs").iterdir())
+
+
+def test_guest_text_reaches_the_terminal_without_escape_sequences(kvmrkt: Kvmrkt) -> None:
+    """A hostile exec path or working directory (an image's Entrypoint/WorkingDir) holding ESC: the guest's
+    error about it, and the guest console shown by --debug, reach kvmrkt's stdout/stderr with ESC rendered."""
+    for flags, code, shown in (
+        (["--exec", "/bin/no\x1b[2J\x1b]0;pwned\x07pe"], 127, "cannot execute /bin/no\\x1b[2J\\x1b]0;pwned\\x07pe"),
+        (["--working-dir", "/no\x1b[31mdir", "--exec", "/bin/true"], 125, "chdir /no\\x1b[31mdir"),
+    ):
+        res = kvmrkt("--debug", "run", "busybox", *flags)
+        assert res.rc == code, res.err
+        assert shown in res.err, [ln for ln in res.err.splitlines() if "kvmrkt" in ln]
+        assert "\x1b" not in res.err + res.out and "\x07" not in res.err + res.out

@@ -191,6 +191,47 @@ def test_policy_files_are_linted(strict: Kvmrkt, image: Image, gpg: Gpg, tmp_pat
     assert strict("policy", "check", str(tmp_path)).rc == 4  # no policy.json there
 
 
+def test_a_dropin_cannot_relax_policy_json(strict: Kvmrkt, image: Image, gpg: Gpg, tmp_path: Path) -> None:
+    fpr = gpg.new_key("trusted <trusted@example.com>")
+    key = gpg.export(fpr, tmp_path / "trusted.asc")
+    signed = {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(key)}
+    (strict.config / "policy.json").write_text(json.dumps(
+        {"default": [{"type": "reject"}], "transports": {t: {"example.com": [signed]} for t in ("oci", "docker")}}))
+    (strict.config / "policy.d").mkdir()
+    dropin = strict.config / "policy.d" / "team.json"
+    for scope in ("example.com/app", ""):  # narrower than policy.json's scope, and the transport default
+        dropin.write_text(json.dumps({"transports": {"oci": {scope: [{"type": "insecureAcceptAnything"}]}}}))
+        for cmd in (["policy", "check"], ["image", "import", image.ref, "--name", NAME]):
+            res = strict(*cmd)
+            assert res.rc == 4 and "team.json" in res.err and f"transports.oci[{scope!r}]" in res.err, res.err
+            assert "Traceback" not in res.err
+    dropin.unlink()
+    other = gpg.new_key("other <other@example.com>")
+    gpg.standalone_sign(image.manifest, NAME, other, image.sigdir / "signature-1")
+    res = strict("trust", "--prefix", "example.com/app", str(gpg.export(other, tmp_path / "other.asc")))
+    assert res.rc == 4 and "would relax policy.json's scope 'example.com'" in res.err
+    assert not list((strict.config / "policy.d").glob("*.json"))  # the refused trust left nothing behind
+    assert strict("image", "import", image.ref, "--name", NAME).rc == 42  # signed, but not by policy.json's key
+    dropin.write_text(json.dumps({"transports": {"oci": {"example.com/app": [signed, {"type": "signedBy",
+        "keyType": "GPGKeys", "keyPath": str(tmp_path / "other.asc")}]}}}))  # fmt: skip
+    out = strict.ok("policy", "check").out
+    assert "only adds requirements" in out and "transports.oci['example.com/app'] keeps every requirement" in out
+    gpg.standalone_sign(image.manifest, NAME, fpr, image.sigdir / "signature-2")
+    strict.ok("image", "import", image.ref, "--name", NAME)  # both keys signed: the drop-in added one
+
+
+def test_a_deeply_nested_policy_is_exit_code_4(strict: Kvmrkt, image: Image, tmp_path: Path) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    (strict.config / "policy.json").write_text(deep)
+    for cmd in (["policy", "check"], ["image", "import", image.ref, "--name", NAME], ["trust", "list"]):
+        res = strict(*cmd)
+        assert res.rc == 4 and "policy.json" in res.err and "nested deeper than 64 levels" in res.err, res.err
+        assert "Traceback" not in res.err
+    (tmp_path / "pod.json").write_text(deep)
+    res = strict("--insecure-options=image", "prepare", "--pod-manifest", str(tmp_path / "pod.json"))
+    assert res.rc == 2 and "nested deeper" in res.err and "Traceback" not in res.err
+
+
 def _cosign_key(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     pub = tmp_path / "cosign.pub"

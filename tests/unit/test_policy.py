@@ -73,7 +73,7 @@ def test_strict_loading_names_file_and_field(cfg: Path, doc: object, word: str) 
 
 def test_dropins_merge_and_conflict(cfg: Path) -> None:
     write(cfg, {"default": [{"type": "reject"}], "transports": {"docker": {"a.example": [{"type": "reject"}]}}})
-    write(cfg, {"transports": {"docker": {"b.example": [{"type": "insecureAcceptAnything"}]}}}, "policy.d/team-b.json")
+    write(cfg, {"transports": {"docker": {"b.example": [{"type": "reject"}]}}}, "policy.d/team-b.json")
     pol = load_policy(cfg)
     assert pol is not None and set(pol.scopes("docker")) == {"a.example", "b.example"}
     write(cfg, {"transports": {"docker": {"a.example": [{"type": "reject"}]}}}, "policy.d/team-c.json")
@@ -82,6 +82,49 @@ def test_dropins_merge_and_conflict(cfg: Path) -> None:
     write(cfg, {"default": [{"type": "reject"}], "transports": {}}, "policy.d/team-c.json")
     with pytest.raises(PolicyLoadError, match="'default'"):
         load_policy(cfg)
+
+
+MAIN_WITH_SCOPES = {"default": [{"type": "reject"}], "transports": {
+    "docker": {"example.com": [signed()], "*.corp.example": [signed()]}, "oci": {"": [signed()]}}}  # fmt: skip
+OTHER = signed("other.asc")
+
+
+@pytest.mark.parametrize(("transports", "word"), [
+    ({"docker": {"example.com/team": [{"type": "insecureAcceptAnything"}]}}, "insecureAcceptAnything"),
+    ({"docker": {"b.example": [{"type": "insecureAcceptAnything"}]}}, "insecureAcceptAnything"),
+    ({"docker": {"example.com/team": [{"type": "insecureAcceptAnything"}, signed()]}}, "insecureAcceptAnything"),
+    ({"docker": {"": [{"type": "insecureAcceptAnything"}]}}, 'default scope ""'),
+    ({"appc": {"": [OTHER]}}, 'default scope ""'),
+    ({"docker": {"example.com/team": [OTHER]}}, "relax policy.json's scope 'example.com'"),
+    ({"docker": {"example.com/app:1": [OTHER]}}, "relax policy.json's scope 'example.com'"),
+    ({"docker": {"example.com/team": [signed(keyFingerprints=["A" * 40])]}}, "lacks signedBy"),
+    ({"docker": {"x.corp.example/app": [OTHER]}}, "relax policy.json's scope '\\*.corp.example'"),
+    ({"oci": {"b.example/app": [OTHER]}}, "relax policy.json's scope ''"),
+])  # fmt: skip
+def test_a_dropin_cannot_relax_policy_json(cfg: Path, transports: object, word: str) -> None:
+    (cfg / "other.asc").write_text("other key")
+    write(cfg, MAIN_WITH_SCOPES)
+    write(cfg, {"transports": transports}, "policy.d/team.json")
+    with pytest.raises(PolicyLoadError, match=word) as err:
+        load_policy(cfg)
+    assert "policy.d/team.json" in err.value.message and "transports." in err.value.message
+    assert err.value.exit_code == 4 and err.value.hint and "only adds requirements" in err.value.hint
+
+
+def test_a_dropin_may_add_requirements_and_unnamed_scopes(cfg: Path) -> None:
+    (cfg / "other.asc").write_text("other key")
+    write(cfg, MAIN_WITH_SCOPES)
+    write(cfg, {"transports": {"docker": {"example.com/team": [OTHER, signed()], "example.com/old": [
+        {"type": "reject"}], "b.example": [OTHER]}, "appc": {"example.com/team": [OTHER]}}}, "policy.d/team.json")
+    pol = load_policy(cfg)
+    assert pol is not None
+    assert {(t, s, c) for t, s, _p, c in pol.dropins} == {
+        ("docker", "example.com/team", "transports.docker['example.com']"),
+        ("docker", "example.com/old", "transports.docker['example.com']"),
+        ("docker", "b.example", ""), ("appc", "example.com/team", "")}  # fmt: skip
+    subject = Subject("docker", "example.com/team/app:1", "example.com/team/app:1", DIGEST)
+    scope, reqs = match_scope(pol, subject)
+    assert scope == 'transports.docker["example.com/team"]' and len(reqs) == 2
 
 
 def test_scope_candidates_follow_path_segments() -> None:

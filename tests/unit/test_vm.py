@@ -10,7 +10,7 @@ from kvmrkt.config import Stage1Config
 from kvmrkt.errors import ConfigError
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.stage1 import JailSpec
-from stage1_kvm.agent import parse_status, unescape
+from stage1_kvm.agent import parse_status, printable_stream, unescape
 from stage1_kvm.assets import cpio_archive
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import VMSpec, build_vmspec, escape, guest_pod_config
@@ -115,8 +115,14 @@ def test_parse_status_believes_only_the_first_exit_and_keeps_escapes_off_termina
     st = parse_status("READY\nEXIT web 1\nEXIT web 0\nERROR web %1B[2Jcleared%07\nSTART db 5\nSTART db 6\n"
                       + "ERROR web " + "x" * 5000 + "\n")
     assert st.exits == {"web": 1} and st.pids == {"db": 5}
-    assert st.errors == {"web": ["?[2Jcleared?"]}
-    assert parse_status("FATAL a%0Db\nFATAL later\n").fatal == "a?b"
+    assert st.errors == {"web": ["\\x1b[2Jcleared\\x07"]}
+    assert parse_status("FATAL a%0Db\nFATAL later\n").fatal == "a\\x0db"
+    st = parse_status("START a%1B%5D0;x%07 3\nEXIT a%C2%9Bb%E2%80%AE 4\n")  # ESC, OSC, C1 CSI, bidi override
+    assert st.pids == {"a\\x1b]0;x\\x07": 3} and st.exits == {"a\\x9bb\\u202e": 4}
+
+
+def test_the_debug_console_reaches_the_terminal_without_escape_sequences() -> None:
+    assert printable_stream(b"boot\r\n\x1b]0;pwned\x07\tok\xc2\x9b2J\n") == b"boot\n\\x1b]0;pwned\\x07\tok\\x9b2J\n"
 
 
 def test_cpio_is_deterministic_newc() -> None:
