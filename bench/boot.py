@@ -164,7 +164,8 @@ def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str
     etc.mkdir()
     # The real launch path: trust check (a policy that accepts the bench image) and measured launch into a swtpm.
     with swtpm(work) as tcti:
-        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\ntcti = "{tcti}"\n')
+        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\ntcti = "{tcti}"\n'
+                                         f'log_dir = "{data / "measure"}"\n')  # the bench TPM's own log
         (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
         return _measure_runs(work, data, etc, runs, requested_accel)
 

@@ -55,6 +55,19 @@ def dependencies(store: Store, record: ImageRecord) -> list[ImageRecord]:
     return out
 
 
+def explain_dependencies(store: Store, record: ImageRecord,
+                         check: Callable[[ImageRecord], Decision]) -> list[dict[str, Any]]:
+    """Each dependency of an image with the verdict it gets now (for ``policy explain``)."""
+    out = []
+    for dep in dependencies(store, record):
+        try:
+            verdict = {"accepted": True, **check(dep).to_dict()}
+        except PolicyDeniedError as exc:
+            verdict = {"accepted": False, "reason": exc.reason, "message": exc.message}
+        out.append({"image": dep.id, "identity": identity(dep), "verdict": verdict})
+    return out
+
+
 def _verdict(record: ImageRecord, decision: Decision) -> dict[str, Any]:
     return {"image": record.id, "identity": identity(record), **decision.to_dict()}
 

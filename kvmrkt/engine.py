@@ -193,6 +193,7 @@ class Engine:
             out["verdict"] = {"accepted": True, **self.check_trust(record).to_dict()}
         except PolicyDeniedError as exc:
             out["verdict"] = {"accepted": False, "reason": exc.reason, "message": exc.message}
+        out["dependencies"] = admission.explain_dependencies(self.store, record, self.check_trust)
         return out
 
     def images(self) -> list[tuple[ImageRecord, list[str]]]:

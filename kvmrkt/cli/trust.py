@@ -89,5 +89,9 @@ def policy_explain(c: _Ctx, image: str, fmt: str) -> None:
     verdict = info["verdict"]
     click.echo("verdict: accepted" if verdict["accepted"] else f"verdict: rejected ({verdict['reason']}): "
                f"{verdict['message']}")
+    for dep in info["dependencies"]:
+        v = dep["verdict"]
+        click.echo(f"dependency {dep['identity']} ({dep['image'][:19]}): " + (
+            "accepted" if v["accepted"] else f"rejected ({v['reason']}): {v['message']}"))
 
 

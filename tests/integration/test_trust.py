@@ -409,6 +409,8 @@ def test_an_unsigned_dependency_is_judged_at_every_run(strict: Kvmrkt, gpg: Gpg,
         res = strict(*command, "example.com/app:1")
         assert res.rc == 40 and "example.com/base:1" in res.err and "a dependency of example.com/app:1" in res.err
     assert not list((strict.data / "pods").glob("*/*"))  # nothing prepared
+    explain = strict.ok("policy", "explain", "example.com/app:1").out
+    assert "verdict: accepted" in explain and "dependency example.com/base:1" in explain and "rejected" in explain
     uuid = strict.ok("--insecure-options=image", "prepare", "--quiet", "example.com/app:1").out.strip()
     res = strict("run-prepared", uuid)  # judged again at run, without the option
     assert res.rc == 40 and "example.com/base:1" in res.err
