@@ -4,14 +4,14 @@ Role: an ACI is a tar (plain, gzip, bzip2 or xz) holding ``manifest`` (the appc 
 kvmrkt stores it decompressed, named by the SHA-512 of the plain tar (the appc image ID), maps the manifest's
 app (exec, user, group, environment, working directory, ports, mount points, isolators) onto its app model and
 resolves dependencies from the store. A detached ``FILE.aci.asc`` signature is kept beside the blob for the
-trust policy. Trust boundary: ACIs are hostile: the manifest is parsed strictly with a size limit, rootfs
-members are applied by ``kvmrkt.layers`` like any layer, and decompression is bounded.
+trust policy. Trust boundary: ACIs are hostile: the file is judged by the trust policy before any of it is
+decompressed, the manifest is parsed strictly with a size limit, decompression is bounded by the image limits
+(ratio and bytes), and rootfs members are applied by ``kvmrkt.layers`` like any layer.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
+import contextlib
 import io
 import json
 import lzma
@@ -19,11 +19,14 @@ import re
 import tarfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from kvmrkt.decompress import Cursor, open_stream
 from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
+from kvmrkt.layers import LayerLimits
 from kvmrkt.oci import load_json
 from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
 
@@ -123,67 +126,40 @@ def parse_manifest(doc: dict[str, Any]) -> AciManifest:
     )
 
 
-def _decompressed(fh: IO[bytes]) -> IO[bytes] | io.BufferedIOBase:
-    magic = fh.read(6)
-    fh.seek(0)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=fh, mode="rb")
-    if magic.startswith(b"BZh"):
-        return bz2.BZ2File(fh, mode="rb")
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(fh, mode="rb")
-    return fh
+@contextlib.contextmanager
+def _plain(path: Path, limits: LayerLimits) -> Iterator[io.RawIOBase]:
+    """The tar inside an ACI file, decompressed within the image limits (ratio and bytes)."""
+    cursor = Cursor()
+    cursor.where = f"ACI {path.name}"
+    with path.open("rb") as fh, open_stream(fh, max_ratio=limits.max_ratio, cursor=cursor,
+                                             max_bytes=limits.max_total_bytes) as (stream, _raw):
+        yield stream
 
 
-def read_manifest(store: Store, digest: Any) -> AciManifest:
-    """The manifest inside a stored ACI blob."""
-    with store.open_blob(digest) as reader:
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    if member.name.lstrip("./") == "manifest" and member.isreg():
-                        if member.size > MAX_MANIFEST:
-                            raise ManifestError(f"ACI manifest is larger than {MAX_MANIFEST} bytes")
-                        fh = tar.extractfile(member)
-                        assert fh is not None
-                        return parse_manifest(load_json(fh.read(), "ACI manifest"))
-        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
-            raise ImageError(f"the ACI is not a valid tar archive: {exc}") from exc
-    raise ManifestError("the ACI has no manifest")
-
-
-def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress = no_progress,
-               gate: Gate = open_gate) -> ImageRecord:
-    """Import ``FILE.aci``, judged with its detached signature ``FILE.aci.asc`` (rkt's rule: the signature
-    covers the ACI file's bytes, which are kept so the signature can be checked again at every run).
-
-    Raises:
-        ImageError, ManifestError: unreadable or invalid ACI; ImageNotFoundError: a dependency is not in the
-        store (import it first).
-    """
+def _scan_manifest(path: Path, limits: LayerLimits) -> AciManifest:
+    """The manifest of an ACI file, found by streaming its tar: decompressed within the image limits, nothing
+    written, no member but ``manifest`` read (actool writes it last, after ``rootfs/``)."""
     try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
-    with fh:
-        original = store.put_blob(fh, what=f"ACI {path.name}", progress=progress)
-    signature = Path(f"{path}.asc")
-    files = {"detached.asc": signature.read_bytes()[: 1 << 20]} if signature.is_file() else {}
-    try:
-        with store.open_blob(original) as raw:
-            head = raw.read(6)
-        with store.blob_path(original).open("rb") as fh2:
-            if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zXZ\x00":
-                digest = store.put_blob(_decompressed(fh2), algorithm="sha512", what=f"ACI {path.name}",
-                                        max_bytes=store.limits.max_total_bytes)
-            else:
-                digest = store.put_blob(fh2, algorithm="sha512", what=f"ACI {path.name}")
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        with _plain(path, limits) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for _ in range(limits.max_entries):
+                member = tar.next()
+                if member is None:
+                    raise ManifestError("the ACI has no manifest")
+                tar.members.clear()  # type: ignore[attr-defined]  # else stream mode keeps every TarInfo
+                if member.name.lstrip("./") == "manifest" and member.isreg():
+                    if member.size > MAX_MANIFEST:
+                        raise ManifestError(f"ACI manifest is larger than {MAX_MANIFEST} bytes")
+                    fh2 = tar.extractfile(member)
+                    assert fh2 is not None
+                    return parse_manifest(load_json(fh2.read(), "ACI manifest"))
+            raise ImageError(f"the ACI has more than {limits.max_entries} entries before its manifest")
+    except tarfile.TarError as exc:
+        raise ImageError(f"the ACI is not a valid tar archive: {exc}") from exc
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ImageError(f"cannot decompress {path}: {exc}") from exc
-    manifest = read_manifest(store, digest)
-    identity = normalise_name(name or f"{manifest.name}:{manifest.version}")
-    gate(Provenance("appc", identity), original, files)
-    store.save_signatures(original, files)
+
+
+def _dependencies(store: Store, path: Path, manifest: AciManifest) -> tuple[str, ...]:
     deps = []
     for dep in manifest.dependencies:
         try:
@@ -198,12 +174,52 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
                 hint="import the dependency first",
             ) from exc
         deps.append(found.id)
+    return tuple(deps)
+
+
+def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress = no_progress,
+               gate: Gate = open_gate) -> ImageRecord:
+    """Import ``FILE.aci``, judged with its detached signature ``FILE.aci.asc`` (rkt's rule: the signature
+    covers the ACI file's bytes, which are kept so the signature can be checked again at every run).
+
+    The file is copied as it is into the store's work area and judged there before any of it is decompressed:
+    under ``name`` when one is given, else against every appc scope (the name is inside the compressed tar).
+    Only then is the manifest read (bounded, nothing written) and the image judged under the name it gives.
+    A refused or invalid ACI leaves nothing in the store.
+
+    Raises:
+        ImageError, ManifestError: unreadable or invalid ACI; ImageNotFoundError: a dependency is not in the
+        store (import it first); PolicyDeniedError: the gate refused it.
+    """
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
+    signature = Path(f"{path}.asc")
+    files = {"detached.asc": signature.read_bytes()[: 1 << 20]} if signature.is_file() else {}
+    named = normalise_name(name) if name else None
+    with fh, store.staged_blob(fh, what=f"ACI {path.name}", progress=progress) as original:
+        gate(Provenance("appc", named or path.name, content=original.path, named=bool(named)), original.digest,
+             files)
+        manifest = _scan_manifest(original.path, store.limits)
+        identity = named or normalise_name(f"{manifest.name}:{manifest.version}")
+        if not named:
+            gate(Provenance("appc", identity, content=original.path), original.digest, files)
+        deps = _dependencies(store, path, manifest)
+        try:
+            with _plain(original.path, store.limits) as plain, store.staged_blob(
+                    plain, algorithm="sha512", what=f"ACI {path.name}", max_bytes=store.limits.max_total_bytes) as tar:
+                store.commit(original)
+                digest = store.commit(tar)
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+            raise ImageError(f"cannot decompress {path}: {exc}") from exc
+    store.save_signatures(original.digest, files)
     record = ImageRecord(
         id=str(digest), name=identity, source=str(path.resolve()), kind="aci",
         imported=time.time(), layers=(str(digest),), rootfs="", rootfs_size=0, entrypoint=manifest.exec,
         env=manifest.env, working_dir=manifest.working_dir, user=manifest.user, group=manifest.group,
         ports=manifest.ports, mount_points=manifest.mount_points, isolators=manifest.isolators,
-        labels=manifest.labels, dependencies=tuple(deps), transport="appc", identity=identity,
-        signed_digest=str(original),
+        labels=manifest.labels, dependencies=deps, transport="appc", identity=identity,
+        signed_digest=str(original.digest),
     )  # fmt: skip
     return store.add_image(record, progress=progress)

@@ -106,6 +106,7 @@ class ImagesConfig:
     max_total_bytes: int = 8 * 1024**3
     max_entries: int = 1_000_000
     max_ratio: int = 200
+    max_depth: int = 256
     scratch: str = "auto"  # where trees are unpacked before the erofs build: auto | memory | disk
 
 
@@ -291,7 +292,8 @@ def load_config(
             raise ConfigError(f"{path}: measure.log_dir must be an absolute path")
         meas = {**meas, "log_dir": Path(meas["log_dir"])}
     img = doc.get("images", {})
-    _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int, "scratch": str}, "images.", path)
+    _check_table(img, {"max_total_bytes": int, "max_entries": int, "max_ratio": int, "max_depth": int,
+                       "scratch": str}, "images.", path)
     if any(isinstance(v, int) and v <= 0 for v in img.values()):
         raise ConfigError(f"{path}: images limits must be positive")
     if img.get("scratch", "auto") not in ("auto", "memory", "disk"):

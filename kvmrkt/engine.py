@@ -48,7 +48,7 @@ from measure.events import launch_events
 from measure.tpm import Measurer
 from policy import selinux
 from policy.model import Policy, load_policy
-from policy.trust import Decision, Subject, decide, match_scope
+from policy.trust import Decision, Subject, decide, decide_unnamed, match_scope
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POD_MANIFEST = "pod"
@@ -89,7 +89,7 @@ class Engine:
         self.warn = warn
         self.store = Store(config.data_dir, limits=LayerLimits(
             max_total_bytes=config.images.max_total_bytes, max_entries=config.images.max_entries,
-            max_ratio=config.images.max_ratio), scratch=config.images.scratch)
+            max_ratio=config.images.max_ratio, max_depth=config.images.max_depth), scratch=config.images.scratch)
         self.networks = PodNetworks(config, warn=warn)
 
     # --- images -------------------------------------------------------------------------------------------
@@ -134,7 +134,8 @@ class Engine:
         """The trust policy (None: there is none, every image is rejected)."""
         return load_policy(self.config.config_dir)
 
-    def _decide(self, subject: Subject, files: dict[str, bytes], detached_target: Path | None) -> Decision:
+    def _decide(self, subject: Subject, files: dict[str, bytes], detached_target: Path | None, *,
+                named: bool = True) -> Decision:
         from policy import signatures  # gpg and cryptography only when a signature is to be checked
 
         sigset = signatures.SignatureSet(
@@ -144,15 +145,16 @@ class Engine:
             detached=((files["detached.asc"], detached_target),) if "detached.asc" in files and detached_target
             else (),
         )
-        return decide(self.policy(), subject, lambda req: signatures.verify(req, sigset))
+        return (decide if named else decide_unnamed)(self.policy(), subject, lambda req: signatures.verify(req, sigset))
 
     def _gate(self, prov: Provenance, digest: Digest, files: dict[str, bytes]) -> None:
         """Refuse an image the policy does not accept, before anything but its manifest digest is read."""
         if "image" in self.config.insecure_options:
             self.warn(f"WARNING: --insecure-options=image: NOT checking signatures of {prov.identity} ({digest})")
             return
-        target = self.store.blob_path(digest) if prov.transport == "appc" else None
-        self._decide(Subject(prov.transport, prov.identity, prov.identity, str(digest)), files, target)
+        target = (prov.content or self.store.blob_path(digest)) if prov.transport == "appc" else None
+        self._decide(Subject(prov.transport, prov.identity, prov.identity, str(digest)), files, target,
+                     named=prov.named)
 
     def check_trust(self, record: ImageRecord) -> Decision:
         """Judge a stored image against the current policy, with the signatures stored with it.

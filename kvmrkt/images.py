@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import tarfile
@@ -235,44 +236,59 @@ def import_docker_archive(store: Store, path: Path, tag: str | None, *, name: st
         entry = entries[0]
         if not isinstance(entry.get("Config"), str) or not isinstance(entry.get("Layers"), list):
             raise ManifestError(f"{path}:manifest.json entry needs Config and Layers")
-        with _member(tar, entry["Config"], str(path)) as fh:
-            config_digest = store.put_blob(fh, max_bytes=oci.MAX_DOCUMENT, what="config")
-        config_bytes = store.read_blob(config_digest)
-        config_doc = oci.load_json(config_bytes, f"{path}:{entry['Config']}")
-        oci.parse_config(config_doc, f"{path}:{entry['Config']}")
-        diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") or []
-        layers = []
-        for i, member in enumerate(entry["Layers"]):
-            with _member(tar, str(member), str(path)) as fh:
-                digest = store.put_blob(fh, what=f"layer {i + 1}/{len(entry['Layers'])}", progress=progress)
-            layers.append({"mediaType": oci.MT_OCI_LAYER, "digest": str(digest),
-                           "size": store.blob_path(digest).stat().st_size})
-            with store.open_blob(digest) as r:
-                compressed = r.read(2) == b"\x1f\x8b"
-            if not compressed and i < len(diff_ids) and diff_ids[i] != str(digest):
-                raise ImageError(f"{path}: layer {member} does not match diff_id {diff_ids[i]} of the image config")
+        members = [str(entry["Config"]), *(str(m) for m in entry["Layers"])]
+        hashed = [_hash_member(tar, m, str(path)) for m in members]  # nothing stored, parsed or decompressed
+        by_digest = dict(zip((d for d, _s, _c in hashed), members, strict=True))
+        config_digest, config_size, _ = hashed[0]
+        layers = [{"mediaType": oci.MT_OCI_LAYER, "digest": str(d), "size": n} for d, n, _c in hashed[1:]]
         manifest = {
             "schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
-            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": str(config_digest), "size": len(config_bytes)},
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": str(config_digest), "size": config_size},
             "layers": layers,
         }  # fmt: skip
         data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         mdigest = Digest.of_bytes(data)
-        desc = oci.Descriptor(oci.MT_OCI_MANIFEST, mdigest, len(data))
         repo_tags = [str(t) for t in entry.get("RepoTags") or []]
-        default = repo_tags[0] if repo_tags else f"{path.stem}:{tag or 'latest'}"
+        identity = name or (repo_tags[0] if repo_tags else f"{path.stem}:{tag or 'latest'}")
+        # The archive names no manifest digest, so nothing in it can have been signed: a policy can only
+        # accept (insecureAcceptAnything) or reject docker-archive images. Judged before anything is stored.
+        gate(Provenance("docker-archive", normalise_name(identity)), mdigest, {})
+        if config_size > oci.MAX_DOCUMENT:
+            raise ManifestError(f"{path}:{entry['Config']} is larger than {oci.MAX_DOCUMENT} bytes")
+        with _member(tar, str(entry["Config"]), str(path)) as fh:
+            config_doc = oci.load_json(fh.read(oci.MAX_DOCUMENT + 1), f"{path}:{entry['Config']}")
+        oci.parse_config(config_doc, f"{path}:{entry['Config']}")
+        diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") or []
+        for i, (digest, _n, compressed) in enumerate(hashed[1:]):
+            if not compressed and i < len(diff_ids) and diff_ids[i] != str(digest):
+                raise ImageError(f"{path}: layer {members[i + 1]} does not match diff_id {diff_ids[i]} of the "
+                                 "image config")
+        desc = oci.Descriptor(oci.MT_OCI_MANIFEST, mdigest, len(data))
 
         @contextlib.contextmanager
         def opener(d: oci.Descriptor) -> Iterator[IO[bytes]]:
-            if d.digest != mdigest:
+            if d.digest == mdigest:
+                yield io.BytesIO(data)
+            elif d.digest in by_digest:
+                with _member(tar, by_digest[d.digest], str(path)) as fh:
+                    yield fh
+            else:
                 raise ImageError(f"unexpected blob {d.digest} requested from {path}")
-            yield io.BytesIO(data)
 
-        # The archive names no manifest digest, so nothing in it can have been signed: a policy can only
-        # accept (insecureAcceptAnything) or reject docker-archive images.
-        return import_oci(store, opener, desc, name=name or default,
+        return import_oci(store, opener, desc, name=identity,
                           source=f"docker-archive:{path.resolve()}" + (f":{tag}" if tag else ""), progress=progress,
-                          transport="docker-archive", gate=gate)
+                          transport="docker-archive", gate=open_gate)
+
+
+def _hash_member(tar: tarfile.TarFile, name: str, where: str) -> tuple[Digest, int, bool]:
+    """sha256, size and whether it starts like gzip, of an archive member (read, not kept)."""
+    h, size, head = hashlib.sha256(), 0, b""
+    with _member(tar, name, where) as fh:
+        while chunk := fh.read(1 << 20):
+            head = head or chunk[:2]
+            h.update(chunk)
+            size += len(chunk)
+    return Digest("sha256", h.hexdigest()), size, head == b"\x1f\x8b"
 
 
 def import_local(store: Store, ref: str, *, name: str | None, progress: Progress = no_progress,

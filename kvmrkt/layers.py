@@ -7,35 +7,30 @@ Trust boundary: layer tars are hostile input. Member names are normalised and va
 component is opened with O_NOFOLLOW relative to a directory fd that started at the root, so nothing outside
 the root is ever created, modified or removed, whatever symlinks earlier members planted. Symlink targets
 are stored verbatim (they are resolved inside the guest) but never followed on the host. Device nodes are
-not created. Size, entry-count and compression-ratio limits bound the work one image can cause. Any
-violation raises LayerError; the caller then deletes the whole root. The root directory itself (created by
-the caller) is never chmod/chown-ed: a layer's "./" entry is ignored.
+not created. Size, entry-count, depth and ratio limits bound the work one image can cause; sizes count what is
+written (a sparse member's holes, a hardlink's target size), and the ratio compares both the decompressed
+stream and the bytes written with the layer bytes read. Any violation raises LayerError; the caller then
+deletes the whole root. The root directory itself (created by the caller) is never chmod/chown-ed: a layer's
+"./" entry is ignored. Nothing here recurses over the tree (trees of any depth are removed iteratively).
 """
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import errno
-import gzip
-import io
 import lzma
 import os
 import pathlib
-import shutil
 import stat
 import tarfile
 import typing
 import zlib
 from dataclasses import dataclass
 
+from kvmrkt.decompress import Cursor, Meter, open_stream
 from kvmrkt.errors import LayerError
+from kvmrkt.scratch import remove_tree
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_XZ_MAGIC = b"\xfd7zXZ\x00"
-_BZIP2_MAGIC = b"BZh"
-_UNSUPPORTED_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd"}
-_RATIO_GRACE = 1024 * 1024  # the ratio limit applies once this many uncompressed bytes were produced
 _CHUNK = 1024 * 1024
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
@@ -53,63 +48,10 @@ _Path = tuple[str, ...]
 class LayerLimits:
     """Resource limits for one apply run (all layers applied through one LayerApplier)."""
 
-    max_total_bytes: int = 8 * 1024**3  # sum of regular file sizes written, across all layers
+    max_total_bytes: int = 8 * 1024**3  # file bytes written (sparse holes, hardlinks' sizes), across all layers
     max_entries: int = 1_000_000  # number of tar members across all layers
-    max_ratio: int = 200  # uncompressed / compressed bytes of one layer, checked while reading
-
-
-class _Cursor:
-    """Which member is being read, so that stream-level errors can name it."""
-
-    where = "the tar header"
-
-
-class _CountingReader(io.RawIOBase):
-    """The raw layer bytes, served after the already-read magic prefix, counted as they are consumed."""
-
-    def __init__(self, raw: typing.BinaryIO, prefix: bytes, declared: int | None, cursor: _Cursor) -> None:
-        super().__init__()
-        self._raw, self._prefix, self._declared, self._cursor = raw, prefix, declared, cursor
-        self.consumed = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Read and count; raise LayerError past the declared size."""
-        if self._prefix:
-            cut = len(self._prefix) if size < 0 else size
-            data, self._prefix = self._prefix[:cut], self._prefix[cut:]
-        else:
-            data = self._raw.read(size)
-        self.consumed += len(data)
-        if self._declared is not None and self.consumed > self._declared:
-            raise LayerError(
-                f"layer is longer than its declared {self._declared} bytes ({self._cursor.where})"
-            )
-        return data
-
-
-class _RatioReader(io.RawIOBase):
-    """Decompressed layer bytes; raises when they outgrow the compressed bytes consumed by max_ratio."""
-
-    def __init__(self, inner: io.BufferedIOBase, raw: _CountingReader, max_ratio: int, cursor: _Cursor) -> None:
-        super().__init__()
-        self._inner, self._raw, self._max_ratio, self._cursor = inner, raw, max_ratio, cursor
-        self.produced = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1, /) -> bytes:
-        data = self._inner.read(size)
-        self.produced += len(data)
-        if self.produced >= _RATIO_GRACE and self.produced > self._max_ratio * max(self._raw.consumed, 1):
-            raise LayerError(
-                f"layer decompresses more than {self._max_ratio}x ({self.produced} bytes from "
-                f"{self._raw.consumed}) while reading {self._cursor.where}: compression bomb?"
-            )
-        return data
+    max_ratio: int = 200  # decompressed, and written, bytes / layer bytes read, for each layer
+    max_depth: int = 256  # path components of a member (mkfs.erofs crashes near 2,000)
 
 
 def _bad(member: str, what: str) -> LayerError:
@@ -130,13 +72,6 @@ def _normalise(name: str, member: str) -> _Path:
     return parts
 
 
-def _read_prefix(fileobj: typing.BinaryIO, size: int) -> bytes:
-    data = b""
-    while len(data) < size and (chunk := fileobj.read(size - len(data))):
-        data += chunk
-    return data
-
-
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -150,7 +85,7 @@ def _remove(dir_fd: int, name: str) -> None:
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
+        remove_tree(dir_fd, name)
     else:
         os.unlink(name, dir_fd=dir_fd)
 
@@ -171,6 +106,7 @@ class LayerApplier:
         self._bytes = 0
         self._dir_mtimes: dict[_Path, float] = {}
         self._dir_fds: dict[_Path, int] = {}  # directories opened (safely) during this layer, by path
+        self._written: Meter | None = None  # this layer's bytes written, against its bytes read
         self.skipped_devices: list[str] = []
         """Paths of character/block device members, which are never created on the host."""
 
@@ -189,26 +125,14 @@ class LayerApplier:
         other members go to ``on_other`` (which may read them) or are ignored.
         Raises LayerError on malformed or hostile content or when a LayerLimits limit is exceeded.
         """
-        prefix = _read_prefix(fileobj, 6)
-        for magic, kind in _UNSUPPORTED_MAGIC.items():
-            if prefix.startswith(magic):
-                raise LayerError(f"{kind}-compressed layers are not supported", hint="use gzip or plain tar")
-        cursor = _Cursor()
-        raw = _CountingReader(fileobj, prefix, compressed_size, cursor)
+        cursor = Cursor()
         touched: set[_Path] = set()  # paths this layer created (with their ancestors): opaque dirs keep them
         rootfd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with contextlib.ExitStack() as stack:
-                stream: io.RawIOBase = raw
-                inner: io.BufferedIOBase | None = None
-                if prefix.startswith(_GZIP_MAGIC):
-                    inner = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
-                elif prefix.startswith(_XZ_MAGIC):
-                    inner = stack.enter_context(lzma.LZMAFile(typing.cast(typing.IO[bytes], raw), mode="rb"))
-                elif prefix.startswith(_BZIP2_MAGIC):
-                    inner = stack.enter_context(bz2.BZ2File(raw, mode="rb"))
-                if inner is not None:
-                    stream = _RatioReader(inner, raw, self._limits.max_ratio, cursor)
+                stream, raw = stack.enter_context(open_stream(
+                    fileobj, max_ratio=self._limits.max_ratio, cursor=cursor, declared=compressed_size))
+                self._written = Meter(raw, self._limits.max_ratio, cursor, "expands on disk")
                 tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
                 while (member := tar.next()) is not None:
                     tar.members.clear()  # type: ignore[attr-defined]  # else stream mode keeps every TarInfo
@@ -322,6 +246,8 @@ class LayerApplier:
         if self._entries > self._limits.max_entries:
             raise _bad(name, f"more than {self._limits.max_entries} entries in the image")
         parts = _normalise(name, name)
+        if len(parts) > self._limits.max_depth:
+            raise _bad(name[:200], f"deeper than {self._limits.max_depth} directories")
         if parts and parts[-1].startswith(_WHITEOUT):
             self._whiteout(parts, name, rootfd, touched)
             return
@@ -395,6 +321,7 @@ class LayerApplier:
             if stat.S_ISDIR(st.st_mode):
                 raise _bad(name, f"hardlink target {member.linkname!r} is a directory")
             assert sfd is not None
+            self._count(name, st.st_size)  # each link is the whole file to whoever reads the tree
             self._remove_entry(pfd, parts[-1])
             os.link(target[-1], parts[-1], src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
@@ -409,14 +336,20 @@ class LayerApplier:
         fd = os.open(leaf, flags, 0o600, dir_fd=pfd)
         try:
             while chunk := src.read(_CHUNK):
-                self._bytes += len(chunk)
-                if self._bytes > self._limits.max_total_bytes:
-                    raise _bad(member.name, f"image exceeds {self._limits.max_total_bytes} bytes")
+                self._count(member.name, len(chunk))
                 _write_all(fd, chunk)
         except BaseException:
             os.close(fd)
             raise
         self._finish_fd(fd, member)
+
+    def _count(self, name: str, size: int) -> None:
+        """Charge ``size`` bytes of file data to the image total and to this layer's written/read ratio."""
+        self._bytes += size
+        if self._bytes > self._limits.max_total_bytes:
+            raise _bad(name, f"image exceeds {self._limits.max_total_bytes} bytes")
+        assert self._written is not None
+        self._written.charge(size)
 
     @staticmethod
     def _finish_fd(fd: int, member: tarfile.TarInfo) -> None:
@@ -435,10 +368,8 @@ class LayerApplier:
         if leaf == _OPAQUE:
             dfd = self._open_dir(rootfd, parent, member, create=True, strict=True)
             assert dfd is not None
-            try:
-                self._purge(dfd, parent, touched)
-            finally:
-                os.close(dfd)
+            os.close(dfd)
+            self._purge(rootfd, parent, member, touched)
             return
         if leaf.startswith(_WHITEOUT + _WHITEOUT):
             return  # other AUFS metadata (.wh..wh.plnk, ...): never created, nothing to remove
@@ -454,17 +385,22 @@ class LayerApplier:
             finally:
                 os.close(dfd)
 
-    def _purge(self, dfd: int, path: _Path, touched: set[_Path]) -> None:
-        """Remove everything below dfd (= root/path) that this layer did not create."""
-        for name in os.listdir(dfd):
-            child = (*path, name)
-            if child not in touched:
-                self._remove_entry(dfd, name)
+    def _purge(self, rootfd: int, top: _Path, member: str, touched: set[_Path]) -> None:
+        """Remove everything below root/top that this layer did not create (iteratively, directory by directory)."""
+        todo = [top]
+        while todo:
+            path = todo.pop()
+            dfd = self._open_dir(rootfd, path, member, create=False, strict=True)
+            if dfd is None:
                 continue
-            st = _lstat(name, dfd)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                try:
-                    self._purge(cfd, child, touched)
-                finally:
-                    os.close(cfd)
+            try:
+                for name in os.listdir(dfd):
+                    child = (*path, name)
+                    if child not in touched:
+                        self._remove_entry(dfd, name)
+                        continue
+                    st = _lstat(name, dfd)
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        todo.append(child)
+            finally:
+                os.close(dfd)

@@ -6,6 +6,7 @@ Role: the only module that writes image files. Layout under ``DATA_DIR/cas``::
     rootfs/<hex>.erofs     guest root filesystems built from an image's layers, named by their own digest
     index.db               SQLite: images (records, names, last use) and remote references
     tmp/                   work area (0700): partial downloads, unpacked trees; never visible as an image
+                           (each entry locked by its maker, see ``kvmrkt.scratch``; gc removes dead ones at once)
     lock                   flock held by writers
 
 Every write lands in ``tmp`` and is renamed into place, so an interrupted import or fetch leaves no half image,
@@ -24,7 +25,6 @@ import json
 import os
 import shutil
 import sqlite3
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from kvmrkt import _proc
+from kvmrkt import _proc, scratch
 from kvmrkt.digest import Digest
 from kvmrkt.errors import DigestMismatchError, ImageError, ImageNotFoundError
 from kvmrkt.layers import LayerApplier, LayerLimits
@@ -55,10 +55,22 @@ def no_progress(_what: str, _done: int, _total: int | None) -> None:
 @dataclass(frozen=True, slots=True)
 class Provenance:
     """What the trust policy judges an image as: its transport and identity (the name it is stored under,
-    which is also the reference policy scopes match)."""
+    which is also the reference policy scopes match). ``content``: the file holding the signed bytes, for
+    detached signatures (appc). ``named`` False: the name is not known yet (it is inside the compressed ACI),
+    ``identity`` only labels the image in messages, and the gate refuses what no scope could accept."""
 
     transport: str
     identity: str
+    content: Path | None = None
+    named: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """Bytes copied into the store's work area, hashed, not yet a blob (see ``Store.staged_blob``)."""
+
+    digest: Digest
+    path: Path
 
 
 Gate = Callable[[Provenance, Digest, dict[str, bytes]], None]
@@ -242,7 +254,13 @@ class _HashingReader:
 
 
 SHM = Path("/dev/shm")
-SCRATCH_PREFIX = "kvmrkt-unpack-"
+LEGACY_SCRATCH_PREFIX = "kvmrkt-unpack-"  # world-creatable names of older versions: only our own are removed
+
+
+def memory_scratch() -> Path:
+    """kvmrkt's own 0700 directory in memory (``/dev/shm`` is world-writable: this uid's directory in it is
+    created and checked by ``kvmrkt.scratch``, never used when someone else made it)."""
+    return SHM / f"kvmrkt-{os.geteuid()}"
 
 
 def _available_memory() -> int:
@@ -298,10 +316,24 @@ class Store:
         finally:
             os.close(fd)
 
-    def tmpdir(self) -> tempfile.TemporaryDirectory[str]:
-        """A private work directory inside the store (same filesystem, so results can be renamed in)."""
+    def tmpdir(self) -> contextlib.AbstractContextManager[Path]:
+        """A private work directory inside the store (same filesystem, so results can be renamed in), locked
+        while it is used and removed after (a dead maker's is removed by the next build or gc)."""
         self._dirs()
-        return tempfile.TemporaryDirectory(dir=self.root / "tmp", prefix="work-")
+        return scratch.directory(self.root / "tmp", "work-")
+
+    @property
+    def unpack_prefix(self) -> str:
+        """How this store's unpack directories are named (the memory scratch is shared by every store)."""
+        return f"unpack-{hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]}-"
+
+    def sweep(self, *, legacy_age: float | None = None) -> list[str]:
+        """Remove work entries whose maker died (unlocked), in the store's tmp and the memory scratch; with
+        ``legacy_age``, also older versions' ``/dev/shm/kvmrkt-unpack-*`` trees of this uid older than that."""
+        removed = scratch.sweep(self.root / "tmp") + scratch.sweep(memory_scratch())
+        if legacy_age is not None:
+            removed += scratch.sweep(SHM, LEGACY_SCRATCH_PREFIX, older_than=legacy_age, now=time.time())
+        return removed
 
     # --- blobs ------------------------------------------------------------------------------------------
 
@@ -323,16 +355,26 @@ class Store:
             DigestMismatchError: the bytes do not match ``expected``.
             ImageError: more bytes than ``max_bytes`` (or the declared ``size``).
         """
-        self._dirs()
-        algorithm = expected.algorithm if expected else algorithm
         if expected and self.has_blob(expected):
             return expected
+        with self.staged_blob(src, expected, algorithm=algorithm, size=size, what=what, progress=progress,
+                              max_bytes=max_bytes) as staged:
+            return self.commit(staged)
+
+    @contextlib.contextmanager
+    def staged_blob(
+        self, src: Readable, expected: Digest | None = None, *, algorithm: str = "sha256", size: int | None = None,
+        what: str = "blob", progress: Progress = no_progress, max_bytes: int | None = None,
+    ) -> Iterator[Staged]:
+        """``put_blob`` up to, not including, the blob's appearance: the block sees the bytes (hashed, checked)
+        in a locked work file and ``commit`` makes them a blob; a blob not committed is deleted at the end."""
+        self._dirs()
+        algorithm = expected.algorithm if expected else algorithm
         h = hashlib.new(algorithm)
         limit = max_bytes if max_bytes is not None else size
-        fd, tmpname = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
-        try:
+        with scratch.create(self.root / "tmp", "blob-", directory=False) as entry:
             done = 0
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(entry.fd, "wb", closefd=False) as out:
                 while chunk := src.read(1 << 20):
                     done += len(chunk)
                     if limit is not None and done > limit:
@@ -345,11 +387,12 @@ class Store:
             actual = Digest(algorithm, h.hexdigest())
             if expected and not expected.matches(actual):
                 raise DigestMismatchError(f"{what} does not match its digest {expected} (its bytes hash to {actual})")
-            os.rename(tmpname, self.blob_path(actual))
-            return actual
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmpname)
+            yield Staged(actual, entry.path)
+
+    def commit(self, staged: Staged) -> Digest:
+        """Make a staged blob a blob of the store."""
+        os.rename(staged.path, self.blob_path(staged.digest))
+        return staged.digest
 
     @contextlib.contextmanager
     def open_blob(self, digest: Digest) -> Iterator[_HashingReader]:
@@ -512,22 +555,22 @@ class Store:
         applier.finish()
         return applier
 
-    def _scratch(self, record: ImageRecord) -> tempfile.TemporaryDirectory[str]:
-        """Where to unpack a tree that only lives until its erofs image is built: memory (``/dev/shm``, a 0700
-        directory) when the layers comfortably fit in a quarter of the available memory, else the store's tmp.
-        Creating files is the slow part of unpacking on many disks (about 1 ms a file on this build host,
-        against 10 us in memory), and the tree is thrown away anyway."""
+    def _scratch(self, record: ImageRecord) -> contextlib.AbstractContextManager[Path]:
+        """Where to unpack a tree that only lives until its erofs image is built: memory (kvmrkt's own 0700
+        directory in ``/dev/shm``) when the layers comfortably fit in a quarter of the available memory, else
+        the store's tmp. Creating files is the slow part of unpacking on many disks (about 1 ms a file on this
+        build host, against 10 us in memory), and the tree is thrown away anyway."""
         layers = sum(self.blob_path(Digest.parse(d)).stat().st_size
                      for _owner, d in self.layer_chain(record) if self.has_blob(Digest.parse(d)))
         fits = self.scratch == "memory" or (self.scratch == "auto" and layers * 5 < _available_memory() // 4)
-        if fits and SHM.is_dir():
-            return tempfile.TemporaryDirectory(dir=SHM, prefix=SCRATCH_PREFIX)
-        return self.tmpdir()
+        if fits and SHM.is_dir() and (self.scratch == "memory" or scratch.own_dir(memory_scratch())):
+            return scratch.directory(memory_scratch(), self.unpack_prefix)
+        return scratch.directory(self.root / "tmp", self.unpack_prefix)
 
     def _build_rootfs(self, record: ImageRecord, progress: Progress) -> ImageRecord:
-        with self.tmpdir() as tmp, self._scratch(record) as scratch:
-            work = Path(tmp)
-            tree = Path(scratch) / "rootfs"
+        self.sweep()
+        with self.tmpdir() as work, self._scratch(record) as unpack:
+            tree = unpack / "rootfs"
             tree.mkdir(mode=0o700)
             applier = self.render(record, tree, progress)
             passwd, groups = _passwd_tables(tree)
@@ -605,7 +648,8 @@ class Store:
         self.gc_files()
 
     def gc_files(self, tmp_age: float = 3600.0) -> list[str]:
-        """Delete blobs and rootfs files no image refers to, and work files older than ``tmp_age``."""
+        """Delete blobs and rootfs files no image refers to, and work entries whose maker is gone (older
+        versions' unlocked ``/dev/shm`` trees once they are ``tmp_age`` old)."""
         removed: list[str] = []
         with self.locked():
             records = self.images()
@@ -626,9 +670,5 @@ class Store:
                 if path.name.removesuffix(".erofs").removesuffix(".verity") not in keep_rootfs:
                     path.unlink()
                     removed.append(path.name)
-            now = time.time()
-            stale = [*(self.root / "tmp").iterdir(), *(SHM.glob(f"{SCRATCH_PREFIX}*") if SHM.is_dir() else [])]
-            for path in stale:
-                if now - path.lstat().st_mtime > tmp_age:
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed += self.sweep(legacy_age=tmp_age)
         return removed

@@ -203,6 +203,38 @@ def decide(pol: Policy | None, subject: Subject, verify: Callable[[Requirement],
                  "--insecure-options=image",
         )
     scope, reqs = match_scope(pol, subject)
+    return _judge_scope(scope, reqs, subject, verify)
+
+
+def decide_unnamed(pol: Policy | None, subject: Subject,
+                   verify: Callable[[Requirement], list[Verified]]) -> Decision:
+    """Judge an image before its name is known (an ACI's name is inside its compressed bytes, which are not
+    to be read before it is judged): accepted when at least one scope of its transport, or the default,
+    would accept it. Sound only where the checks do not depend on the name (appc's detached signatures);
+    ``decide`` judges it again once the name is read.
+
+    Raises:
+        PolicyDeniedError: no scope accepts it (the default scope's reason, every scope's message).
+    """
+    if pol is None:
+        return decide(pol, subject, verify)
+    scopes = [("default", pol.default), *((f'transports.{subject.transport}["{name}"]', reqs)
+                                          for name, reqs in pol.scopes(subject.transport).items())]
+    refusals: list[PolicyDeniedError] = []
+    for scope, reqs in scopes:
+        try:
+            return _judge_scope(scope, reqs, subject, verify)
+        except PolicyDeniedError as exc:
+            refusals.append(exc)
+    if len(refusals) == 1:
+        raise refusals[0]
+    raise PolicyDeniedError(
+        f"image {subject.describe()} rejected before it was unpacked: no {subject.transport} scope accepts it ("
+        + "; ".join(r.message for r in refusals) + ")", reason=refusals[0].reason, hint=refusals[0].hint)
+
+
+def _judge_scope(scope: str, reqs: tuple[Requirement, ...], subject: Subject,
+                 verify: Callable[[Requirement], list[Verified]]) -> Decision:
     signers: list[str] = []
     for req in reqs:
         if req.type == "insecureAcceptAnything":
