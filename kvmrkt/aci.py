@@ -213,7 +213,6 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
                 digest = store.commit(tar)
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
             raise ImageError(f"cannot decompress {path}: {exc}") from exc
-    store.save_signatures(original.digest, files)
     record = ImageRecord(
         id=str(digest), name=identity, source=str(path.resolve()), kind="aci",
         imported=time.time(), layers=(str(digest),), rootfs="", rootfs_size=0, entrypoint=manifest.exec,
@@ -222,4 +221,6 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
         labels=manifest.labels, dependencies=deps, transport="appc", identity=identity,
         signed_digest=str(original.digest),
     )  # fmt: skip
-    return store.add_image(record, progress=progress)
+    with store.discarded_on_refusal([original.digest, digest]):
+        store.save_signatures(original.digest, files)
+        return store.add_image(record, progress=progress)

@@ -99,16 +99,20 @@ def import_oci(
     """Import the image a descriptor points at (an index, resolved to linux/amd64, or a manifest).
 
     The gate sees the top-level digest and its signatures before any document is parsed or blob fetched.
+    An image whose layers are refused while its rootfs is built leaves none of its files behind (a transfer
+    that fails keeps its complete blobs, for a rerun).
     """
     signed = desc.digest
     identity = normalise_name(name)
     files = collect(signed)
     gate(Provenance(transport, identity), signed, files)
     store.save_signatures(signed, files)
+    documents = [signed]
     for _depth in range(4):
         doc = oci.load_json(_document(store, opener, desc, "manifest"), f"manifest {desc.digest}")
         if oci.is_index(doc):
             desc = oci.select_platform(oci.parse_index(doc, f"index {desc.digest}"), f"index {desc.digest}")
+            documents.append(desc.digest)
             continue
         manifest = oci.parse_manifest(doc, f"manifest {desc.digest}")
         break
@@ -132,7 +136,8 @@ def import_oci(
         labels=run.labels, config_digest=str(manifest.config.digest), transport=transport, identity=identity,
         signed_digest=str(signed),
     )  # fmt: skip
-    return store.add_image(record, progress=progress)
+    with store.discarded_on_refusal([*documents, manifest.config.digest, *(layer.digest for layer in manifest.layers)]):
+        return store.add_image(record, progress=progress)
 
 
 def _pick(descs: tuple[oci.Descriptor, ...], tag: str | None, where: str) -> oci.Descriptor:

@@ -647,13 +647,34 @@ class Store:
             self.db.execute("DELETE FROM remotes WHERE image_id = ?", (record.id,))
         self.gc_files()
 
+    @staticmethod
+    def _referenced(records: list[ImageRecord]) -> set[str]:
+        """The blobs images refer to."""
+        return {d for r in records for d in (r.id, r.config_digest, r.signed_digest, *r.layers) if d}
+
+    @contextlib.contextmanager
+    def discarded_on_refusal(self, digests: list[Digest]) -> Iterator[None]:
+        """When the block raises ImageError (an image refused while its rootfs is built), delete those of
+        ``digests`` (blobs and their signatures) that no image refers to, so the refused image leaves nothing."""
+        try:
+            yield
+        except ImageError:
+            with self.locked():
+                keep = self._referenced(self.images())
+                for digest in {d for d in digests if str(d) not in keep}:
+                    self.blob_path(digest).unlink(missing_ok=True)
+                    sigs = self.root / "signatures" / f"{digest.algorithm}-{digest.hex}"
+                    if sigs.is_dir():
+                        shutil.rmtree(sigs)
+            raise
+
     def gc_files(self, tmp_age: float = 3600.0) -> list[str]:
         """Delete blobs and rootfs files no image refers to, and work entries whose maker is gone (older
         versions' unlocked ``/dev/shm`` trees once they are ``tmp_age`` old)."""
         removed: list[str] = []
         with self.locked():
             records = self.images()
-            keep_blobs = {d for r in records for d in (r.id, r.config_digest, r.signed_digest, *r.layers) if d}
+            keep_blobs = self._referenced(records)
             keep_rootfs = {Digest.parse(r.rootfs).hex for r in records}
             keep_sigs = {Digest.parse(r.signed_digest) for r in records if r.signed_digest}
             sig_root = self.root / "signatures"

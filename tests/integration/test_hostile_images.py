@@ -10,7 +10,9 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,3 +148,199 @@ def test_devices_are_not_created_but_setuid_survives(kvmrkt: Kvmrkt, tmp_path: P
     assert not (tmp_path / "tree" / "dev" / "sda-evil").exists()
     assert (tmp_path / "tree" / "bin" / "suid").stat().st_mode & 0o7777 == 0o4755
     assert (kvmrkt.data / "cas").stat().st_mode & 0o777 == 0o700
+
+
+# --- bombs: what is written counts, untrusted bytes are judged first, scratch is kvmrkt's own ----------------
+
+
+def _store_files(k: Kvmrkt) -> list[str]:
+    """Every file of the store but the index and its lock (blobs, signatures, rootfs, work entries)."""
+    cas = k.data / "cas"
+    return sorted(str(p.relative_to(cas)) for p in cas.rglob("*") if not p.name.startswith(("index.db", "lock")))
+
+
+def _scratch_left(k: Kvmrkt) -> list[Path]:
+    """Work entries of this store: in its tmp, and its unpack directories in the memory scratch."""
+    from kvmrkt.store import Store, memory_scratch
+
+    return [*(k.data / "cas" / "tmp").iterdir(), *memory_scratch().glob(f"{Store(k.data).unpack_prefix}*")]
+
+
+def _refused(k: Kvmrkt, args: list[str], rc: int, message: str, before: list[str]) -> None:
+    """The command fails with ``rc`` and ``message``, leaves the store as it was and no scratch, and image gc
+    still works."""
+    res = k(*args)
+    assert res.rc == rc and message in res.err, (res.rc, res.err)
+    assert "Traceback" not in res.err
+    assert _store_files(k) == before
+    assert not _scratch_left(k)
+    assert "Traceback" not in k.ok("image", "gc").err
+
+
+def sparse_layer(tmp_path: Path, fmt: str, *, compress: bool = True, size: int = 64 << 20) -> bytes:
+    """A layer holding one GNU tar sparse member (``fmt``: gnu = old GNU 'S', else PAX sparse 0.0/0.1/1.0) that is
+    all hole: a few hundred bytes that expand to ``size`` bytes written."""
+    src = tmp_path / f"sparse-{fmt}"
+    src.mkdir()
+    with (src / "holes").open("wb") as fh:
+        fh.truncate(size)
+    args = ["--format=gnu"] if fmt == "gnu" else ["--format=pax", f"--sparse-version={fmt}"]
+    data = subprocess.run(["tar", "--sparse", *args, "-cf", "-", "-C", str(src), "holes"], check=True,
+                          capture_output=True).stdout
+    return gzip.compress(data) if compress else data
+
+
+@pytest.mark.parametrize(("fmt", "compress"), [("gnu", True), ("0.0", True), ("0.1", True), ("1.0", True),
+                                               ("1.0", False)])
+def test_sparse_member_bomb(kvmrkt: Kvmrkt, tmp_path: Path, fmt: str, compress: bool) -> None:
+    data = sparse_layer(tmp_path, fmt, compress=compress)
+    assert len(data) < 64 << 10
+    layout = make_layout(tmp_path, [data])
+    _refused(kvmrkt, ["image", "import", f"oci:{layout}:latest", "--name", "sparse"], 3, "expands on disk more "
+             "than 200x", _store_files(kvmrkt))
+
+
+def test_hardlinks_count_their_size(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    kvmrkt.write_config("[images]\nmax_total_bytes = 16777216\n")
+    links = [special(f"l{i}", tarfile.LNKTYPE, "f") for i in range(40)]  # 40 names for 1 MiB: 41 MiB to a reader
+    layout = make_layout(tmp_path, [layer(file("f", os.urandom(1 << 20)), *links)])
+    _refused(kvmrkt, ["image", "import", f"oci:{layout}:latest", "--name", "links"], 3, "exceeds 16777216 bytes",
+             _store_files(kvmrkt))
+
+
+def test_deep_tree(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    deep = [special("/".join(["d"] * i), tarfile.DIRTYPE) for i in range(1, 3001)]
+    layout = make_layout(tmp_path, [layer(*deep)])
+    _refused(kvmrkt, ["image", "import", f"oci:{layout}:latest", "--name", "deep"], 3, "deeper than 256 directories",
+             _store_files(kvmrkt))
+
+
+def _bomb_aci(tmp_path: Path, size: int = 64 << 20) -> Path:
+    """An ACI as actool lays it out (rootfs/ first, the manifest last) whose rootfs holds ``size`` zero bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        zeros = tarfile.TarInfo("rootfs/zeros")
+        zeros.size = size
+        tar.addfile(zeros, io.BytesIO(bytes(size)))
+        manifest = json.dumps({"acKind": "ImageManifest", "acVersion": "0.8.11", "name": "example.com/bomb",
+                               "app": {"exec": ["/zeros"]}}).encode()
+        info = tarfile.TarInfo("manifest")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    path = tmp_path / "bomb.aci"
+    path.write_bytes(gzip.compress(buf.getvalue(), 9))
+    return path
+
+
+def test_unsigned_aci_bomb_is_judged_before_it_is_decompressed(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    aci = _bomb_aci(tmp_path)
+    assert aci.stat().st_size < 100 << 10
+    (kvmrkt.config / "policy.json").write_text('{"default": [{"type": "reject"}]}')
+    before = _store_files(kvmrkt)
+    _refused(kvmrkt, ["image", "import", str(aci)], 40, "rejected", before)
+    _refused(kvmrkt, ["image", "import", str(aci), "--name", "example.com/bomb:1"], 40,
+             "example.com/bomb:1", before)
+
+
+def test_aci_bomb_decompression_is_bounded(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    aci = _bomb_aci(tmp_path)  # the fixture's policy accepts anything: the limits must stop it
+    _refused(kvmrkt, ["image", "import", str(aci)], 3, "compression bomb", _store_files(kvmrkt))
+
+
+def test_rejected_docker_archive_stores_nothing(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers"}})
+    parts = {"manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["evil:1"], "Layers": ["l.tar"]}]),
+             "c.json": config, "l.tar": layer(file("a", os.urandom(4096)), compress=False)}
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in parts.items():
+            raw = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    (kvmrkt.config / "policy.json").write_text('{"default": [{"type": "reject"}]}')
+    _refused(kvmrkt, ["image", "import", f"docker-archive:{archive}"], 40, "evil:1", _store_files(kvmrkt))
+
+
+def _tree(root: Path, depth: int, uid: int) -> None:
+    """A ``depth``-deep chain of directories with a file at the bottom, owned by ``uid``, an hour and more old."""
+    os.mkdir(root, 0o755)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", 0o755, dir_fd=fd)
+        os.chown("d", uid, uid, dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    os.chown(root, uid, uid)
+    os.utime(root, (time.time() - 7200, time.time() - 7200))
+
+
+def test_image_gc_survives_planted_and_deep_scratch(kvmrkt: Kvmrkt) -> None:
+    """Anyone can create /dev/shm/kvmrkt-unpack-* (older versions' scratch names): gc removes only this uid's
+    old trees there (iteratively, whatever their depth) and never touches another user's."""
+    tag = os.urandom(4).hex()
+    planted, legacy = Path(f"/dev/shm/kvmrkt-unpack-planted-{tag}"), Path(f"/dev/shm/kvmrkt-unpack-legacy-{tag}")
+    try:
+        _tree(planted, 3000, 65534)
+        _tree(legacy, 3000, os.geteuid())
+        for _ in range(2):
+            res = kvmrkt("image", "gc")
+            assert res.rc == 0 and "Traceback" not in res.err, res.err
+        assert planted.is_dir() and planted.stat().st_uid == 65534
+        assert not legacy.exists()
+    finally:
+        for path in (planted, legacy):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def test_planted_memory_scratch_is_not_used(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    from kvmrkt.store import memory_scratch
+
+    base = memory_scratch()
+    aside = base.with_name(f"{base.name}.aside-{os.getpid()}")
+    if base.exists():
+        base.rename(aside)
+    try:
+        base.mkdir(0o777)
+        os.chown(base, 65534, 65534)
+        layout = make_layout(tmp_path, [layer(file("a"))])
+        kvmrkt.ok("image", "import", f"oci:{layout}:latest", "--name", "auto")  # auto: unpacked on disk instead
+        assert not list(base.iterdir())
+        kvmrkt.write_config('[images]\nscratch = "memory"\n')
+        kvmrkt.ok("image", "rm", "auto")
+        _refused(kvmrkt, ["image", "import", f"oci:{layout}:latest", "--name", "memory"], 3,
+                 "is not a 0700 directory owned by uid 0", _store_files(kvmrkt))
+        assert base.stat().st_uid == 65534 and not list(base.iterdir())
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+        if aside.exists():
+            aside.rename(base)
+
+
+def _wait_unpacking(k: Kvmrkt, proc: subprocess.Popen[str]) -> Path:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for entry in _scratch_left(k):
+            tree = entry / "rootfs"
+            if entry.name.startswith("unpack-") and tree.is_dir() and len(os.listdir(tree)) > 100:
+                return entry
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("prepare never started unpacking")
+
+
+def test_kill_during_prepare_leaves_no_scratch(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    many = [file(f"f{i}", b"x" * 64) for i in range(40000)]
+    layout = make_layout(tmp_path, [layer(*many)])
+    for then in (["image", "gc"], ["image", "import", f"oci:{make_layout(tmp_path / 'small', [layer(file('a'))])}"]):
+        proc = kvmrkt.start("prepare", f"oci:{layout}:latest")
+        entry = _wait_unpacking(kvmrkt, proc)
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert entry.exists()  # the killed maker's tree, until the next build or gc
+        kvmrkt.ok(*then)
+        assert not entry.exists(), then
+        assert not _scratch_left(kvmrkt)
