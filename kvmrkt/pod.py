@@ -22,7 +22,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import tempfile
 import time
 import uuid as uuidlib
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import PodError, PodNotFoundError, PodStateError
+from kvmrkt.scratch import remove_path
 
 PHASES = ("embryo", "prepare", "prepared", "run", "exited-garbage", "garbage")
 _STATES = {
@@ -246,7 +246,7 @@ class Pod:
 
     def delete(self) -> None:
         """Remove the directory tree (caller holds the lock or knows nobody else can)."""
-        shutil.rmtree(self.path, ignore_errors=False)
+        remove_path(self.path)  # iterative: whatever depth the tree has
         self.unlock()
 
     @contextlib.contextmanager

@@ -214,7 +214,8 @@ def decide_unnamed(pol: Policy | None, subject: Subject,
     ``decide`` judges it again once the name is read.
 
     Raises:
-        PolicyDeniedError: no scope accepts it (the default scope's reason, every scope's message).
+        PolicyDeniedError: no scope accepts it, with every scope's message and the reason of the first scope
+        that wants something the image could bring (a signature) rather than rejecting it outright.
     """
     if pol is None:
         return decide(pol, subject, verify)
@@ -228,9 +229,10 @@ def decide_unnamed(pol: Policy | None, subject: Subject,
             refusals.append(exc)
     if len(refusals) == 1:
         raise refusals[0]
+    main = next((r for r in refusals if r.reason != "rejected-scope"), refusals[0])
     raise PolicyDeniedError(
         f"image {subject.describe()} rejected before it was unpacked: no {subject.transport} scope accepts it ("
-        + "; ".join(r.message for r in refusals) + ")", reason=refusals[0].reason, hint=refusals[0].hint)
+        + "; ".join(r.message for r in refusals) + ")", reason=main.reason, hint=main.hint)
 
 
 def _judge_scope(scope: str, reqs: tuple[Requirement, ...], subject: Subject,

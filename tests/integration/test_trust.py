@@ -344,7 +344,7 @@ def test_aci_detached_signature(strict: Kvmrkt, gpg: Gpg, tmp_path: Path) -> Non
     good = aci.read_bytes()
     aci.write_bytes(good[:-10] + bytes(10))
     res = strict("image", "import", str(aci))
-    assert res.rc == 3 and "cannot decompress" in res.err, res.err  # damaged before it could be judged
+    assert res.rc == 43 and "bad signature" in res.err, res.err  # judged before it is decompressed
     Path(f"{aci}.asc").write_bytes(gpg.detach_sign(fpr, tmp_path / "trusted.asc"))  # a signature over other bytes
     aci.write_bytes(good)
     res = strict("image", "import", str(aci))

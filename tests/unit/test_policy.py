@@ -17,6 +17,7 @@ from policy.trust import (
     Verified,
     candidate_scopes,
     decide,
+    decide_unnamed,
     identity_matches,
     match_scope,
     parse_payload,
@@ -214,6 +215,24 @@ def test_decide_reasons(cfg: Path) -> None:
     assert reason([Verified("A" * 40, payload(extra=True))]) == "bad-signature"
     assert decide(pol, subject, lambda _r: [Verified(None, problem="x"), Verified("A" * 40, payload())]).signers == (
         "A" * 40,)
+
+
+def test_unnamed_appc_images_are_judged_against_every_scope(cfg: Path) -> None:
+    """Before an ACI's name is read, it passes only if some appc scope (or the default) would accept it."""
+    subject = Subject("appc", "bomb.aci", "bomb.aci", DIGEST)
+    detached = [Verified("A" * 40)]
+    write(cfg, {"default": [{"type": "reject"}]})
+    with pytest.raises(PolicyDeniedError) as err:
+        decide_unnamed(load_policy(cfg), subject, lambda _r: detached)
+    assert err.value.reason == "rejected-scope"
+    write(cfg, {"default": [{"type": "reject"}], "transports": {"appc": {
+        "example.com": [signed(keyFingerprints=["A" * 40])], "other.com": [{"type": "reject"}]}}})
+    pol = load_policy(cfg)
+    assert decide_unnamed(pol, subject, lambda _r: detached).scope == 'transports.appc["example.com"]'
+    with pytest.raises(PolicyDeniedError) as err:
+        decide_unnamed(pol, subject, lambda _r: [])
+    assert err.value.reason == "no-signature" and "no appc scope accepts it" in err.value.message
+    assert "no signature was found" in err.value.message
 
 
 def test_mcs_ranges_and_labels(tmp_path: Path) -> None:
