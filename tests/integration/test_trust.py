@@ -402,7 +402,10 @@ def test_an_unsigned_dependency_is_judged_at_every_run(strict: Kvmrkt, gpg: Gpg,
         "app": {"exec": ["/bin/echo", "ran"], "user": "0", "group": "0"}}, None)
     fpr = trusted_key(strict, gpg, tmp_path)
     Path(f"{app}.asc").write_bytes(gpg.detach_sign(fpr, app))
-    assert strict("image", "import", str(base)).rc == 40
+    # Judged before it is unpacked, so before its name is read: no scope takes it unsigned, and only the signed
+    # scope could take it at all (a name-less refusal's reason is the first non-reject scope's: no-signature).
+    res = strict("image", "import", str(base))
+    assert res.rc == 41 and "no appc scope accepts it" in res.err, res.err
     strict.ok("--insecure-options=image", "image", "import", str(base))
     strict.ok("image", "import", str(app))
     for command in (["run"], ["prepare"]):
