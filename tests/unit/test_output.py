@@ -109,3 +109,22 @@ def test_max_log_bytes_is_validated(tmp_path: Path) -> None:
             load_config(config_dir=tmp_path)
     (tmp_path / "config.toml").write_text(f"[pods]\nmax_log_bytes = {MIN_LOG_BYTES}\n")
     assert load_config(config_dir=tmp_path).pods.max_log_bytes == MIN_LOG_BYTES
+
+
+def test_the_debug_console_copy_is_rendered_visibly_and_the_log_kept_verbatim(tmp_path: Path) -> None:
+    from stage1_kvm.agent import printable_stream
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "console.sock"))
+    listener.listen(1)
+    terminal = io.BytesIO()
+    pump = OutputPump(tmp_path, [Stream("console.sock", "console.log", terminal, console=True,
+                                        clean=printable_stream)], limit=LIMIT, on_integrity=lambda r, n: None)
+    pump.connect()
+    guest = listener.accept()[0]
+    guest.sendall(b"hi\x1b[2J\x9b\r\n")
+    guest.close()
+    listener.close()
+    pump.finish()
+    assert b"\x1b" not in terminal.getvalue() and b"\\x1b[2J" in terminal.getvalue()
+    assert (tmp_path / "console.log").read_bytes() == b"hi\x1b[2J\x9b\r\n"
