@@ -38,6 +38,7 @@ DEFAULT_UID_RANGE = "2000000000-2000065535"
 UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to the set*id calls
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*\Z")
 KERNELS = ("minimal", "debian-cloud")
+MIN_LOG_BYTES = 256 * 1024  # [pods] max_log_bytes: room for a marker line, the kept half and a read chunk
 
 
 def parse_insecure_options(value: str) -> frozenset[str]:
@@ -161,10 +162,13 @@ def _host_memory_mib() -> int:
 @dataclass(frozen=True, slots=True)
 class PodsConfig:
     """The ``[pods]`` table: the most guest memory and vCPUs one pod may ask for (defaults: half the host's
-    memory, all its CPUs). A pod asking for more is refused, never silently granted."""
+    memory, all its CPUs). A pod asking for more is refused, never silently granted. ``max_log_bytes``: the
+    most each of a pod's logs (console, each app's stdout and stderr) keeps on the host; beyond it the log keeps
+    its latest output under a marker (``stage1_kvm.output``)."""
 
     max_memory_mib: int = field(default_factory=lambda: max(_host_memory_mib() // 2, 256))
     max_vcpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_log_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +317,12 @@ def load_config(
     if not parent or parent.startswith("/") or any(p in ("", ".", "..") for p in parent.split("/")):
         raise ConfigError(f"{path}: jail.cgroup_parent must be a relative cgroup path like kvmrkt or machine/kvmrkt")
     pods = doc.get("pods", {})
-    _check_table(pods, {"max_memory_mib": int, "max_vcpus": int}, "pods.", path)
-    if any(v <= 0 for v in pods.values()):
+    _check_table(pods, {"max_memory_mib": int, "max_vcpus": int, "max_log_bytes": int}, "pods.", path)
+    if any(v <= 0 for k, v in pods.items() if k != "max_log_bytes"):
         raise ConfigError(f"{path}: pods.max_memory_mib and pods.max_vcpus must be positive")
+    if pods.get("max_log_bytes", MIN_LOG_BYTES) < MIN_LOG_BYTES:
+        raise ConfigError(f"{path}: pods.max_log_bytes must be at least {MIN_LOG_BYTES} (256 KiB)",
+                          hint="it bounds each pod log on the host; the default is 67108864 (64 MiB)")
     paths = doc.get("paths", {})
     _check_table(paths, {"data_dir": str}, "paths.", path)
     s1 = dict(doc.get("stage1", {}))

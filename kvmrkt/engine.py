@@ -29,6 +29,7 @@ from kvmrkt.errors import (
     ConfigError,
     ImageError,
     ImageNotFoundError,
+    IntegrityError,
     KvmrktError,
     ManifestError,
     PodStateError,
@@ -665,6 +666,8 @@ class Engine:
         pod.write_json("exit.json", {"exit_codes": result.exit_codes, "stopped": result.stopped,
                                      "integrity_failures": list(result.integrity_failures),
                                      "finished": time.time()})
+        if result.integrity_failures:
+            raise IntegrityError(result.integrity_failures, result.exit_codes)
         return result
 
     def _teardown_network(self, pod: Pod) -> bool:
@@ -738,10 +741,12 @@ class Engine:
                            "process_label_applied": sel.get("process_applied"), "note": sel.get("reason")}
         finished = pod.read_json("exit.json", {}) or {}
         info["finished"] = finished.get("finished")
-        info["integrity_failures"] = finished.get("integrity_failures", [])
+        info["integrity_failures"] = backend_info.get("integrity_failures") or finished.get("integrity_failures", [])
         info["network"] = self.networks.status(pod)
         if state not in ("running", "prepared"):
             info["exit_code"] = pod_exit_code({a["name"]: a["exit_code"] or 0 for a in info["apps"]}) if exits else None
+            if info["integrity_failures"]:
+                info["exit_code"] = IntegrityError.exit_code
         return info
 
     def list_pods(self) -> list[dict[str, Any]]:

@@ -6,13 +6,14 @@ Trust boundary: none; messages may quote untrusted input (image names, paths), w
 
 Exit codes (stable, documented in the README):
   1 generic, 2 usage/config, 3 image, 4 policy, 5 measurement, 6 SELinux, 7 pod state, 8 stage1/VM,
-  9 networking.
+  9 networking, 10 integrity (the guest read image data that does not match what was measured).
 Apps' own exit codes are passed through by ``kvmrkt run``; these codes apply when kvmrkt itself fails
 before or around the apps, which is why ``run`` prints the error on stderr too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 
@@ -151,6 +152,22 @@ class NetworkError(KvmrktError):
     """Pod networking failed: a CNI plugin, the network namespace, the tap or the port forwards."""
 
     exit_code = 9
+
+
+class IntegrityError(KvmrktError):
+    """The guest kernel reported dm-verity corruption during the pod's life: what the apps read was not what
+    was measured. Fails the run whatever the apps' exit codes (by app name) were."""
+
+    exit_code = 10
+
+    def __init__(self, reports: Sequence[str], exit_codes: Mapping[str, int]) -> None:
+        apps = ", ".join(f"{name}={code}" for name, code in exit_codes.items())
+        super().__init__(
+            "INTEGRITY FAILURE: the guest read data that does not match the measured dm-verity root hash; the pod "
+            f"fails whatever its apps returned ({apps}). The guest kernel reported:\n  " + "\n  ".join(reports),
+            hint="an image changed on the host after it was measured: `kvmrkt image verify` rehashes and rebuilds it",
+        )
+        self.reports = tuple(reports)
 
 
 class Stage1Error(KvmrktError):

@@ -3,8 +3,9 @@
 
 Role: the same VM as the ``qemu`` backend: a ``microvm`` with direct kernel boot, read-only virtio disks (found by
 serial), virtio-9p shares (``squash``, QEMU's ``security_model=none``: files are the pod uid's),
-virtio-serial channels for the agent (files and unix sockets; libvirtd opens them itself and passes the
-descriptors), the console on a file, no balloon and no USB (Debian's libvirt 9.0 needs both off for microvm), and
+virtio-serial channels for the agent (a file and unix sockets; libvirtd opens them itself and passes the
+descriptors), the console on a unix socket (kvmrkt reads it), no balloon and no USB (Debian's libvirt 9.0
+needs both off for microvm), and
 ``on_reboot=destroy`` so a guest that ends (kvmrkt's init reboots) ends the domain. Security labels: QEMU runs as
 the pod's own uid and gid (a static ``dac`` label); libvirt relabels only what is the pod's alone (its copy of the
 kernel, its initramfs, its private state directory), never the shared store images or the agent files
@@ -84,8 +85,8 @@ def build_domain_xml(
         _sub(iface, "mac", address=nic.mac)
         _sub(iface, "model", type="virtio")
         _sub(iface, "address", **mmio)
-    serial = _sub(dev, "serial", type="file")
-    _no_relabel(_sub(serial, "source", path=str(pod_dir / spec.console_log)))
+    serial = _sub(dev, "serial", type="unix")
+    _no_relabel(_sub(serial, "source", mode="bind", path=str((socket_dir or pod_dir) / spec.console_socket)))
     _sub(serial, "target", port="0")
     for port in spec.ports:
         if port.kind == "file":

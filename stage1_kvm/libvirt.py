@@ -2,7 +2,7 @@
 named after the pod, so it shows up in ``virsh list`` and gets libvirt's sVirt confinement.
 
 Role: reuse everything of ``QemuStage1`` (VM description, per-pod initramfs, measurement hook, supervision of
-the guest's status and output files, enter/stop through the agent) and replace only what touches the VM process:
+the guest's status file and output, enter/stop through the agent) and replace only what touches the VM process:
 launch (``createXML`` of ``domain_xml``), force stop and gc (``destroy``), and status. The domain is transient:
 when the guest ends (kvmrkt's init reboots, ``on_reboot=destroy``) libvirt forgets it; gc destroys a domain
 left running by a killed ``kvmrkt run``. The jail: QEMU runs as the pod's own uid/gid (static DAC label) without
@@ -11,6 +11,7 @@ capabilities in libvirt's own mount namespace and seccomp sandbox; what it reads
 relabels) and read-only bind mounts of its images and shared directories (unmounted when the VM ends, or by gc);
 libvirt's state directory is made traversable for that uid only while the pod runs. The domain starts paused,
 its cgroups get the pod's limits (libvirt's own placement, plus a pids cgroup of kvmrkt's), then it resumes.
+The console and the apps' output are unix sockets read into bounded logs, as with ``qemu``.
 Unix sockets live in the same short directory (libvirt binds them by absolute path, and pod directories can be
 deeper than the 108-byte socket path limit), linked from the pod directory. Trust boundary: as for ``qemu``;
 libvirtd is trusted.
@@ -32,6 +33,7 @@ from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails
 from stage1_kvm.domain_xml import build_domain_xml
+from stage1_kvm.output import OutputPump
 from stage1_kvm.qemu import PID_FILE, RUN_RECORD, QemuStage1, VMHandle
 from stage1_kvm.vmspec import VMSpec
 
@@ -129,7 +131,7 @@ class LibvirtStage1(QemuStage1):
         return RUNTIME_DIR / pod.uuid
 
     def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
-                guard: Path) -> VMHandle:
+                guard: Path, outputs: OutputPump) -> VMHandle:
         jail = opts.jail
         emulator = guarded_emulator(guard, qemu)
         root = self._socket_dir(pod)
@@ -148,11 +150,10 @@ class LibvirtStage1(QemuStage1):
             raise JailError(f"cannot prepare the pod's files for libvirt under {root}: {exc}") from exc
         shares.grant(self.config.data_dir, pod.uuid, Pod.live_uuids(self.config.data_dir), LIBVIRT_QEMU_DIR,
                      jail.uid, write=False, perm=1)
-        for port in spec.ports:
-            if port.kind == "socket":
-                link = pod.file(port.path)
-                link.unlink(missing_ok=True)
-                link.symlink_to(root / Path(port.path).name)
+        for name in (spec.console_socket, *(p.path for p in spec.ports if p.kind == "socket")):
+            link = pod.file(name)
+            link.unlink(missing_ok=True)
+            link.symlink_to(root / Path(name).name)
         label = opts.exec_label  # set only where SELinux is enabled
         xml = build_domain_xml(jailed, uuid=pod.uuid, pod_dir=pod.path, qemu=str(emulator), jail=jail,
                                selinux_label=label, socket_dir=root)
@@ -170,6 +171,7 @@ class LibvirtStage1(QemuStage1):
             cg = cgroups.adopt(pid, jail.cgroup_parent, pod.uuid, jail)
             pod_jail.record(cgroup=cg.to_dict())
             pod.write_json(PID_FILE, {"pid": pid, "started": time.time()})
+            outputs.connect()  # libvirt's QEMU listens; the guest has not run yet
             dom.resume()
         except (OSError, ValueError, KvmrktError, lv.libvirtError) as exc:
             handle.kill()

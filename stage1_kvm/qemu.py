@@ -4,8 +4,9 @@ Role: the only module that starts, watches and kills the pod VM's QEMU process. 
 initramfs, sets up the pod's jail (its cgroup with the limits, access to its shared directories, the record gc
 undoes), opens every file and socket QEMU writes or serves, starts QEMU jailed (``stage1_kvm.jail``: the pod's
 own uid, no capabilities, a private root holding only its inputs; the pod lock fd inherited so the pod reads as
-running exactly while QEMU lives, killed if stage0 dies), streams app output from the log files, enforces the
-boot timeout, turns Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
+running exactly while QEMU lives, killed if stage0 dies), keeps the console and app output in bounded logs
+(``stage1_kvm.output``, which also watches for integrity failures), enforces the boot timeout, turns
+Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
 ``qmp.sock`` is used to quit the VM and to query it. Trust boundary: QEMU runs the untrusted guest under
 ``-sandbox`` inside the jail; nothing the guest writes is executed or used as a path on the host.
 """
@@ -19,8 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Protocol
@@ -32,6 +32,7 @@ from kvmrkt.errors import (
     AgentError,
     BootTimeoutError,
     ConfigError,
+    KvmrktError,
     PodStateError,
     Stage1Error,
     VMLaunchError,
@@ -42,9 +43,11 @@ from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, JailSpec, RunOptions, RunRe
 from stage1_kvm import agent
 from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
+from stage1_kvm.output import OutputPump, Stream
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import (
     CONSOLE_LOG,
+    CONSOLE_SOCKET,
     CTL_SOCKET,
     GUEST_STATUS,
     POD_INITRD,
@@ -55,11 +58,13 @@ from stage1_kvm.vmspec import (
     app_log,
     build_vmspec,
     guest_pod_config,
+    out_socket,
 )
 
 RUN_RECORD = "stage1-run.json"
 PID_FILE = "pid"
 QEMU_LOG = "qemu.log"
+INTEGRITY_RECORD = "integrity.json"  # written by kvmrkt as soon as the console shows an integrity failure
 
 def probe_kvm() -> str | None:
     """None when KVM can run our guests here, else why not."""
@@ -102,14 +107,14 @@ def host_tsc_khz() -> int | None:
 
 @contextlib.contextmanager
 def runtime_fds(pod_dir: Path, spec: VMSpec) -> Iterator[dict[str, int]]:
-    """The files QEMU writes (console, status, app logs; truncated) and the sockets it serves (QMP, agent ports;
+    """The file QEMU writes (the guest status; truncated) and the sockets it serves (QMP, console, ports;
     listening), opened in ``pod_dir`` and closed again when the block ends (QEMU has its copies by then)."""
     fds: dict[str, int] = {}
     socks: list[socket.socket] = []
     try:
-        for name in (spec.console_log, *(p.path for p in spec.ports if p.kind == "file")):
+        for name in (p.path for p in spec.ports if p.kind == "file"):
             fds[name] = os.open(pod_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        for name in (spec.qmp_socket, *(p.path for p in spec.ports if p.kind == "socket")):
+        for name in (spec.qmp_socket, spec.console_socket, *(p.path for p in spec.ports if p.kind == "socket")):
             socks.append(agent.listen(pod_dir, name))
             fds[name] = socks[-1].fileno()
         yield fds
@@ -131,34 +136,6 @@ class VMHandle(Protocol):
     def kill(self) -> None: ...
 
     def wait(self, timeout: float | None = None) -> int: ...
-
-
-@dataclass
-class _Tail:
-    """Follows a file QEMU appends to, copying new bytes to an output stream (the file keeps everything, so a
-    reader that went away, such as ``| head``, loses nothing but its own copy)."""
-
-    path: Path
-    out: IO[bytes] | None
-    offset: int = 0
-    clean: Callable[[bytes], bytes] | None = None
-
-    def pump(self) -> None:
-        try:
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        if data:
-            self.offset += len(data)
-            if self.out is None:
-                return
-            try:
-                self.out.write(self.clean(data) if self.clean else data)
-                self.out.flush()
-            except (BrokenPipeError, ValueError):
-                self.out = None
 
 
 class _StopRequest:
@@ -291,16 +268,33 @@ class QemuStage1(Stage1):
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
             "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
         })  # fmt: skip
+        outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
         try:
-            vm = self._launch(pod, spec, qemu, opts, record, assets.guard)
+            vm = self._launch(pod, spec, qemu, opts, record, assets.guard, outputs)
             try:
-                return self._supervise(pod, manifest, vm, opts, stdout=stdout, stderr=stderr)
+                return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
             finally:
                 if vm.poll() is None:
                     vm.kill()
                     vm.wait()
         finally:
+            outputs.finish()
             self._unjail(pod)
+
+    def _outputs(self, pod: Pod, manifest: PodManifest, *, stdout: IO[bytes], stderr: IO[bytes]) -> OutputPump:
+        """The VM's console and app output: bounded logs in the pod directory, the apps' copied to our stdout
+        and stderr (the console too with --debug), integrity failures recorded as soon as they are seen."""
+        streams = [Stream(CONSOLE_SOCKET, CONSOLE_LOG, stderr if self.config.debug else None, console=True,
+                          clean=agent.printable_stream)]  # guest text, rendered visibly on a terminal
+        for i, app in enumerate(manifest.apps):
+            streams += [Stream(out_socket(i, "stdout"), app_log(app.name, "stdout"), stdout),
+                        Stream(out_socket(i, "stderr"), app_log(app.name, "stderr"), stderr)]
+
+        def record(reports: list[str], count: int) -> None:
+            with contextlib.suppress(OSError, KvmrktError):  # the run fails on it anyway (see _supervise)
+                pod.write_json(INTEGRITY_RECORD, {"failures": reports, "count": count})
+
+        return OutputPump(pod.path, streams, limit=self.config.pods.max_log_bytes, on_integrity=record)
 
     def _jail_facts(self, jail: JailSpec, accel: str) -> dict[str, Any]:
         """The jail as measured: ids, limits, the backend's way of enforcing them, the isolation class."""
@@ -311,9 +305,9 @@ class QemuStage1(Stage1):
         return jails.PodJail(pod, self.config.data_dir).down()
 
     def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
-                guard: Path) -> VMHandle:
+                guard: Path, outputs: OutputPump) -> VMHandle:
         """Start the VM (here: QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with
-        this process)."""
+        this process), connecting ``outputs`` before the guest can write anything."""
         jail = opts.jail
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
                                     vmm=Path(qemu))
@@ -324,6 +318,7 @@ class QemuStage1(Stage1):
         with runtime_fds(pod.path, spec) as fds:
             argv = jails.guarded(qemu, build_argv(jailed, qemu=qemu, fds=fds))
             pod.write_json(RUN_RECORD, {**record, "argv": argv})
+            outputs.connect()  # queued on our own listening sockets: QEMU accepts them as it starts
             with pod.file(QEMU_LOG).open("wb") as qlog:
                 proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd, *fds.values()],
                                    cwd=pod.path, exec_label=opts.exec_label, netns=spec.netns,
@@ -332,25 +327,16 @@ class QemuStage1(Stage1):
         return proc
 
     def _supervise(
-        self, pod: Pod, manifest: PodManifest, proc: VMHandle, opts: RunOptions, *,
-        stdout: IO[bytes], stderr: IO[bytes],
+        self, pod: Pod, manifest: PodManifest, proc: VMHandle, opts: RunOptions, outputs: OutputPump, *,
+        stderr: IO[bytes],
     ) -> RunResult:
         cfg = self.config.stage1
-        tails = [
-            _Tail(pod.file(app_log(a.name, s)), stdout if s == "stdout" else stderr)
-            for a in manifest.apps
-            for s in ("stdout", "stderr")
-        ]
-        if self.config.debug:
-            tails.append(_Tail(pod.file(CONSOLE_LOG), stderr, clean=agent.printable_stream))  # guest text
         started = time.monotonic()
         stop_sent = 0.0
         killed = False
         stdin_thread: threading.Thread | None = None
         with _StopRequest() as stop:
             while proc.poll() is None:
-                for t in tails:
-                    t.pump()
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
                 if opts.interactive and stdin_thread is None and st.ready:
@@ -375,9 +361,13 @@ class QemuStage1(Stage1):
                     proc.kill()
                     killed = True
                 time.sleep(0.005 if now - started < 2 else 0.02)
-        for t in tails:
-            t.pump()
+        for error in outputs.finish():
+            stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
         st = agent.read_status(pod.file(GUEST_STATUS))
+        codes = {a.name: st.exits.get(a.name, 128 + signal.SIGKILL) for a in manifest.apps}
+        if outputs.integrity_failures:  # outranks whatever else the guest did or said
+            return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed),
+                             integrity_failures=outputs.integrity_failures)
         oom = jails.PodJail(pod, self.config.data_dir).oom()
         if oom and not st.done:
             raise Stage1Error(oom + "\n" + self._console_tail(pod),
@@ -396,25 +386,10 @@ class QemuStage1(Stage1):
                 f"the VM ended (QEMU exit code {proc.returncode}) before all apps reported their exit status\n"
                 + self._console_tail(pod)
             )
-        codes = {a.name: st.exits.get(a.name, 128 + signal.SIGKILL) for a in manifest.apps}
-        integrity = self._integrity_failures(pod)
-        for line in integrity:
-            stderr.write(f"kvmrkt: INTEGRITY FAILURE: the guest read data that does not match the measured "
-                         f"dm-verity root hash: {line}\n".encode())
         for name, messages in st.errors.items():
             for msg in messages:
                 stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
-        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed), integrity_failures=integrity)
-
-    @staticmethod
-    def _integrity_failures(pod: Pod) -> tuple[str, ...]:
-        """dm-verity corruption reports from the guest kernel (errors are printed even with ``quiet``)."""
-        try:
-            text = pod.file(CONSOLE_LOG).read_bytes()[-(1 << 20):].decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ()
-        hits = [agent.printable(ln.strip()) for ln in text.splitlines() if "verity" in ln and "corrupted" in ln]
-        return tuple(hits[:5])
+        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed))
 
     @staticmethod
     def _console_tail(pod: Pod) -> str:
@@ -477,13 +452,15 @@ class QemuStage1(Stage1):
             "app_pids": st.pids,
             "app_exit_codes": st.exits,
             "app_errors": st.errors,
+            "integrity_failures": (pod.read_json(INTEGRITY_RECORD, {}) or {}).get("failures", []),
             "jail": jails.PodJail(pod, self.config.data_dir).status(rec.get("accel")),
         }
 
     def gc(self, pod: Pod) -> None:
         self._sigkill(pod)
         self._unjail(pod)
-        for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, POD_INITRD):
+        outputs = [p.name for p in pod.path.glob("std*.sock")]
+        for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, CONSOLE_SOCKET, *outputs, POD_INITRD):
             with contextlib.suppress(FileNotFoundError):
                 pod.file(name).unlink()
 

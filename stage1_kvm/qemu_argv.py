@@ -31,7 +31,7 @@ def _opt(value: str | Path) -> str:
 
 def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system-x86_64") -> list[str]:
     """The full argv to start the VM described by ``spec``; ``fds`` maps the spec's console, QMP and port names
-    to the descriptors QEMU inherits (files open for writing, sockets listening).
+    to the descriptors QEMU inherits (the status file open for writing, sockets listening).
 
     Raises:
         ConfigError: a descriptor is missing, or a path cannot be passed.
@@ -56,7 +56,7 @@ def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system
         "-kernel", _opt(spec.kernel),
         "-initrd", _opt(spec.initrd),
         "-append", spec.cmdline,
-        "-chardev", file_chardev("console", spec.console_log),
+        "-chardev", f"socket,id=console,fd={_fd(fds, spec.console_socket)},server=on,wait=off",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,fd={_fd(fds, spec.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

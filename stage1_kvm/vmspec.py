@@ -24,6 +24,7 @@ CTL_SOCKET = "ctl.sock"
 SIG_SOCKET = "sig.sock"
 STDIN_SOCKET = "stdin.sock"
 GUEST_STATUS = "guest-status"
+CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
 # The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
@@ -31,8 +32,13 @@ POD_CONFIG_VERSION = 2
 
 
 def app_log(app: str, stream: str) -> str:
-    """Relative path of an app's stdout/stderr log in the pod directory."""
+    """Relative path of an app's stdout/stderr log in the pod directory (kept by ``stage1_kvm.output``)."""
     return f"logs/{app}.{stream}"
+
+
+def out_socket(index: int, stream: str) -> str:
+    """The socket QEMU serves app ``index``'s stdout/stderr port on (kvmrkt reads it into ``app_log``)."""
+    return f"{stream}{index}.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +62,8 @@ class Share:
 
 @dataclass(frozen=True, slots=True)
 class Port:
-    """A virtio-serial port and its host end: a file QEMU writes, or a unix socket QEMU listens on."""
+    """A virtio-serial port and its host end: a file QEMU writes (the guest status, which only the guest init
+    writes), or a unix socket QEMU listens on (the agent's requests; app output, which kvmrkt reads and bounds)."""
 
     name: str
     kind: str
@@ -79,7 +86,7 @@ class VMSpec:
     ports: tuple[Port, ...]
     acpi: bool = False
     qmp_socket: str = QMP_SOCKET
-    console_log: str = CONSOLE_LOG
+    console_socket: str = CONSOLE_SOCKET
     sandbox: bool = True
     nics: tuple[Nic, ...] = ()
     user_forwards: tuple[tuple[str, str, int, int], ...] = ()
@@ -135,9 +142,9 @@ def build_vmspec(
         Port("kvmrkt.ctl", "socket", CTL_SOCKET),
         Port("kvmrkt.sig", "socket", SIG_SOCKET),
     ]
-    for i, app in enumerate(manifest.apps):
-        ports.append(Port(f"kvmrkt.out.{i}", "file", app_log(app.name, "stdout")))
-        ports.append(Port(f"kvmrkt.err.{i}", "file", app_log(app.name, "stderr")))
+    for i in range(len(manifest.apps)):
+        ports.append(Port(f"kvmrkt.out.{i}", "socket", out_socket(i, "stdout")))
+        ports.append(Port(f"kvmrkt.err.{i}", "socket", out_socket(i, "stderr")))
     if interactive:
         ports.append(Port("kvmrkt.in.0", "socket", STDIN_SOCKET))
     return VMSpec(

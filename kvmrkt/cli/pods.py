@@ -84,7 +84,8 @@ def _pod_flags(f: Any) -> Any:
 _RUN_EPILOG = "\b\n" + APP_FLAGS_HELP + """
 \b
 Exit code: the app's exit code for a one-app pod; for several apps, the first non-zero exit code in app order.
-kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) and are explained on stderr.
+kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) and are explained on stderr;
+10: the guest read image data that does not match what was measured (dm-verity), whatever the apps returned.
 """
 
 
@@ -205,6 +206,8 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
         click.echo(f"isolation={jail.get('isolation') or ''}")
     for app in info["apps"]:
         click.echo(f"app-{app['name']}={'' if app['exit_code'] is None else app['exit_code']}")
+    failures = info.get("integrity_failures") or []
+    click.echo("integrity=" + (f"FAILED ({len(failures)} reports, the first: {failures[0]})" if failures else "ok"))
 
 
 @cli.command()

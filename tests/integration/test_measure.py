@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,56 @@ def test_rootfs_altered_after_measurement_fails_to_read_in_the_guest(kvmrkt: Kvm
     uuid_file = tmp_path / "uuid"
     res = kvmrkt("run", "--uuid-file-save", str(uuid_file), "busybox", "--exec", "/bin/sh", "--", "-c",
                  "cat /bin/busybox > /dev/null")
-    assert res.rc != 0
+    assert res.rc == 10, res.err  # the integrity failure's own code, not the app's nor a generic VM failure
     assert "INTEGRITY FAILURE" in res.err, res.err
     st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
-    assert st["integrity_failures"]
+    assert st["integrity_failures"] and st["exit_code"] == 10
     res = kvmrkt("image", "verify", "busybox")  # the full rehash notices and rebuilds it
     assert res.rc == 0, res.err
     kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+
+
+PROBE = b"KVMRKT-VERITY-PROBE"
+
+
+def _corrupt_probe_image(kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path) -> None:
+    """Import ``probe``: busybox plus /data.bin (64 blocks of 4 KiB, each starting with PROBE), then flip a byte
+    in each of those blocks of its erofs image on the host (busybox itself stays intact, so the app runs)."""
+    layout, bundle = tmp_path / "probe-oci", tmp_path / "probe-bundle"
+    shutil.copytree(busybox_layout, layout)
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", bundle], check=True, capture_output=True)
+    (bundle / "rootfs" / "data.bin").write_bytes(
+        b"".join((PROBE + b" %08d\n" % i).ljust(4096, b".") for i in range(64)))
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:latest", bundle], check=True, capture_output=True)
+    kvmrkt.ok("image", "import", f"oci:{layout}:latest", "--name", "probe")
+    digest = json.loads(kvmrkt.ok("image", "inspect", "probe").out)["rootfs"]["digest"]
+    erofs = kvmrkt.data / "cas" / "rootfs" / (digest[7:] + ".erofs")
+    data = bytearray(erofs.read_bytes())
+    blocks = [off for off in range(0, len(data), 4096) if data[off:off + len(PROBE)] == PROBE]
+    assert len(blocks) == 64, len(blocks)
+    for off in blocks:
+        data[off + 100] ^= 0xFF
+    erofs.write_bytes(bytes(data))
+
+
+def test_an_integrity_failure_fails_the_run_whatever_the_app_returns(
+    kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """The app reads corrupted blocks (EIO), shrugs and exits 0: run, run-prepared and status still fail."""
+    _corrupt_probe_image(kvmrkt, busybox_layout, tmp_path)
+    uuid_file = tmp_path / "uuid"
+    script = "cat /data.bin > /dev/null; echo app-done; exit 0"
+    res = kvmrkt("run", "--uuid-file-save", str(uuid_file), "probe", "--exec", "/bin/sh", "--", "-c", script)
+    assert "app-done" in res.out, res.err
+    assert res.rc == 10, res.err
+    assert "INTEGRITY FAILURE" in res.err and "corrupted" in res.err, res.err
+    st = json.loads(kvmrkt.ok("status", "--format", "json", uuid_file.read_text().strip()).out)
+    assert st["exit_code"] == 10 and st["apps"][0]["exit_code"] == 0
+    assert any("corrupted" in line for line in st["integrity_failures"]), st["integrity_failures"]
+    uuid = kvmrkt.ok("prepare", "--quiet", "probe", "--exec", "/bin/sh", "--", "-c", script).out.strip()
+    res = kvmrkt("run-prepared", uuid)
+    assert res.rc == 10 and "INTEGRITY FAILURE" in res.err, res.err
+    assert "integrity=FAILED" in kvmrkt.ok("status", uuid).out
 
 
 def _quote(k: Kvmrkt, tmp_path: Path, name: str) -> tuple[Path, str]:

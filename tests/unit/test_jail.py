@@ -148,12 +148,15 @@ def test_layout_holds_only_what_the_vm_needs() -> None:
 
 def test_argv_passes_every_written_file_and_socket_as_a_descriptor() -> None:
     jailed, _ = jails.plan(_spec(), Path("/pods/x"))
-    names = [jailed.console_log, jailed.qmp_socket, *(p.path for p in jailed.ports)]
+    names = [jailed.console_socket, jailed.qmp_socket, *(p.path for p in jailed.ports)]
     fds = {n: 10 + i for i, n in enumerate(names)}
     argv = build_argv(jailed, fds=fds)
     joined = " ".join(argv)
     assert argv.index("-add-fd") < argv.index("-chardev")
-    assert "file,id=console,path=/dev/fdset/1" in joined and "-add-fd fd=10,set=1" in joined
+    # The only file QEMU writes is the guest status; the console and app output are sockets kvmrkt reads.
+    assert f"socket,id=console,fd={fds['console.sock']},server=on,wait=off" in joined
+    assert f"-add-fd fd={fds['guest-status']},set=1" in joined and "file,id=port0,path=/dev/fdset/1" in joined
+    assert joined.count("-add-fd") == 1 and f"socket,id=port3,fd={fds['stdout0.sock']}," in joined
     assert f"socket,id=qmp,fd={fds['qmp.sock']},server=on,wait=off" in joined
     assert "security_model=none" in joined and "passthrough" not in joined
     assert "path=/" + "shares/vol0" in joined.replace("path=/shares", "path=/shares")

@@ -39,7 +39,7 @@ def spec(manifest: PodManifest, accel: str = "tcg", interactive: bool = False, c
 
 
 def argv_of(s: VMSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
-    names = [s.console_log, s.qmp_socket, *(p.path for p in s.ports)]
+    names = [s.console_socket, s.qmp_socket, *(p.path for p in s.ports)]
     return build_argv(s, qemu=qemu, fds={n: 10 + i for i, n in enumerate(names)})
 
 
@@ -184,6 +184,11 @@ def test_domain_xml_is_the_same_microvm() -> None:
     assert names["kvmrkt.status"].find("source").get("path") == "/pods/x/guest-status"  # type: ignore[union-attr]
     assert names["kvmrkt.ctl"].find("source").get("path") == "/run/kvmrkt/x/ctl.sock"  # type: ignore[union-attr]
     assert "kvmrkt.in.0" in names
+    # App output and the console are sockets kvmrkt reads and bounds, never files QEMU grows.
+    assert names["kvmrkt.out.0"].get("type") == "unix" and names["kvmrkt.err.0"].get("type") == "unix"
+    serial = dom.find("devices/serial")
+    assert serial is not None and serial.get("type") == "unix"
+    assert serial.find("source").get("path") == "/run/kvmrkt/x/console.sock"  # type: ignore[union-attr]
     fs = dom.find("devices/filesystem")
     assert fs is not None and fs.find("readonly") is not None and fs.find("target").get("dir") == "vol0"  # type: ignore[union-attr]
     assert fs.get("accessmode") == "squash"
