@@ -138,6 +138,13 @@ class VMHandle(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a graceful stop request while the pod runs."""
 
@@ -339,6 +346,13 @@ class QemuStage1(Stage1):
             while proc.poll() is None:
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
+                if _size(pod.file(GUEST_STATUS)) > agent.MAX_FRAME:
+                    # Only the guest init writes there, a few lines per app: more is a broken or hostile guest
+                    # (QEMU writes this one file itself, so the host bounds it by stopping the VM).
+                    proc.kill()
+                    proc.wait()
+                    raise Stage1Error(f"the guest wrote more than {agent.MAX_FRAME} bytes of status messages (a "
+                                      "broken or hostile guest): the VM was killed")
                 if opts.interactive and stdin_thread is None and st.ready:
                     stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
                     stdin_thread.start()

@@ -78,3 +78,17 @@ def test_a_guest_writing_forever_does_not_grow_the_host(kvmrkt: Kvmrkt, tmp_path
     assert proc.returncode == 143, err[-2000:]  # yes died of SIGTERM
     assert "[kvmrkt: " in out and "kvmrkt-flood-line\n" in out  # the terminal skipped what the log dropped
     assert all(size <= LIMIT for size in _log_sizes(pod_dir).values())
+
+
+def test_a_guest_flooding_its_status_channel_is_stopped(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    """The status file is the one file the VMM writes for the guest (only the guest init writes to it, a few
+    lines per app). Appending to it from the host stands in for a hostile guest init: past 1 MiB the VM is
+    killed with a clear error, so the host's disk stays bounded there too."""
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), "busybox", "--exec", "/bin/sleep", "--", "600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    status = kvmrkt.data / "pods" / "run" / uuid / "guest-status"
+    with status.open("ab") as fh:
+        fh.write(b"ERROR busybox flood\n" * 60000)  # 1.2 MB
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 8 and "more than 1048576 bytes of status messages" in err, err[-2000:]
