@@ -1,6 +1,7 @@
 """Measured-launch benchmark: the launch latency that measurement adds (log append + fsync + TPM extends for
-one pod's events, against a real swtpm), and ``attest verify`` (quote checks + replay) of evidence whose log
-holds 10,000 events, all really extended into the swtpm. Prints JSON.
+one pod's events, against a real swtpm, with the log reconciled against the TPM's PCR and reset counters first),
+and ``attest verify`` (quote checks, replay, history) of evidence whose log holds 10,000 more events, all
+really extended into the swtpm. Prints JSON.
 
 Usage: .venv/bin/python bench/measured_launch.py [--runs N]
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from benchtpm import swtpm
 
 from measure import attest
-from measure.events import Event, EventLog, encode_record, launch_events, parse_log
+from measure.events import Event, encode_record, launch_events, parse_log
 from measure.replay import replay
 from measure.tpm import Measurer, _pytss, esapi
 
@@ -42,21 +43,21 @@ def main() -> None:
                 start = time.perf_counter()
                 measurer.measure(events)
                 times.append(time.perf_counter() - start)
-            big = EventLog(work / "big", boot="bench")
-            big.path.parent.mkdir(parents=True)
+            # 10,000 more events in the same log (it must prove the PCR's history from the reset), extended.
+            big = measurer.log
+            first = len(big.records())
             pytss = _pytss()
+            data = bytearray()
             with esapi(measurer.tcti) as ctx:
-                start_value = bytes(ctx.pcr_read(pytss.TPML_PCR_SELECTION.parse("sha256:15"))[2][0])
-                data = bytearray(encode_record(0, 15, "kvmrkt-log-start", {
-                    "boot_id": "bench", "pcr": 15, "hashAlg": "sha256", "initial": start_value.hex()}, None))
-                for n in range(1, 10_001):
+                for n in range(first, first + 10_000):
                     event = Event("app", {"n": n})
                     data += encode_record(n, 15, "kvmrkt", {"event": event.encode().decode(), "kind": "app"},
                                           event.digest())
                     ha = pytss.TPMT_HA(hashAlg=pytss.TPM2_ALG.SHA256)
                     ha.digest.sha256 = event.digest()
                     ctx.pcr_extend(pytss.ESYS_TR.PCR15, pytss.TPML_DIGEST_VALUES([ha]))
-            big.path.write_bytes(bytes(data))
+            with big.path.open("ab") as fh:
+                fh.write(bytes(data))
             keys = attest.init(measurer.tcti, work / "keys")
             nonce = bytes.fromhex(attest.new_nonce())
             evidence = attest.quote(measurer.tcti, 15, nonce, big.path)
