@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvmrkt.errors import ConfigError, TpmUnavailableError
+from kvmrkt.errors import ConfigError, EventLogError, TpmUnavailableError
 from measure.events import RESET_VALUE, Event, EventLog, TpmClock
 from measure.replay import replay
 
@@ -113,7 +113,14 @@ class Measurer:
     def sync(self, ctx: Any) -> None:
         """Bring the log in step with the TPM (call with the log lock held and an open ESAPI context)."""
         current, clock = _read(ctx, self.pcr), _clock(ctx)
-        rep = replay(self.log.records()) if self.log.path.exists() and self.log.path.stat().st_size else None
+        try:
+            rep = replay(self.log.records()) if self.log.path.exists() and self.log.path.stat().st_size else None
+        except EventLogError as exc:
+            raise EventLogError(
+                f"the measurement log {self.log.path} is damaged ({exc.message}): kvmrkt does not measure into a "
+                "log it cannot replay",
+                hint="keep it as evidence (move it aside); the next launch starts a new log, which records the "
+                     "PCR's unexplained value as tamper evidence") from exc
         why = ""
         if rep is not None:
             if rep.pcr != self.pcr or rep.tpm != self.tcti:

@@ -112,14 +112,27 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.1)
 
 
+def _free_port_pair() -> int:
+    """A loopback port whose next port is free too (swtpm serves the TPM on one and its control on the next)."""
+    import socket
+
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
 def start_swtpm(state: Path, port: int | None = None) -> Swtpm:
     """Start swtpm on a free pair of loopback ports (retrying if another process takes one first), or on
     ``port`` (to restart a TPM: the same state and TCTI, the next TPM reset cycle)."""
-    from .registry import free_port
-
     fixed = port
-    for _attempt in range(20):
-        port = fixed or free_port()
+    for _attempt in range(50):
+        port = fixed or _free_port_pair()
         proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
                                  "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
                                  "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,

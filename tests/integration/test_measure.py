@@ -229,3 +229,18 @@ def test_resettable_pcrs_are_refused(kvmrkt: Kvmrkt) -> None:
     kvmrkt.write_config(f'[measure]\ntcti = "{kvmrkt.tcti}"\npcr = 23\n')
     res = kvmrkt("run", "busybox", "--exec", "/bin/true")
     assert res.rc == 2 and "measure.pcr 23 cannot be used" in res.err and "resettable" in res.err
+
+
+def test_a_damaged_log_stops_launches_until_it_is_moved_aside(kvmrkt: Kvmrkt) -> None:
+    """kvmrkt never measures into a log it cannot replay (nor silently starts another): the launch fails, naming
+    the log; once the operator keeps it aside, the new log records the PCR's unexplained value."""
+    kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    log = _log(kvmrkt)
+    log.write_bytes(log.read_bytes().replace(b'"kind":"app"', b'"kind":"app","x":1', 1).replace(
+        b"kvmrkt:app:", b"kvmrkt:app:", 1).replace(b'\\"pod\\"', b'\\"pdo\\"', 1))
+    res = kvmrkt("run", "busybox", "--exec", "/bin/true")
+    assert res.rc == 5 and "is damaged" in res.err and "move it aside" in res.err, res.err
+    assert not _our_processes(str(kvmrkt.data))
+    log.rename(log.with_name(log.name + ".damaged"))
+    res = kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+    assert "TAMPER EVIDENCE" in res.err
