@@ -32,7 +32,6 @@ from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine, PodOptions
 from kvmrkt.runargs import AppRequest
 from kvmrkt.stage1 import JailSpec
-from kvmrkt.store import no_progress
 from stage1_kvm import cgroups
 from stage1_kvm import jail as vmm_jail
 from stage1_kvm.assets import load_assets, pod_initrd
@@ -185,8 +184,7 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
         pod = engine.prepare([AppRequest(image="busybox", exec=exec_[0], args=exec_[1:])], PodOptions())
         manifest = engine.pod_manifest(pod)
         jail = jails.for_pod(config, manifest)
-        rootfs = {a.name: engine._rootfs(a, no_progress) for a in manifest.apps}
-        verity = {a.name: engine._verity(a) for a in manifest.apps}
+        rootfs, verity = engine.app_disks(manifest)
         spec = build_vmspec(manifest, cfg=cfg, jail=jail, accel=accel, kernel=assets.kernel, rootfs=rootfs,
                             interactive=False, debug=False, tsc_khz=host_tsc_khz(), acpi=assets.acpi, verity=verity)
         cwd = work / name

@@ -565,9 +565,14 @@ class Engine:
         self.store.touch(record.id)
         return path
 
-    def _verity(self, app: AppSpec) -> dict[str, str]:
-        record = self.store.get(app.image_id)
-        return {"root": record.verity_root, "salt": record.verity_salt}
+    def app_disks(self, manifest: PodManifest) -> tuple[dict[str, Path], dict[str, dict[str, str]]]:
+        """Each app's verified guest root filesystem image and its dm-verity root hash and salt, by app name
+        (the images are marked used)."""
+        verity = {}
+        for app in manifest.apps:
+            record = self.store.get(app.image_id)
+            verity[app.name] = {"root": record.verity_root, "salt": record.verity_salt}
+        return {a.name: self._rootfs(a, no_progress) for a in manifest.apps}, verity
 
     def pod_manifest(self, pod: Pod) -> PodManifest:
         """The manifest a pod was prepared with.
@@ -625,15 +630,15 @@ class Engine:
             if trust is None:
                 trust = self._trust_pod(manifest)
                 pod.write_json("trust.json", trust)
-            rootfs = {a.name: self._rootfs(a, no_progress) for a in manifest.apps}
+            rootfs, verity = self.app_disks(manifest)
             backend = self.backend_for(pod)
             ports = [p for a in manifest.apps for p in self.store.get(a.image_id).ports]
             intent = self.networks.intent(net or NetOptions(), ports, modes=backend.network_modes,
                                           user_forwards=backend.user_port_forwards)
 
             result = self.boot(pod, manifest, backend, trust=trust, intent=intent, stdout=stdout, stderr=stderr,
-                               rootfs=rootfs, verity={a.name: self._verity(a) for a in manifest.apps},
-                               interactive=interactive, accel=accel or self.config.stage1.accel)
+                               rootfs=rootfs, verity=verity, interactive=interactive,
+                               accel=accel or self.config.stage1.accel)
             return pod_exit_code(result.exit_codes)
         finally:
             pod.unlock()
