@@ -2,29 +2,11 @@
  * kvmrkt guest init and agent (PID 1 inside every pod VM).
  *
  * Role: mount each app's read-only erofs root (virtio-blk, found by serial) under a writable overlay held in
- * guest memory, mount the pod's volumes, start the apps (stage2) with their argv, environment, working directory
- * and credentials, and report to the host over virtio-serial ports:
- *   kvmrkt.status  (host: a file)     one line per event: READY, START <app> <pid>, EXIT <app> <code>,
- *                                     ERROR <app> <message>, DONE. Values are %-escaped.
- *   kvmrkt.out.N / kvmrkt.err.N       stdout / stderr of app N (host: files).
- *   kvmrkt.in.0    (host: a socket)   stdin of app 0 for interactive pods.
- *   kvmrkt.ctl     (host: a socket)   enter requests: "ENTER <app> <argc> <arg>... [tty] [stdin] [env=K=V]...
- *                                     [noenv] [cwd=DIR] [uid=N] [gid=N]\n" (then input
- *                                     frames "IN <n>\n<bytes>", "EOF\n", "SIG <signal>\n"); replies are frames
- *                                     "OUT <n>\n<bytes>", "ERR <n>\n<bytes>", then "EXIT <code>\n" or "FAIL <msg>\n".
- *   kvmrkt.sig     (host: a socket)   "STOP <seconds>\n": SIGTERM every app, SIGKILL after <seconds>; "PING\n";
- *                                     "KILL <signal> [all]\n": signal every app (all: every guest process);
- *                                     "WINSZ <rows> <cols>\n": the size of app 0's terminal.
- * With "tty 1", app 0 runs on a pseudo-terminal (its controlling terminal); init relays between the terminal and
- * the kvmrkt.in.0 / kvmrkt.out.0 ports (the host side is the OCI runtime's console).
- * A pod config with "hold 1" (the OCI runtime's create) sets the apps up, reports HELD and starts them only on
- * "GO\n" on kvmrkt.sig ("KILL <signal>" before that ends the pod with 128+signal).
- * An app whose config has "rootshare <tag> <ro>" runs in a host directory shared over 9p (an OCI bundle's
- * rootfs) instead of an erofs image under an overlay.
- * Networking: loopback is brought up; each "net" of the pod config is the virtio-net NIC with that MAC, renamed
- * to the interface name CNI used on the host and given the IPv4 addresses and routes the host read back from
- * the pod's network namespace. "file" entries (hostname, hosts, resolv.conf) are written into every app root.
- * When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
+ * guest memory (or a 9p "rootshare"), mount the pod's volumes, configure the network, start the apps (stage2)
+ * with their argv, environment, working directory and credentials, and talk to the host over virtio-serial ports.
+ * The pod config (/kvmrkt/pod.cfg, version 2) and every message on every port (status, ctl, sig, app stdio,
+ * console), with framing, limits and what the host believes, are documented in docs/guest-protocol.md: change
+ * that document with the code. When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
  *
  * Confinement: each app runs in its own mount, PID, IPC and UTS namespaces (the pod's network namespace is
  * shared), pivot_root'ed into its root (mounted nodev), with a minimal read-only /dev (null, zero, full, random,
@@ -36,9 +18,9 @@
  * Enter sessions join the app's namespaces (setns on its ns-init) and get the same confinement.
  *
  * Trust boundary: everything the host sends (pod config in /kvmrkt/pod.cfg, control requests) is trusted as
- * coming from stage0; the apps are not trusted: they cannot see this init or the ports, cannot open a device
- * node they make, and nothing here reads data the apps can write, except that an app can of course kill the VM
- * it runs in.
+ * coming from stage0; the apps are not trusted: they cannot see this init or open the ports (each holds only its
+ * own stdio ports), cannot open a device node they make, and nothing here reads data the apps can write, except
+ * that an app can of course kill the VM it runs in.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
