@@ -287,6 +287,7 @@ static int parse_config(const char *path)
     char *line = NULL;
     size_t cap = 0;
     struct app *cur = NULL;
+    int versioned = 0;
     while (getline(&line, &cap, f) > 0) {
         char *fv[8];
         int n = split(line, fv, 8);
@@ -299,6 +300,7 @@ static int parse_config(const char *path)
                 fclose(f);
                 return -1;
             }
+            versioned = 1;
         } else if (!strcmp(k, "hostname") && n == 2) {
             hostname = fv[1];
         } else if (!strcmp(k, "tty") && n == 2) {
@@ -375,6 +377,10 @@ static int parse_config(const char *path)
     }
     free(line);
     fclose(f);
+    if (!versioned) { /* fail closed: a config that does not say its version may not mean what we read */
+        logmsg("the pod config has no version line (this init reads version %s)", POD_CONFIG_VERSION);
+        return -1;
+    }
     return 0;
 }
 
