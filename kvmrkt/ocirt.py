@@ -368,8 +368,8 @@ class OciRuntime:
             backend = self.engine.backend_for(pod)
             verdict = bundle_verdict(bundle.image_id, bundle.image_name)
             measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
-                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}", "scope": verdict["scope"],
-                         "signers": verdict["signers"], "insecure": verdict["insecure"], "dependencies": []}]
+                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}",
+                         **{k: verdict[k] for k in ("scope", "signers", "insecure", "dependencies")}}]
             # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             result = self.engine.boot(
