@@ -28,7 +28,7 @@ from kvmrkt.decompress import Cursor, open_stream
 from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.layers import LayerLimits
 from kvmrkt.oci import load_json
-from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name, open_gate
+from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
 
 AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")
 MAX_MANIFEST = 1 << 20
@@ -178,7 +178,7 @@ def _dependencies(store: Store, path: Path, manifest: AciManifest) -> tuple[str,
 
 
 def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress = no_progress,
-               gate: Gate = open_gate) -> ImageRecord:
+               gate: Gate) -> ImageRecord:
     """Import ``FILE.aci``, judged with its detached signature ``FILE.aci.asc`` (rkt's rule: the signature
     covers the ACI file's bytes, which are kept so the signature can be checked again at every run).
 

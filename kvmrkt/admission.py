@@ -20,7 +20,7 @@ from typing import Any
 from kvmrkt.errors import ImageError, PolicyDeniedError
 from kvmrkt.manifest import PodManifest
 from kvmrkt.store import ImageRecord, Store
-from policy.trust import Decision
+from policy.trust import NOT_JUDGED, Decision
 
 MAX_DEPENDENCIES = 64  # images in one app's dependency closure (rkt has no limit; a loop or a bomb needs one)
 
@@ -66,6 +66,12 @@ def explain_dependencies(store: Store, record: ImageRecord,
             verdict = {"accepted": False, "reason": exc.reason, "message": exc.message}
         out.append({"image": dep.id, "identity": identity(dep), "verdict": verdict})
     return out
+
+
+def bundle_verdict(image_id: str, name: str) -> dict[str, Any]:
+    """The verdict of an OCI bundle's app, in the schema of ``judge``'s: its rootfs is no stored image, so it
+    was not judged and is accepted without any signature check (``insecure``); it has no dependencies."""
+    return {"image": image_id, "identity": name, **NOT_JUDGED.to_dict(), "dependencies": []}
 
 
 def _verdict(record: ImageRecord, decision: Decision) -> dict[str, Any]:

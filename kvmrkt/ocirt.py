@@ -8,12 +8,13 @@ exit status is the container process's); ``start`` releases it; ``kill`` signals
 ``delete`` removes what is left. runc-style state lives under ``--root``/kvmrkt-oci/ID.
 
 Trust boundary: the bundle comes from the engine that pulled and unpacked the image (containerd, podman), which
-is where image signatures are checked; kvmrkt records that and measures ``config.json``'s digest, the bundle
-path, the image name from the annotations and the VM assets. ``config.json`` is parsed strictly (an error
-names the field); the process's confinement (capabilities, noNewPrivileges, rlimits, seccomp, maskedPaths,
-readonlyPaths) is applied to the container inside the guest (``kvmrkt.confinement``); Linux namespace and cgroup
-settings describe a container on the host and are ignored (each container has a VM, and the VM's jail has the
-limits).
+is where image signatures are checked; kvmrkt records the app as not judged (``admission.bundle_verdict``: scope
+``(oci bundle: not judged)``, insecure; attestation refuses it unless its reference allows unjudged bundles) and
+measures ``config.json``'s digest, the bundle path, the image name from the annotations and the VM assets.
+``config.json`` is parsed strictly (an error names the field); the process's confinement (capabilities,
+noNewPrivileges, rlimits, seccomp, maskedPaths, readonlyPaths) is applied to the container inside the guest
+(``kvmrkt.confinement``); Linux namespace and cgroup settings describe a container on the host and are ignored
+(each container has a VM, and the VM's jail has the limits).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt import _proc, jsondoc
+from kvmrkt.admission import bundle_verdict
 from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.confinement import Confinement, from_oci, lift
 from kvmrkt.engine import Engine, pod_exit_code
@@ -57,8 +59,6 @@ GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev
 # Annotations that name the image (CRI, then the OCI image spec's).
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-NOT_CHECKED = ("image signatures are checked by the engine that pulled the image (containerd, podman); an OCI "
-               "runtime only receives its unpacked rootfs")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ class Bundle:
     @property
     def image_name(self) -> str:
         return next((self.annotations[k] for k in IMAGE_ANNOTATIONS if self.annotations.get(k)), "oci-bundle")
+
+    @property
+    def image_id(self) -> str:
+        """The app's image id in the pod manifest (a bundle is no stored image: named by its config's digest)."""
+        return f"oci-bundle:{self.config_digest}"
 
 
 def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
@@ -198,7 +203,7 @@ def manifest_for(bundle: Bundle, uuid: str, container_id: str, insecure: frozens
     """The one-app pod manifest of a bundle (its annotations record the container and the bundle), its
     confinement lifted by ``insecure`` (``--insecure-options``)."""
     app = AppSpec(
-        name=APP, image_id=f"oci-bundle:{bundle.config_digest}", image_name=bundle.image_name, rootfs_digest="",
+        name=APP, image_id=bundle.image_id, image_name=bundle.image_name, rootfs_digest="",
         exec=bundle.args, env=bundle.env, working_dir=bundle.cwd, user=str(bundle.uid), group=str(bundle.gid),
         uid=bundle.uid, gid=bundle.gid, supplementary_gids=bundle.gids, memory_mib=bundle.memory_mib,
         cpus=bundle.cpus, mounts=bundle.mounts, confinement=lift(bundle.confinement, insecure),
@@ -300,7 +305,7 @@ class OciRuntime:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             insecure = self.engine.config.insecure_options
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
-                                      lambda _m: {APP: {"allowed": True, "checked": False, "reason": NOT_CHECKED}},
+                                      lambda _m: {APP: bundle_verdict(bundle.image_id, bundle.image_name)},
                                       keep_lock=True)
             pid = self._spawn_supervisor(pod, bundle, console_socket)
             write_json(state_dir / "state.json", {
@@ -361,8 +366,10 @@ class OciRuntime:
         try:
             manifest = self.engine.pod_manifest(pod)
             backend = self.engine.backend_for(pod)
+            verdict = bundle_verdict(bundle.image_id, bundle.image_name)
             measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
-                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}"}]
+                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}",
+                         **{k: verdict[k] for k in ("scope", "signers", "insecure", "dependencies")}}]
             # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             result = self.engine.boot(

@@ -30,7 +30,7 @@ from kvmrkt import jsondoc, oci
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
 from kvmrkt.images import import_oci
-from kvmrkt.store import Gate, ImageRecord, Progress, Store, no_progress, open_gate
+from kvmrkt.store import Gate, ImageRecord, Progress, Store, no_progress
 
 ACCEPT = ", ".join([*oci.MANIFEST_TYPES, *oci.INDEX_TYPES])
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
@@ -290,7 +290,7 @@ def registry_signatures(client: RegistryClient, config_dir: Path) -> Callable[[D
 
 def fetch(
     store: Store, ref: oci.RegistryRef, *, config_dir: Path, insecure: frozenset[str], name: str | None = None,
-    progress: Progress = no_progress, gate: Gate = open_gate,
+    progress: Progress = no_progress, gate: Gate,
 ) -> ImageRecord:
     """Fetch an image from a registry into the store (blobs already present are not fetched again).
 

@@ -24,6 +24,8 @@ BACKENDS: dict[str, str] = {
     "qemu": "stage1_kvm.qemu:QemuStage1",
     "libvirt": "stage1_kvm.libvirt:LibvirtStage1",
 }
+BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
+"""The backends' names, in order (the default first): the CLI's ``--stage1`` choices come from here."""
 
 
 def _nothing(_facts: dict[str, Any]) -> None:

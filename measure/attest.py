@@ -38,6 +38,7 @@ from kvmrkt.pod import write_atomic
 from measure.events import RESET_VALUE, TpmClock, boot_id, parse_log
 from measure.replay import Replay, replay
 from measure.tpm import _pytss, esapi
+from policy.trust import NOT_JUDGED_SCOPE
 
 TPM_GENERATED = 0xFF544347
 ST_ATTEST_QUOTE = 0x8018
@@ -279,12 +280,19 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
     Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``, matched against
     every app's image and every dependency image separately (its digest; or the name it was judged as and
     its own signers); ``stage1``: ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...]}``;
-    ``allow_insecure``: list of options tolerated (default none).
+    ``allow_insecure``: list of options tolerated (default none); ``allow_unjudged_bundles``: true to accept
+    ``kvmrkt-oci`` apps, whose bundle rootfs no trust policy judged (default false: no ``images`` rule matches
+    them, whatever name their annotations give).
     """
     allowed = reference.get("images")
     if allowed is not None:
         for app in launch.apps:
-            if not _allowed(app, allowed):
+            if app.get("scope") == NOT_JUDGED_SCOPE:  # an OCI bundle's rootfs: no image rule can vouch for it
+                if reference.get("allow_unjudged_bundles") is not True:
+                    launch.problems.append(f"app {app.get('app')}: OCI bundle {app.get('bundle')} (image name "
+                                           f"{app.get('image')!r} from its annotations) was not judged by any trust "
+                                           "policy, and the reference does not set allow_unjudged_bundles")
+            elif not _allowed(app, allowed):
                 launch.problems.append(f"app {app.get('app')}: image {app.get('image')} ({app.get('manifest')}) "
                                        f"signed by {app.get('signers') or 'nobody'} is not allowed")
         for dep in launch.dependencies:

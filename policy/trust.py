@@ -63,6 +63,12 @@ class Decision:
                 "insecure": self.insecure}
 
 
+NOT_JUDGED_SCOPE = "(oci bundle: not judged)"
+"""The scope recorded for an OCI bundle's rootfs (``kvmrkt-oci``): it is no stored image, so no policy judged it
+and no signature was checked (the engine that unpacked it may have); verifiers allow it only when told to."""
+NOT_JUDGED = Decision(NOT_JUDGED_SCOPE, (), (), insecure=True)
+
+
 # --- scopes ---------------------------------------------------------------------------------------------
 
 

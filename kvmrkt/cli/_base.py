@@ -88,8 +88,8 @@ pass_ctx = click.make_pass_decorator(_Ctx)
               help="Directory holding config.toml (and, later, policy files).")
 @click.option("--debug", is_flag=True, help="Show the guest console and tracebacks.")
 @click.option("--insecure-options", default="", metavar="LIST",
-              help="Comma list of checks to disable: image, tls, http, pubkey, ondisk, capabilities, paths, "
-                   "seccomp, tpm, selinux, all-fetch, all-run, all. Each use is recorded.")
+              help="Comma list of checks to disable: image, tls, http, capabilities, paths, seccomp, tpm, "
+                   "all-fetch, all-run, all. Each use is recorded.")
 @click.version_option(__version__, "--version", prog_name="kvmrkt")
 @click.pass_context
 def cli(ctx: click.Context, data_dir: Path | None, config_dir: Path, debug: bool, insecure_options: str) -> None:

@@ -17,6 +17,7 @@ from kvmrkt.engine import PodOptions
 from kvmrkt.netconf import NetOptions, parse_dns, parse_nets, parse_port
 from kvmrkt.pod import write_atomic
 from kvmrkt.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
+from kvmrkt.stage1 import BACKEND_NAMES
 from kvmrkt.store import no_progress
 
 
@@ -69,7 +70,7 @@ def _pod_flags(f: Any) -> Any:
                      help="Define a pod volume (host volumes are shared into the VM over 9p)."),
         click.option("--hostname", help="Pod hostname [default: kvmrkt-<uuid prefix>]."),
         click.option("--set-env", multiple=True, metavar="K=V", help="Environment variable for every app."),
-        click.option("--stage1", type=click.Choice(["qemu", "libvirt"]),
+        click.option("--stage1", type=click.Choice(BACKEND_NAMES),
                      help="VM backend: qemu (QEMU started directly) or libvirt (a transient libvirt domain) "
                           "[default: stage1.backend in config, qemu]."),
         click.option("--pod-manifest", type=click.Path(path_type=Path, exists=True),
@@ -299,7 +300,7 @@ def version(c: _Ctx) -> None:
 
 
 @cli.command()
-@click.option("--stage1", help="Show the config as if --stage1 were given.")
+@click.option("--stage1", type=click.Choice(BACKEND_NAMES), help="Show the config as if --stage1 were given.")
 @pass_ctx
 def config(c: _Ctx, stage1: str | None) -> None:
     """Print the merged configuration (config.toml plus flags) as JSON."""

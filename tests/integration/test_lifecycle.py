@@ -54,7 +54,7 @@ def test_image_defaults_apply(kvmrkt: Kvmrkt) -> None:
 
 def test_multi_app_pod_exit_code_is_first_nonzero(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     uuid_file = tmp_path / "uuid"
-    res = kvmrkt("--insecure-options=ondisk,tpm", "run", "--uuid-file-save", str(uuid_file), "--hostname", "podhost",
+    res = kvmrkt("--insecure-options=http,tpm", "run", "--uuid-file-save", str(uuid_file), "--hostname", "podhost",
                  "busybox", "--name", "one", "--exec", "/bin/sh", "--", "-c", "echo from-$(hostname); exit 0", "---",
                  "busybox", "--name", "two", "--exec", "/bin/sh", "--", "-c", "echo from-two; exit 3", "---",
                  "busybox", "--name", "three", "--exec", "/bin/sh", "--", "-c", "exit 4")
@@ -64,7 +64,7 @@ def test_multi_app_pod_exit_code_is_first_nonzero(kvmrkt: Kvmrkt, tmp_path: Path
     assert st["state"] == "exited"
     assert {a["name"]: a["exit_code"] for a in st["apps"]} == {"one": 0, "two": 3, "three": 4}
     assert st["accel"] in ("tcg", "kvm") and st["exit_code"] == 3
-    assert st["insecure_options"] == ["ondisk", "tpm"]
+    assert st["insecure_options"] == ["http", "tpm"]
     logs = kvmrkt.data / "pods" / "run" / st["uuid"] / "logs"
     assert (logs / "two.stdout").read_text() == "from-two\n"
 

@@ -172,8 +172,12 @@ def test_measured_launch_records_the_bundle(oci: Oci, tmp_path: Path, subreaper:
     assert apps[-1]["bundle"] == str(b) and apps[-1]["image"] == "oci-bundle"
     config_digest = "sha256:" + hashlib.sha256((b / "config.json").read_bytes()).hexdigest()
     assert apps[-1]["config"] == config_digest
-    trust = [data for kind, data in events if kind == "trust"]
-    assert "checked by the engine that pulled the image" in trust[-1]
+    assert apps[-1]["scope"] == "(oci bundle: not judged)" and apps[-1]["insecure"] is True
+    # The same verdict schema as every other launch, saying honestly that no policy judged the bundle.
+    trust = [json.loads(data) for kind, data in events if kind == "trust"][-1]["decisions"]
+    assert trust == {apps[-1]["app"]: {
+        "image": f"oci-bundle:{config_digest}", "identity": "oci-bundle", "scope": "(oci bundle: not judged)",
+        "requirements": [], "signers": [], "insecure": True, "dependencies": []}}
 
 
 def test_read_only_root_is_left_alone(oci: Oci, tmp_path: Path, subreaper: None) -> None:

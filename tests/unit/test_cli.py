@@ -40,3 +40,22 @@ def test_unknown_pod_exit_7(tmp_path: Path) -> None:
 def test_version(tmp_path: Path) -> None:
     out = kvmrkt(tmp_path, "version").stdout
     assert "kvmrkt version" in out and "accel auto:" in out
+
+
+def test_stage1_choices_come_from_the_backend_registry(tmp_path: Path) -> None:
+    """``--stage1`` offers exactly the registered backends, each importable; a name outside the registry is
+    refused by every command that takes it (``config --stage1`` used to print it as the backend)."""
+    import importlib
+
+    from kvmrkt.cli import cli
+    from kvmrkt.stage1 import BACKEND_NAMES, BACKENDS
+
+    for name in ("run", "prepare", "config"):
+        opt = next(p for p in cli.commands[name].params if p.name == "stage1")
+        assert tuple(opt.type.choices) == BACKEND_NAMES == tuple(BACKENDS)  # type: ignore[attr-defined]
+    for target in BACKENDS.values():
+        module, cls = target.split(":")
+        assert hasattr(importlib.import_module(module), cls)
+    for cmd in (["config", "--stage1", "../../evil"], ["run", "--stage1", "firecracker", "busybox"]):
+        res = kvmrkt(tmp_path, *cmd)
+        assert res.returncode == 2 and "--stage1" in res.stderr and "Traceback" not in res.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmrkt.config import load_config, parse_insecure_options
+from kvmrkt.config import INSECURE_VALUES, load_config, parse_insecure_options
 from kvmrkt.engine import pod_exit_code
 from kvmrkt.errors import ConfigError, ManifestError
 from kvmrkt.manifest import MountPoint
@@ -58,11 +58,30 @@ def test_default_app_names_are_unique_dns_labels() -> None:
 
 
 def test_insecure_options_expand_and_reject_unknown() -> None:
-    assert parse_insecure_options("all-fetch") == {"image", "tls", "http", "pubkey"}
-    assert parse_insecure_options("tpm,selinux") == {"tpm", "selinux"}
+    assert parse_insecure_options("all-fetch") == {"image", "tls", "http"}
+    assert parse_insecure_options("all") == HONOURED
+    assert parse_insecure_options("tpm,seccomp") == {"tpm", "seccomp"}
     assert parse_insecure_options("none") == frozenset()
     with pytest.raises(ConfigError, match="bogus"):
         parse_insecure_options("image,bogus")
+
+
+# Each value and the code that honours it: image (engine._gate, engine.check_trust), tls and http
+# (registry.RegistryClient), capabilities/paths/seccomp (confinement.lift), tpm (engine._measure).
+HONOURED = frozenset({"image", "tls", "http", "capabilities", "paths", "seccomp", "tpm"})
+
+
+@pytest.mark.parametrize("value", sorted(INSECURE_VALUES))
+def test_every_accepted_insecure_option_switches_off_an_honoured_check(value: str) -> None:
+    assert parse_insecure_options(value) <= HONOURED
+
+
+@pytest.mark.parametrize("value", ["pubkey", "ondisk", "selinux", "image,ondisk", "all,selinux"])
+def test_insecure_options_honoured_nowhere_are_refused(value: str) -> None:
+    """A bypass that would be recorded (and measured) but happen nowhere is refused, with the reason."""
+    with pytest.raises(ConfigError, match="is not supported") as err:
+        parse_insecure_options(value)
+    assert err.value.hint and "valid values" in err.value.hint
 
 
 def test_config_file_is_strict(tmp_path: Path) -> None:

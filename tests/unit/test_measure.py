@@ -175,3 +175,24 @@ def test_reference_policy_judges_each_image_by_its_own_signers() -> None:
     launch.problems = []
     evaluate(launch, {"images": [*ref["images"], {"digest": "sha256:b"}]})
     assert launch.problems == []
+
+
+def test_reference_policy_refuses_unjudged_oci_bundles() -> None:
+    """A kvmrkt-oci app names itself (a bundle annotation) as a trusted image: no images rule vouches for it,
+    even one matching its name and a signer; only ``allow_unjudged_bundles`` accepts it."""
+    from kvmrkt.admission import bundle_verdict
+    from measure.attest import Launch, evaluate
+
+    verdict = bundle_verdict("oci-bundle:sha256:c", "demo/app:1")
+    app = {"app": "app", "image": "demo/app:1", "bundle": "/b", "config": "sha256:c", **verdict, "signers": ["FPR"]}
+    ref: dict[str, object] = {"images": [{"name": "demo/app:1", "signer": "FPR"}, {"digest": "oci-bundle:sha256:c"}]}
+    launch = Launch("p")
+    launch.apps = [app]
+    evaluate(launch, ref)
+    assert len(launch.problems) == 1 and "OCI bundle /b" in launch.problems[0]
+    launch.problems = []
+    evaluate(launch, {**ref, "allow_unjudged_bundles": "yes"})  # only true itself
+    assert len(launch.problems) == 1
+    launch.problems = []
+    evaluate(launch, {**ref, "allow_unjudged_bundles": True})
+    assert launch.problems == []
