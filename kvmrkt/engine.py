@@ -37,6 +37,7 @@ from kvmrkt.errors import (
     SELinuxError,
     TpmUnavailableError,
 )
+from kvmrkt.host.wait import wait_until
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.netconf import NetOptions
@@ -80,6 +81,12 @@ def _isolator_limit(img: ImageRecord, name: str, parse: Callable[[str], int]) ->
 def pod_exit_code(codes: dict[str, int]) -> int:
     """One app: its exit code. Several: the first non-zero exit code in app order, else 0."""
     return next((c for c in codes.values() if c != 0), 0)
+
+
+def _fresh_state(pod: Pod) -> str:
+    """The pod's state as on disk now (another process may have moved it)."""
+    pod.refresh()
+    return pod.state()
 
 
 class Engine:
@@ -700,12 +707,8 @@ class Engine:
         """Status of a pod; with ``wait`` (seconds, 0 = forever) wait until it is no longer running."""
         pod = self.find(ref)
         if wait is not None:
-            deadline = time.monotonic() + wait if wait > 0 else float("inf")
-            while True:
-                pod.refresh()
-                if pod.state() not in ("running", "prepared", "preparing", "embryo") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            wait_until(lambda: _fresh_state(pod) not in ("running", "prepared", "preparing", "embryo"),
+                       timeout=wait if wait > 0 else None)
         pod.refresh()
         state = pod.state()
         info: dict[str, Any] = {"uuid": pod.uuid, "state": state}
@@ -769,13 +772,7 @@ class Engine:
     # --- control ------------------------------------------------------------------------------------------
 
     def _wait_exited(self, pod: Pod, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pod.refresh()
-            if pod.state() != "running":
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(lambda: _fresh_state(pod) != "running", timeout=timeout)
 
     def stop(self, ref: str, *, force: bool = False) -> str:
         """Stop a running pod (graceful: SIGTERM, then SIGKILL after the stop timeout; force: kill the VM).
