@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import admission, confinement, images, jsondoc, oci
+from kvmrkt import admission, confinement, images, jsondoc, oci, sigfiles
 from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
@@ -146,13 +146,7 @@ class Engine:
                 named: bool = True) -> Decision:
         from policy import signatures  # gpg and cryptography only when a signature is to be checked
 
-        sigset = signatures.SignatureSet(
-            simple=tuple(files[k] for k in sorted(files) if k.startswith("simple-")),
-            cosign=tuple((files.get(k.removesuffix(".sig") + ".payload", b""), files[k])
-                         for k in sorted(files) if k.startswith("cosign-") and k.endswith(".sig")),
-            detached=((files["detached.asc"], detached_target),) if "detached.asc" in files and detached_target
-            else (),
-        )
+        sigset = sigfiles.signature_set(files, detached_target)
         return (decide if named else decide_unnamed)(self.policy(), subject, lambda req: signatures.verify(req, sigset))
 
     def _gate(self, prov: Provenance, digest: Digest, files: dict[str, bytes]) -> None:
