@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmrkt import sigfiles
 from kvmrkt.decompress import Cursor, open_stream
 from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.layers import LayerLimits
@@ -196,7 +197,7 @@ def import_aci(store: Store, path: Path, *, name: str | None, progress: Progress
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
     signature = Path(f"{path}.asc")
-    files = {"detached.asc": signature.read_bytes()[: 1 << 20]} if signature.is_file() else {}
+    files = {sigfiles.DETACHED: signature.read_bytes()[: 1 << 20]} if signature.is_file() else {}
     named = normalise_name(name) if name else None
     with fh, store.staged_blob(fh, what=f"ACI {path.name}", progress=progress) as original:
         gate(Provenance("appc", named or path.name, content=original.path, named=bool(named)), original.digest,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import admission, confinement, images, jsondoc, oci
+from kvmrkt import admission, confinement, images, jsondoc, oci, sigfiles
 from kvmrkt import jail as jails
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
@@ -37,6 +37,7 @@ from kvmrkt.errors import (
     SELinuxError,
     TpmUnavailableError,
 )
+from kvmrkt.host.wait import wait_until
 from kvmrkt.layers import LayerLimits
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
 from kvmrkt.netconf import NetOptions
@@ -80,6 +81,12 @@ def _isolator_limit(img: ImageRecord, name: str, parse: Callable[[str], int]) ->
 def pod_exit_code(codes: dict[str, int]) -> int:
     """One app: its exit code. Several: the first non-zero exit code in app order, else 0."""
     return next((c for c in codes.values() if c != 0), 0)
+
+
+def _fresh_state(pod: Pod) -> str:
+    """The pod's state as on disk now (another process may have moved it)."""
+    pod.refresh()
+    return pod.state()
 
 
 class Engine:
@@ -139,13 +146,7 @@ class Engine:
                 named: bool = True) -> Decision:
         from policy import signatures  # gpg and cryptography only when a signature is to be checked
 
-        sigset = signatures.SignatureSet(
-            simple=tuple(files[k] for k in sorted(files) if k.startswith("simple-")),
-            cosign=tuple((files.get(k.removesuffix(".sig") + ".payload", b""), files[k])
-                         for k in sorted(files) if k.startswith("cosign-") and k.endswith(".sig")),
-            detached=((files["detached.asc"], detached_target),) if "detached.asc" in files and detached_target
-            else (),
-        )
+        sigset = sigfiles.signature_set(files, detached_target)
         return (decide if named else decide_unnamed)(self.policy(), subject, lambda req: signatures.verify(req, sigset))
 
     def _gate(self, prov: Provenance, digest: Digest, files: dict[str, bytes]) -> None:
@@ -705,12 +706,8 @@ class Engine:
         """Status of a pod; with ``wait`` (seconds, 0 = forever) wait until it is no longer running."""
         pod = self.find(ref)
         if wait is not None:
-            deadline = time.monotonic() + wait if wait > 0 else float("inf")
-            while True:
-                pod.refresh()
-                if pod.state() not in ("running", "prepared", "preparing", "embryo") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            wait_until(lambda: _fresh_state(pod) not in ("running", "prepared", "preparing", "embryo"),
+                       timeout=wait if wait > 0 else None)
         pod.refresh()
         state = pod.state()
         info: dict[str, Any] = {"uuid": pod.uuid, "state": state}
@@ -774,13 +771,7 @@ class Engine:
     # --- control ------------------------------------------------------------------------------------------
 
     def _wait_exited(self, pod: Pod, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pod.refresh()
-            if pod.state() != "running":
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(lambda: _fresh_state(pod) != "running", timeout=timeout)
 
     def stop(self, ref: str, *, force: bool = False) -> str:
         """Stop a running pod (graceful: SIGTERM, then SIGKILL after the stop timeout; force: kill the VM).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmrkt import aci as aci_format
-from kvmrkt import jsondoc, oci
+from kvmrkt import jsondoc, oci, sigfiles
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.store import (
@@ -57,10 +57,10 @@ def local_signatures(path: Path) -> Collector:
         if not sigdir.is_dir():
             return files
         for f in sorted(sigdir.iterdir()):
-            if f.name.startswith("signature-") and f.is_file():
-                files[f"simple-{f.name.removeprefix('signature-')}"] = f.read_bytes()[: 1 << 20]
-            elif f.name.startswith("cosign-") and f.name.endswith(".sig") and f.is_file():
-                payload = f.with_name(f.name.removesuffix(".sig") + ".payload")
+            if f.name.startswith(sigfiles.SOURCE_PREFIX) and f.is_file():
+                files[sigfiles.simple_name(f.name.removeprefix(sigfiles.SOURCE_PREFIX))] = f.read_bytes()[: 1 << 20]
+            elif sigfiles.is_cosign_signature(f.name) and f.is_file():
+                payload = f.with_name(sigfiles.cosign_payload_of(f.name))
                 try:
                     files[f.name] = base64.b64decode(f.read_bytes(), validate=True)
                 except ValueError as exc:

@@ -43,6 +43,7 @@ from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.confinement import Confinement, from_oci, lift
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
+from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.network import Intent
 from kvmrkt.pod import Pod, write_atomic, write_json
@@ -340,7 +341,7 @@ class OciRuntime:
         if term is not None:
             os.close(term)
         pod.unlock()  # the supervisor holds the same lock (flock belongs to the shared open file)
-        deadline = time.monotonic() + self.engine.config.stage1.boot_timeout + 30
+        deadline = Deadline(self.engine.config.stage1.boot_timeout + 30)
         while True:
             done, wstatus = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -353,7 +354,7 @@ class OciRuntime:
             if st.held:
                 os.close(err_r)
                 return pid
-            if time.monotonic() > deadline:
+            if deadline.expired():
                 os.kill(pid, signal.SIGKILL)  # our own child; its QEMU dies with it
                 os.waitpid(pid, 0)
                 os.close(err_r)
@@ -399,9 +400,7 @@ class OciRuntime:
         pod = self._pod(rec)
         assert pod is not None
         agent.request_go(pod.path, SIG_SOCKET)
-        deadline = time.monotonic() + 30
-        while self._status(rec) == "created" and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: self._status(rec) != "created", timeout=30, interval=0.005)
 
     # --- kill / delete -------------------------------------------------------------------------------
 
@@ -444,18 +443,15 @@ class OciRuntime:
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while _proc.pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not _proc.pid_alive(pid), timeout=timeout, interval=0.01)
 
     def _remove_pod(self, pod: Pod, timeout: float = 10) -> None:
         """Remove the pod once its VM is gone (QEMU dies with the supervisor, a moment after it)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def unlocked() -> bool:
             pod.refresh()
-            if not pod.is_locked():
-                break
-            time.sleep(0.01)
+            return not pod.is_locked()
+
+        wait_until(unlocked, timeout=timeout, interval=0.01)
         self.engine.remove(pod.uuid)
 
     # --- exec / ps -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from http.client import HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import jsondoc, oci
+from kvmrkt import jsondoc, oci, sigfiles
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
 from kvmrkt.images import import_oci
@@ -259,11 +259,11 @@ def registry_signatures(client: RegistryClient, config_dir: Path) -> Callable[[D
         files: dict[str, bytes] = {}
         base = lookaside_url(config_dir, client.ref)
         for n in range(1, 65) if base else ():
-            url = f"{str(base).rstrip('/')}/{client.ref.repo}@{digest.algorithm}={digest.hex}/signature-{n}"
+            url = f"{str(base).rstrip('/')}/{client.ref.repo}@{digest.algorithm}={digest.hex}/{sigfiles.source_name(n)}"
             data = _read_url(url)
             if data is None:
                 break
-            files[f"simple-{n}"] = data
+            files[sigfiles.simple_name(n)] = data
         try:
             data, _ = client.manifest(f"{digest.algorithm}-{digest.hex}.sig")
         except ImageNotFoundError:
@@ -278,9 +278,10 @@ def registry_signatures(client: RegistryClient, config_dir: Path) -> Callable[[D
                 payload = fh.read(desc.size + 1)
             if not Digest.of_bytes(payload).matches(desc.digest):
                 raise ImageError(f"{client.ref}: cosign payload does not match its digest {desc.digest}")
-            files[f"cosign-{n}.payload"] = payload
+            payload_name, sig_name = sigfiles.cosign_names(n)
+            files[payload_name] = payload
             try:
-                files[f"cosign-{n}.sig"] = base64.b64decode(sig, validate=True)
+                files[sig_name] = base64.b64decode(sig, validate=True)
             except ValueError as exc:
                 raise ImageError(f"{client.ref}: cosign signature annotation is not base64") from exc
         return files

@@ -1,5 +1,7 @@
-"""Measured launch and attestation (issue [4/7]): TPM extends, the CEL event log, quotes and their verifier.
+"""Measured launch and attestation: TPM extends, the CEL event log, quotes and their verifier.
 
-Role: nothing yet beyond the package; the engine does not import it until measured launch lands, and pods run
-unmeasured (``kvmrkt status`` does not claim otherwise). Trust boundary: will own every TPM interaction.
+Role: ``events`` defines the event types and the append-only log, ``tpm`` extends the TPM in step with it,
+``replay`` recomputes the PCR from a log (pure), ``attest`` makes quotes and verifies evidence offline. The engine
+measures every launch through ``tpm.Measurer`` before any guest code runs. Trust boundary: every TPM interaction
+and every judgement of evidence is made here.
 """

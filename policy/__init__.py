@@ -1,6 +1,7 @@
-"""Trust policy (issue [3/7]) and, later, SELinux labelling (issue [5/7]).
+"""Trust policy and SELinux labelling.
 
-Role: ``model`` loads policy files strictly, ``trust`` decides (pure), ``signatures`` does the cryptography,
-``truststore`` implements ``kvmrkt trust``. Trust boundary: every signature and key decision is made here; the
+Role: ``model`` loads policy files strictly, ``scopes`` names the scopes an image falls under, ``trust`` decides
+(pure), ``signatures`` does the cryptography, ``truststore`` implements ``kvmrkt trust``, ``selinux`` allocates
+and applies the pods' sVirt labels. Trust boundary: every signature and key decision is made here; the
 engine only asks and obeys.
 """

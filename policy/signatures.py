@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gnupg
@@ -23,23 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kvmrkt.errors import PolicyLoadError
+from kvmrkt.sigfiles import SignatureSet
 from policy.model import Policy, Requirement
 from policy.trust import Verified
 
 CLEARTEXT = b"-----BEGIN PGP SIGNED MESSAGE-----"
-
-
-@dataclass(frozen=True, slots=True)
-class SignatureSet:
-    """An image's signatures: simple-signing OpenPGP messages, cosign (payload, DER signature) pairs, and
-    detached OpenPGP signatures over a file (appc)."""
-
-    simple: tuple[bytes, ...] = ()
-    cosign: tuple[tuple[bytes, bytes], ...] = ()
-    detached: tuple[tuple[bytes, Path], ...] = field(default=())
-
-    def __len__(self) -> int:
-        return len(self.simple) + len(self.cosign) + len(self.detached)
 
 
 class _Keyring:

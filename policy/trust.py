@@ -58,7 +58,7 @@ class Decision:
     insecure: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (recorded in the pod, measured by [4/7])."""
+        """JSON form (recorded in the pod and measured)."""
         return {"scope": self.scope, "requirements": list(self.requirements), "signers": list(self.signers),
                 "insecure": self.insecure}
 

@@ -17,13 +17,13 @@ import socket
 import struct
 import termios
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from kvmrkt.errors import AgentError
+from kvmrkt.host.wait import wait_until
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
 from stage1_kvm.vmspec import escape
 
@@ -321,8 +321,5 @@ def request_kill(pod_dir: Path, sig_socket: str, signum: int, *, every_process: 
 
 def wait_for_socket(pod_dir: Path, name: str, timeout: float) -> None:
     """Wait until QEMU has created a socket in the pod directory."""
-    deadline = time.monotonic() + timeout
-    while not (pod_dir / name).exists():
-        if time.monotonic() > deadline:
-            raise AgentError(f"{name} did not appear within {timeout:.0f}s")
-        time.sleep(0.005)
+    if not wait_until((pod_dir / name).exists, timeout=timeout, interval=0.005):
+        raise AgentError(f"{name} did not appear within {timeout:.0f}s")

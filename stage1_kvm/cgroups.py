@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import JailError
+from kvmrkt.host.wait import Deadline
 from kvmrkt.stage1 import JailSpec
 
 CONTROLLERS = ("memory", "cpu", "pids")
@@ -159,7 +160,7 @@ class PodCgroup:
     def remove(self, timeout: float = 2.0) -> bool:
         """Remove the cgroups once their processes are gone (waits up to ``timeout`` for exiting ones); False
         if one is still busy (gc tries again)."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         ok = True
         for d in sorted({d for ctrl, d in self.dirs.items() if ctrl in self.owned}):
             while True:
@@ -169,7 +170,7 @@ class PodCgroup:
                 except FileNotFoundError:
                     break
                 except OSError as exc:
-                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    if exc.errno != errno.EBUSY or deadline.expired():
                         ok = False
                         break
                     time.sleep(0.02)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
+from kvmrkt.host.wait import wait_until
 from kvmrkt.pod import Pod, write_atomic
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
@@ -95,9 +96,7 @@ class _Domain:
                 dom.destroy()
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else 60)
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: self.poll() is not None, timeout=timeout if timeout is not None else 60)
         return self.returncode or 0
 
 

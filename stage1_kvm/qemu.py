@@ -37,6 +37,7 @@ from kvmrkt.errors import (
     Stage1Error,
     VMLaunchError,
 )
+from kvmrkt.host.wait import wait_until
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, JailSpec, RunOptions, RunResult, Stage1
@@ -176,12 +177,11 @@ def _pump_stdin(pod_dir: Path) -> None:
             sock.sendall(data)
         # The guest cannot tell "closed" from "not connected yet" on a port: keep it open until the app has
         # started, so an early EOF (stdin is /dev/null) does not make the guest wait for a connection.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def app_started() -> bool:
             st = agent.read_status(pod_dir / GUEST_STATUS)
-            if st.pids or st.exits or st.fatal:
-                break
-            time.sleep(0.01)
+            return bool(st.pids or st.exits or st.fatal)
+
+        wait_until(app_started, timeout=120, interval=0.01)
     except OSError:
         pass
     finally:

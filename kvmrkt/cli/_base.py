@@ -1,8 +1,9 @@
 """The ``kvmrkt`` command line (stage0's face): shared pieces and the entry point.
 
-Role: thin by design. Every command (one module per command group in this package) builds arguments, calls one
-``Engine`` method and prints; all ``KvmrktError`` failures are caught in ``main`` and become a message on stderr
-and a stable exit code. Trust boundary: operator input; nothing here touches images, pods or processes directly.
+Role: thin by design. Every command (one module per command group in this package) builds arguments, calls
+into the library (mostly the ``Engine``; the OCI runtime, evidence and trust store for theirs) and prints; all
+``KvmrktError`` failures are caught in ``main`` and become a message on stderr and a stable exit code. Trust
+boundary: operator input; nothing here touches images, pods or processes directly.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 
 from kvmrkt import jsondoc
 from kvmrkt.cli._base import FORMATS, _Ctx, _dump, _progress, _when, cli, pass_ctx
+from kvmrkt.errors import EventLogError
 from kvmrkt.pod import write_atomic
 
 
@@ -155,7 +155,8 @@ def attest_log(c: _Ctx, log_file: Path | None, fmt: str) -> None:
     click.echo("history: " + ("proven since the TPM was reset" if info["proven"] else
                               "NOT PROVEN (a verifier will refuse this log)"))
     if info.get("matches") is False or not info["proven"]:
-        sys.exit(5)
+        what = "does not match the TPM" if info.get("matches") is False else "does not prove the PCR's history"
+        raise EventLogError(f"the event log {what}", hint="a verifier will refuse evidence from this log")
 
 
 @cli.group()

@@ -290,11 +290,12 @@ def cat_manifest(c: _Ctx, uuid: str) -> None:
 @pass_ctx
 def version(c: _Ctx) -> None:
     """Print versions and what this host can do."""
+    from kvmrkt.stage1 import BACKENDS
     from stage1_kvm.qemu import describe_accel
 
     accel = describe_accel()
     click.echo(f"kvmrkt version {__version__}")
-    click.echo("stage1 backends: qemu")
+    click.echo("stage1 backends: " + ", ".join(sorted(BACKENDS)))
     why = f" ({accel['kvm_unusable_because']})" if accel["auto"] != "kvm" else ""
     click.echo(f"accel auto: {accel['auto']}{why}")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from kvmrkt.cli._base import FORMATS, _Ctx, _dump, cli, pass_ctx
+from kvmrkt.errors import PolicyLoadError
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -60,8 +60,8 @@ def policy_check(c: _Ctx, path: Path | None) -> None:
     config_dir = (path.parent if path.is_file() else path) if path else c.config_dir
     pol = load_policy(config_dir)
     if pol is None:
-        click.echo(f"{config_dir}: no policy.json: every image is rejected")
-        sys.exit(4)
+        raise PolicyLoadError(f"{config_dir}: no policy.json: every image is rejected",
+                              hint="trust a key with `kvmrkt trust --prefix NAME KEY.asc` (writes policy.json)")
     check_keys(pol)
     click.echo(f"ok: {len(pol.files)} file(s), {len(pol.transports)} scope(s), policy digest {pol.digest}")
     click.echo(f"drop-in rule: {DROPIN_RULE}")

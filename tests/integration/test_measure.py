@@ -172,6 +172,7 @@ def test_a_pcr_extended_outside_kvmrkt_is_tamper_evidence(kvmrkt: Kvmrkt, tmp_pa
     assert not rep.proven and rep.mismatches[0]["after_events"] == 4 and rep.final == pcr_read(swtpm.tcti, 15)
     res = kvmrkt("attest", "log")
     assert res.rc == 5 and "TAMPERED: record 5" in res.out and "NOT PROVEN" in res.out
+    assert "kvmrkt: error: the event log does not prove" in res.err
     evidence, nonce = _quote(kvmrkt, tmp_path, "ev.json")
     rc, doc = _verify(kvmrkt, evidence, nonce, tmp_path / "ak.pem")
     assert rc == 5 and doc["failed_check"] == "history", doc

@@ -40,6 +40,13 @@ def test_unknown_pod_exit_7(tmp_path: Path) -> None:
 def test_version(tmp_path: Path) -> None:
     out = kvmrkt(tmp_path, "version").stdout
     assert "kvmrkt version" in out and "accel auto:" in out
+    assert "stage1 backends: libvirt, qemu\n" in out
+
+
+def test_policy_check_without_policy_json_is_an_error_exit_4(tmp_path: Path) -> None:
+    res = kvmrkt(tmp_path, "policy", "check", str(tmp_path))
+    assert res.returncode == 4 and "Traceback" not in res.stderr
+    assert f"kvmrkt: error: {tmp_path}: no policy.json: every image is rejected" in res.stderr
 
 
 def test_stage1_choices_come_from_the_backend_registry(tmp_path: Path) -> None:
