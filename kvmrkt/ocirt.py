@@ -47,9 +47,7 @@ from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.network import Intent
 from kvmrkt.pod import Pod, write_atomic, write_json
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
-from stage1_kvm import agent
-from stage1_kvm.vmspec import GUEST_STATUS, SIG_SOCKET
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, Stage1
 
 OCI_VERSION = "1.0.2"
 APP = "container"
@@ -262,7 +260,7 @@ class OciRuntime:
         pod = self._pod(rec)
         if pod is None or not _proc.pid_alive(int(rec["pid"])):
             return "stopped"
-        st = agent.read_status(pod.file(GUEST_STATUS))
+        st = self.engine.backend_for(pod).guest_state(pod)
         if APP in st.exits or st.fatal:
             return "stopped"
         if APP in st.pids:
@@ -326,6 +324,7 @@ class OciRuntime:
         new terminal whose master end is sent to that socket (runc's protocol); the guest gives the process a
         terminal of its own and the two are relayed."""
         term = _send_terminal(console_socket) if console_socket is not None else None
+        backend = self.engine.backend_for(pod)
         err_r, err_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -334,8 +333,8 @@ class OciRuntime:
             os.close(err_r)
             if term is not None:
                 _take_terminal(term)
-                signal.signal(signal.SIGWINCH, lambda _s, _f: threading.Thread(target=_relay_size, args=(pod,),
-                                                                               daemon=True).start())
+                signal.signal(signal.SIGWINCH, lambda _s, _f: threading.Thread(
+                    target=_relay_size, args=(pod, backend), daemon=True).start())
             os._exit(self._supervise(pod, bundle, err_w))
         os.close(err_w)
         if term is not None:
@@ -350,8 +349,7 @@ class OciRuntime:
                 self._remove_pod(pod)
                 raise Stage1Error(f"the container's VM did not start: {reason or f'status {wstatus}'}")
             pod.refresh()  # the supervisor moves it to the run phase
-            st = agent.read_status(pod.file(GUEST_STATUS))
-            if st.held:
+            if backend.guest_state(pod).held:
                 os.close(err_r)
                 return pid
             if deadline.expired():
@@ -399,7 +397,7 @@ class OciRuntime:
             raise PodStateError(f"container {cid!r} is {status}, not created", state=status)
         pod = self._pod(rec)
         assert pod is not None
-        agent.request_go(pod.path, SIG_SOCKET)
+        self.engine.backend_for(pod).start_held(pod)
         wait_until(lambda: self._status(rec) != "created", timeout=30, interval=0.005)
 
     # --- kill / delete -------------------------------------------------------------------------------
@@ -416,7 +414,7 @@ class OciRuntime:
             raise PodStateError(f"container {cid!r} is {status}: cannot signal it", state=status)
         pod = self._pod(rec)
         assert pod is not None
-        agent.request_kill(pod.path, SIG_SOCKET, signum, every_process=every_process)
+        self.engine.backend_for(pod).signal(pod, signum, every_process=every_process)
 
     def delete(self, cid: str, *, force: bool = False) -> None:
         """Remove a stopped (or created) container; ``force`` stops a running one first (SIGKILL).
@@ -510,13 +508,13 @@ class OciRuntime:
         return [st["pid"]] if st["pid"] else []
 
 
-def _relay_size(pod: Pod) -> None:
+def _relay_size(pod: Pod, backend: Stage1) -> None:
     """Pass this process's terminal size on to the container's terminal in the guest (from a thread: the
     agent channel's lock may be held by the code the signal interrupted)."""
     with contextlib.suppress(OSError, KvmrktError):
-        rows, cols = agent.terminal_size(0)
+        cols, rows = os.get_terminal_size(0)
         pod.refresh()
-        agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
+        backend.resize(pod, rows, cols)
 
 
 def _take_terminal(term: int) -> None:

@@ -95,7 +95,7 @@ class RunOptions:
     run (facts: backend, accel, kernel/initrd digests, kernel command line); raising there aborts the launch.
     Measured launch hangs off it. ``shared_roots`` (app -> read-only): apps whose ``rootfs`` entry is a host
     directory shared over 9p (an OCI bundle's rootfs) rather than an erofs image. ``hold``: set the apps up
-    but start them only when asked (``stage1_kvm.agent.request_go``), as the OCI runtime's create/start do.
+    but start them only when asked (``Stage1.start_held``), as the OCI runtime's create/start do.
     ``tty`` (with ``interactive``): the first app runs on a terminal in the guest, relayed over its stdin and
     stdout ports. ``jail``: the VMM's identity, size and limits (the backend enforces them; it never runs a VMM
     as root).
@@ -141,6 +141,20 @@ class RunResult:
     integrity_failures: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class GuestState:
+    """What a pod's guest has reported so far (as the backend believes it): ``ready`` (the guest init is up),
+    ``held`` (a held start waits for ``start_held``), ``done`` (every app reported its exit), ``fatal`` (the
+    init failed), and per app its pid (started) and exit code (ended)."""
+
+    ready: bool = False
+    held: bool = False
+    done: bool = False
+    fatal: str | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+
+
 class Stage1(ABC):
     """A VM backend. Every method may be called by a different kvmrkt process than the one that ran the pod."""
 
@@ -180,6 +194,25 @@ class Stage1(ABC):
     @abstractmethod
     def gc(self, pod: Pod) -> None:
         """Clean up what the backend left for an exited pod (idempotent; safe on half-created pods)."""
+
+    # Operations of a running pod (kvmrkt-oci drives containers through these, and nothing else).
+
+    @abstractmethod
+    def guest_state(self, pod: Pod) -> GuestState:
+        """What the guest has reported so far (cheap: called in polling loops)."""
+
+    @abstractmethod
+    def start_held(self, pod: Pod) -> None:
+        """Let a pod run with ``RunOptions.hold`` start its app (the guest reported ``held``)."""
+
+    @abstractmethod
+    def signal(self, pod: Pod, signum: int, *, every_process: bool = False) -> None:
+        """Deliver ``signum`` to the apps of a running pod (``every_process``: to all of their processes); before
+        a held start, ends the pod."""
+
+    @abstractmethod
+    def resize(self, pod: Pod, rows: int, cols: int) -> None:
+        """Set the size of the terminal of a pod run with ``RunOptions.tty``."""
 
 
 def load_backend(name: str, config: RuntimeConfig) -> Stage1:

@@ -40,7 +40,7 @@ from kvmrkt.errors import (
 from kvmrkt.host.wait import wait_until
 from kvmrkt.manifest import PodManifest
 from kvmrkt.pod import Pod
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, JailSpec, RunOptions, RunResult, Stage1
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState, JailSpec, RunOptions, RunResult, Stage1
 from stage1_kvm import agent
 from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
@@ -469,6 +469,20 @@ class QemuStage1(Stage1):
             "integrity_failures": (pod.read_json(INTEGRITY_RECORD, {}) or {}).get("failures", []),
             "jail": jails.PodJail(pod, self.config.data_dir).status(rec.get("accel")),
         }
+
+    def guest_state(self, pod: Pod) -> GuestState:
+        st = agent.read_status(pod.file(GUEST_STATUS))
+        return GuestState(ready=st.ready, held=st.held, done=st.done, fatal=st.fatal, pids=dict(st.pids),
+                          exits=dict(st.exits))
+
+    def start_held(self, pod: Pod) -> None:
+        agent.request_go(pod.path, SIG_SOCKET)
+
+    def signal(self, pod: Pod, signum: int, *, every_process: bool = False) -> None:
+        agent.request_kill(pod.path, SIG_SOCKET, signum, every_process=every_process)
+
+    def resize(self, pod: Pod, rows: int, cols: int) -> None:
+        agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
 
     def gc(self, pod: Pod) -> None:
         self._sigkill(pod)
