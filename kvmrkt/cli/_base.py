@@ -24,7 +24,9 @@ from kvmrkt.errors import KvmrktError
 FORMATS = click.Choice(["text", "json"])
 
 
-class _Ctx:
+class CliContext:
+    """What every command gets (``pass_ctx``): the global flags, and the config and engine built from them."""
+
     def __init__(self, config_dir: Path, data_dir: Path | None, debug: bool, insecure: str) -> None:
         self.config_dir, self.data_dir, self.debug, self.insecure = config_dir, data_dir, debug, insecure
 
@@ -80,7 +82,7 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-pass_ctx = click.make_pass_decorator(_Ctx)
+pass_ctx = click.make_pass_decorator(CliContext)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +97,7 @@ pass_ctx = click.make_pass_decorator(_Ctx)
 @click.pass_context
 def cli(ctx: click.Context, data_dir: Path | None, config_dir: Path, debug: bool, insecure_options: str) -> None:
     """kvmrkt runs every pod in its own virtual machine (rkt's CLI, QEMU microVMs)."""
-    ctx.obj = _Ctx(config_dir, data_dir, debug, insecure_options)
+    ctx.obj = CliContext(config_dir, data_dir, debug, insecure_options)
 
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

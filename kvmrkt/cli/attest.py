@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from kvmrkt import jsondoc
-from kvmrkt.cli._base import FORMATS, _Ctx, _dump, _progress, _when, cli, pass_ctx
+from kvmrkt.cli._base import FORMATS, CliContext, _dump, _progress, _when, cli, pass_ctx
 from kvmrkt.errors import EventLogError
 from kvmrkt.pod import write_atomic
 
@@ -22,7 +22,7 @@ def attest() -> None:
 @attest.command("init")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @pass_ctx
-def attest_init(c: _Ctx, out_dir: Path) -> None:
+def attest_init(c: CliContext, out_dir: Path) -> None:
     """Derive the attestation key (restricted ECDSA P-256 signing key in the endorsement hierarchy; the same
     key every time on this TPM) and write ak.pem and ek.pem for enrolment by the security team."""
     from kvmrkt import evidence
@@ -38,7 +38,7 @@ def attest_init(c: _Ctx, out_dir: Path) -> None:
               help="Also write quote.msg, quote.sig, quote.pcrs and ak.pem for tpm2_checkquote "
                    "(-l sha256:PCR -g sha256 -q NONCE).")
 @pass_ctx
-def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None) -> None:
+def attest_quote(c: CliContext, nonce: str, output: Path, tpm2_tools_dir: Path | None) -> None:
     """Quote the measurement PCR with the AK and write the evidence (quote, PCR value, event log, AK, boot id).
 
     The log is first reconciled with the TPM: a PCR extended by something else is recorded in the log as tamper
@@ -60,8 +60,8 @@ def attest_quote(c: _Ctx, nonce: str, output: Path, tpm2_tools_dir: Path | None)
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("evidence", type=click.Path(path_type=Path, exists=True))
 @pass_ctx
-def attest_verify(c: _Ctx, evidence: Path, ak_pub: Path, nonce: str, reference: Path | None, previous: Path | None,
-                  fmt: str) -> None:
+def attest_verify(c: CliContext, evidence: Path, ak_pub: Path, nonce: str, reference: Path | None,
+                  previous: Path | None, fmt: str) -> None:
     """Verify evidence offline: signature, quote, nonce, PCR digest, TPM clock and counters (with --previous),
     log replay, the PCR's whole history since the TPM was reset (a log that starts elsewhere, belongs to another
     reset cycle or records an extend from outside kvmrkt is refused), then the reference policy, image by image
@@ -131,7 +131,7 @@ def _load_json_file(path: Path) -> Any:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("log_file", required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @pass_ctx
-def attest_log(c: _Ctx, log_file: Path | None, fmt: str) -> None:
+def attest_log(c: CliContext, log_file: Path | None, fmt: str) -> None:
     """Check and print an event log (default: this boot's), and compare its replay with the TPM's PCR and reset
     cycle. Exits 5 when the log does not prove the PCR's history (it records an extend from outside kvmrkt) or
     no longer matches the TPM."""
@@ -169,7 +169,7 @@ def stage1() -> None:
               help="minimal: built from linux-source-6.1 (default); debian-cloud: Debian's packaged cloud kernel.")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache is up to date.")
 @pass_ctx
-def stage1_build(c: _Ctx, kernel: str | None, force: bool) -> None:
+def stage1_build(c: CliContext, kernel: str | None, force: bool) -> None:
     """Build (or reuse) the guest kernel and initramfs, and record their digests."""
     from stage1_kvm.assets import build_assets
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kvmrkt.cli._base import FORMATS, PULL_POLICY, _Ctx, _dump, _duration, _progress, _when, cli, pass_ctx
+from kvmrkt.cli._base import FORMATS, PULL_POLICY, CliContext, _dump, _duration, _progress, _when, cli, pass_ctx
 from kvmrkt.store import ImageRecord
 
 
@@ -16,7 +16,7 @@ from kvmrkt.store import ImageRecord
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("refs", nargs=-1, required=True)
 @pass_ctx
-def fetch(c: _Ctx, refs: tuple[str, ...], pull_policy: str, name: str | None, fmt: str) -> None:
+def fetch(c: CliContext, refs: tuple[str, ...], pull_policy: str, name: str | None, fmt: str) -> None:
     """Fetch images into the store and print their IDs.
 
     REF is docker://HOST[:PORT]/REPO[:TAG|@DIGEST] (also oci://...), or a local source (oci:DIR[:TAG],
@@ -47,7 +47,7 @@ def image() -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("ref", metavar="SOURCE")
 @pass_ctx
-def image_import(c: _Ctx, ref: str, name: str | None, fmt: str) -> None:
+def image_import(c: CliContext, ref: str, name: str | None, fmt: str) -> None:
     """Import an image: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG] (docker save),
     FILE.aci (appc, with FILE.aci.asc kept), or docker://... (same as fetch)."""
     _print_records([c.engine().import_image(ref, name=name, progress=_progress)], fmt)
@@ -57,7 +57,7 @@ def image_import(c: _Ctx, ref: str, name: str | None, fmt: str) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.option("--no-legend", is_flag=True)
 @pass_ctx
-def image_list(c: _Ctx, fmt: str, no_legend: bool) -> None:
+def image_list(c: CliContext, fmt: str, no_legend: bool) -> None:
     """List images."""
     images = c.engine().images()
     if fmt == "json":
@@ -73,7 +73,7 @@ def image_list(c: _Ctx, fmt: str, no_legend: bool) -> None:
 @image.command("rm")
 @click.argument("refs", nargs=-1, required=True)
 @pass_ctx
-def image_rm(c: _Ctx, refs: tuple[str, ...]) -> None:
+def image_rm(c: CliContext, refs: tuple[str, ...]) -> None:
     """Remove images (refused while a pod that is not garbage uses them)."""
     engine = c.engine()
     for ref in refs:
@@ -85,7 +85,7 @@ def image_rm(c: _Ctx, refs: tuple[str, ...]) -> None:
 @click.option("--grace-period", default="24h", show_default=True, help="Remove images unused for this long.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @pass_ctx
-def image_gc(c: _Ctx, grace_period: str, fmt: str) -> None:
+def image_gc(c: CliContext, grace_period: str, fmt: str) -> None:
     """Remove images no pod has used for the grace period, and files no image needs."""
     result = c.engine().image_gc(grace_period=_duration(grace_period))
     if fmt == "json":
@@ -99,7 +99,7 @@ def image_gc(c: _Ctx, grace_period: str, fmt: str) -> None:
 @image.command("inspect")
 @click.argument("ref")
 @pass_ctx
-def image_inspect(c: _Ctx, ref: str) -> None:
+def image_inspect(c: CliContext, ref: str) -> None:
     """Print everything the store knows about an image (JSON)."""
     _dump(c.engine().image(ref).to_dict())
 
@@ -107,7 +107,7 @@ def image_inspect(c: _Ctx, ref: str) -> None:
 @image.command("cat-manifest")
 @click.argument("ref")
 @pass_ctx
-def image_cat_manifest(c: _Ctx, ref: str) -> None:
+def image_cat_manifest(c: CliContext, ref: str) -> None:
     """Print the image's own manifest (OCI manifest, or appc image manifest)."""
     _dump(c.engine().image_manifest(ref))
 
@@ -116,7 +116,7 @@ def image_cat_manifest(c: _Ctx, ref: str) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("refs", nargs=-1, required=True)
 @pass_ctx
-def image_verify(c: _Ctx, refs: tuple[str, ...], fmt: str) -> None:
+def image_verify(c: CliContext, refs: tuple[str, ...], fmt: str) -> None:
     """Re-hash every blob of the images and check their guest rootfs (rebuilt when damaged)."""
     engine = c.engine()
     results = [engine.verify_image(ref) for ref in refs]
@@ -132,7 +132,7 @@ def image_verify(c: _Ctx, refs: tuple[str, ...], fmt: str) -> None:
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
 @pass_ctx
-def image_extract(c: _Ctx, ref: str, dest: Path, rootfs_only: bool) -> None:
+def image_extract(c: CliContext, ref: str, dest: Path, rootfs_only: bool) -> None:
     """Unpack an image, with its dependencies (what a pod sees), into a new directory DIR (DIR/manifest and
     DIR/rootfs, or the root filesystem only)."""
     click.echo(c.engine().extract_image(ref, dest, rootfs_only=rootfs_only, progress=_progress))
@@ -146,7 +146,7 @@ image.add_command(image_extract, name="render")  # appc dependencies are always 
 @click.argument("ref")
 @click.argument("out", type=click.Path(path_type=Path))
 @pass_ctx
-def image_export(c: _Ctx, ref: str, out: Path, overwrite: bool) -> None:
+def image_export(c: CliContext, ref: str, out: Path, overwrite: bool) -> None:
     """Write an image to a file: an ACI for appc images, an oci-archive for OCI images."""
     click.echo(c.engine().export_image(ref, out, overwrite=overwrite))
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 import click
 
 from kvmrkt import __version__, jsondoc
-from kvmrkt.cli._base import _Ctx
+from kvmrkt.cli._base import CliContext
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
@@ -84,7 +84,7 @@ def oci(ctx: click.Context, root: Path, log: Path | None, log_format: str, syste
     ctr:        ctr run --runc-binary /usr/local/bin/kvmrkt-oci IMAGE ID CMD...
     podman:     podman --runtime /usr/local/bin/kvmrkt-oci run ...
     """
-    outer = ctx.find_object(_Ctx)  # as `kvmrkt oci`: kvmrkt's own --config-dir/--dir/--insecure-options apply
+    outer = ctx.find_object(CliContext)  # as `kvmrkt oci`: kvmrkt's own --config-dir/--dir/--insecure-options apply
     if outer is not None:
         default = click.core.ParameterSource.DEFAULT
         if ctx.get_parameter_source("config_dir") == default:

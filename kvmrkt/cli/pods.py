@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from kvmrkt import __version__
-from kvmrkt.cli._base import FORMATS, PULL_POLICY, _Ctx, _dump, _duration, _progress, _when, cli, pass_ctx
+from kvmrkt.cli._base import FORMATS, PULL_POLICY, CliContext, _dump, _duration, _progress, _when, cli, pass_ctx
 from kvmrkt.engine import PodOptions
 from kvmrkt.netconf import NetOptions, parse_dns, parse_nets, parse_port
 from kvmrkt.pod import write_atomic
@@ -99,7 +99,7 @@ kvmrkt's own failures use 2 (usage/config), 3 (image), 7 (pod state) and 8 (VM) 
 @SELINUX
 @click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
 @pass_ctx
-def run(c: _Ctx, /, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
+def run(c: CliContext, /, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
         set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
         pull_policy: str, accel: str | None, interactive: bool, selinux: str | None, **net_flags: Any) -> None:
     """Run a pod: each IMAGE becomes one app, all in one new VM.
@@ -128,7 +128,7 @@ def run(c: _Ctx, /, images_and_flags: tuple[str, ...], volume: tuple[str, ...], 
 @click.option("--quiet", is_flag=True, help="Print only the UUID.")
 @click.argument("images_and_flags", nargs=-1, type=click.UNPROCESSED, metavar="IMAGE [APP FLAGS] [-- ARGS ---] ...")
 @pass_ctx
-def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
+def prepare(c: CliContext, images_and_flags: tuple[str, ...], volume: tuple[str, ...], hostname: str | None,
             set_env: tuple[str, ...], stage1: str | None, pod_manifest: Path | None, uuid_file_save: Path | None,
             pull_policy: str, quiet: bool) -> None:
     """Prepare a pod (resolve images, write the pod) without running it; prints its UUID."""
@@ -147,7 +147,7 @@ def prepare(c: _Ctx, images_and_flags: tuple[str, ...], volume: tuple[str, ...],
 @SELINUX
 @click.argument("uuid")
 @pass_ctx
-def run_prepared(c: _Ctx, /, uuid: str, accel: str | None, interactive: bool, selinux: str | None,
+def run_prepared(c: CliContext, /, uuid: str, accel: str | None, interactive: bool, selinux: str | None,
                  **net_flags: Any) -> None:
     """Run a pod made by `kvmrkt prepare`."""
     net = _net_options(net_flags)
@@ -160,7 +160,7 @@ def run_prepared(c: _Ctx, /, uuid: str, accel: str | None, interactive: bool, se
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.option("--no-legend", is_flag=True, help="Omit the header line.")
 @pass_ctx
-def list_(c: _Ctx, fmt: str, no_legend: bool) -> None:
+def list_(c: CliContext, fmt: str, no_legend: bool) -> None:
     """List pods."""
     pods = c.engine().list_pods()
     if fmt == "json":
@@ -179,7 +179,7 @@ def list_(c: _Ctx, fmt: str, no_legend: bool) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("uuid")
 @pass_ctx
-def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
+def status(c: CliContext, uuid: str, wait: float | None, fmt: str) -> None:
     """Show a pod's state, VM facts and per-app exit codes."""
     info = c.engine().status(uuid, wait=wait)
     if fmt == "json":
@@ -215,7 +215,7 @@ def status(c: _Ctx, uuid: str, wait: float | None, fmt: str) -> None:
 @click.option("--force", is_flag=True, help="Kill the VM instead of asking the apps to stop.")
 @click.argument("uuids", nargs=-1, required=True)
 @pass_ctx
-def stop(c: _Ctx, uuids: tuple[str, ...], force: bool) -> None:
+def stop(c: CliContext, uuids: tuple[str, ...], force: bool) -> None:
     """Stop running pods: SIGTERM to every app, SIGKILL after stage1.stop_timeout, or --force."""
     engine = c.engine()
     for uuid in uuids:
@@ -225,7 +225,7 @@ def stop(c: _Ctx, uuids: tuple[str, ...], force: bool) -> None:
 @cli.command()
 @click.argument("uuids", nargs=-1, required=True)
 @pass_ctx
-def rm(c: _Ctx, uuids: tuple[str, ...]) -> None:
+def rm(c: CliContext, uuids: tuple[str, ...]) -> None:
     """Remove pods that are not running."""
     engine = c.engine()
     for uuid in uuids:
@@ -240,7 +240,7 @@ def rm(c: _Ctx, uuids: tuple[str, ...]) -> None:
 @click.option("--expire-prepared", default="24h", show_default=True, help="Collect prepared pods this old.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @pass_ctx
-def gc(c: _Ctx, grace_period: str, expire_prepared: str, fmt: str) -> None:
+def gc(c: CliContext, grace_period: str, expire_prepared: str, fmt: str) -> None:
     """Garbage-collect exited pods (mark, then delete after the grace period)."""
     result = c.engine().gc(grace_period=_duration(grace_period), expire_prepared=_duration(expire_prepared))
     if fmt == "json":
@@ -259,7 +259,7 @@ def gc(c: _Ctx, grace_period: str, expire_prepared: str, fmt: str) -> None:
 @click.argument("uuid")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def enter(c: _Ctx, uuid: str, app: str | None, interactive: bool, tty: bool, cmd: tuple[str, ...]) -> None:
+def enter(c: CliContext, uuid: str, app: str | None, interactive: bool, tty: bool, cmd: tuple[str, ...]) -> None:
     """Run CMD (default /bin/sh) in an app of a running pod, through the guest agent; exits with its code.
     SIGINT and SIGTERM are passed on to it (with -t, Ctrl-C is typed into its terminal instead)."""
     engine = c.engine()
@@ -281,14 +281,14 @@ def enter(c: _Ctx, uuid: str, app: str | None, interactive: bool, tty: bool, cmd
 @cli.command("cat-manifest")
 @click.argument("uuid")
 @pass_ctx
-def cat_manifest(c: _Ctx, uuid: str) -> None:
+def cat_manifest(c: CliContext, uuid: str) -> None:
     """Print a pod's manifest (JSON)."""
     _dump(c.engine().cat_manifest(uuid))
 
 
 @cli.command()
 @pass_ctx
-def version(c: _Ctx) -> None:
+def version(c: CliContext) -> None:
     """Print versions and what this host can do."""
     from kvmrkt.stage1 import BACKENDS
     from stage1_kvm.qemu import describe_accel
@@ -303,7 +303,7 @@ def version(c: _Ctx) -> None:
 @cli.command()
 @click.option("--stage1", type=click.Choice(BACKEND_NAMES), help="Show the config as if --stage1 were given.")
 @pass_ctx
-def config(c: _Ctx, stage1: str | None) -> None:
+def config(c: CliContext, stage1: str | None) -> None:
     """Print the merged configuration (config.toml plus flags) as JSON."""
     _dump(c.config(backend=stage1).to_dict())
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kvmrkt.cli._base import FORMATS, _Ctx, _dump, cli, pass_ctx
+from kvmrkt.cli._base import FORMATS, CliContext, _dump, cli, pass_ctx
 from kvmrkt.errors import PolicyLoadError
 
 
@@ -15,7 +15,7 @@ from kvmrkt.errors import PolicyLoadError
 @click.option("--root", is_flag=True, help="Trust the key for every image (the policy default).")
 @click.argument("args", nargs=-1, metavar="KEY.asc... | list | rm FINGERPRINT...")
 @pass_ctx
-def trust(c: _Ctx, args: tuple[str, ...], prefix: str | None, root: bool) -> None:
+def trust(c: CliContext, args: tuple[str, ...], prefix: str | None, root: bool) -> None:
     """Trust GPG keys for image name prefixes (rkt's trust store), written as policy drop-ins.
 
     \b
@@ -50,7 +50,7 @@ def policy() -> None:
 @policy.command("check")
 @click.argument("path", required=False, type=click.Path(path_type=Path, exists=True))
 @pass_ctx
-def policy_check(c: _Ctx, path: Path | None) -> None:
+def policy_check(c: CliContext, path: Path | None) -> None:
     """Lint the policy files in PATH (a config directory, or a policy.json in one) and load every key.
 
     Drop-ins only add requirements (each scope is listed with the policy.json scope it must keep)."""
@@ -74,7 +74,7 @@ def policy_check(c: _Ctx, path: Path | None) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.argument("image")
 @pass_ctx
-def policy_explain(c: _Ctx, image: str, fmt: str) -> None:
+def policy_explain(c: CliContext, image: str, fmt: str) -> None:
     """Show which scope and keys apply to a stored image, and the verdict."""
     info = c.engine().explain(image)
     if fmt == "json":
