@@ -141,7 +141,7 @@ class RunResult:
     integrity_failures: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class GuestState:
     """What a pod's guest has reported so far (as the backend believes it): ``ready`` (the guest init is up),
     ``held`` (a held start waits for ``start_held``), ``done`` (every app reported its exit), ``fatal`` (the

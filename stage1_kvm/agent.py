@@ -24,7 +24,7 @@ from typing import IO
 
 from kvmrkt.errors import AgentError
 from kvmrkt.host.wait import wait_until
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions
+from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState
 from stage1_kvm.vmspec import escape
 
 MAX_FRAME = 1 << 20
@@ -52,15 +52,9 @@ def _ishex(b: bytes) -> bool:
 
 
 @dataclass
-class GuestStatus:
-    """What the guest init reported so far."""
+class GuestStatus(GuestState):
+    """What the guest init reported so far: the interface's ``GuestState`` and the apps' ERROR lines."""
 
-    ready: bool = False
-    held: bool = False
-    done: bool = False
-    fatal: str | None = None
-    pids: dict[str, int] = field(default_factory=dict)
-    exits: dict[str, int] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
 
 

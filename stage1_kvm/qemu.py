@@ -471,9 +471,7 @@ class QemuStage1(Stage1):
         }
 
     def guest_state(self, pod: Pod) -> GuestState:
-        st = agent.read_status(pod.file(GUEST_STATUS))
-        return GuestState(ready=st.ready, held=st.held, done=st.done, fatal=st.fatal, pids=dict(st.pids),
-                          exits=dict(st.exits))
+        return agent.read_status(pod.file(GUEST_STATUS))
 
     def start_held(self, pod: Pod) -> None:
         agent.request_go(pod.path, SIG_SOCKET)
