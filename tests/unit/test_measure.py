@@ -196,3 +196,18 @@ def test_reference_policy_refuses_unjudged_oci_bundles() -> None:
     launch.problems = []
     evaluate(launch, {**ref, "allow_unjudged_bundles": True})
     assert launch.problems == []
+
+
+@pytest.mark.parametrize("change", [
+    {"version": 1}, {"pcr": 99}, {"pcr": "15"}, {"pcr": True}, {"quote": None}, {"log": 7}, {"pcr_value": "zz"},
+])
+def test_malformed_evidence_is_a_format_failure(change: dict[str, object]) -> None:
+    """Evidence is attacker-controlled: wrong types or ranges fail the format check, never a traceback."""
+    from kvmrkt.errors import AttestationError
+    from measure.attest import EVIDENCE_VERSION, verify
+
+    evidence = {"version": EVIDENCE_VERSION, "pcr": 15, "quote": "", "signature": "", "pcr_value": "00" * 32,
+                "log": "", **change}
+    with pytest.raises(AttestationError) as exc:
+        verify(evidence, ak_pem=b"", nonce=b"n" * 16, reference=None)
+    assert exc.value.check == "format"
