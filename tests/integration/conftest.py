@@ -88,22 +88,39 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
 
+def _answers(sock_path: str) -> bool:
+    """Whether a daemon listens on a unix socket (the file alone may be left from one that is gone)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(sock_path)
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real libvirtd (and virtlogd) on the system URI: the one running, or one started here and stopped after."""
     uri = "qemu:///system"
-    if Path("/run/libvirt/libvirt-sock").exists():
+    if _answers("/run/libvirt/libvirt-sock"):
         yield uri
         return
+    # (a socket file left by a libvirtd that is gone, as after a session's processes are ended, answers
+    # nothing: libvirtd replaces it when it starts)
     pids = tmp_path_factory.mktemp("libvirtd")
-    subprocess.run(["virtlogd", "-d", "-p", str(pids / "virtlogd.pid")], check=True)
+    started = ["libvirtd"]
+    if not _answers("/run/libvirt/virtlogd-sock"):
+        subprocess.run(["virtlogd", "-d", "-p", str(pids / "virtlogd.pid")], check=True)
+        started.append("virtlogd")
     subprocess.run(["libvirtd", "-d", "-p", str(pids / "libvirtd.pid")], check=True)
     deadline = time.monotonic() + 30
-    while not Path("/run/libvirt/libvirt-sock").exists():
+    while not _answers("/run/libvirt/libvirt-sock"):
         assert time.monotonic() < deadline, "libvirtd did not start"
         time.sleep(0.1)
     yield uri
-    for name in ("libvirtd", "virtlogd"):
+    for name in started:
         pid = int((pids / f"{name}.pid").read_text())
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
