@@ -26,11 +26,11 @@ from pathlib import Path
 
 from benchtpm import swtpm
 
-from kvmrkt import _proc
-from kvmrkt import jail as jails
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine, PodOptions
-from kvmrkt.runargs import AppRequest
+from kvmrkt.host import proc as _proc
+from kvmrkt.pods import jail as jails
+from kvmrkt.pods.runargs import AppRequest
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm import cgroups
 from stage1_kvm import jail as vmm_jail

@@ -3,7 +3,7 @@
 Role: the one place that sequences a command (resolve images -> write the pod directory -> hand it to the
 stage1 backend -> record the outcome), built only on the leaf modules (store, pod, manifest, stage1). No
 daemon: every call rebuilds its view from the data directory. Trust boundary: callers pass operator input
-(parsed by ``kvmrkt.runargs``); images come from the store, which already treated them as hostile.
+(parsed by ``kvmrkt.pods.runargs``); images come from the store, which already treated them as hostile.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import admission, confinement, images, jsondoc, oci, sigfiles
-from kvmrkt import jail as jails
+from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
@@ -38,14 +37,19 @@ from kvmrkt.errors import (
     TpmUnavailableError,
 )
 from kvmrkt.host.wait import wait_until
-from kvmrkt.layers import LayerLimits
-from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
-from kvmrkt.netconf import NetOptions
-from kvmrkt.network import Intent, PodNetworks
-from kvmrkt.pod import Pod, temp_beside
-from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
+from kvmrkt.images import oci
+from kvmrkt.images import sources as images
+from kvmrkt.images.layers import LayerLimits
+from kvmrkt.images.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from kvmrkt.net.netconf import NetOptions
+from kvmrkt.net.network import Intent, PodNetworks
+from kvmrkt.pods import confinement
+from kvmrkt.pods import jail as jails
+from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
+from kvmrkt.pods.pod import Pod, temp_beside
+from kvmrkt.pods.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
-from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from kvmrkt.trust import admission, sigfiles
 from measure.events import launch_events
 from measure.tpm import Measurer
 from policy import selinux
@@ -131,7 +135,7 @@ class Engine:
                 return self.store.get(known) if known else self.store.resolve(name or rref.name)
             if pull_policy == "never":
                 raise ImageNotFoundError(f"{ref} is not in the store and --pull-policy=never forbids fetching it")
-        from kvmrkt import registry  # network code only for network references
+        from kvmrkt.images import registry  # network code only for network references
 
         return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
                               insecure=self.config.insecure_options, name=name, progress=progress, gate=self._gate)
@@ -273,7 +277,7 @@ class Engine:
         """The image's own manifest (OCI manifest or appc image manifest)."""
         record = self.store.resolve(ref)
         if record.kind == "aci":
-            from kvmrkt.aci import MAX_MANIFEST
+            from kvmrkt.images.aci import MAX_MANIFEST
 
             with self.store.open_blob(Digest.parse(record.id)) as reader, tarfile.open(
                 fileobj=reader, mode="r|"  # type: ignore[call-overload]

@@ -17,8 +17,8 @@ from typing import IO, Any, ClassVar
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError
-from kvmrkt.manifest import PodManifest
-from kvmrkt.pod import Pod
+from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.pod import Pod
 
 BACKENDS: dict[str, str] = {
     "qemu": "stage1_kvm.qemu:QemuStage1",
@@ -67,7 +67,7 @@ class NetworkPlan:
 
 @dataclass(frozen=True, slots=True)
 class JailSpec:
-    """The VMM jail stage0 decided for a pod (``kvmrkt.jail``): the backend runs the VMM as ``uid``/``gid``
+    """The VMM jail stage0 decided for a pod (``kvmrkt.pods.jail``): the backend runs the VMM as ``uid``/``gid``
     without capabilities, sized ``memory_mib``/``vcpus``, in a cgroup under ``cgroup_parent`` with these limits
     (``cpu_quota`` in CPUs, None: no quota)."""
 

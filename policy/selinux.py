@@ -1,7 +1,7 @@
 """sVirt-style SELinux labels: a unique MCS category pair per pod, and applying it.
 
 Role: allocate ``s0:cX,cY`` (X<Y, drawn with ``secrets``) unique among live pods across concurrent kvmrkt
-processes (a ``kvmrkt.leases`` table, ``DATA_DIR/selinux/mcs.json``), so pairs come back after gc and after a
+processes (a ``kvmrkt.net.leases`` table, ``DATA_DIR/selinux/mcs.json``), so pairs come back after gc and after a
 crash.
 Types come from the host policy when it defines them (libvirt's ``virtual_domain_context`` and
 ``virtual_image_context``), else the usual svirt defaults, overridable in config. Applying: pod files get the
@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmrkt import leases
 from kvmrkt.errors import SELinuxError
+from kvmrkt.net import leases
 
 SELINUXFS = Path("/sys/fs/selinux")
 DEFAULT_PROCESS = "system_u:system_r:svirt_t"

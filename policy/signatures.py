@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kvmrkt.errors import PolicyLoadError
-from kvmrkt.sigfiles import SignatureSet
+from kvmrkt.trust.sigfiles import SignatureSet
 from policy.model import Policy, Requirement
 from policy.trust import Verified
 

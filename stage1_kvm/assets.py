@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmrkt import _proc
 from kvmrkt.config import Stage1Config
 from kvmrkt.digest import Digest
 from kvmrkt.errors import AssetError
-from kvmrkt.pod import write_json
+from kvmrkt.host import proc as _proc
+from kvmrkt.pods.pod import write_json
 
 HERE = Path(__file__).resolve().parent
 KERNEL_CONFIG = HERE / "kernel.config"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvmrkt.pod import Pod
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm import cgroups, shares
 from stage1_kvm.vmspec import VMSpec

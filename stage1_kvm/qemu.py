@@ -25,7 +25,6 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Protocol
 
-from kvmrkt import _proc
 from kvmrkt.digest import Digest
 from kvmrkt.errors import (
     AccelError,
@@ -37,9 +36,10 @@ from kvmrkt.errors import (
     Stage1Error,
     VMLaunchError,
 )
+from kvmrkt.host import proc as _proc
 from kvmrkt.host.wait import wait_until
-from kvmrkt.manifest import PodManifest
-from kvmrkt.pod import Pod
+from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState, JailSpec, RunOptions, RunResult, Stage1
 from stage1_kvm import agent
 from stage1_kvm import jail as jails

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from kvmrkt.errors import ConfigError
-from kvmrkt.netconf import USER_NET, USER_PREFIX
+from kvmrkt.net.netconf import USER_NET, USER_PREFIX
 from stage1_kvm.vmspec import VMSpec
 
 

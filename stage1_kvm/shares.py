@@ -4,7 +4,7 @@ roots), as POSIX ACL entries on the shared directory itself, revoked when the po
 Role: the VMM runs as the pod's own uid and exports shares with ``security_model=mapped-xattr``, so nothing the
 guest writes becomes a privileged file on the host; to reach a share at all, that uid gets ``rwx`` (``r-x`` for a
 read-only share) on the share's top directory, and nothing else. Several pods can share one directory: a table
-under ``DATA_DIR/jail`` (a ``kvmrkt.leases`` table) keeps the directory's original ACL and every pod's grant, so
+under ``DATA_DIR/jail`` (a ``kvmrkt.net.leases`` table) keeps the directory's original ACL and every pod's grant, so
 the ACL written is always "the original plus the grants of the pods still holding it", and the original comes
 back byte for byte when the last one lets go (its mode too: an ACL's mask shows as the group bits while pods run).
 Grants of pods that no longer exist are dropped the next time the table is touched, so a crash leaks nothing
@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import leases
 from kvmrkt.errors import JailError
+from kvmrkt.net import leases
 
 XATTR = "system.posix_acl_access"
 VERSION = 2

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmrkt.config import Stage1Config
-from kvmrkt.confinement import guest_config
-from kvmrkt.manifest import PodManifest
+from kvmrkt.pods.confinement import guest_config
+from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.stage1 import JailSpec, NetworkPlan, Nic
 
 # Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs

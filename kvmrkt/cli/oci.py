@@ -1,9 +1,9 @@
 """``kvmrkt-oci`` (also ``kvmrkt oci``): the OCI runtime command line as runc defines it, for containerd's runc
 shim (``BinaryName``), ``ctr run --runc-binary`` and ``podman --runtime``.
 
-Role: parse runc's flags, call ``kvmrkt.ocirt``, print. Errors go to stderr and, with ``--log``, to that file
+Role: parse runc's flags, call ``kvmrkt.ocirt.runtime``, print. Errors go to stderr and, with ``--log``, to that file
 as JSON lines (``--log-format json``) that the shim shows to the user; the exit code is 1, as runc's.
-Trust boundary: the caller is the container engine (root); see ``kvmrkt.ocirt``.
+Trust boundary: the caller is the container engine (root); see ``kvmrkt.ocirt.runtime``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kvmrkt.cli._base import CliContext
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
-from kvmrkt.ocirt import OCI_VERSION, OciRuntime, features, parse_signal
+from kvmrkt.ocirt.runtime import OCI_VERSION, OciRuntime, features, parse_signal
 from kvmrkt.stage1 import EnterOptions
 
 DEFAULT_ROOT = Path("/run/kvmrkt-oci")

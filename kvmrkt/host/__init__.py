@@ -1,5 +1,6 @@
-"""The host side of stage0's effects: the one home for processes, atomic files and waiting.
+"""The host side of stage0's effects: the one home for processes (``proc``), atomic files (``files``), waiting
+(``wait``) and the syscall table (``syscalls``).
 
-Role: small helpers every module needs around the host (only waiting lives here so far; processes and atomic
-files will move in). Trust boundary: none of its own; the callers decide what they wait for and what it means.
+Role: small helpers every module needs around the host. Trust boundary: none of its own; the callers decide what
+they run, write and wait for, and what it means.
 """

@@ -161,7 +161,7 @@ def _store_files(k: Kvmrkt) -> list[str]:
 
 def _scratch_left(k: Kvmrkt) -> list[Path]:
     """Work entries of this store: in its tmp, and its unpack directories in the memory scratch."""
-    from kvmrkt.store import Store, memory_scratch
+    from kvmrkt.images.store import Store, memory_scratch
 
     return [*(k.data / "cas" / "tmp").iterdir(), *memory_scratch().glob(f"{Store(k.data).unpack_prefix}*")]
 
@@ -297,7 +297,7 @@ def test_image_gc_survives_planted_and_deep_scratch(kvmrkt: Kvmrkt) -> None:
 
 
 def test_planted_memory_scratch_is_not_used(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
-    from kvmrkt.store import memory_scratch
+    from kvmrkt.images.store import memory_scratch
 
     base = memory_scratch()
     aside = base.with_name(f"{base.name}.aside-{os.getpid()}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmrkt.admission import bundle_verdict
+from kvmrkt.trust.admission import bundle_verdict
 from policy.trust import NOT_JUDGED_SCOPE, Decision
 
 JUDGED_KEYS = {"image", "identity", "dependencies", *Decision("s", ()).to_dict()}
@@ -33,8 +33,8 @@ def test_a_dependency_loop_or_too_many_dependencies_is_refused() -> None:
     of ACIs must not walk forever or without bound."""
     import pytest
 
-    from kvmrkt.admission import MAX_DEPENDENCIES, dependencies
     from kvmrkt.errors import ImageError
+    from kvmrkt.trust.admission import MAX_DEPENDENCIES, dependencies
 
     store = _Store({"app": ("a",), "a": ("b", "base"), "b": ("base",), "base": ()})
     assert [d.id for d in dependencies(store, store.get("app"))] == ["a", "b", "base"]  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ import pytest
 from kvmrkt.config import INSECURE_VALUES, load_config, parse_insecure_options
 from kvmrkt.engine import pod_exit_code
 from kvmrkt.errors import ConfigError, ManifestError
-from kvmrkt.manifest import MountPoint
-from kvmrkt.runargs import default_app_name, parse_apps, parse_cpu, parse_memory, parse_volume
+from kvmrkt.pods.manifest import MountPoint
+from kvmrkt.pods.runargs import default_app_name, parse_apps, parse_cpu, parse_memory, parse_volume
 
 
 def test_apps_split_on_images_and_triple_dash() -> None:

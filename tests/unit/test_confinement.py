@@ -8,10 +8,10 @@ import struct
 
 import pytest
 
-from kvmrkt import confinement as c
 from kvmrkt.errors import ManifestError
-from kvmrkt.runargs import parse_apps
-from kvmrkt.syscalls import SYSCALLS_X86_64
+from kvmrkt.host.syscalls import SYSCALLS_X86_64
+from kvmrkt.pods import confinement as c
+from kvmrkt.pods.runargs import parse_apps
 
 
 def test_defaults_are_the_oci_set_rkt_blacklist_and_runc_paths() -> None:

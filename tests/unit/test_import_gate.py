@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvmrkt import aci, images, registry, store
+from kvmrkt.images import aci, registry, store
+from kvmrkt.images import sources as images
 
 IMPORTERS: list[Callable[..., Any]] = [
     images.import_oci, images.import_layout, images.import_oci_archive, images.import_docker_archive,

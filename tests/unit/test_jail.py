@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmrkt import jail
 from kvmrkt.config import JailConfig, PodsConfig, Stage1Config, parse_uid_range
 from kvmrkt.errors import ConfigError, JailError, LimitError
-from kvmrkt.manifest import AppSpec, PodManifest
+from kvmrkt.pods import jail
+from kvmrkt.pods.manifest import AppSpec, PodManifest
 from kvmrkt.stage1 import JailSpec, NetworkPlan, Nic
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails
@@ -117,7 +117,7 @@ def test_cgroup_hierarchies_and_limits() -> None:
 
 
 def _spec(accel: str = "tcg", network: NetworkPlan | None = None):  # type: ignore[no-untyped-def]
-    from kvmrkt.manifest import MountPoint, Volume
+    from kvmrkt.pods.manifest import MountPoint, Volume
 
     m = PodManifest(uuid=UUID, apps=(app(mounts=(MountPoint("v", "/v"),)),),
                     volumes=(Volume("v", "host", "/srv/data", read_only=False),), hostname="h")

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmrkt import confinement, jsondoc, netconf, oci, ocirt, registry
+from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, EventLogError, KvmrktError, ManifestError, PolicyLoadError
+from kvmrkt.images import oci, registry
+from kvmrkt.net import netconf
+from kvmrkt.ocirt import runtime as ocirt
+from kvmrkt.pods import confinement
 from measure import events
 from policy import model, trust
 

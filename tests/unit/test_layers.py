@@ -1,4 +1,4 @@
-"""Tests for kvmrkt.layers: layer tars are built in memory and applied to a scratch root (needs root)."""
+"""Tests for kvmrkt.images.layers: layer tars are built in memory and applied to a scratch root (needs root)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from kvmrkt.errors import LayerError
-from kvmrkt.layers import LayerApplier, LayerLimits
+from kvmrkt.images.layers import LayerApplier, LayerLimits
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="applying layers (chown, setuid) needs root")
 

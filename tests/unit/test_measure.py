@@ -180,7 +180,7 @@ def test_reference_policy_judges_each_image_by_its_own_signers() -> None:
 def test_reference_policy_refuses_unjudged_oci_bundles() -> None:
     """A kvmrkt-oci app names itself (a bundle annotation) as a trusted image: no images rule vouches for it,
     even one matching its name and a signer; only ``allow_unjudged_bundles`` accepts it."""
-    from kvmrkt.admission import bundle_verdict
+    from kvmrkt.trust.admission import bundle_verdict
     from measure.attest import Launch, evaluate
 
     verdict = bundle_verdict("oci-bundle:sha256:c", "demo/app:1")

@@ -11,8 +11,7 @@ import pytest
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.errors import ConfigError, NetworkError
-from kvmrkt.manifest import AppSpec, PodManifest
-from kvmrkt.netconf import (
+from kvmrkt.net.netconf import (
     NetRequest,
     PortForward,
     PortRequest,
@@ -27,7 +26,8 @@ from kvmrkt.netconf import (
     result_dns,
     result_ips,
 )
-from kvmrkt.network import _parse_json_stream, guest_mac, routes_for_guest
+from kvmrkt.net.network import _parse_json_stream, guest_mac, routes_for_guest
+from kvmrkt.pods.manifest import AppSpec, PodManifest
 from kvmrkt.stage1 import NetworkPlan, Nic
 from stage1_kvm.domain_xml import build_domain_xml
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
@@ -207,7 +207,7 @@ def test_names_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
     """Python's `$` matches before a final newline; every name check anchors with \\Z instead."""
     from kvmrkt.digest import Digest
     from kvmrkt.errors import ManifestError
-    from kvmrkt.manifest import check_name
+    from kvmrkt.pods.manifest import check_name
 
     with pytest.raises(ManifestError):
         Digest.parse("sha256:" + "a" * 64 + "\n")

@@ -12,8 +12,8 @@ import pytest
 
 from kvmrkt.config import JailConfig, PodsConfig, Stage1Config
 from kvmrkt.errors import ConfigError, ManifestError
-from kvmrkt.jail import jail_spec
-from kvmrkt.ocirt import APP, features, load_bundle, manifest_for, parse_signal
+from kvmrkt.ocirt.runtime import APP, features, load_bundle, manifest_for, parse_signal
+from kvmrkt.pods.jail import jail_spec
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
 
 from .test_vm import argv_of

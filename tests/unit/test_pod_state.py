@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvmrkt.errors import ManifestError, PodNotFoundError, PodStateError
-from kvmrkt.manifest import AppSpec, PodManifest
-from kvmrkt.pod import Pod
+from kvmrkt.pods.manifest import AppSpec, PodManifest
+from kvmrkt.pods.pod import Pod
 
 
 def test_lifecycle_states(tmp_path: Path) -> None:

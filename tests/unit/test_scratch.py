@@ -1,4 +1,4 @@
-"""Tests for kvmrkt.scratch: iterative removal of deep trees, locked entries, and the sweep of dead ones."""
+"""Tests for kvmrkt.images.scratch: iterative removal of deep trees, locked entries, and the sweep of dead ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvmrkt.errors import ImageError
-from kvmrkt.scratch import create, remove_path, sweep
+from kvmrkt.images.scratch import create, remove_path, sweep
 
 
 def _chain(root: Path, depth: int) -> None:

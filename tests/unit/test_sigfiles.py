@@ -1,11 +1,11 @@
-"""kvmrkt.sigfiles: the names of stored signature files and their mapping to a SignatureSet."""
+"""kvmrkt.trust.sigfiles: the names of stored signature files and their mapping to a SignatureSet."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kvmrkt import sigfiles
-from kvmrkt.sigfiles import SignatureSet, signature_set
+from kvmrkt.trust import sigfiles
+from kvmrkt.trust.sigfiles import SignatureSet, signature_set
 
 
 def test_names_round_trip() -> None:

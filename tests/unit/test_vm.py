@@ -8,7 +8,7 @@ import pytest
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.errors import ConfigError
-from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm.agent import parse_status, printable_stream, unescape
 from stage1_kvm.assets import cpio_archive

@@ -6,13 +6,13 @@ Role: the only module that writes image files. Layout under ``DATA_DIR/cas``::
     rootfs/<hex>.erofs     guest root filesystems built from an image's layers, named by their own digest
     index.db               SQLite: images (records, names, last use) and remote references
     tmp/                   work area (0700): partial downloads, unpacked trees; never visible as an image
-                           (each entry locked by its maker, see ``kvmrkt.scratch``; gc removes dead ones at once)
+                           (each entry locked by its maker, see ``kvmrkt.images.scratch``; gc removes dead ones at once)
     lock                   flock held by writers
 
 Every write lands in ``tmp`` and is renamed into place, so an interrupted import or fetch leaves no half image,
 and what completed (whole blobs) is reused by a rerun. Trust boundary: images are hostile input. Blobs are
 hashed while written and again whenever they are read (a blob whose bytes no longer match its digest is an
-error and is deleted, never used); layers are applied by ``kvmrkt.layers`` inside a root-only directory; the
+error and is deleted, never used); layers are applied by ``kvmrkt.images.layers`` inside a root-only directory; the
 erofs image is rebuilt from verified layers when missing or corrupt, and must come out byte-identical.
 """
 
@@ -32,10 +32,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from kvmrkt import _proc, scratch
 from kvmrkt.digest import Digest
 from kvmrkt.errors import DigestMismatchError, ImageError, ImageNotFoundError
-from kvmrkt.layers import LayerApplier, LayerLimits
+from kvmrkt.host import proc as _proc
+from kvmrkt.images import scratch
+from kvmrkt.images.layers import LayerApplier, LayerLimits
 
 
 class Readable(Protocol):
@@ -263,7 +264,7 @@ LEGACY_SCRATCH_PREFIX = "kvmrkt-unpack-"  # world-creatable names of older versi
 
 def memory_scratch() -> Path:
     """kvmrkt's own 0700 directory in memory (``/dev/shm`` is world-writable: this uid's directory in it is
-    created and checked by ``kvmrkt.scratch``, never used when someone else made it)."""
+    created and checked by ``kvmrkt.images.scratch``, never used when someone else made it)."""
     return SHM / f"kvmrkt-{os.geteuid()}"
 
 

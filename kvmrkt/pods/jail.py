@@ -1,6 +1,6 @@
 """What stage0 decides about a pod's VMM jail: its host identity, its size and its resource limits.
 
-Role: lease every pod its own unprivileged host uid/gid from ``[jail] uid_range`` (a ``kvmrkt.leases`` table
+Role: lease every pod its own unprivileged host uid/gid from ``[jail] uid_range`` (a ``kvmrkt.net.leases`` table
 rebuilt from live pods, searched cyclically so a freed uid is reused as late as possible), refuse a range that a
 host account, group or subordinate-id range (``/etc/subuid``) already uses, size the VM from its apps (rkt's rule)
 and refuse a pod that asks for more than the operator's ``[pods]`` caps, and derive the cgroup limits the backend
@@ -20,11 +20,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import leases
 from kvmrkt.config import JailConfig, PodsConfig, RuntimeConfig, Stage1Config, parse_uid_range
 from kvmrkt.errors import ConfigError, JailError, LimitError
-from kvmrkt.manifest import PodManifest
-from kvmrkt.pod import Pod
+from kvmrkt.net import leases
+from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import JailSpec
 
 ID_FILES = (Path("/etc/passwd"), Path("/etc/group"), Path("/etc/subuid"), Path("/etc/subgid"))

@@ -6,7 +6,7 @@ app (exec, user, group, environment, working directory, ports, mount points, iso
 resolves dependencies from the store. A detached ``FILE.aci.asc`` signature is kept beside the blob for the
 trust policy. Trust boundary: ACIs are hostile: the file is judged by the trust policy before any of it is
 decompressed, the manifest is parsed strictly with a size limit, decompression is bounded by the image limits
-(ratio and bytes), and rootfs members are applied by ``kvmrkt.layers`` like any layer.
+(ratio and bytes), and rootfs members are applied by ``kvmrkt.images.layers`` like any layer.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import sigfiles
-from kvmrkt.decompress import Cursor, open_stream
 from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
-from kvmrkt.layers import LayerLimits
-from kvmrkt.oci import load_json
-from kvmrkt.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from kvmrkt.images.decompress import Cursor, open_stream
+from kvmrkt.images.layers import LayerLimits
+from kvmrkt.images.oci import load_json
+from kvmrkt.images.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from kvmrkt.trust import sigfiles
 
 AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")
 MAX_MANIFEST = 1 << 20

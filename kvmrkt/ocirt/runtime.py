@@ -13,7 +13,7 @@ is where image signatures are checked; kvmrkt records the app as not judged (``a
 measures ``config.json``'s digest, the bundle path, the image name from the annotations and the VM assets.
 ``config.json`` is parsed strictly (an error names the field); the process's confinement (capabilities,
 noNewPrivileges, rlimits, seccomp, maskedPaths, readonlyPaths) is applied to the container inside the guest
-(``kvmrkt.confinement``); Linux namespace and cgroup settings describe a container on the host and are ignored
+(``kvmrkt.pods.confinement``); Linux namespace and cgroup settings describe a container on the host and are ignored
 (each container has a VM, and the VM's jail has the limits).
 """
 
@@ -37,17 +37,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import _proc, jsondoc
-from kvmrkt.admission import bundle_verdict
-from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
-from kvmrkt.confinement import Confinement, from_oci, lift
+from kvmrkt import jsondoc
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
+from kvmrkt.host import proc as _proc
 from kvmrkt.host.wait import Deadline, wait_until
-from kvmrkt.manifest import AppSpec, MountPoint, PodManifest, Volume
-from kvmrkt.network import Intent
-from kvmrkt.pod import Pod, write_atomic, write_json
+from kvmrkt.net.network import Intent
+from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
+from kvmrkt.pods.confinement import Confinement, from_oci, lift
+from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.pods.pod import Pod, write_atomic, write_json
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, Stage1
+from kvmrkt.trust.admission import bundle_verdict
 
 OCI_VERSION = "1.0.2"
 APP = "container"

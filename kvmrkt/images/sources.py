@@ -4,8 +4,8 @@ Role: parse an image reference (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, `
 ``FILE.aci``, ``docker://`` / ``oci://`` registry references) and import it through the store: every blob is
 copied in by ``Store.put_blob`` (hashed, size-bounded), then ``Store.add_image`` builds the guest rootfs.
 Trust boundary: all input here is hostile (archives, layouts, registry responses, ACI manifests); documents
-are parsed by ``kvmrkt.oci``/``kvmrkt.aci`` with size limits, archive members are only ever looked up by the
-exact names the format defines, never extracted by the names they carry.
+are parsed by ``kvmrkt.images.oci``/``kvmrkt.images.aci`` with size limits, archive members are only ever looked
+up by the exact names the format defines, never extracted by the names they carry.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from kvmrkt import aci as aci_format
-from kvmrkt import jsondoc, oci, sigfiles
+from kvmrkt import jsondoc
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
-from kvmrkt.store import (
+from kvmrkt.images import aci as aci_format
+from kvmrkt.images import oci
+from kvmrkt.images.store import (
     UNSAFE_ACCEPT_ANYTHING,
     Gate,
     ImageRecord,
@@ -35,6 +36,7 @@ from kvmrkt.store import (
     no_progress,
     normalise_name,
 )
+from kvmrkt.trust import sigfiles
 
 BlobOpener = Callable[[oci.Descriptor], contextlib.AbstractContextManager[IO[bytes]]]
 Collector = Callable[[Digest], dict[str, bytes]]

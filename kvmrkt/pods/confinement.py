@@ -24,7 +24,7 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ManifestError
-from kvmrkt.syscalls import SYSCALLS_X86_64
+from kvmrkt.host.syscalls import SYSCALLS_X86_64
 
 CAPABILITIES = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",

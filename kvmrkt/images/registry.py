@@ -26,11 +26,13 @@ from http.client import HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
-from kvmrkt import jsondoc, oci, sigfiles
+from kvmrkt import jsondoc
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
-from kvmrkt.images import import_oci
-from kvmrkt.store import Gate, ImageRecord, Progress, Store, no_progress
+from kvmrkt.images import oci
+from kvmrkt.images.sources import import_oci
+from kvmrkt.images.store import Gate, ImageRecord, Progress, Store, no_progress
+from kvmrkt.trust import sigfiles
 
 ACCEPT = ", ".join([*oci.MANIFEST_TYPES, *oci.INDEX_TYPES])
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')

@@ -4,7 +4,7 @@ teardown (CNI DEL, namespace removal) that also works after ``kvmrkt run`` was S
 
 Role: the only module that creates or removes host network state. What it creates is recorded in the pod
 directory (``net.json``) *before* it is created, so gc can always undo it. Trust boundary: CNI configs come
-from ``net.d`` (config management) and were validated by ``kvmrkt.netconf``; plugins are host programs run
+from ``net.d`` (config management) and were validated by ``kvmrkt.net.netconf``; plugins are host programs run
 as root with that config; their JSON output is parsed defensively. The guest never influences any of this:
 the VM's QEMU runs inside the pod namespace, so it sees only the pod's own interfaces.
 """
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmrkt import _proc, jsondoc
+from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import CommandError, ConfigError, NetworkError
-from kvmrkt.manifest import PodManifest
-from kvmrkt.netconf import (
+from kvmrkt.host import proc as _proc
+from kvmrkt.net.netconf import (
     ANY_V4,
     NONE,
     USER,
@@ -46,7 +46,8 @@ from kvmrkt.netconf import (
     result_ips,
     supports_prev_result,
 )
-from kvmrkt.pod import Pod
+from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import NetworkPlan, Nic
 
 NETNS_DIR = Path("/run/netns")

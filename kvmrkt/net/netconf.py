@@ -1,7 +1,7 @@
 """Pure parts of pod networking: ``--net``/``--port``/``--dns*``/``--hosts-entry`` parsing, CNI network
 config loading, CNI result reading, and the files (resolv.conf, hosts, hostname) every app gets.
 
-Role: turn flags and ``net.d`` files into validated values; no processes, no namespaces (``kvmrkt.network``
+Role: turn flags and ``net.d`` files into validated values; no processes, no namespaces (``kvmrkt.net.network``
 does that). Trust boundary: flags come from the operator and ``net.d`` from config management; both are
 validated strictly here, with errors naming the flag or file. CNI plugin output is parsed defensively (it is
 a host program's output, but malformed output must give an error, not a crash).
@@ -18,7 +18,7 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, NetworkError
-from kvmrkt.manifest import DNS_NAME_RE
+from kvmrkt.pods.manifest import DNS_NAME_RE
 
 NONE = "none"
 USER = "user"
@@ -320,7 +320,7 @@ def load_networks(config_dir: Path) -> dict[str, NetworkConfig]:
             raise ConfigError(f"network {net.name!r} is defined twice: {out[net.name].source} and {path}")
         out[net.name] = net
     if DEFAULT not in out:
-        shipped = resources.files("kvmrkt").joinpath("net.d/99-default.conflist")
+        shipped = resources.files("kvmrkt.net").joinpath("net.d/99-default.conflist")
         out[DEFAULT] = _load_one(Path(str(shipped)), shipped.read_text())
     return out
 

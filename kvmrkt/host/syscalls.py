@@ -1,6 +1,6 @@
 """The x86_64 system call table (names -> numbers) of Linux 6.1, the guest kernels' version.
 
-Role: data for the seccomp filters kvmrkt compiles for guest apps (``kvmrkt.confinement``); generated from
+Role: data for the seccomp filters kvmrkt compiles for guest apps (``kvmrkt.pods.confinement``); generated from
 Debian 12's ``asm/unistd_64.h`` (linux-libc-dev 6.1). Trust boundary: none (constant data).
 """
 

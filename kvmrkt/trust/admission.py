@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmrkt.errors import ImageError, PolicyDeniedError
-from kvmrkt.manifest import PodManifest
-from kvmrkt.store import ImageRecord, Store
+from kvmrkt.images.store import ImageRecord, Store
+from kvmrkt.pods.manifest import PodManifest
 from policy.trust import NOT_JUDGED, Decision
 
 MAX_DEPENDENCIES = 64  # images in one app's dependency closure (rkt has no limit; a loop or a bomb needs one)

@@ -11,9 +11,9 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from kvmrkt.confinement import Request, check_caps, parse_seccomp_flag
 from kvmrkt.errors import ConfigError
-from kvmrkt.manifest import MountPoint, Volume, check_name
+from kvmrkt.pods.confinement import Request, check_caps, parse_seccomp_flag
+from kvmrkt.pods.manifest import MountPoint, Volume, check_name
 
 APP_FLAGS = ("--exec", "--set-env", "--environment", "--working-dir", "--user", "--group", "--name", "--memory",
              "--cpu", "--mount", "--caps-retain", "--caps-remove", "--seccomp")  # fmt: skip

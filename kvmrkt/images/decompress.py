@@ -3,7 +3,7 @@
 Role: detect the compression of a stream by its magic bytes (gzip, bzip2, xz; zstd is refused; anything else is
 read as it is), count the compressed bytes consumed and the bytes produced, and refuse a stream longer than its
 declared size or one that expands more than ``max_ratio`` times (after a 1 MiB grace). ``Meter`` is what the
-callers that write decompressed data (``kvmrkt.layers``) also charge their writes to, so sparse members and
+callers that write decompressed data (``kvmrkt.images.layers``) also charge their writes to, so sparse members and
 other ways to write more than was read count against the same ratio.
 
 Trust boundary: the bytes are hostile; every limit is checked as the bytes flow, before they are used.

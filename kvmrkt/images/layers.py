@@ -27,9 +27,9 @@ import typing
 import zlib
 from dataclasses import dataclass
 
-from kvmrkt.decompress import Cursor, Meter, open_stream
 from kvmrkt.errors import LayerError
-from kvmrkt.scratch import remove_tree
+from kvmrkt.images.decompress import Cursor, Meter, open_stream
+from kvmrkt.images.scratch import remove_tree
 
 _CHUNK = 1024 * 1024
 _WHITEOUT = ".wh."

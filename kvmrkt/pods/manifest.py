@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmrkt.confinement import DEFAULT as DEFAULT_CONFINEMENT
-from kvmrkt.confinement import Confinement
 from kvmrkt.errors import ManifestError
+from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
+from kvmrkt.pods.confinement import Confinement
 
 POD_MANIFEST_KIND = "kvmrkt.pod/v1"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import PodError, PodNotFoundError, PodStateError
-from kvmrkt.scratch import remove_path
+from kvmrkt.images.scratch import remove_path
 
 PHASES = ("embryo", "prepare", "prepared", "run", "exited-garbage", "garbage")
 _STATES = {
