@@ -36,6 +36,7 @@ from kvmrkt.errors import (
     SELinuxError,
     TpmUnavailableError,
 )
+from kvmrkt.host.files import temp_beside
 from kvmrkt.host.wait import wait_until
 from kvmrkt.images import oci
 from kvmrkt.images import sources as images
@@ -46,7 +47,7 @@ from kvmrkt.net.network import Intent, PodNetworks
 from kvmrkt.pods import confinement
 from kvmrkt.pods import jail as jails
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env
-from kvmrkt.pods.pod import Pod, temp_beside
+from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
 from kvmrkt.trust import admission, sigfiles

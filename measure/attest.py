@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import AttestationError, EventLogError, MeasurementError
-from kvmrkt.pods.pod import write_atomic
+from kvmrkt.host.files import write_atomic
 from measure.events import RESET_VALUE, TpmClock, boot_id, parse_log
 from measure.replay import Replay, replay
 from measure.tpm import _pytss, esapi

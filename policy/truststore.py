@@ -20,7 +20,7 @@ from typing import Any
 import gnupg
 
 from kvmrkt.errors import PolicyError, PolicyLoadError
-from kvmrkt.pods.pod import write_atomic
+from kvmrkt.host.files import write_atomic
 from policy.model import DROPIN_DIR, POLICY_FILE, TRANSPORTS, load_policy
 
 KEYS_DIR = "keys"

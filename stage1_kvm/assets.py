@@ -30,7 +30,7 @@ from kvmrkt.config import Stage1Config
 from kvmrkt.digest import Digest
 from kvmrkt.errors import AssetError
 from kvmrkt.host import proc as _proc
-from kvmrkt.pods.pod import write_json
+from kvmrkt.host.files import write_json
 
 HERE = Path(__file__).resolve().parent
 KERNEL_CONFIG = HERE / "kernel.config"

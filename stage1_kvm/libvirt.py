@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
+from kvmrkt.host.files import write_atomic
 from kvmrkt.host.wait import wait_until
-from kvmrkt.pods.pod import Pod, write_atomic
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails

@@ -11,7 +11,7 @@ import click
 from kvmrkt import jsondoc
 from kvmrkt.cli._base import FORMATS, CliContext, _dump, _progress, _when, cli, pass_ctx
 from kvmrkt.errors import EventLogError
-from kvmrkt.pods.pod import write_atomic
+from kvmrkt.host.files import write_atomic
 
 
 @cli.group()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kvmrkt.pods.pod import write_json
+from kvmrkt.host.files import write_json
 
 # Keys of the table that are not pod leases (allocator bookkeeping, e.g. where a cyclic search resumes).
 META_PREFIX = "@"

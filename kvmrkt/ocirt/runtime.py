@@ -41,12 +41,13 @@ from kvmrkt import jsondoc
 from kvmrkt.engine import Engine, pod_exit_code
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.files import write_atomic, write_json
 from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.net.network import Intent
 from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.pods.confinement import Confinement, from_oci, lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
-from kvmrkt.pods.pod import Pod, write_atomic, write_json
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, Stage1
 from kvmrkt.trust.admission import bundle_verdict
 

@@ -22,61 +22,49 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kvmrkt.errors import PodError, PodNotFoundError, PodStateError
+from kvmrkt.host.files import write_json
 from kvmrkt.images.scratch import remove_path
 
-PHASES = ("embryo", "prepare", "prepared", "run", "exited-garbage", "garbage")
+
+class Phase(StrEnum):
+    """The phase directory a pod lives in (``DATA_DIR/pods/<phase>/<uuid>``); with the lock, its state."""
+
+    EMBRYO = "embryo"
+    PREPARE = "prepare"
+    PREPARED = "prepared"
+    RUN = "run"
+    EXITED_GARBAGE = "exited-garbage"
+    GARBAGE = "garbage"
+
+
+PHASES = tuple(Phase)
 _STATES = {
-    "embryo": ("embryo", "embryo"),
-    "prepare": ("preparing", "aborted prepare"),
-    "prepared": ("prepared", "prepared"),
-    "run": ("running", "exited"),
-    "exited-garbage": ("deleting", "exited garbage"),
-    "garbage": ("deleting", "garbage"),
+    Phase.EMBRYO: ("embryo", "embryo"),
+    Phase.PREPARE: ("preparing", "aborted prepare"),
+    Phase.PREPARED: ("prepared", "prepared"),
+    Phase.RUN: ("running", "exited"),
+    Phase.EXITED_GARBAGE: ("deleting", "exited garbage"),
+    Phase.GARBAGE: ("deleting", "garbage"),
 }
-
-
-def temp_beside(path: Path, mode: int = 0o600) -> tuple[int, Path]:
-    """A new, empty temp file in ``path``'s directory, created exclusively under a random name (a file or
-    symlink planted there by another user is never opened), for a later ``os.replace(tmp, path)``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, mode)
-    return fd, Path(name)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file so readers see the old or the new content, never a torn one (temp, fsync, rename). The
-    rename replaces whatever is at ``path``, a symlink included, and never writes through it: this is how
-    kvmrkt writes files at paths users give it (--uuid-file-save, pid files, evidence)."""
-    fd, tmp = temp_beside(path, mode)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+# The only moves there are (as rkt's pods.go allows them): forward through the lifecycle, or to garbage from a
+# pod that never ran. Anything else is a bug in the caller, refused before the rename.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.EMBRYO: frozenset({Phase.PREPARE, Phase.GARBAGE}),
+    Phase.PREPARE: frozenset({Phase.PREPARED, Phase.GARBAGE}),
+    Phase.PREPARED: frozenset({Phase.RUN, Phase.GARBAGE}),
+    Phase.RUN: frozenset({Phase.EXITED_GARBAGE}),
+    Phase.EXITED_GARBAGE: frozenset(),
+    Phase.GARBAGE: frozenset(),
+}
 
 
 @dataclass
@@ -85,7 +73,7 @@ class Pod:
 
     uuid: str
     data_dir: Path
-    phase: str
+    phase: Phase
     _lock_fd: int | None = None
 
     @property
@@ -100,7 +88,7 @@ class Pod:
         """Make a new embryo pod directory with a fresh UUID, locked by this process."""
         for phase in PHASES:
             (data_dir / "pods" / phase).mkdir(parents=True, exist_ok=True, mode=0o700)
-        pod = cls(str(uuidlib.uuid4()), data_dir, "embryo")
+        pod = cls(str(uuidlib.uuid4()), data_dir, Phase.EMBRYO)
         pod.path.mkdir(mode=0o700)
         pod.lock()
         return pod
@@ -122,7 +110,7 @@ class Pod:
     @classmethod
     def live_uuids(cls, data_dir: Path) -> list[str]:
         """The pods that still hold leases (MCS pairs, jail uids, share grants): every pod not yet garbage."""
-        return [p.uuid for p in cls.all(data_dir) if p.phase not in ("exited-garbage", "garbage")]
+        return [p.uuid for p in cls.all(data_dir) if p.phase not in (Phase.EXITED_GARBAGE, Phase.GARBAGE)]
 
     @classmethod
     def find(cls, data_dir: Path, ref: str) -> Pod:
@@ -204,12 +192,21 @@ class Pod:
         locked_name, unlocked_name = _STATES[self.phase]
         return locked_name if self.is_locked() else unlocked_name
 
-    def move(self, phase: str) -> None:
-        """Move the directory to another phase with rename(2) (the lock, on the inode, stays)."""
-        target = self.data_dir / "pods" / phase / self.uuid
+    def move(self, phase: Phase | str) -> None:
+        """Move the directory to another phase with rename(2) (the lock, on the inode, stays).
+
+        Raises:
+            PodStateError: this object does not hold the pod's lock, or the lifecycle has no such move.
+        """
+        to = Phase(phase)
+        if self._lock_fd is None:
+            raise PodStateError(f"pod {self.uuid}: moving it to {to} needs its lock", state=self.state())
+        if to not in TRANSITIONS[self.phase]:
+            raise PodStateError(f"pod {self.uuid} cannot move from {self.phase} to {to}", state=self.state())
+        target = self.data_dir / "pods" / to / self.uuid
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.rename(self.path, target)
-        self.phase = phase
+        self.phase = to
 
     def require(self, *states: str) -> None:
         """Raise PodStateError unless the pod is in one of ``states``."""

@@ -9,7 +9,7 @@ import pytest
 
 from kvmrkt.errors import ManifestError, PodNotFoundError, PodStateError
 from kvmrkt.pods.manifest import AppSpec, PodManifest
-from kvmrkt.pods.pod import Pod
+from kvmrkt.pods.pod import Phase, Pod
 
 
 def test_lifecycle_states(tmp_path: Path) -> None:
@@ -27,8 +27,37 @@ def test_lifecycle_states(tmp_path: Path) -> None:
     other.lock()
     assert pod.state() == "running"
     other.unlock()
+    pod.lock()
     pod.move("exited-garbage")
+    assert pod.state() == "deleting"
+    pod.unlock()
     assert pod.state() == "exited garbage"
+
+
+@pytest.mark.parametrize(("path", "bad"), [
+    ((), Phase.RUN),  # an embryo never runs without being prepared
+    ((Phase.PREPARE,), Phase.RUN),
+    ((Phase.PREPARE, Phase.PREPARED, Phase.RUN), Phase.GARBAGE),  # a pod that ran is exited garbage
+    ((Phase.PREPARE, Phase.PREPARED, Phase.RUN), Phase.PREPARED),  # no way back
+    ((Phase.GARBAGE,), Phase.PREPARE),
+])
+def test_the_lifecycle_refuses_moves_it_does_not_have(tmp_path: Path, path: tuple[Phase, ...], bad: Phase) -> None:
+    pod = Pod.create(tmp_path)
+    for phase in path:
+        pod.move(phase)
+    before = pod.path
+    with pytest.raises(PodStateError, match="cannot move"):
+        pod.move(bad)
+    assert pod.path == before and before.is_dir()
+
+
+def test_only_the_lock_holder_moves_a_pod(tmp_path: Path) -> None:
+    pod = Pod.create(tmp_path)
+    pod.unlock()
+    other = Pod.find(tmp_path, pod.uuid)
+    with pytest.raises(PodStateError, match="needs its lock"):
+        other.move(Phase.PREPARE)
+    assert other.phase == Phase.EMBRYO and (tmp_path / "pods" / "embryo" / pod.uuid).is_dir()
 
 
 def test_aborted_prepare_is_visible(tmp_path: Path) -> None:
