@@ -27,9 +27,10 @@ from pathlib import Path
 from benchtpm import swtpm
 
 from kvmrkt.config import Stage1Config, load_config
-from kvmrkt.engine import Engine, PodOptions
+from kvmrkt.engine import Engine
 from kvmrkt.host import proc as _proc
 from kvmrkt.pods import jail as jails
+from kvmrkt.pods.prepare import PodOptions
 from kvmrkt.pods.runargs import AppRequest
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm import cgroups

@@ -13,10 +13,10 @@ import click
 
 from kvmrkt import __version__
 from kvmrkt.cli._base import FORMATS, PULL_POLICY, CliContext, _dump, _duration, _progress, _when, cli, pass_ctx
-from kvmrkt.engine import PodOptions
 from kvmrkt.host.files import write_atomic
 from kvmrkt.images.store import no_progress
 from kvmrkt.net.netconf import NetOptions, parse_dns, parse_nets, parse_port
+from kvmrkt.pods.prepare import PodOptions
 from kvmrkt.pods.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume
 from kvmrkt.stage1 import BACKEND_NAMES
 

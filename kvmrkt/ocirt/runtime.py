@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt import jsondoc
-from kvmrkt.engine import Engine, pod_exit_code
+from kvmrkt.engine import Engine
 from kvmrkt.errors import ConfigError, KvmrktError, ManifestError, PodStateError, Stage1Error
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.files import write_atomic, write_json
@@ -46,8 +46,10 @@ from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.net.network import Intent
 from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.pods.confinement import Confinement, from_oci, lift
+from kvmrkt.pods.launch import LaunchRequest, pod_exit_code
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.pods.pod import Pod
+from kvmrkt.pods.records import TRUST
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, Stage1
 from kvmrkt.trust.admission import bundle_verdict
 
@@ -373,13 +375,11 @@ class OciRuntime:
                          **{k: verdict[k] for k in ("scope", "signers", "insecure", "dependencies")}}]
             # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
-            result = self.engine.boot(
-                pod, manifest, backend, trust=pod.read_json("trust.json") or {}, intent=intent,
-                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, measured_apps=measured,
-                rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly}, interactive=True, hold=True,
-                tty=bundle.terminal,
-                accel=self.engine.config.stage1.accel,
-            )  # fmt: skip
+            request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
+                                    interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
+                                    accel=self.engine.config.stage1.accel)
+            result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
+                                      intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
             return pod_exit_code(result.exit_codes) if result.exit_codes else 137
         except BaseException as exc:  # the parent reports it; nothing else can
             msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"

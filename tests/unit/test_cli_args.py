@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvmrkt.config import INSECURE_VALUES, load_config, parse_insecure_options
-from kvmrkt.engine import pod_exit_code
 from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.pods.launch import pod_exit_code
 from kvmrkt.pods.manifest import MountPoint
 from kvmrkt.pods.runargs import default_app_name, parse_apps, parse_cpu, parse_memory, parse_volume
 
