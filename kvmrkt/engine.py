@@ -15,8 +15,9 @@ from typing import IO, Any
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.images.layers import LayerLimits
+from kvmrkt.images.records import ImageRecord, Progress, no_progress
 from kvmrkt.images.service import ImageService
-from kvmrkt.images.store import ImageRecord, Progress, Store, no_progress
+from kvmrkt.images.store import Store
 from kvmrkt.net.netconf import NetOptions
 from kvmrkt.net.network import Intent, PodNetworks
 from kvmrkt.pods import records

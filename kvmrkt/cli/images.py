@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kvmrkt.cli._base import FORMATS, PULL_POLICY, CliContext, _dump, _duration, _progress, _when, cli, pass_ctx
-from kvmrkt.images.store import ImageRecord
+from kvmrkt.images.records import ImageRecord
 
 
 @cli.command()

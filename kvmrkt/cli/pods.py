@@ -14,7 +14,7 @@ import click
 from kvmrkt import __version__
 from kvmrkt.cli._base import FORMATS, PULL_POLICY, CliContext, _dump, _duration, _progress, _when, cli, pass_ctx
 from kvmrkt.host.files import write_atomic
-from kvmrkt.images.store import no_progress
+from kvmrkt.images.records import no_progress
 from kvmrkt.net.netconf import NetOptions, parse_dns, parse_nets, parse_port
 from kvmrkt.pods.prepare import PodOptions
 from kvmrkt.pods.runargs import APP_FLAGS_HELP, parse_apps, parse_env, parse_volume

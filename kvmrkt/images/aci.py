@@ -28,7 +28,8 @@ from kvmrkt.errors import ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.images.decompress import Cursor, open_stream
 from kvmrkt.images.layers import LayerLimits
 from kvmrkt.images.oci import load_json
-from kvmrkt.images.store import Gate, ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
+from kvmrkt.images.records import Gate, ImageRecord, Progress, Provenance, no_progress, normalise_name
+from kvmrkt.images.store import Store
 from kvmrkt.trust import sigfiles
 
 AC_NAME = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")

@@ -20,7 +20,8 @@ from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError
 from kvmrkt.host.files import temp_beside
 from kvmrkt.images import oci
-from kvmrkt.images.store import ImageRecord, Progress, Store, no_progress
+from kvmrkt.images.records import ImageRecord, Progress, no_progress
+from kvmrkt.images.store import Store
 
 
 def image_manifest(store: Store, record: ImageRecord) -> dict[str, Any]:

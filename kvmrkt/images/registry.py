@@ -30,8 +30,9 @@ from kvmrkt import jsondoc
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError
 from kvmrkt.images import oci
+from kvmrkt.images.records import Gate, ImageRecord, Progress, no_progress
 from kvmrkt.images.sources import import_oci
-from kvmrkt.images.store import Gate, ImageRecord, Progress, Store, no_progress
+from kvmrkt.images.store import Store
 from kvmrkt.trust import sigfiles
 
 ACCEPT = ", ".join([*oci.MANIFEST_TYPES, *oci.INDEX_TYPES])

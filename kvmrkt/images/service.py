@@ -18,7 +18,8 @@ from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import ImageError, ImageNotFoundError
 from kvmrkt.images import export, oci, sources
-from kvmrkt.images.store import ImageRecord, Progress, Store, no_progress, normalise_name
+from kvmrkt.images.records import ImageRecord, Progress, no_progress, normalise_name
+from kvmrkt.images.store import Store
 from kvmrkt.trust.gate import TrustGate
 
 

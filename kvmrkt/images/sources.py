@@ -26,16 +26,16 @@ from kvmrkt.digest import Digest
 from kvmrkt.errors import ConfigError, ImageError, ImageNotFoundError, ManifestError
 from kvmrkt.images import aci as aci_format
 from kvmrkt.images import oci
-from kvmrkt.images.store import (
+from kvmrkt.images.records import (
     UNSAFE_ACCEPT_ANYTHING,
     Gate,
     ImageRecord,
     Progress,
     Provenance,
-    Store,
     no_progress,
     normalise_name,
 )
+from kvmrkt.images.store import Store
 from kvmrkt.trust import sigfiles
 
 BlobOpener = Callable[[oci.Descriptor], contextlib.AbstractContextManager[IO[bytes]]]

@@ -18,7 +18,8 @@ from typing import IO, Any
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, IntegrityError, KvmrktError, PodStateError
-from kvmrkt.images.store import Progress, Store, no_progress
+from kvmrkt.images.records import Progress, no_progress
+from kvmrkt.images.store import Store
 from kvmrkt.net.netconf import NetOptions
 from kvmrkt.net.network import Intent, PodNetworks
 from kvmrkt.pods import confinement, labels

@@ -19,8 +19,8 @@ from typing import Any
 from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, ImageError, KvmrktError, ManifestError
+from kvmrkt.images.records import ImageRecord, Progress, no_progress
 from kvmrkt.images.service import ImageService
-from kvmrkt.images.store import ImageRecord, Progress, no_progress
 from kvmrkt.pods import confinement, labels
 from kvmrkt.pods import jail as jails
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume, check_env

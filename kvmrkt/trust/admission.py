@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmrkt.errors import ImageError, PolicyDeniedError
-from kvmrkt.images.store import ImageRecord, Store
+from kvmrkt.images.records import ImageRecord
+from kvmrkt.images.store import Store
 from kvmrkt.pods.manifest import PodManifest
 from policy.trust import NOT_JUDGED, Decision
 

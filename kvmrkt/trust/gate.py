@@ -16,7 +16,8 @@ from typing import Any
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.digest import Digest
 from kvmrkt.errors import KvmrktError, PolicyDeniedError
-from kvmrkt.images.store import ImageRecord, Provenance, Store
+from kvmrkt.images.records import ImageRecord, Provenance
+from kvmrkt.images.store import Store
 from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.trust import admission, sigfiles
 from policy.model import Policy, load_policy

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kvmrkt.images import aci, registry, store
+from kvmrkt.images import aci, records, registry, store
 from kvmrkt.images import sources as images
 
 IMPORTERS: list[Callable[..., Any]] = [
@@ -31,4 +31,4 @@ def test_import_local_without_gate_is_refused_before_reading(tmp_path: Any) -> N
 
 def test_accept_all_gate_is_named_unsafe() -> None:
     assert not hasattr(store, "open_gate")
-    assert store.UNSAFE_ACCEPT_ANYTHING.__doc__ and "UNSAFE" in store.UNSAFE_ACCEPT_ANYTHING.__doc__
+    assert records.UNSAFE_ACCEPT_ANYTHING.__doc__ and "UNSAFE" in records.UNSAFE_ACCEPT_ANYTHING.__doc__
