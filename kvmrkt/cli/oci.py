@@ -22,7 +22,8 @@ from kvmrkt.cli._base import CliContext
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
-from kvmrkt.ocirt.runtime import OCI_VERSION, OciRuntime, features, parse_signal
+from kvmrkt.ocirt.bundle import OCI_VERSION, parse_signal
+from kvmrkt.ocirt.runtime import OciRuntime, features
 from kvmrkt.stage1 import EnterOptions
 
 DEFAULT_ROOT = Path("/run/kvmrkt-oci")

@@ -12,7 +12,8 @@ import pytest
 
 from kvmrkt.config import JailConfig, PodsConfig, Stage1Config
 from kvmrkt.errors import ConfigError, ManifestError
-from kvmrkt.ocirt.runtime import APP, features, load_bundle, manifest_for, parse_signal
+from kvmrkt.ocirt.bundle import APP, load_bundle, manifest_for, parse_signal
+from kvmrkt.ocirt.runtime import features
 from kvmrkt.pods.jail import jail_spec
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
 

@@ -1,0 +1,199 @@
+"""OCI bundles: ``config.json`` parsed strictly into what kvmrkt runs, and the one-app pod manifest it becomes.
+
+Role: read and validate a bundle (an error names the field), map its mounts and process to a kvmrkt app (the
+process's confinement through ``kvmrkt.pods.confinement``), parse signal names as runc does. Trust boundary: the
+bundle comes from the container engine and is hostile input: bounded JSON, every field type-checked, and the
+mounts the guest provides itself are not taken from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmrkt import jsondoc
+from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
+from kvmrkt.pods.confinement import Confinement, from_oci, lift
+from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
+
+OCI_VERSION = "1.0.2"
+APP = "container"
+STATE_DIR = "kvmrkt-oci"
+# Mounts the guest init gives every app itself (proc, sysfs, devtmpfs, devpts, shm); cgroup and mqueue have no
+# use in a one-container VM.
+GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
+# Annotations that name the image (CRI, then the OCI image spec's).
+IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What kvmrkt uses of an OCI bundle's ``config.json``."""
+
+    path: Path
+    config_digest: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    uid: int
+    gid: int
+    gids: tuple[int, ...]
+    terminal: bool
+    rootfs: Path
+    readonly: bool
+    hostname: str
+    volumes: tuple[Volume, ...] = ()
+    mounts: tuple[MountPoint, ...] = ()
+    memory_mib: int | None = None
+    cpus: int | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+    netns: str = ""  # a network namespace to join (linux.namespaces network path)
+    confinement: Confinement = DEFAULT_CONFINEMENT
+
+    @property
+    def image_name(self) -> str:
+        return next((self.annotations[k] for k in IMAGE_ANNOTATIONS if self.annotations.get(k)), "oci-bundle")
+
+    @property
+    def image_id(self) -> str:
+        """The app's image id in the pod manifest (a bundle is no stored image: named by its config's digest)."""
+        return f"oci-bundle:{self.config_digest}"
+
+
+def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    value = doc.get(key, default)
+    if value is None and default is None and kind is not type(None):
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ManifestError(f"config.json: {where}{key} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read and check ``BUNDLE/config.json``.
+
+    Raises:
+        ManifestError: unreadable or malformed config, or a field kvmrkt cannot honour (named).
+    """
+    try:
+        raw = (path / "config.json").read_bytes()
+        doc = jsondoc.loads(raw)
+    except FileNotFoundError:
+        raise ManifestError(f"{path} is not an OCI bundle: it has no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("config.json must be a JSON object")
+    version = _get(doc, "ociVersion", str, "", "")
+    if not version.startswith("1."):
+        raise ManifestError(f"config.json: ociVersion {version!r} is not supported (1.x)")
+    proc = _get(doc, "process", dict, "", {})
+    args = _get(proc, "args", list, "process.", [])
+    if not args or not all(isinstance(a, str) for a in args):
+        raise ManifestError("config.json: process.args must be a non-empty list of strings")
+    env: list[tuple[str, str]] = []
+    for item in _get(proc, "env", list, "process.", []):
+        if not isinstance(item, str) or "=" not in item:
+            raise ManifestError(f"config.json: process.env entry {str(item)[:60]!r} is not KEY=VALUE")
+        key, _, value = item.partition("=")
+        env.append((key, value))
+    cwd = _get(proc, "cwd", str, "process.", "/")
+    user = _get(proc, "user", dict, "process.", {})
+    uid, gid = _get(user, "uid", int, "process.user.", 0), _get(user, "gid", int, "process.user.", 0)
+    gids = _get(user, "additionalGids", list, "process.user.", [])
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gids) or uid < 0 or gid < 0:
+        raise ManifestError("config.json: process.user ids must be non-negative integers")
+    root = _get(doc, "root", dict, "", {})
+    rootfs = Path(_get(root, "path", str, "root.", "rootfs"))
+    rootfs = rootfs if rootfs.is_absolute() else path / rootfs
+    if not rootfs.is_dir():
+        raise ManifestError(f"config.json: root.path {rootfs} is not a directory")
+    volumes, mounts, ignored = _mounts(_get(doc, "mounts", list, "", []))
+    linux = _get(doc, "linux", dict, "", {})
+    res = _get(linux, "resources", dict, "linux.", {})
+    memory = _get(res, "memory", dict, "linux.resources.", {})
+    limit = _get(memory, "limit", int, "linux.resources.memory.", None)
+    cpu = _get(res, "cpu", dict, "linux.resources.", {})
+    quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
+    netns = ""
+    for ns in _get(linux, "namespaces", list, "linux.", []):
+        if isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str):
+            netns = ns["path"]
+    annotations = _get(doc, "annotations", dict, "", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        raise ManifestError("config.json: annotations must map strings to strings")
+    return Bundle(
+        path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
+        cwd=cwd, uid=uid, gid=gid, gids=tuple(gids), terminal=bool(_get(proc, "terminal", bool, "process.", False)),
+        rootfs=rootfs, readonly=bool(_get(root, "readonly", bool, "root.", False)),
+        hostname=_get(doc, "hostname", str, "", ""), volumes=volumes, mounts=mounts,
+        memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
+        cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
+        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()),
+        # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
+        netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
+    )  # fmt: skip
+
+
+def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:
+    """OCI mounts as pod volumes: tmpfs -> an empty (guest memory) volume; a bind mount of a host directory
+    -> a host volume shared over 9p; the guest's own API filesystems are provided anyway. Anything else
+    (bind-mounted files, other filesystem types) cannot reach a VM this way and is listed as ignored."""
+    volumes: list[Volume] = []
+    mounts: list[MountPoint] = []
+    ignored: list[str] = []
+    for i, m in enumerate(entries):
+        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise ManifestError(f"config.json: mounts[{i}] needs a destination")
+        dest, kind, source = m["destination"], str(m.get("type", "")), str(m.get("source", ""))
+        options = [str(o) for o in m.get("options", []) or []]
+        if not dest.startswith("/"):
+            raise ManifestError(f"config.json: mounts[{i}].destination {dest!r} must be absolute")
+        if dest in GUEST_MOUNTS:
+            continue
+        name = f"m{i}"
+        if kind == "tmpfs":
+            volumes.append(Volume(name, "empty"))
+        elif (kind == "bind" or "bind" in options or "rbind" in options) and Path(source).is_dir():
+            volumes.append(Volume(name, "host", source, read_only="ro" in options))
+        else:
+            ignored.append(f"{dest} ({kind or 'bind'} of {source or 'nothing'})")
+            continue
+        mounts.append(MountPoint(name, dest))
+    return tuple(volumes), tuple(mounts), tuple(ignored)
+
+
+def manifest_for(bundle: Bundle, uuid: str, container_id: str, insecure: frozenset[str] = frozenset()) -> PodManifest:
+    """The one-app pod manifest of a bundle (its annotations record the container and the bundle), its
+    confinement lifted by ``insecure`` (``--insecure-options``)."""
+    app = AppSpec(
+        name=APP, image_id=bundle.image_id, image_name=bundle.image_name, rootfs_digest="",
+        exec=bundle.args, env=bundle.env, working_dir=bundle.cwd, user=str(bundle.uid), group=str(bundle.gid),
+        uid=bundle.uid, gid=bundle.gid, supplementary_gids=bundle.gids, memory_mib=bundle.memory_mib,
+        cpus=bundle.cpus, mounts=bundle.mounts, confinement=lift(bundle.confinement, insecure),
+    )  # fmt: skip
+    return PodManifest(uuid=uuid, apps=(app,), volumes=bundle.volumes, hostname=bundle.hostname,
+                       annotations=(("kvmrkt.oci/id", container_id), ("kvmrkt.oci/bundle", str(bundle.path)),
+                                    ("kvmrkt.oci/config-digest", bundle.config_digest)))
+
+
+def parse_signal(text: str) -> int:
+    """``9``, ``KILL`` or ``SIGKILL``.
+
+    Raises:
+        ConfigError: not a signal.
+    """
+    name = text.upper().removeprefix("SIG")
+    if text.isdigit() and 0 < int(text) < 65:
+        return int(text)
+    try:
+        return int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        raise ConfigError(f"unknown signal {text!r}") from None
