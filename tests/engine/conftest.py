@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 import threading
 import time
@@ -47,6 +48,7 @@ def make_layout(root: Path, content: bytes) -> Path:
         for name, data, mode in (("bin/", b"", 0o755), ("bin/app", content, 0o755)):
             info = tarfile.TarInfo(name.rstrip("/"))
             info.mode, info.size = mode, len(data)
+            info.uid, info.gid = os.getuid(), os.getgid()  # unpacking keeps owners: without root, only our own
             info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
             tar.addfile(info, io.BytesIO(data) if data else None)
     layer = _blob(layout, gzip.compress(raw.getvalue(), mtime=0))
