@@ -23,9 +23,10 @@ import pytest
 
 from kvmrkt import stage1
 from kvmrkt.config import RuntimeConfig, load_config
-from kvmrkt.engine import Engine, PodOptions
-from kvmrkt.pod import Pod
-from kvmrkt.runargs import AppRequest
+from kvmrkt.engine import Engine
+from kvmrkt.pods.pod import Pod
+from kvmrkt.pods.prepare import PodOptions
+from kvmrkt.pods.runargs import AppRequest
 from tests.engine import fake_stage1
 
 ACCEPT = {"default": [{"type": "insecureAcceptAnything"}]}

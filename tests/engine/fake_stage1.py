@@ -27,11 +27,11 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import AgentError, ConfigError, PodStateError, VMLaunchError
-from kvmrkt.pod import Pod
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState, RunOptions, RunResult, Stage1
 
 if TYPE_CHECKING:  # annotations only: the engine hands the backend a validated manifest
-    from kvmrkt.manifest import PodManifest
+    from kvmrkt.pods.manifest import PodManifest
 
 NAME = "fake"
 TARGET = "tests.engine.fake_stage1:FakeStage1"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmrkt.pod import Pod
+from kvmrkt.pods.pod import Pod
 from tests.engine.conftest import Env
 
 HOUR = 3600.0

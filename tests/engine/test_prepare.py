@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvmrkt.errors import ImageNotFoundError, PolicyDeniedError
-from kvmrkt.pod import Pod
+from kvmrkt.pods.pod import Pod
 from tests.engine.conftest import ACCEPT, REJECT, Env
 
 

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from kvmrkt.errors import PodStateError, VMLaunchError
-from kvmrkt.pod import Pod
+from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import JailSpec, RunOptions, load_backend
 from tests.engine.conftest import Env, Running
 
@@ -76,7 +76,8 @@ def test_the_fake_refuses_a_pod_its_caller_has_not_locked(env: Env) -> None:
     backend = load_backend("fake", env.config)
     opts = RunOptions(rootfs=rootfs, jail=JailSpec(uid=65534, gid=65534, memory_mib=256, vcpus=1,
                                                    memory_limit_mib=512, pids_max=64))
-    pod.move("run")  # in the run phase, but nobody holds its lock
+    with pod.locked():
+        pod.move("run")  # in the run phase, but nobody holds its lock any more
     with pytest.raises(PodStateError, match="locked"):
         backend.run(pod, manifest, opts, stdout=io.BytesIO(), stderr=io.BytesIO())
     assert env.calls("booted") == []
