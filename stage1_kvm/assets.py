@@ -34,7 +34,7 @@ from kvmrkt.host.files import write_json
 
 HERE = Path(__file__).resolve().parent
 KERNEL_CONFIG = HERE / "kernel.config"
-GUEST_INIT_SOURCE = HERE / "guest" / "init.c"
+GUEST_DIR = HERE / "guest"  # the guest init: every *.c is compiled into it, with its *.h
 GUARD_SOURCE = HERE / "vmm_guard.c"
 GUARD_NAME = "kvmrkt-vmm-guard"
 KERNEL_SOURCE_GLOB = "linux-source-6.1.tar.xz"
@@ -158,14 +158,38 @@ def build_guard(assets_dir: Path, progress: Progress) -> Path:
     return out
 
 
+def guest_init_sources() -> list[Path]:
+    """The guest init's source files (``guest/*.c`` and ``guest/*.h``), sorted by name."""
+    return sorted([*GUEST_DIR.glob("*.c"), *GUEST_DIR.glob("*.h")], key=lambda p: p.name)
+
+
+def guest_init_key() -> bytes:
+    """What the initramfs cache is keyed on: every guest init source file, its name and its bytes."""
+    h = hashlib.sha256(b"kvmrkt-initrd-v2\0")
+    for path in guest_init_sources():
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    return h.digest()
+
+
+def compile_guest_init(binary: Path) -> None:
+    """Compile the guest init (static, every ``guest/*.c`` in name order) to ``binary``, unstripped.
+
+    Raises:
+        CommandError: gcc failed (a warning is not an error; the sources compile without any under -Wall -Wextra).
+    """
+    gcc = _proc.which("gcc", hint="apt-get install gcc libc6-dev")
+    sources = [p for p in guest_init_sources() if p.suffix == ".c"]
+    _proc.run(
+        [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Wno-format-truncation", "-o", binary, *sources],
+        what="compiling the guest init",
+    )
+
+
 def _build_initrd(workdir: Path, progress: Progress, modules: list[tuple[str, bytes]] | None = None) -> bytes:
     progress("compiling the guest init (static)")
     binary = workdir / "init"
-    gcc = _proc.which("gcc", hint="apt-get install gcc libc6-dev")
-    _proc.run(
-        [gcc, "-static", "-O2", "-Wall", "-Wno-format-truncation", "-o", binary, GUEST_INIT_SOURCE],
-        what="compiling the guest init",
-    )
+    compile_guest_init(binary)
     _proc.run(["strip", binary], what="strip")
     d = stat.S_IFDIR | 0o755
     files = [("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("kvmrkt", d, b""),
@@ -306,7 +330,7 @@ def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress:
     """Build (or reuse from cache) the guest assets of a kernel kind and record their digests.
 
     The kernel is cached by a key over the source package version and ``kernel.config``; the initramfs by a
-    key over the guest init source. ``force`` rebuilds both.
+    key over the guest init sources. ``force`` rebuilds both.
 
     Raises:
         AssetError: a build step failed or an unknown kind.
@@ -317,7 +341,7 @@ def build_assets(cfg: Stage1Config, kind: str, *, force: bool = False, progress:
     outdir = cfg.assets_dir / kind
     outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(cfg.assets_dir, 0o700)
-    init_key = hashlib.sha256(b"kvmrkt-initrd-v1\0" + GUEST_INIT_SOURCE.read_bytes())
+    init_key = hashlib.sha256(guest_init_key())
     if kind == "minimal":
         kkey = _kernel_key()
         source: dict[str, str] = {"package": "linux-source-6.1", "config": str(Digest.of_file(KERNEL_CONFIG))}

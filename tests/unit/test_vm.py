@@ -132,6 +132,40 @@ def test_cpio_is_deterministic_newc() -> None:
     assert len(a) % 4 == 0
 
 
+def test_the_initramfs_key_covers_every_guest_init_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest init is several files: changing any of them (a header too), adding or renaming one, rebuilds."""
+    from stage1_kvm import assets
+
+    monkeypatch.setattr(assets, "GUEST_DIR", tmp_path)
+    (tmp_path / "init.c").write_text('#include "init.h"\nint main(void) { return 0; }\n')
+    (tmp_path / "init.h").write_text("#define MAX_APPS 32\n")
+    keys = [assets.guest_init_key()]
+    (tmp_path / "README").write_text("not a source")
+    assert assets.guest_init_key() == keys[0]
+    (tmp_path / "init.h").write_text("#define MAX_APPS 33\n")
+    keys.append(assets.guest_init_key())
+    (tmp_path / "util.c").write_text("")
+    keys.append(assets.guest_init_key())
+    (tmp_path / "util.c").rename(tmp_path / "agent.c")
+    keys.append(assets.guest_init_key())
+    assert len(set(keys)) == 4
+    assert [p.name for p in assets.guest_init_sources()] == ["agent.c", "init.c", "init.h"]
+
+
+def test_every_guest_init_source_ships_with_the_package() -> None:
+    import fnmatch
+    import tomllib
+
+    from stage1_kvm import assets
+
+    root = Path(assets.__file__).parent
+    doc = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    globs = doc["tool"]["setuptools"]["package-data"]["stage1_kvm"]
+    sources = [str(p.relative_to(root)) for p in assets.guest_init_sources()]
+    assert "guest/init.c" in sources and "guest/init.h" in sources
+    assert [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)] == []
+
+
 def test_module_load_order_puts_dependencies_first() -> None:
     from kvmrkt.errors import AssetError
     from stage1_kvm.assets import module_load_order

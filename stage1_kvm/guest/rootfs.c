@@ -1,0 +1,211 @@
+/*
+ * kvmrkt guest init: each app's filesystem, made before it starts. The pod's volumes; the app's root (its erofs
+ * image, through dm-verity when configured, or a 9p share, under a writable overlay in guest memory); its /sys,
+ * its minimal read-only /dev, its volume mounts and the pod's files (hostname, hosts, resolv.conf).
+ *
+ * Trust: the pod config is the host's; the root's contents are the image's (hostile): files are written with
+ * RESOLVE_IN_ROOT and O_NOFOLLOW, and the roots and /dev are nodev.
+ */
+#include "init.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/openat2.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+
+int setup_volumes(const struct pod *pod)
+{
+    for (int i = 0; i < pod->nvols; i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "/kvmrkt/vol/%s", pod->vols[i].name);
+        int rc;
+        if (!strcmp(pod->vols[i].kind, "host")) {
+            rc = mount_at(pod->vols[i].tag, dir, "9p", MS_NODEV | (pod->vols[i].ro ? MS_RDONLY : 0),
+                          "trans=virtio,version=9p2000.L,cache=none,msize=262144");
+        } else {
+            rc = mount_at("kvmrkt-vol", dir, "tmpfs", MS_NODEV, "mode=0755");
+        }
+        if (rc < 0) {
+            logmsg("volume %s: mount failed: %s", pod->vols[i].name, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const struct volume *volume_named(const struct pod *pod, const char *name)
+{
+    for (int i = 0; i < pod->nvols; i++)
+        if (!strcmp(pod->vols[i].name, name))
+            return &pod->vols[i];
+    return NULL;
+}
+
+/*
+ * Write the pod's files (hostname, hosts, resolv.conf) into an app root. Paths resolve inside the root
+ * (RESOLVE_IN_ROOT), and a symlink in the image at the file's own path is replaced, not followed.
+ */
+static int write_files(const struct pod *pod, struct app *a)
+{
+    int root = open(a->root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0)
+        return -1;
+    for (int i = 0; i < pod->nfiles; i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s", pod->files[i].path + (pod->files[i].path[0] == '/'));
+        char *slash = strrchr(dir, '/');
+        const char *base = slash ? slash + 1 : dir;
+        if (slash)
+            *slash = 0;
+        mkdirat(root, slash ? dir : ".", 0755);  /* the usual case: /etc exists, or is made here */
+        struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_CLOEXEC, .resolve = RESOLVE_IN_ROOT};
+        int dfd = (int)syscall(SYS_openat2, root, slash ? dir : ".", &how, sizeof(how));
+        if (dfd < 0) {
+            close(root);
+            return -1;
+        }
+        unlinkat(dfd, base, 0);
+        int fd = openat(dfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        close(dfd);
+        if (fd < 0) {
+            close(root);
+            return -1;
+        }
+        write_all(fd, pod->files[i].content, strlen(pod->files[i].content));
+        close(fd);
+    }
+    close(root);
+    return 0;
+}
+
+/*
+ * The app's /dev: a small tmpfs holding only harmless nodes (no virtio ports, no disks, console -> null), a
+ * devpts instance of its own, shm, and a mount point for its mqueue; read-only once made, so a node the app makes
+ * (CAP_MKNOD) can only live on its nodev root, where it cannot be opened.
+ */
+static int setup_dev(struct app *a)
+{
+    static const struct { const char *name; unsigned maj, min; mode_t mode; } nodes[] = {
+        {"null", 1, 3, 0666}, {"zero", 1, 5, 0666}, {"full", 1, 7, 0666}, {"random", 1, 8, 0666},
+        {"urandom", 1, 9, 0666}, {"tty", 5, 0, 0666}, {"console", 1, 3, 0666},
+    };
+    static const struct { const char *name, *target; } links[] = {
+        {"ptmx", "pts/ptmx"}, {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"},
+        {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"}, {"core", "/proc/kcore"},
+    };
+    char dev[PATH_MAX], p[PATH_MAX];
+    snprintf(dev, sizeof(dev), "%s/dev", a->root);
+    if (mount_at("kvmrkt-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
+        return app_error(a, "mounting /dev"), -1;
+    for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", dev, nodes[i].name);
+        if (mknod(p, S_IFCHR | nodes[i].mode, makedev(nodes[i].maj, nodes[i].min)) < 0 || chmod(p, nodes[i].mode) < 0)
+            return app_error(a, "making /dev nodes"), -1;
+    }
+    for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", dev, links[i].name);
+        if (symlink(links[i].target, p) < 0)
+            return app_error(a, "making /dev links"), -1;
+    }
+    snprintf(p, sizeof(p), "%s/mqueue", dev);
+    if (mkdir(p, 0755) < 0)
+        return app_error(a, "/dev/mqueue"), -1;
+    snprintf(p, sizeof(p), "%s/pts", dev);
+    if (mount_at("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") < 0)
+        return app_error(a, "mounting /dev/pts"), -1;
+    snprintf(p, sizeof(p), "%s/shm", dev);
+    if (mount_at("shm", p, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        return app_error(a, "mounting /dev/shm"), -1;
+    if (mount(NULL, dev, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
+        return app_error(a, "making /dev read-only"), -1;
+    return 0;
+}
+
+/* A writable overlay, held in guest memory, over the app's read-only lower root (/kvmrkt/apps/<app>/lower). */
+static int overlay_root(struct app *a)
+{
+    char lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
+    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
+    snprintf(rw, sizeof(rw), "/kvmrkt/apps/%s/rw", a->name);
+    if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)
+        return app_error(a, "mounting the overlay tmpfs"), -1;
+    snprintf(data, sizeof(data), "%s/upper", rw);
+    mkdir(data, 0755);
+    snprintf(data, sizeof(data), "%s/work", rw);
+    mkdir(data, 0755);
+    snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower, rw, rw);
+    if (mount_at("overlay", a->root, "overlay", MS_NODEV, data) < 0)
+        return app_error(a, "mounting the overlay root"), -1;
+    return 0;
+}
+
+/*
+ * The app's root: its erofs image (through dm-verity when configured) under an overlay; or a shared host
+ * directory over 9p, read-write, or (read-only share) under an overlay too, so mount points can be made
+ * without writing to the host; setup_app makes such a root read-only once everything is mounted.
+ */
+static int setup_root(struct app *a)
+{
+    char dev[PATH_MAX], lower[PATH_MAX];
+    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
+    if (a->rootshare) {
+        const char *opts = "trans=virtio,version=9p2000.L,cache=none,msize=262144";
+        if (mount_at(a->rootshare, a->rootshare_ro ? lower : a->root, "9p",
+                     MS_NODEV | (a->rootshare_ro ? MS_RDONLY : 0), opts) < 0)
+            return app_error(a, "mounting the shared root directory"), -1;
+        return a->rootshare_ro ? overlay_root(a) : 0;
+    }
+    if (find_disk(a->serial, dev, sizeof(dev)) < 0)
+        return app_error(a, "root disk not found"), -1;
+    if (a->verity_root) {
+        char data_dev[PATH_MAX];
+        snprintf(data_dev, sizeof(data_dev), "%s", dev);
+        if (open_verity(a, data_dev, dev, sizeof(dev)) < 0)
+            return app_error(a, "opening the root disk through dm-verity"), -1;
+    }
+    if (mount_at(dev, lower, "erofs", MS_RDONLY, NULL) < 0)
+        return app_error(a, "mounting the erofs root"), -1;
+    return overlay_root(a);
+}
+
+int setup_app(const struct pod *pod, struct app *a)
+{
+    snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
+    if (setup_root(a) < 0)
+        return -1;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s/proc", a->root);  /* mounted by the app's ns-init, in its PID namespace */
+    if (mkdirs(dir, 0555) < 0)
+        return app_error(a, "proc"), -1;
+    snprintf(dir, sizeof(dir), "%s/sys", a->root);
+    if (mount_at("sysfs", dir, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+        return app_error(a, "sys"), -1;
+    if (setup_dev(a) < 0)
+        return -1;
+    for (int i = 0; i < a->nmounts; i++) {
+        const struct volume *v = volume_named(pod, a->mounts[i].vol);
+        char src[PATH_MAX], dst[PATH_MAX];
+        if (!v) {
+            errno = ENOENT;
+            return app_error(a, "mount of an undefined volume"), -1;
+        }
+        snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
+        snprintf(dst, sizeof(dst), "%s/%s", a->root, a->mounts[i].target);
+        if (mount_at(src, dst, NULL, MS_BIND, NULL) < 0)
+            return app_error(a, "bind-mounting a volume"), -1;
+        if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV, NULL) < 0)
+            return app_error(a, "remounting a volume read-only"), -1;
+    }
+    if (write_files(pod, a) < 0)
+        return app_error(a, "writing /etc/hostname, /etc/hosts or /etc/resolv.conf"), -1;
+    if (a->rootshare && a->rootshare_ro &&
+        mount(NULL, a->root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV, NULL) < 0)
+        return app_error(a, "making the root read-only"), -1;
+    return 0;
+}
