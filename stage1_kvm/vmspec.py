@@ -186,7 +186,7 @@ def guest_pod_config(
     hold: bool = False,
     tty: bool = False,
 ) -> bytes:
-    """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/init.c`` for the format). With
+    """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/config.c`` for the format). With
     ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity; ``network`` gives the
     interfaces to configure and the files every app gets; ``shared_roots``, ``hold``, ``tty``: see ``RunOptions``."""
     lines = [_line("version", POD_CONFIG_VERSION), _line("interactive", int(interactive))]

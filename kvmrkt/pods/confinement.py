@@ -401,7 +401,7 @@ def cap_mask(names: Iterable[str]) -> int:
 
 
 def guest_config(conf: Confinement) -> list[tuple[str, ...]]:
-    """The app's confinement as ``pod.cfg`` fields (see ``stage1_kvm/guest/init.c``)."""
+    """The app's confinement as ``pod.cfg`` fields (see ``stage1_kvm/guest/apps.c``)."""
     out: list[tuple[str, ...]] = [("caps", f"{cap_mask(conf.capabilities):x}")]
     if conf.seccomp is not None:
         out.append(("seccomp", seccomp_program(conf.seccomp).hex()))
