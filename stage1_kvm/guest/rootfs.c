@@ -4,7 +4,7 @@
  * its minimal read-only /dev, its volume mounts and the pod's files (hostname, hosts, resolv.conf).
  *
  * Trust: the pod config is the host's; the root's contents are the image's (hostile): files are written with
- * RESOLVE_IN_ROOT and O_NOFOLLOW, and the roots and /dev are nodev.
+ * RESOLVE_IN_ROOT and O_NOFOLLOW, the roots are nodev and /dev is read-only once made.
  */
 #include "init.h"
 
