@@ -45,6 +45,7 @@ from kvmrkt.network import Intent, PodNetworks
 from kvmrkt.pod import Pod, temp_beside
 from kvmrkt.runargs import AppRequest, default_app_name, parse_cpu, parse_memory
 from kvmrkt.stage1 import EnterOptions, RunOptions, RunResult, Stage1, load_backend
+from kvmrkt.stopping import StopEscalation, escalate
 from kvmrkt.store import ImageRecord, Progress, Provenance, Store, no_progress, normalise_name
 from measure.events import launch_events
 from measure.tpm import Measurer
@@ -721,7 +722,7 @@ class Engine:
         backend_info: dict[str, Any] = {}
         if pod.phase not in ("embryo", "prepare", "prepared"):
             try:
-                backend_info = self.backend_for(pod).status(pod)
+                backend_info = self.backend_for(pod).status(pod).to_dict()
             except KvmrktError as exc:
                 backend_info = {"error": exc.message}
         info.update({k: backend_info.get(k) for k in ("backend", "accel", "pid", "started", "memory_mib", "vcpus")})
@@ -774,7 +775,7 @@ class Engine:
         return wait_until(lambda: _fresh_state(pod) != "running", timeout=timeout)
 
     def stop(self, ref: str, *, force: bool = False) -> str:
-        """Stop a running pod (graceful: SIGTERM, then SIGKILL after the stop timeout; force: kill the VM).
+        """Stop a running pod (graceful: ``kvmrkt.stopping``, warning when the VM had to be killed; force: kill it).
 
         Returns the state after stopping.
 
@@ -784,15 +785,15 @@ class Engine:
         pod = self.find(ref)
         pod.require("running")
         backend = self.backend_for(pod)
-        timeout = self.config.stage1.stop_timeout
-        if not force:
-            try:
-                backend.stop(pod, force=False)
-            except KvmrktError:
-                force = True
-            if not force and self._wait_exited(pod, timeout + 10):
+        if force:
+            backend.stop(pod, force=True)
+        else:
+            outcome = escalate(StopEscalation(self.config.stage1.stop_timeout),
+                               soft=lambda: backend.stop(pod, force=False), hard=lambda: backend.stop(pod, force=True),
+                               ended=lambda t: self._wait_exited(pod, t))
+            if not outcome.forced:
                 return pod.state()
-        backend.stop(pod, force=True)
+            self.warn(outcome.reason)
         self._wait_exited(pod, 10)
         return pod.state()
 
