@@ -337,7 +337,7 @@ class VmStage1(Stage1):
             self.hv.quit(pod)
             self.hv.destroy(pod)
             return
-        agent.request_stop(pod.path, SIG_SOCKET, grace=StopEscalation(self.config.stage1.stop_timeout).grace)
+        agent.request_stop(pod.path, SIG_SOCKET, grace=self.config.stage1.stop_timeout)  # see kvmrkt.stopping
 
     def enter(
         self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
