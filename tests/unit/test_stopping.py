@@ -3,9 +3,15 @@ once when no guest answers), on a fake clock."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from kvmrkt import stopping
+from kvmrkt.config import RuntimeConfig, Stage1Config
+from kvmrkt.engine import Engine
 from kvmrkt.errors import AgentError
+from kvmrkt.pod import Pod as RealPod
 from kvmrkt.stopping import STOP_MARGIN, StopEscalation, escalate
 
 
@@ -47,7 +53,7 @@ def test_asking_twice_does_not_restart_the_clock() -> None:
     assert policy.kill_due()
 
 
-class Pod:
+class FakeVM:
     """A fake VM: ends ``ends_after`` seconds after the agent STOP (never: None); records the host's steps."""
 
     def __init__(self, clock: Clock, *, ends_after: float | None, answers: bool = True) -> None:
@@ -74,14 +80,14 @@ class Pod:
 @pytest.mark.parametrize("ends_after", [0.5, 7 + STOP_MARGIN])
 def test_a_pod_that_stops_in_time_is_not_killed(ends_after: float) -> None:
     clock = Clock()
-    pod = Pod(clock, ends_after=ends_after)
+    pod = FakeVM(clock, ends_after=ends_after)
     outcome = escalate(StopEscalation(7, clock=clock), soft=pod.soft, hard=pod.hard, ended=pod.ended)
     assert pod.steps == ["STOP", f"wait {7 + STOP_MARGIN:g}"] and not outcome.forced
 
 
 def test_a_pod_that_ignores_the_stop_is_killed_after_the_deadline_and_reported() -> None:
     clock = Clock()
-    pod = Pod(clock, ends_after=None)
+    pod = FakeVM(clock, ends_after=None)
     outcome = escalate(StopEscalation(7, clock=clock), soft=pod.soft, hard=pod.hard, ended=pod.ended)
     assert pod.steps == ["STOP", f"wait {7 + STOP_MARGIN:g}", "kill"]
     assert outcome.forced and f"within {7 + STOP_MARGIN:g}s" in outcome.reason
@@ -89,7 +95,37 @@ def test_a_pod_that_ignores_the_stop_is_killed_after_the_deadline_and_reported()
 
 def test_a_guest_whose_agent_fails_is_killed_without_waiting() -> None:
     clock = Clock()
-    pod = Pod(clock, ends_after=0.1, answers=False)
+    pod = FakeVM(clock, ends_after=0.1, answers=False)
     outcome = escalate(StopEscalation(7, clock=clock), soft=pod.soft, hard=pod.hard, ended=pod.ended)
     assert pod.steps == ["STOP", "kill"] and clock.now == 100.0
     assert outcome.forced and "did not accept the stop request" in outcome.reason
+
+
+class HungBackend:
+    """A backend whose guest accepts STOP but never ends; the hard kill ends the pod (releases its lock)."""
+
+    def __init__(self, holder: RealPod) -> None:
+        self.holder = holder
+        self.calls: list[bool] = []
+
+    def stop(self, pod: RealPod, *, force: bool) -> None:
+        self.calls.append(force)
+        if force:
+            self.holder.unlock()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_engine_stop_warns_only_when_it_had_to_kill_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           force: bool) -> None:
+    monkeypatch.setattr(stopping, "STOP_MARGIN", 0.2)
+    pod = RealPod.create(tmp_path / "data")
+    for phase in ("prepare", "prepared", "run"):
+        pod.move(phase)  # held by this test as `kvmrkt run` would hold it
+    warnings: list[str] = []
+    engine = Engine(RuntimeConfig(data_dir=tmp_path / "data", stage1=Stage1Config(stop_timeout=0)),
+                    warn=warnings.append)
+    backend = HungBackend(pod)
+    monkeypatch.setattr(engine, "backend_for", lambda _pod: backend)
+    assert engine.stop(pod.uuid, force=force) == "exited"
+    assert backend.calls == ([True] if force else [False, True])
+    assert warnings == ([] if force else ["the pod did not stop within 0.2s; its VM was killed"])
