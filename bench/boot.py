@@ -36,8 +36,9 @@ from kvmrkt.stage1 import JailSpec
 from stage1_kvm import cgroups
 from stage1_kvm import jail as vmm_jail
 from stage1_kvm.assets import load_assets, pod_initrd
-from stage1_kvm.qemu import choose_accel, host_tsc_khz, runtime_fds
+from stage1_kvm.qemu import choose_accel, runtime_fds
 from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vm import host_tsc_khz
 from stage1_kvm.vmspec import VMSpec, build_vmspec, guest_pod_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -52,7 +52,7 @@ class Engine:
                                           pods_using=lambda: records.images_in_use(config))
         self.preparer = Preparer(config, self.image_service, self.trust)
         self.launcher = Launcher(config, self.store, self.trust, self.preparer, self.networks, warn=warn)
-        self.control = PodControl(config, teardown_network=self.launcher.teardown_network)
+        self.control = PodControl(config, teardown_network=self.launcher.teardown_network, warn=warn)
         self.inspector = PodInspector(config, self.networks)
 
     # --- images and trust (kvmrkt.images.service, kvmrkt.trust.gate) -------------------------------------

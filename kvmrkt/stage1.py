@@ -155,6 +155,39 @@ class GuestState:
     exits: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    """Backend facts about a pod, read from its directory: the VMM (``pid``, ``started``, ``accel``, size,
+    ``kernel``), what the guest reported (``guest_ready``, per app pids, exit codes, ERROR lines), integrity
+    failures seen on the console, the jail as it is now, and ``extra`` facts of the hypervisor (libvirt:
+    ``domain``, ``uri``). Values come from kvmrkt's own records, never from the guest unparsed."""
+
+    backend: str
+    accel: str | None = None
+    pid: int | None = None
+    started: float | None = None
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    kernel: Mapping[str, Any] | None = None
+    guest_ready: bool = False
+    app_pids: Mapping[str, int] = field(default_factory=dict)
+    app_exit_codes: Mapping[str, int] = field(default_factory=dict)
+    app_errors: Mapping[str, list[str]] = field(default_factory=dict)
+    integrity_failures: tuple[str, ...] = ()
+    jail: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: these keys in this order, then the ``extra`` ones."""
+        return {
+            "backend": self.backend, "accel": self.accel, "pid": self.pid, "started": self.started,
+            "memory_mib": self.memory_mib, "vcpus": self.vcpus, "kernel": self.kernel,
+            "guest_ready": self.guest_ready, "app_pids": dict(self.app_pids),
+            "app_exit_codes": dict(self.app_exit_codes), "app_errors": dict(self.app_errors),
+            "integrity_failures": list(self.integrity_failures), "jail": self.jail, **self.extra,
+        }
+
+
 class Stage1(ABC):
     """A VM backend. Every method may be called by a different kvmrkt process than the one that ran the pod."""
 
@@ -178,7 +211,8 @@ class Stage1(ABC):
 
     @abstractmethod
     def stop(self, pod: Pod, *, force: bool) -> None:
-        """Ask the apps to stop (SIGTERM, then SIGKILL after the configured timeout), or kill the VM."""
+        """Ask the apps to stop (SIGTERM, then SIGKILL after the configured timeout), or kill the VM (the hard
+        kill of ``kvmrkt.pods.stopping``); callers escalate from one to the other with ``kvmrkt.pods.stopping``."""
 
     @abstractmethod
     def enter(
@@ -188,7 +222,7 @@ class Stage1(ABC):
         """Run argv inside an app of a running pod through the guest agent; return its exit code."""
 
     @abstractmethod
-    def status(self, pod: Pod) -> dict[str, Any]:
+    def status(self, pod: Pod) -> BackendStatus:
         """Backend facts about a pod (pid, accel, per-app exit codes), read from the pod directory."""
 
     @abstractmethod

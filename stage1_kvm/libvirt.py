@@ -1,9 +1,11 @@
 """The ``libvirt`` stage1 backend: the same pod VM as the ``qemu`` backend, run by libvirtd as a transient domain
 named after the pod, so it shows up in ``virsh list`` and gets libvirt's sVirt confinement.
 
-Role: reuse everything of ``QemuStage1`` (VM description, per-pod initramfs, measurement hook, supervision of
-the guest's status file and output, enter/stop through the agent) and replace only what touches the VM process:
-launch (``createXML`` of ``domain_xml``), force stop and gc (``destroy``), and status. The domain is transient:
+Role: ``LibvirtDomain`` is the ``Hypervisor`` of ``LibvirtStage1``; everything else of the pod VM (VM
+description, per-pod initramfs, measurement hook, supervision of the guest's status file and output,
+enter/stop through the agent) is ``stage1_kvm.vm.VmStage1``, as for ``qemu``. It owns what touches the VM
+process: launch (``createXML`` of ``domain_xml``), the hard kill and gc (``destroy``), and the status facts
+(domain, uri). The domain is transient:
 when the guest ends (kvmrkt's init reboots, ``on_reboot=destroy``) libvirt forgets it; gc destroys a domain
 left running by a killed ``kvmrkt run``. The jail: QEMU runs as the pod's own uid/gid (static DAC label) without
 capabilities in libvirt's own mount namespace and seccomp sandbox; what it reads is reachable only through
@@ -35,8 +37,10 @@ from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails
 from stage1_kvm.domain_xml import build_domain_xml
+from stage1_kvm.hypervisor import PID_FILE, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump
-from stage1_kvm.qemu import PID_FILE, RUN_RECORD, QemuStage1, VMHandle
+from stage1_kvm.qemu import choose_accel, find_qemu
+from stage1_kvm.vm import VmStage1
 from stage1_kvm.vmspec import VMSpec
 
 RUNTIME_DIR = Path("/run/kvmrkt")
@@ -101,8 +105,8 @@ class _Domain:
         return self.returncode or 0
 
 
-class LibvirtStage1(QemuStage1):
-    """Pods as transient libvirt domains.
+class LibvirtDomain(Hypervisor):
+    """Pod VMs as transient libvirt domains.
 
     Networking: --net=none and --net=user only. libvirtd opens taps in its own network namespace, so the
     per-pod namespace that CNI networks are built in cannot be handed to it; user mode has no port forwards
@@ -130,10 +134,16 @@ class LibvirtStage1(QemuStage1):
     def _socket_dir(pod: Pod) -> Path:
         return RUNTIME_DIR / pod.uuid
 
-    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
-                guard: Path, outputs: OutputPump) -> VMHandle:
+    def accel(self, requested: str) -> str:
+        return choose_accel(requested)
+
+    def vmm(self) -> str:
+        return find_qemu(self.config)
+
+    def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
+               outputs: OutputPump) -> VMHandle:
         jail = opts.jail
-        emulator = guarded_emulator(guard, qemu)
+        emulator = guarded_emulator(guard, vmm)
         root = self._socket_dir(pod)
         jailed, layout = jails.plan(spec, pod.path, prefix=str(root))
         # libvirt relabels the kernel and initramfs for the uid: they must be the pod's own copies.
@@ -178,25 +188,17 @@ class LibvirtStage1(QemuStage1):
             raise VMLaunchError(f"the pod's domain could not be put under its limits: {exc}") from exc
         return handle
 
-    def stop(self, pod: Pod, *, force: bool) -> None:
-        if force:
-            self._destroy(pod)
-            return
-        super().stop(pod, force=False)
-
-    def _destroy(self, pod: Pod) -> None:
+    def destroy(self, pod: Pod) -> None:
+        """libvirt owns the process: destroy the domain (raises ``Stage1Error`` if libvirtd is unreachable)."""
         _Domain(self._connect(), f"kvmrkt-{pod.uuid}").kill()
 
-    def status(self, pod: Pod) -> dict[str, Any]:
-        info = super().status(pod)
+    def facts(self, pod: Pod) -> dict[str, Any]:
         rec = pod.read_json(RUN_RECORD, {}) or {}
-        info.update({"domain": rec.get("domain"), "uri": rec.get("uri")})
-        return info
+        return {"domain": rec.get("domain"), "uri": rec.get("uri")}
 
-    def _sigkill(self, pod: Pod) -> None:
-        """libvirt owns the process: destroy the domain instead."""
-        with contextlib.suppress(Stage1Error, ConfigError):
-            self._destroy(pod)
 
-    def gc(self, pod: Pod) -> None:
-        super().gc(pod)  # destroys the domain, then undoes the jail (mounts first, never deleting through them)
+class LibvirtStage1(VmStage1):
+    """The ``libvirt`` backend: a pod VM run by ``LibvirtDomain``."""
+
+    name = "libvirt"
+    hypervisor = LibvirtDomain

@@ -1,14 +1,13 @@
 """The ``qemu`` stage1 backend: one QEMU process per pod, started directly and supervised by ``kvmrkt run``.
 
-Role: the only module that starts, watches and kills the pod VM's QEMU process. It writes the per-pod
-initramfs, sets up the pod's jail (its cgroup with the limits, access to its shared directories, the record gc
-undoes), opens every file and socket QEMU writes or serves, starts QEMU jailed (``stage1_kvm.jail``: the pod's
-own uid, no capabilities, a private root holding only its inputs; the pod lock fd inherited so the pod reads as
-running exactly while QEMU lives, killed if stage0 dies), keeps the console and app output in bounded logs
-(``stage1_kvm.output``, which also watches for integrity failures), enforces the boot timeout, turns
-Ctrl-C/SIGTERM into a graceful stop, and reads back per-app exit codes. QMP (``qemu.qmp``) on
-``qmp.sock`` is used to quit the VM and to query it. Trust boundary: QEMU runs the untrusted guest under
-``-sandbox`` inside the jail; nothing the guest writes is executed or used as a path on the host.
+Role: the only module that starts and kills the pod VM's QEMU process (``QemuProcess``, the ``Hypervisor`` of
+``QemuStage1``; everything else a pod VM needs is ``stage1_kvm.vm.VmStage1``). It sets up the pod's jail (its
+cgroup with the limits, access to its shared directories, the record gc undoes), opens every file and socket
+QEMU writes or serves, and starts QEMU jailed (``stage1_kvm.jail``: the pod's own uid, no capabilities, a
+private root holding only its inputs; the pod lock fd inherited so the pod reads as running exactly while QEMU
+lives, killed if stage0 dies). QMP (``qemu.qmp``) on ``qmp.sock`` is used to quit the VM and to query it; a
+forced kill signals only the recorded pid whose command line names the pod. Also here: the accelerator choice
+(KVM or TCG). Trust boundary: QEMU runs the untrusted guest under ``-sandbox`` inside the jail.
 """
 
 from __future__ import annotations
@@ -17,55 +16,24 @@ import contextlib
 import os
 import signal
 import socket
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any, Protocol
+from typing import Any
 
-from kvmrkt.digest import Digest
-from kvmrkt.errors import (
-    AccelError,
-    AgentError,
-    BootTimeoutError,
-    ConfigError,
-    KvmrktError,
-    PodStateError,
-    Stage1Error,
-    VMLaunchError,
-)
+from kvmrkt.config import RuntimeConfig
+from kvmrkt.errors import AccelError, Stage1Error
 from kvmrkt.host import proc as _proc
-from kvmrkt.host.wait import wait_until
-from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.pods.pod import Pod
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState, JailSpec, RunOptions, RunResult, Stage1
+from kvmrkt.stage1 import RunOptions
 from stage1_kvm import agent
 from stage1_kvm import jail as jails
-from stage1_kvm.assets import load_assets, pod_initrd
-from stage1_kvm.output import OutputPump, Stream
+from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
+from stage1_kvm.output import OutputPump
 from stage1_kvm.qemu_argv import build_argv
-from stage1_kvm.vmspec import (
-    CONSOLE_LOG,
-    CONSOLE_SOCKET,
-    CTL_SOCKET,
-    GUEST_STATUS,
-    POD_INITRD,
-    QMP_SOCKET,
-    SIG_SOCKET,
-    STDIN_SOCKET,
-    VMSpec,
-    app_log,
-    build_vmspec,
-    guest_pod_config,
-    out_socket,
-)
+from stage1_kvm.vm import VmStage1
+from stage1_kvm.vmspec import QMP_SOCKET, VMSpec
 
-RUN_RECORD = "stage1-run.json"
-PID_FILE = "pid"
-QEMU_LOG = "qemu.log"
-INTEGRITY_RECORD = "integrity.json"  # written by kvmrkt as soon as the console shows an integrity failure
 
 def probe_kvm() -> str | None:
     """None when KVM can run our guests here, else why not."""
@@ -95,17 +63,6 @@ def choose_accel(requested: str) -> str:
     return "tcg" if reason else "kvm"
 
 
-def host_tsc_khz() -> int | None:
-    """The host CPU frequency in kHz (used to skip the guest's TSC calibration under TCG)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":", 1)[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return 2_000_000
-
-
 @contextlib.contextmanager
 def runtime_fds(pod_dir: Path, spec: VMSpec) -> Iterator[dict[str, int]]:
     """The file QEMU writes (the guest status; truncated) and the sockets it serves (QMP, console, ports;
@@ -125,67 +82,6 @@ def runtime_fds(pod_dir: Path, spec: VMSpec) -> Iterator[dict[str, int]]:
             sock.close()
         for fd in files:
             os.close(fd)
-
-
-class VMHandle(Protocol):
-    """What supervising a VM needs: ``subprocess.Popen`` for QEMU, a domain wrapper for libvirt."""
-
-    returncode: int | None
-
-    def poll(self) -> int | None: ...
-
-    def kill(self) -> None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a graceful stop request while the pod runs."""
-
-    def __init__(self) -> None:
-        self.requested = 0.0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
-        self.requested = self.requested or time.monotonic()
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _pump_stdin(pod_dir: Path) -> None:
-    """Copy our stdin to the app's stdin port until EOF (then close, which the guest reads as EOF)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with agent.socket_path(pod_dir, STDIN_SOCKET) as path:
-            sock.connect(path)
-        while data := os.read(sys.stdin.fileno(), 65536):
-            sock.sendall(data)
-        # The guest cannot tell "closed" from "not connected yet" on a port: keep it open until the app has
-        # started, so an early EOF (stdin is /dev/null) does not make the guest wait for a connection.
-        def app_started() -> bool:
-            st = agent.read_status(pod_dir / GUEST_STATUS)
-            return bool(st.pids or st.exits or st.fatal)
-
-        wait_until(app_started, timeout=120, interval=0.01)
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
@@ -208,122 +104,34 @@ def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
         raise Stage1Error(f"QMP {command} failed: {exc}") from exc
 
 
-class QemuStage1(Stage1):
-    """QEMU started directly, one microvm per pod."""
+def find_qemu(config: RuntimeConfig) -> str:
+    """The QEMU binary of ``[stage1] qemu`` (raises ``ConfigError`` if it is not installed)."""
+    return _proc.which(config.stage1.qemu, hint="apt-get install qemu-system-x86")
+
+
+class QemuProcess(Hypervisor):
+    """QEMU started directly, one microvm per pod, as a child of ``kvmrkt run``."""
 
     name = "qemu"
 
-    # --- run ------------------------------------------------------------------------------------------
+    def accel(self, requested: str) -> str:
+        return choose_accel(requested)
 
-    def run(
-        self, pod: Pod, manifest: PodManifest, opts: RunOptions, *, stdout: IO[bytes], stderr: IO[bytes]
-    ) -> RunResult:
-        cfg = self.config.stage1
-        if pod.lock_fd is None:
-            raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
-        assets = load_assets(cfg)
-        assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
-        if "9p" not in assets.features and (opts.shared_roots or any(v.kind == "host" for v in manifest.volumes)):
-            raise ConfigError(
-                f"host volumes and bundle roots need a guest kernel with 9p; the {assets.kind!r} kernel has none",
-                hint='use the minimal kernel (stage1.kernel = "minimal" in config.toml)',
-            )
-        if opts.network.mode not in self.network_modes:
-            raise ConfigError(f"the {self.name} backend cannot run --net={opts.network.mode} pods")
-        accel = choose_accel(opts.accel)
-        qemu = _proc.which(cfg.qemu, hint="apt-get install qemu-system-x86")
-        spec = build_vmspec(
-            manifest,
-            cfg=cfg,
-            jail=opts.jail,
-            accel=accel,
-            kernel=assets.kernel,
-            rootfs=opts.rootfs,
-            verity=opts.verity,
-            interactive=opts.interactive,
-            debug=self.config.debug,
-            tsc_khz=host_tsc_khz(),
-            acpi=assets.acpi,
-            network=opts.network,
-            shared_roots=opts.shared_roots,
-        )
-        (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
-        # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
-        for name in (CONSOLE_LOG, GUEST_STATUS, QEMU_LOG,
-                     *(app_log(app.name, s) for app in manifest.apps for s in ("stdout", "stderr"))):
-            pod.file(name).touch(mode=0o600)
-        config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity,
-                                  network=opts.network, shared_roots=opts.shared_roots, hold=opts.hold,
-                                  tty=opts.tty)
-        initrd = pod.file(POD_INITRD)
-        pod_initrd(assets.initrd, config, initrd)
-        os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
-        os.chmod(initrd, 0o640)
-        record = {
-            "backend": self.name,
-            "interface_version": self.interface_version,
-            "accel": accel,
-            "kernel": {"kind": assets.kind, "path": str(assets.kernel), "digest": str(assets.kernel_digest)},
-            "initrd": {"path": str(assets.initrd), "digest": str(assets.initrd_digest)},
-            "memory_mib": spec.memory_mib,
-            "vcpus": spec.vcpus,
-        }
-        opts.before_boot({
-            "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
-            "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
-            "vmm_guard": str(assets.guard_digest),
-            "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
-            "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
-        })  # fmt: skip
-        outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
-        try:
-            vm = self._launch(pod, spec, qemu, opts, record, assets.guard, outputs)
-            try:
-                return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
-            finally:
-                if vm.poll() is None:
-                    vm.kill()
-                    vm.wait()
-        finally:
-            outputs.finish()
-            self._unjail(pod)
+    def vmm(self) -> str:
+        return find_qemu(self.config)
 
-    def _outputs(self, pod: Pod, manifest: PodManifest, *, stdout: IO[bytes], stderr: IO[bytes]) -> OutputPump:
-        """The VM's console and app output: bounded logs in the pod directory, the apps' copied to our stdout
-        and stderr (the console too with --debug), integrity failures recorded as soon as they are seen."""
-        streams = [Stream(CONSOLE_SOCKET, CONSOLE_LOG, stderr if self.config.debug else None, console=True,
-                          clean=agent.printable_stream)]  # guest text, rendered visibly on a terminal
-        for i, app in enumerate(manifest.apps):
-            streams += [Stream(out_socket(i, "stdout"), app_log(app.name, "stdout"), stdout),
-                        Stream(out_socket(i, "stderr"), app_log(app.name, "stderr"), stderr)]
-
-        def record(reports: list[str], count: int) -> None:
-            with contextlib.suppress(OSError, KvmrktError):  # the run fails on it anyway (see _supervise)
-                pod.write_json(INTEGRITY_RECORD, {"failures": reports, "count": count})
-
-        return OutputPump(pod.path, streams, limit=self.config.pods.max_log_bytes, on_integrity=record)
-
-    def _jail_facts(self, jail: JailSpec, accel: str) -> dict[str, Any]:
-        """The jail as measured: ids, limits, the backend's way of enforcing them, the isolation class."""
-        return {**jail.to_dict(), "enforced_by": self.name, "isolation": jails.isolation_class(accel)}
-
-    def _unjail(self, pod: Pod) -> bool:
-        """Undo the jail once the VM is gone (idempotent; False if something is left for the next gc)."""
-        return jails.PodJail(pod, self.config.data_dir).down()
-
-    def _launch(self, pod: Pod, spec: VMSpec, qemu: str, opts: RunOptions, record: dict[str, Any],
-                guard: Path, outputs: OutputPump) -> VMHandle:
-        """Start the VM (here: QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with
-        this process), connecting ``outputs`` before the guest can write anything."""
+    def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
+               outputs: OutputPump) -> VMHandle:
+        """Start QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with this process."""
         jail = opts.jail
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
-                                    vmm=Path(qemu))
+                                    vmm=Path(vmm))
         cg = jails.PodJail(pod, self.config.data_dir).up(spec, jail, layout)
         assert pod.lock_fd is not None and cg is not None
         root = pod.file(jails.ROOT)
         root.mkdir(exist_ok=True, mode=0o700)
         with runtime_fds(pod.path, spec) as fds:
-            argv = jails.guarded(qemu, build_argv(jailed, qemu=qemu, fds=fds))
+            argv = jails.guarded(vmm, build_argv(jailed, qemu=vmm, fds=fds))
             pod.write_json(RUN_RECORD, {**record, "argv": argv})
             outputs.connect()  # queued on our own listening sockets: QEMU accepts them as it starts
             with pod.file(QEMU_LOG).open("wb") as qlog:
@@ -333,91 +141,6 @@ class QemuStage1(Stage1):
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
         return proc
 
-    def _supervise(
-        self, pod: Pod, manifest: PodManifest, proc: VMHandle, opts: RunOptions, outputs: OutputPump, *,
-        stderr: IO[bytes],
-    ) -> RunResult:
-        cfg = self.config.stage1
-        started = time.monotonic()
-        stop_sent = 0.0
-        killed = False
-        stdin_thread: threading.Thread | None = None
-        with _StopRequest() as stop:
-            while proc.poll() is None:
-                st = agent.read_status(pod.file(GUEST_STATUS))
-                now = time.monotonic()
-                if _size(pod.file(GUEST_STATUS)) > agent.MAX_FRAME:
-                    # Only the guest init writes there, a few lines per app: more is a broken or hostile guest
-                    # (QEMU writes this one file itself, so the host bounds it by stopping the VM).
-                    proc.kill()
-                    proc.wait()
-                    raise Stage1Error(f"the guest wrote more than {agent.MAX_FRAME} bytes of status messages (a "
-                                      "broken or hostile guest): the VM was killed")
-                if opts.interactive and stdin_thread is None and st.ready:
-                    stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
-                    stdin_thread.start()
-                if not st.ready and now - started > cfg.boot_timeout:
-                    proc.kill()
-                    proc.wait()
-                    raise BootTimeoutError(
-                        f"the guest did not report ready within {cfg.boot_timeout:.0f}s; the VM was killed\n"
-                        + self._console_tail(pod),
-                        hint="raise stage1.boot_timeout in config.toml on slow hosts; --debug shows the console",
-                    )
-                if stop.requested and not stop_sent and st.ready:
-                    stop_sent = now
-                    with contextlib.suppress(AgentError):
-                        agent.request_stop(pod.path, SIG_SOCKET, grace=cfg.stop_timeout)
-                elif stop.requested and not st.ready:
-                    proc.kill()
-                    killed = True
-                if stop_sent and now - stop_sent > cfg.stop_timeout + 5:
-                    proc.kill()
-                    killed = True
-                time.sleep(0.005 if now - started < 2 else 0.02)
-        for error in outputs.finish():
-            stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
-        st = agent.read_status(pod.file(GUEST_STATUS))
-        codes = {a.name: st.exits.get(a.name, 128 + signal.SIGKILL) for a in manifest.apps}
-        if outputs.integrity_failures:  # outranks whatever else the guest did or said
-            return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed),
-                             integrity_failures=outputs.integrity_failures)
-        oom = jails.PodJail(pod, self.config.data_dir).oom()
-        if oom and not st.done:
-            raise Stage1Error(oom + "\n" + self._console_tail(pod),
-                              hint="give the apps less memory, or raise [jail] memory_margin_mib")
-        if not st.ready and not killed:
-            raise VMLaunchError(
-                f"QEMU exited with code {proc.returncode} before the guest was ready\n"
-                + _proc.tail(pod.file(QEMU_LOG).read_bytes())
-                + "\n"
-                + self._console_tail(pod)
-            )
-        if st.fatal:
-            raise Stage1Error(f"the guest init failed: {st.fatal}\n" + self._console_tail(pod))
-        if not st.done and not killed:
-            raise Stage1Error(
-                f"the VM ended (QEMU exit code {proc.returncode}) before all apps reported their exit status\n"
-                + self._console_tail(pod)
-            )
-        for name, messages in st.errors.items():
-            for msg in messages:
-                stderr.write(f"kvmrkt: app {name}: {msg}\n".encode())
-        return RunResult(exit_codes=codes, stopped=bool(stop_sent or killed))
-
-    @staticmethod
-    def _console_tail(pod: Pod) -> str:
-        try:
-            text = pod.file(CONSOLE_LOG).read_bytes()
-        except FileNotFoundError:
-            text = b""
-        if not text.strip():
-            return "(the guest console is empty)"
-        lines = _proc.tail(text, 20).splitlines()
-        return "guest console (last lines):\n" + "\n".join(agent.printable(ln) for ln in lines)
-
-    # --- other lifecycle --------------------------------------------------------------------------------
-
     def _our_qemu(self, pod: Pod) -> int | None:
         """The recorded QEMU pid, if that process is alive and is this pod's QEMU (never signal anything else)."""
         rec = pod.read_json(PID_FILE)
@@ -426,69 +149,23 @@ class QemuStage1(Stage1):
             return pid
         return None
 
-    def _sigkill(self, pod: Pod) -> None:
+    def quit(self, pod: Pod) -> None:
+        with contextlib.suppress(Stage1Error):
+            qmp_command(pod.path, "quit")
+
+    def destroy(self, pod: Pod) -> None:
+        """SIGKILL the recorded QEMU pid, only if it is alive and this pod's QEMU."""
         pid = self._our_qemu(pod)
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def _kill_vm(self, pod: Pod) -> None:
-        """Kill the pod's QEMU: QMP quit first, then SIGKILL by recorded pid (only if it is that pod's QEMU)."""
-        with contextlib.suppress(Stage1Error):
-            qmp_command(pod.path, "quit")
-        self._sigkill(pod)
 
-    def stop(self, pod: Pod, *, force: bool) -> None:
-        if force:
-            self._kill_vm(pod)
-            return
-        agent.request_stop(pod.path, SIG_SOCKET, grace=self.config.stage1.stop_timeout)
+class QemuStage1(VmStage1):
+    """The ``qemu`` backend: a pod VM run by ``QemuProcess``."""
 
-    def enter(
-        self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
-        opts: EnterOptions = PLAIN_ENTER,
-    ) -> int:
-        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr, opts=opts)
-
-    def status(self, pod: Pod) -> dict[str, Any]:
-        rec = pod.read_json(RUN_RECORD, {}) or {}
-        pid = pod.read_json(PID_FILE, {}) or {}
-        st = agent.read_status(pod.file(GUEST_STATUS))
-        return {
-            "backend": self.name,
-            "accel": rec.get("accel"),
-            "pid": pid.get("pid"),
-            "started": pid.get("started"),
-            "memory_mib": rec.get("memory_mib"),
-            "vcpus": rec.get("vcpus"),
-            "kernel": rec.get("kernel"),
-            "guest_ready": st.ready,
-            "app_pids": st.pids,
-            "app_exit_codes": st.exits,
-            "app_errors": st.errors,
-            "integrity_failures": (pod.read_json(INTEGRITY_RECORD, {}) or {}).get("failures", []),
-            "jail": jails.PodJail(pod, self.config.data_dir).status(rec.get("accel")),
-        }
-
-    def guest_state(self, pod: Pod) -> GuestState:
-        return agent.read_status(pod.file(GUEST_STATUS))
-
-    def start_held(self, pod: Pod) -> None:
-        agent.request_go(pod.path, SIG_SOCKET)
-
-    def signal(self, pod: Pod, signum: int, *, every_process: bool = False) -> None:
-        agent.request_kill(pod.path, SIG_SOCKET, signum, every_process=every_process)
-
-    def resize(self, pod: Pod, rows: int, cols: int) -> None:
-        agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
-
-    def gc(self, pod: Pod) -> None:
-        self._sigkill(pod)
-        self._unjail(pod)
-        outputs = [p.name for p in pod.path.glob("std*.sock")]
-        for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, CONSOLE_SOCKET, *outputs, POD_INITRD):
-            with contextlib.suppress(FileNotFoundError):
-                pod.file(name).unlink()
+    name = "qemu"
+    hypervisor = QemuProcess
 
 
 def describe_accel() -> dict[str, str]:
@@ -497,4 +174,4 @@ def describe_accel() -> dict[str, str]:
     return {"auto": "tcg" if reason else "kvm", "kvm_unusable_because": reason or ""}
 
 
-__all__ = ["QemuStage1", "choose_accel", "describe_accel", "probe_kvm"]
+__all__ = ["QemuProcess", "QemuStage1", "choose_accel", "describe_accel", "find_qemu", "probe_kvm", "qmp_command"]

@@ -21,6 +21,7 @@ from kvmrkt.pods import jail as jails
 from kvmrkt.pods import labels
 from kvmrkt.pods.pod import Phase, Pod
 from kvmrkt.pods.records import NOT_STARTED, backend_for, fresh_state, pod_manifest
+from kvmrkt.pods.stopping import StopEscalation, escalate
 from kvmrkt.stage1 import EnterOptions
 
 
@@ -28,9 +29,11 @@ class PodControl:
     """Stop, enter, remove and collect pods, for one command. ``teardown_network(pod)`` frees a pod's networks
     (False: it could not, and said why)."""
 
-    def __init__(self, config: RuntimeConfig, *, teardown_network: Callable[[Pod], bool]) -> None:
+    def __init__(self, config: RuntimeConfig, *, teardown_network: Callable[[Pod], bool],
+                 warn: Callable[[str], None]) -> None:
         self.config = config
         self.teardown_network = teardown_network
+        self.warn = warn
 
     def find(self, ref: str) -> Pod:
         """A pod by UUID or unique prefix."""
@@ -40,7 +43,8 @@ class PodControl:
         return wait_until(lambda: fresh_state(pod) != "running", timeout=timeout)
 
     def stop(self, ref: str, *, force: bool = False) -> str:
-        """Stop a running pod (graceful: SIGTERM, then SIGKILL after the stop timeout; force: kill the VM).
+        """Stop a running pod (graceful: ``kvmrkt.pods.stopping``, warning when the VM had to be killed; force:
+        kill it).
 
         Returns the state after stopping.
 
@@ -50,15 +54,15 @@ class PodControl:
         pod = self.find(ref)
         pod.require("running")
         backend = backend_for(self.config, pod)
-        timeout = self.config.stage1.stop_timeout
-        if not force:
-            try:
-                backend.stop(pod, force=False)
-            except KvmrktError:
-                force = True
-            if not force and self._wait_exited(pod, timeout + 10):
+        if force:
+            backend.stop(pod, force=True)
+        else:
+            outcome = escalate(StopEscalation(self.config.stage1.stop_timeout),
+                               soft=lambda: backend.stop(pod, force=False), hard=lambda: backend.stop(pod, force=True),
+                               ended=lambda t: self._wait_exited(pod, t))
+            if not outcome.forced:
                 return pod.state()
-        backend.stop(pod, force=True)
+            self.warn(outcome.reason)
         self._wait_exited(pod, 10)
         return pod.state()
 

@@ -54,7 +54,7 @@ class PodInspector:
         backend_info: dict[str, Any] = {}
         if pod.phase not in NOT_STARTED:
             try:
-                backend_info = backend_for(self.config, pod).status(pod)
+                backend_info = backend_for(self.config, pod).status(pod).to_dict()
             except KvmrktError as exc:
                 backend_info = {"error": exc.message}
         info.update({k: backend_info.get(k) for k in ("backend", "accel", "pid", "started", "memory_mib", "vcpus")})

@@ -89,9 +89,10 @@ class Env:
     root: Path
     config: RuntimeConfig
     runs: list[Running] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def engine(self) -> Engine:
-        return Engine(self.config)
+        return Engine(self.config, warn=self.warnings.append)
 
     def policy(self, doc: dict[str, Any]) -> None:
         (self.config.config_dir / "policy.json").write_text(json.dumps(doc))

@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import AgentError, ConfigError, PodStateError, VMLaunchError
 from kvmrkt.pods.pod import Pod
-from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState, RunOptions, RunResult, Stage1
+from kvmrkt.stage1 import PLAIN_ENTER, BackendStatus, EnterOptions, GuestState, RunOptions, RunResult, Stage1
 
 if TYPE_CHECKING:  # annotations only: the engine hands the backend a validated manifest
     from kvmrkt.pods.manifest import PodManifest
@@ -193,13 +193,12 @@ class FakeStage1(Stage1):
         stdout.write((" ".join(argv) + "\n").encode())
         return int(argv[1]) if len(argv) == 2 and argv[0] == "exit" and argv[1].isdigit() else 0
 
-    def status(self, pod: Pod) -> dict[str, Any]:
+    def status(self, pod: Pod) -> BackendStatus:
         rec = pod.read_json(RUN_RECORD) or {}
         guest = pod.read_json(GUEST) or {}
-        return {"backend": self.name, "accel": "none", "pid": rec.get("pid"), "started": rec.get("started"),
-                "memory_mib": rec.get("memory_mib"), "vcpus": rec.get("vcpus"), "jail": rec.get("jail"),
-                "app_exit_codes": dict(guest.get("exits", {})), "app_errors": {}, "integrity_failures": [],
-                "guest_ready": bool(guest.get("ready"))}
+        return BackendStatus(self.name, accel="none", pid=rec.get("pid"), started=rec.get("started"),
+                             memory_mib=rec.get("memory_mib"), vcpus=rec.get("vcpus"), jail=rec.get("jail"),
+                             app_exit_codes=dict(guest.get("exits", {})), guest_ready=bool(guest.get("ready")))
 
     def guest_state(self, pod: Pod) -> GuestState:
         guest = pod.read_json(GUEST) or {}
