@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvmrkt.digest import Digest
-from kvmrkt.errors import DigestMismatchError, ImageError, ImageNotFoundError
+from kvmrkt.errors import CommandError, DigestMismatchError, ImageError, ImageNotFoundError
 from kvmrkt.host import proc as _proc
 from kvmrkt.images import scratch
 from kvmrkt.images.layers import LayerApplier, LayerLimits
@@ -387,8 +387,12 @@ class Store:
             progress("building the erofs guest root filesystem", 0, None)
             out = work / "rootfs.erofs"
             seed = hashlib.sha256(record.id.encode()).hexdigest()[:32]
-            _proc.run(["mkfs.erofs", "-T0", f"-U{uuidlib.UUID(hex=seed)}", out, tree], timeout=3600,
-                      what="mkfs.erofs")
+            try:
+                _proc.run(["mkfs.erofs", "-T0", f"-U{uuidlib.UUID(hex=seed)}", out, tree], timeout=3600,
+                          what="mkfs.erofs")
+            except CommandError as exc:
+                raise ImageError(f"cannot build the guest root filesystem of {record.name}: {exc.message}",
+                                 hint=f"{exc.hint}; the image's files may hit a limit of mkfs.erofs") from exc
             digest = Digest.of_file(out)
             if record.rootfs and record.rootfs != str(digest):
                 raise ImageError(f"rebuilt rootfs of {record.name} is {digest}, not the recorded {record.rootfs}",
