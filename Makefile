@@ -66,7 +66,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 unit: venv
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/unit tests/engine
 
 integration: setup
 	$(PY) -m pytest -q tests/integration --require-capabilities
