@@ -37,9 +37,9 @@ from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
 from stage1_kvm import jail as jails
 from stage1_kvm.domain_xml import build_domain_xml
-from stage1_kvm.hypervisor import PID_FILE, RUN_RECORD, Hypervisor, VMHandle
+from stage1_kvm.hypervisor import PID_FILE, RUN_RECORD, VMHandle
 from stage1_kvm.output import OutputPump
-from stage1_kvm.qemu import choose_accel, find_qemu
+from stage1_kvm.qemu import QemuHypervisor
 from stage1_kvm.vm import VmStage1
 from stage1_kvm.vmspec import VMSpec
 
@@ -105,7 +105,7 @@ class _Domain:
         return self.returncode or 0
 
 
-class LibvirtDomain(Hypervisor):
+class LibvirtDomain(QemuHypervisor):
     """Pod VMs as transient libvirt domains.
 
     Networking: --net=none and --net=user only. libvirtd opens taps in its own network namespace, so the
@@ -133,12 +133,6 @@ class LibvirtDomain(Hypervisor):
     @staticmethod
     def _socket_dir(pod: Pod) -> Path:
         return RUNTIME_DIR / pod.uuid
-
-    def accel(self, requested: str) -> str:
-        return choose_accel(requested)
-
-    def vmm(self) -> str:
-        return find_qemu(self.config)
 
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
                outputs: OutputPump) -> VMHandle:

@@ -109,16 +109,20 @@ def find_qemu(config: RuntimeConfig) -> str:
     return _proc.which(config.stage1.qemu, hint="apt-get install qemu-system-x86")
 
 
-class QemuProcess(Hypervisor):
-    """QEMU started directly, one microvm per pod, as a child of ``kvmrkt run``."""
-
-    name = "qemu"
+class QemuHypervisor(Hypervisor):
+    """What every way of running kvmrkt's QEMU shares: the accelerator choice and the QEMU binary."""
 
     def accel(self, requested: str) -> str:
         return choose_accel(requested)
 
     def vmm(self) -> str:
         return find_qemu(self.config)
+
+
+class QemuProcess(QemuHypervisor):
+    """QEMU started directly, one microvm per pod, as a child of ``kvmrkt run``."""
+
+    name = "qemu"
 
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
                outputs: OutputPump) -> VMHandle:
