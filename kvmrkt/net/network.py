@@ -46,6 +46,7 @@ from kvmrkt.net.netconf import (
     result_ips,
     supports_prev_result,
 )
+from kvmrkt.net.nsguard import check_pod_namespace
 from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import NetworkPlan, Nic
@@ -228,7 +229,9 @@ class PodNetworks:
 
     def _join(self, pod: Pod, netns: str, owner: tuple[int, int]) -> NetworkPlan:
         """Carry every interface of an existing namespace into the VM; the namespace, its addresses and routes
-        stay its owner's (no files are written: the engine that made it manages resolv.conf and hosts)."""
+        stay its owner's (no files are written: the engine that made it manages resolv.conf and hosts). Only a
+        namespace that is provably the pod's own is touched (``nsguard``)."""
+        check_pod_namespace(netns)
         links = json.loads(self._iproute("-j", "link", "show", netns=netns) or "[]")
         ifnames = [str(link["ifname"]) for link in links
                    if link.get("link_type") == "ether" and not str(link["ifname"]).startswith("tap")]

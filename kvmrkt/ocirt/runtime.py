@@ -231,7 +231,9 @@ class OciRuntime:
         rec = self._record(cid)
         status = self._status(rec)
         if status not in ("created", "running"):
-            raise PodStateError(f"container {cid!r} is {status}: cannot signal it", state=status)
+            # runc's words: containerd's shim takes "container not running" as "the process already finished"
+            # and records the exit, where any other message leaves `crictl stopp` waiting for its deadline.
+            raise PodStateError(f"container {cid!r} is {status}: container not running", state=status)
         pod = self._pod(rec)
         assert pod is not None
         self.engine.backend_for(pod).signal(pod, signum, every_process=every_process)

@@ -256,7 +256,10 @@ def test_kill_exec_and_force_delete(oci: Oci, tmp_path: Path, subreaper: None) -
     assert oci("delete", "c3").returncode == 1  # running, no --force
     assert oci("kill", "c3", "TERM").returncode == 0
     assert wait_exit(pid) == 42 and "got TERM" in out.read_text()
-    assert oci("kill", "c3", "KILL").returncode == 1  # stopped: nothing to signal
+    killed = oci("kill", "c3", "KILL")  # stopped: nothing to signal, in the words the runc shim maps to "finished"
+    assert killed.returncode == 1 and "container not running" in killed.stderr
+    unknown = oci("kill", "no-such-container", "KILL")  # ... and to "no such container"
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     # --force on a running container.
     b2 = oci.bundle(tmp_path / "b2", ["/bin/sleep", "600"])
     assert oci.create("c4", b2)[0] == 0
@@ -424,6 +427,41 @@ def test_ctr_container_joins_the_network_namespace_it_is_given(oci: Oci, contain
         assert "tap0" not in links and f"kvc{n}p" in links
         assert "ingress" not in subprocess.run(["tc", "-n", ns, "qdisc"], capture_output=True, text=True).stdout
     finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def test_a_network_namespace_someone_lives_in_is_refused_and_left_as_it_was(oci: Oci, tmp_path: Path,
+                                                                              subreaper: None) -> None:
+    """A namespace that holds a process is not a pod's own (CRI hands app containers the sandbox pid's namespace,
+    which for a VM runtime is the node's): kvmrkt-oci refuses it before adding a tap or a redirect."""
+    n = os.getpid() % 200 + 20
+    ns = f"kvt-lived-{n}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    resident = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", f"kvl{n}a", "type", "veth", "peer", "name", f"kvl{n}b"],
+                       check=True)
+        resident = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"])
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{resident.pid}/ns/net").st_ino != os.stat(f"/run/netns/{ns}").st_ino:
+            assert time.monotonic() < deadline, "the resident process never entered the namespace"
+            time.sleep(0.05)
+        bundle = oci.bundle(tmp_path / "b", ["/bin/true"])
+        cfg = json.loads((bundle / "config.json").read_text())
+        cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"] + [
+            {"type": "network", "path": f"/run/netns/{ns}"}]
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        code, _out, err = oci.create("lived", bundle)
+        assert code != 0
+        assert f"process {resident.pid} (sleep) lives in it" in err.read_text()
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
+        assert "tap" not in links
+        assert "ingress" not in subprocess.run(["tc", "-n", ns, "qdisc"], capture_output=True, text=True).stdout
+        assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"  # nothing left of the container
+    finally:
+        if resident is not None:
+            resident.kill()
+            resident.wait()
         subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
