@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -113,8 +114,10 @@ class Oci:
 @pytest.fixture
 def oci(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> Iterator[Oci]:
     binary = tmp_path / "kvmrkt-oci"
-    binary.write_text(f"#!/bin/sh\nexec {Path(sys.executable).parent / 'kvmrkt-oci'} --config-dir {kvmrkt.config} "
-                      f"--dir {kvmrkt.data} \"$@\"\n")
+    # podman cleans the environment of the runtime it starts: the tree under test is named in the script.
+    pythonpath = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
+    binary.write_text(f"#!/bin/sh\n{pythonpath}exec {Path(sys.executable).parent / 'kvmrkt-oci'} "
+                      f"--config-dir {kvmrkt.config} --dir {kvmrkt.data} \"$@\"\n")
     binary.chmod(0o755)
     o = Oci(kvmrkt, binary, tmp_path / "oci-root", busybox_layout)
     yield o
