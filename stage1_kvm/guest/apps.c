@@ -186,8 +186,9 @@ static int restrict_path(const char *path, int mask)
 }
 
 /*
- * Copy what is in an app's output pipe to its port: one read, or (drain, the app has ended) reads until the pipe
- * is empty, at most 1 MiB (a leftover child may still write). At the pipe's end the pipe is closed, *fd = -1.
+ * Move what is in an app's output pipe to its port (splice: the pages, not a copy; read and write where the port
+ * cannot splice): once, or (drain, the app has ended) until the pipe is empty, at most 16 times (a leftover
+ * child may still write). At the pipe's end the pipe is closed and *fd set to -1.
  */
 static void relay_output(int *fd, int port, int drain)
 {
@@ -195,7 +196,9 @@ static void relay_output(int *fd, int port, int drain)
     if (*fd >= 0 && drain)
         fcntl(*fd, F_SETFL, O_NONBLOCK);
     for (int i = 0; *fd >= 0 && i < (drain ? 16 : 1); i++) {
-        ssize_t n = read(*fd, buf, sizeof(buf));
+        ssize_t n = splice(*fd, NULL, port, NULL, 1 << 20, SPLICE_F_MOVE | (drain ? SPLICE_F_NONBLOCK : 0));
+        if (n < 0 && errno == EINVAL && (n = read(*fd, buf, sizeof(buf))) > 0)
+            write_all(port, buf, (size_t)n);
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
             return;
         if (n <= 0) {
@@ -203,7 +206,6 @@ static void relay_output(int *fd, int port, int drain)
             *fd = -1;
             return;
         }
-        write_all(port, buf, (size_t)n);
     }
 }
 
@@ -264,6 +266,8 @@ static void ns_init(struct app *a, const char *hostname, int in, int out, int er
     int pipes[2][2] = {{-1, -1}, {-1, -1}};
     if (!isatty(1) && (pipe2(pipes[0], O_CLOEXEC) < 0 || pipe2(pipes[1], O_CLOEXEC) < 0))
         ns_fail(a, 2, "pipe");
+    if (pipes[0][0] >= 0)
+        fcntl(pipes[0][0], F_SETPIPE_SZ, 1 << 20);  /* fewer wake-ups for a chatty app (best effort) */
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
