@@ -24,8 +24,8 @@ from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
 OCI_VERSION = "1.0.2"
 APP = "container"
 STATE_DIR = "kvmrkt-oci"
-# Mounts the guest init gives every app itself (proc, sysfs, devtmpfs, devpts, shm); cgroup and mqueue have no
-# use in a one-container VM.
+# Mounts the guest init gives every app itself, as the OCI defaults (proc, sysfs, a /dev tmpfs with the default
+# devices and links, devpts, shm, mqueue); cgroup has no use in a one-container VM.
 GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
 # Annotations that name the image (CRI, then the OCI image spec's).
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")

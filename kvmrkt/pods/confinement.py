@@ -107,11 +107,42 @@ class Seccomp:
 DEFAULT_SECCOMP = Seccomp("remove", tuple(sorted(DEFAULT_DENY)))
 
 
+CAPSETS = ("effective", "permitted", "inheritable", "ambient")
+
+
+@dataclass(frozen=True, slots=True)
+class CapSets:
+    """The capability sets besides the bounding set, as an OCI ``process.capabilities`` asks them; the guest sets
+    them just before the exec (where the kernel's rules then apply: a root app gets bounding | inheritable |
+    ambient as permitted and effective, another uid only its ambient set)."""
+
+    effective: tuple[str, ...] = ()
+    permitted: tuple[str, ...] = ()
+    inheritable: tuple[str, ...] = ()
+    ambient: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in CAPSETS:
+            check_caps(getattr(self, name), where=name)
+        if missing := _ordered(set(self.effective) - set(self.permitted)):
+            raise ManifestError(f"effective capabilities not in the permitted set: {', '.join(missing[:5])}",
+                                hint="the kernel keeps effective within permitted (capset(2))")
+        if missing := _ordered(set(self.ambient) - (set(self.permitted) & set(self.inheritable))):
+            raise ManifestError(f"ambient capabilities not both permitted and inheritable: {', '.join(missing[:5])}",
+                                hint="the kernel raises an ambient capability only if it is permitted and "
+                                     "inheritable (PR_CAP_AMBIENT)")
+
+    def masks(self) -> tuple[str, ...]:
+        """The four sets as hex bit masks (effective, permitted, inheritable, ambient)."""
+        return tuple(f"{cap_mask(getattr(self, name)):x}" for name in CAPSETS)
+
+
 @dataclass(frozen=True, slots=True)
 class Confinement:
     """How one app is confined in the guest (besides its own mount, PID, IPC and UTS namespaces and a minimal
-    ``/dev``, which always apply). ``capabilities``: its bounding set; ``seccomp``: None = no filter;
-    ``rlimits``: (name, soft, hard)."""
+    ``/dev``, which always apply). ``capabilities``: its bounding set; ``capsets``: the other sets (None: kvmrkt's
+    rule, the bounding set for a root app, no inheritable or ambient capability); ``seccomp``: None = no filter;
+    ``rlimits``: (name, soft, hard), the guest's defaults for the others."""
 
     capabilities: tuple[str, ...] = DEFAULT_CAPS
     seccomp: Seccomp | None = DEFAULT_SECCOMP
@@ -119,9 +150,13 @@ class Confinement:
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY
     no_new_privileges: bool = False
     rlimits: tuple[tuple[str, int, int], ...] = ()
+    capsets: CapSets | None = None
 
     def __post_init__(self) -> None:
         check_caps(self.capabilities)
+        if self.capsets and (beyond := _ordered(set(self.capsets.inheritable) - set(self.capabilities))):
+            raise ManifestError(f"inheritable capabilities not in the bounding set: {', '.join(beyond[:5])}",
+                                hint="the kernel keeps inheritable within bounding (capset(2))")
         for p in (*self.masked_paths, *self.readonly_paths):
             if not p.startswith("/") or ".." in p.split("/") or "\0" in p:
                 raise ManifestError(f"masked/read-only path {p[:80]!r} must be absolute, without '..'")
@@ -140,7 +175,8 @@ class Confinement:
             "readonlyPaths": list(self.readonly_paths),
             "noNewPrivileges": self.no_new_privileges,
             "rlimits": [{"type": n, "soft": s, "hard": h} for n, s, h in self.rlimits],
-        }
+        } | ({} if self.capsets is None else {
+            "capabilitySets": {name: list(getattr(self.capsets, name)) for name in CAPSETS}})
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Confinement:
@@ -150,8 +186,13 @@ class Confinement:
             ManifestError: unknown, missing or mistyped fields, unknown names.
         """
         fields = {"capabilities", "seccomp", "maskedPaths", "readonlyPaths", "noNewPrivileges", "rlimits"}
-        if not isinstance(d, dict) or set(d) - fields or fields - set(d):
-            raise ManifestError(f"{where}: expected an object with exactly: {', '.join(sorted(fields))}")
+        if not isinstance(d, dict) or set(d) - fields - {"capabilitySets"} or fields - set(d):
+            raise ManifestError(f"{where}: expected an object with exactly: {', '.join(sorted(fields))} "
+                                "(and capabilitySets)")
+        sets = d.get("capabilitySets")
+        if sets is not None and (not isinstance(sets, dict) or set(sets) != set(CAPSETS) or not all(
+                isinstance(sets[k], list) and all(isinstance(x, str) for x in sets[k]) for k in CAPSETS)):
+            raise ManifestError(f"{where}.capabilitySets: expected {{{', '.join(CAPSETS)}}}, each a list of strings")
         sec = d["seccomp"]
         if sec is not None and (not isinstance(sec, dict) or set(sec) != {"mode", "syscalls", "errno"}):
             raise ManifestError(f"{where}.seccomp: expected null or {{mode, syscalls, errno}}")
@@ -172,11 +213,12 @@ class Confinement:
                 raise ManifestError(f"{where}.seccomp.syscalls: expected a list of strings")
             seccomp = Seccomp(str(sec["mode"]), tuple(sec["syscalls"]), str(sec["errno"]))
         return cls(tuple(d["capabilities"]), seccomp, tuple(d["maskedPaths"]), tuple(d["readonlyPaths"]),
-                   d["noNewPrivileges"], tuple(rlimits))
+                   d["noNewPrivileges"], tuple(rlimits),
+                   None if sets is None else CapSets(*(tuple(sets[k]) for k in CAPSETS)))
 
 
-def check_caps(names: Iterable[str]) -> tuple[str, ...]:
-    """Normalise capability names (``net_admin``, ``CAP_NET_ADMIN``).
+def check_caps(names: Iterable[str], where: str = "") -> tuple[str, ...]:
+    """Normalise capability names (``net_admin``, ``CAP_NET_ADMIN``); ``where`` names the field in the error.
 
     Raises:
         ManifestError: an unknown capability.
@@ -186,7 +228,8 @@ def check_caps(names: Iterable[str]) -> tuple[str, ...]:
         norm = name.strip().upper()
         norm = norm if norm.startswith("CAP_") else "CAP_" + norm
         if norm not in CAPABILITIES:
-            raise ManifestError(f"unknown capability {name[:40]!r}", hint="e.g. CAP_NET_ADMIN, CAP_SYS_PTRACE")
+            raise ManifestError(f"{where}{': ' if where else ''}unknown capability {name[:40]!r}",
+                                hint="e.g. CAP_NET_ADMIN, CAP_SYS_PTRACE (Linux 6.1's set)")
         out.append(norm)
     return tuple(out)
 
@@ -320,7 +363,7 @@ def lift(conf: Confinement, insecure: Iterable[str]) -> Confinement:
     nothing masked or read-only. Each lifts its own layer only."""
     lifted = set(insecure)
     if "capabilities" in lifted:
-        conf = replace(conf, capabilities=CAPABILITIES)
+        conf = replace(conf, capabilities=CAPABILITIES, capsets=None)
     if "seccomp" in lifted:
         conf = replace(conf, seccomp=None)
     if "paths" in lifted:
@@ -329,27 +372,17 @@ def lift(conf: Confinement, insecure: Iterable[str]) -> Confinement:
 
 
 def from_oci(process: Mapping[str, Any], linux: Mapping[str, Any], insecure: Iterable[str]) -> Confinement:
-    """The OCI ``process``/``linux`` fields of a bundle's config.json mapped onto the same layers: bounding
-    capabilities, noNewPrivileges, rlimits, maskedPaths/readonlyPaths, and the seccomp profile (rules with
+    """The OCI ``process``/``linux`` fields of a bundle's config.json mapped onto the same layers: the five
+    capability sets, noNewPrivileges, rlimits, maskedPaths/readonlyPaths, and the seccomp profile (rules with
     argument conditions cannot be expressed per call here: allow rules count, conditional deny rules are left
     out, so the filter is never stricter than the app needs and the VM stays the boundary).
 
     Raises:
         ManifestError: unknown capabilities, system calls or rlimits.
     """
-    conf = Confinement()
-    caps = process.get("capabilities")
-    if isinstance(caps, dict) and isinstance(caps.get("bounding"), list):
-        conf = replace(conf, capabilities=_ordered(check_caps(caps["bounding"])))
+    conf = replace(_oci_capabilities(process.get("capabilities")), rlimits=_oci_rlimits(process.get("rlimits")))
     if isinstance(process.get("noNewPrivileges"), bool):
         conf = replace(conf, no_new_privileges=process["noNewPrivileges"])
-    rl = []
-    for r in process.get("rlimits") or []:
-        try:
-            rl.append((str(r["type"]), int(r["soft"]), int(r["hard"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"process.rlimits: expected {{type, soft, hard}}, got {str(r)[:80]}") from exc
-    conf = replace(conf, rlimits=tuple(rl))
     if isinstance(linux.get("maskedPaths"), list):
         conf = replace(conf, masked_paths=tuple(str(p) for p in linux["maskedPaths"]))
     if isinstance(linux.get("readonlyPaths"), list):
@@ -357,6 +390,50 @@ def from_oci(process: Mapping[str, Any], linux: Mapping[str, Any], insecure: Ite
     if "seccomp" in linux:
         conf = replace(conf, seccomp=_oci_seccomp(linux["seccomp"]))
     return lift(conf, insecure)
+
+
+def _oci_capabilities(doc: Any) -> Confinement:
+    """``process.capabilities``: the five sets (a set left out is empty, as in runc); without the object, kvmrkt's
+    defaults."""
+    if doc is None:
+        return Confinement()
+    if not isinstance(doc, dict):
+        raise ManifestError("config.json: process.capabilities must be an object")
+    sets: dict[str, tuple[str, ...]] = {}
+    for key in ("bounding", *CAPSETS):
+        names = doc.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ManifestError(f"config.json: process.capabilities.{key} must be a list of strings")
+        sets[key] = _ordered(check_caps(names, where=f"config.json: process.capabilities.{key}"))
+    try:
+        return Confinement(capabilities=sets.pop("bounding"), capsets=CapSets(**sets))
+    except ManifestError as exc:
+        raise ManifestError(f"config.json: process.capabilities: {exc.message}", hint=exc.hint) from None
+
+
+def _oci_rlimits(doc: Any) -> tuple[tuple[str, int, int], ...]:
+    """``process.rlimits``: each a Linux ``RLIMIT_*`` at most once, soft <= hard, both unsigned 64-bit."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list):
+        raise ManifestError("config.json: process.rlimits must be a list")
+    out: list[tuple[str, int, int]] = []
+    for i, r in enumerate(doc):
+        where = f"config.json: process.rlimits[{i}]"
+        if not isinstance(r, dict) or not isinstance(r.get("type"), str) or not all(
+                isinstance(r.get(k), int) and not isinstance(r[k], bool) and 0 <= r[k] <= RLIM_INFINITY
+                for k in ("soft", "hard")):
+            raise ManifestError(f"{where}: expected {{type, soft, hard}} with limits from 0 to 2^64-1, "
+                                f"got {str(r)[:80]}")
+        kind, soft, hard = r["type"], r["soft"], r["hard"]
+        if kind not in RLIMITS:
+            raise ManifestError(f"{where}.type: unknown rlimit {kind[:40]!r}", hint="known: " + ", ".join(RLIMITS))
+        if any(kind == seen for seen, _, _ in out):
+            raise ManifestError(f"{where}.type: {kind} is given twice")
+        if soft > hard:
+            raise ManifestError(f"{where}: {kind} soft limit {soft} is above its hard limit {hard}")
+        out.append((kind, soft, hard))
+    return tuple(out)
 
 
 _OCI_DENY = ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP")
@@ -403,6 +480,8 @@ def cap_mask(names: Iterable[str]) -> int:
 def guest_config(conf: Confinement) -> list[tuple[str, ...]]:
     """The app's confinement as ``pod.cfg`` fields (see ``stage1_kvm/guest/apps.c``)."""
     out: list[tuple[str, ...]] = [("caps", f"{cap_mask(conf.capabilities):x}")]
+    if conf.capsets is not None:
+        out.append(("capsets", *conf.capsets.masks()))
     if conf.seccomp is not None:
         out.append(("seccomp", seccomp_program(conf.seccomp).hex()))
     if conf.no_new_privileges:

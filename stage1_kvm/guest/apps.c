@@ -1,11 +1,12 @@
 /*
  * kvmrkt guest init: the apps (stage2) and their confinement. Starts each app in its own mount, PID, IPC and UTS
  * namespaces under a small ns-init (pivot_root into its root, /proc, masked and read-only paths, signals
- * forwarded), execs it with its ids, capability bounding set, rlimits, no_new_privs and seccomp filter; signals
- * the running apps and reaps them, writing one START and one EXIT status line per app.
+ * forwarded, its output copied to its ports), execs it with its ids, capability sets, rlimits, no_new_privs and
+ * seccomp filter; signals the running apps and reaps them, writing one START and one EXIT status line per app.
  *
- * Trust: the app is hostile: it holds only its stdio ports, cannot see this init, and nothing here reads what it
- * writes; what it names (its exec path, working directory) reaches messages only through visible().
+ * Trust: the app is hostile: it holds only its stdio (pipes its ns-init copies unparsed to its own ports, or its
+ * terminal), cannot see this init, and nothing here interprets what it writes; what it names (its exec path,
+ * working directory) reaches messages only through visible().
  */
 #include "init.h"
 
@@ -24,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -74,10 +76,35 @@ static int set_effective(unsigned long long keep)
 }
 
 /*
+ * The capability sets the host sent (capsets line): permitted, effective and inheritable by capset, then each
+ * ambient capability raised (the host checked the kernel's rules: effective within permitted, ambient within
+ * permitted and inheritable, inheritable within bounding). Without the line nothing changes here.
+ */
+static int set_capsets(const struct app *a)
+{
+    if (!a->capsets)
+        return 0;
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    for (int i = 0; i < 2; i++) {
+        data[i].effective = (unsigned)(a->cap_eff >> (32 * i));
+        data[i].permitted = (unsigned)(a->cap_perm >> (32 * i));
+        data[i].inheritable = (unsigned)(a->cap_inh >> (32 * i));
+    }
+    if (syscall(SYS_capset, &hdr, data) < 0)
+        return -1;
+    for (int c = 0; c < 64; c++)
+        if ((a->cap_amb >> c & 1) && prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0) < 0)
+            return -1;
+    return 0;
+}
+
+/*
  * In the app's namespaces (its root is /): become the app and exec argv; never returns. Order: stdio and
  * terminal, working directory, rlimits, capability bounding set, groups and ids (capabilities kept across
  * setuid just long enough to install the seccomp filter without no_new_privs), then no_new_privs and the
- * filter, last, so nothing after it needs a call it may deny.
+ * filter, last, so nothing after it needs a call it may deny; the asked capability sets (set_capsets) before
+ * no_new_privs, or (as runc does) after a filter installed without it, which must then allow capset and prctl.
  */
 void exec_app(struct app *a, char **argv, int in, int out, int err)
 {
@@ -116,7 +143,7 @@ void exec_app(struct app *a, char **argv, int in, int out, int err)
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || setuid(a->uid) < 0)
         goto fail;
     step = "capabilities";
-    if (set_effective(a->uid == 0 ? ~0ULL : 1ULL << CAP_SYS_ADMIN) < 0)
+    if (set_effective(a->uid == 0 ? ~0ULL : 1ULL << CAP_SYS_ADMIN) < 0 || (a->nnp && set_capsets(a) < 0))
         goto fail;
     step = "no_new_privs";
     if (a->nnp && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
@@ -127,6 +154,9 @@ void exec_app(struct app *a, char **argv, int in, int out, int err)
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
             goto fail;
     }
+    step = "capabilities";
+    if (!a->nnp && set_capsets(a) < 0)
+        goto fail;
     exec_in_path(argv, a->env);
     int e = errno;
     char shown[1024];
@@ -155,6 +185,30 @@ static int restrict_path(const char *path, int mask)
     return mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 }
 
+/*
+ * Move what is in an app's output pipe to its port (splice: the pages, not a copy; read and write where the port
+ * cannot splice): once, or (drain, the app has ended) until the pipe is empty, at most 16 times (a leftover
+ * child may still write). At the pipe's end the pipe is closed and *fd set to -1.
+ */
+static void relay_output(int *fd, int port, int drain)
+{
+    char buf[65536];
+    if (*fd >= 0 && drain)
+        fcntl(*fd, F_SETFL, O_NONBLOCK);
+    for (int i = 0; *fd >= 0 && i < (drain ? 16 : 1); i++) {
+        ssize_t n = splice(*fd, NULL, port, NULL, 1 << 20, SPLICE_F_MOVE | (drain ? SPLICE_F_NONBLOCK : 0));
+        if (n < 0 && errno == EINVAL && (n = read(*fd, buf, sizeof(buf))) > 0)
+            write_all(port, buf, (size_t)n);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            return;
+        if (n <= 0) {
+            close(*fd);
+            *fd = -1;
+            return;
+        }
+    }
+}
+
 static void ns_fail(struct app *a, int err, const char *what)
 {
     int e = errno;
@@ -164,10 +218,11 @@ static void ns_fail(struct app *a, int err, const char *what)
 }
 
 /*
- * PID 1 of an app's new mount, PID, IPC and UTS namespaces (a clone of this init): mount /proc and the mqueue,
+ * PID 1 of an app's new mount, PID, IPC and UTS namespaces (a clone of this init): mount /proc, mqueue and /sys,
  * pivot_root into the app's root (the old root is detached: no way back to the VM's), mask and protect paths,
  * shed every descriptor but the app's stdio and make itself undumpable, then start the app and, like tini,
- * forward every signal to it and exit with its status (its leftovers die with the namespace). Never returns.
+ * forward every signal to it, copy its output to its ports (relay_output) and exit with its status (its
+ * leftovers die with the namespace). Never returns.
  */
 static void ns_init(struct app *a, const char *hostname, int in, int out, int err)
 {
@@ -177,9 +232,19 @@ static void ns_init(struct app *a, const char *hostname, int in, int out, int er
     snprintf(p, sizeof(p), "%s/proc", a->root);
     if (mount("proc", p, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         ns_fail(a, err, "mounting /proc");
+    /*
+     * The OCI default mounts in the spec's order (proc, dev, dev/pts, dev/shm, dev/mqueue, sys; runtime-tools
+     * checks it in mountinfo): /dev again, a recursive bind of the one setup_dev made, above it.
+     */
+    snprintf(p, sizeof(p), "%s/dev", a->root);
+    if (mount(p, p, NULL, MS_BIND | MS_REC, NULL) < 0)
+        ns_fail(a, err, "binding /dev");
     snprintf(p, sizeof(p), "%s/dev/mqueue", a->root);
     if (mount("mqueue", p, "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         ns_fail(a, err, "mounting /dev/mqueue");
+    snprintf(p, sizeof(p), "%s/sys", a->root);
+    if (mount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+        ns_fail(a, err, "mounting /sys");
     if (hostname)
         sethostname(hostname, strlen(hostname));
     if (chdir(a->root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
@@ -194,24 +259,51 @@ static void ns_init(struct app *a, const char *hostname, int in, int out, int er
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
         _exit(125);
     syscall(SYS_close_range, 3U, ~0U, 0);
+    /*
+     * Without a terminal the app writes into pipes that this process copies to its ports: a virtio port opens
+     * only once, so the app could not reopen its stdout through /dev/stdout (/proc/self/fd/1) otherwise.
+     */
+    int pipes[2][2] = {{-1, -1}, {-1, -1}};
+    if (!isatty(1) && (pipe2(pipes[0], O_CLOEXEC) < 0 || pipe2(pipes[1], O_CLOEXEC) < 0))
+        ns_fail(a, 2, "pipe");
+    if (pipes[0][0] >= 0)
+        fcntl(pipes[0][0], F_SETPIPE_SZ, 1 << 20);  /* fewer wake-ups for a chatty app (best effort) */
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
+    int sfd = signalfd(-1, &all, SFD_CLOEXEC);
+    if (sfd < 0)
+        ns_fail(a, 2, "signalfd");
     pid_t app = fork();
     if (app == 0)
-        exec_app(a, a->argv, 0, 1, 2);
+        exec_app(a, a->argv, 0, pipes[0][1] >= 0 ? pipes[0][1] : 1, pipes[1][1] >= 0 ? pipes[1][1] : 2);
     if (app < 0)
         ns_fail(a, 2, "fork");
+    for (int i = 0; i < 2; i++)
+        if (pipes[i][1] >= 0)
+            close(pipes[i][1]);
     for (;;) {
-        siginfo_t si;
-        int sig = sigwaitinfo(&all, &si);
+        struct pollfd p[3] = {{sfd, POLLIN, 0}, {pipes[0][0], POLLIN, 0}, {pipes[1][0], POLLIN, 0}};
+        if (poll(p, 3, -1) < 0)
+            continue;
+        for (int i = 0; i < 2; i++)
+            if (p[i + 1].revents)
+                relay_output(&pipes[i][0], i + 1, 0);
+        struct signalfd_siginfo si;
+        if (!(p[0].revents & POLLIN) || read(sfd, &si, sizeof(si)) != sizeof(si))
+            continue;
+        int sig = (int)si.ssi_signo;
         if (sig == SIGCHLD) {
             int st;
             pid_t pid;
-            while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
-                if (pid == app)
-                    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
-        } else if (sig > 0 && kill(-app, sig) < 0) {
+            while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (pid != app)
+                    continue;
+                for (int i = 0; i < 2; i++)  /* what the app wrote before it ended */
+                    relay_output(&pipes[i][0], i + 1, 1);
+                _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+            }
+        } else if (kill(-app, sig) < 0) {
             kill(app, sig);  /* not yet a process group leader */
         }
     }
@@ -263,10 +355,17 @@ void start_app(struct pod *pod, int idx, struct tty_relay *relay)
     a->argv[a->argc] = NULL;
     a->env[a->envc] = NULL;
     int term = -1;
-    if (pod->tty && idx == 0) {
+    if (a->terminal) {
+        char fdpath[64], console[PATH_MAX];
         int m = open_terminal(a, &term);
-        if (m < 0) {
-            app_error(a, "allocating a terminal");
+        snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", term);
+        snprintf(console, sizeof(console), "%s/dev/console", a->root);
+        if (m < 0 || mount(fdpath, console, NULL, MS_BIND, NULL) < 0) {  /* /dev/console is its terminal */
+            app_error(a, m < 0 ? "allocating a terminal" : "binding its terminal to /dev/console");
+            if (m >= 0) {
+                close(m);
+                close(term);
+            }
             a->exit_code = 125;
             status("EXIT %s 125", a->name);
             return;

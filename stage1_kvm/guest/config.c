@@ -1,5 +1,5 @@
 /*
- * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 2; the format is in docs/guest-protocol.md)
+ * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 3; the format is in docs/guest-protocol.md)
  * into a struct pod, including each app's seccomp filter (classic BPF in hex, compiled by the host).
  *
  * Trust: the pod config comes from the host (stage0) and is trusted; a config without the version this init
@@ -112,6 +112,12 @@ int parse_config(const char *path, struct pod *pod)
             cur->mounts[cur->nmounts++] = (struct mountspec){fv[1], fv[2]};
         } else if (cur && !strcmp(k, "caps") && n == 2) {
             cur->caps = strtoull(fv[1], NULL, 16);
+        } else if (cur && !strcmp(k, "capsets") && n == 5) {
+            cur->capsets = 1;
+            cur->cap_eff = strtoull(fv[1], NULL, 16);
+            cur->cap_perm = strtoull(fv[2], NULL, 16);
+            cur->cap_inh = strtoull(fv[3], NULL, 16);
+            cur->cap_amb = strtoull(fv[4], NULL, 16);
         } else if (cur && !strcmp(k, "seccomp") && n == 2) {
             if (parse_filter(cur, fv[1]) < 0) {
                 logmsg("bad seccomp filter for app %s", cur->name);

@@ -31,7 +31,7 @@
 #define MAX_FILES 16
 #define MAX_PATHS 64
 #define MAX_RLIMITS 16
-#define POD_CONFIG_VERSION "2"
+#define POD_CONFIG_VERSION "3"
 
 struct mountspec { char *vol; char *target; };
 
@@ -55,6 +55,8 @@ struct app {
     struct mountspec mounts[MAX_VOLS];
     int nmounts;
     unsigned long long caps;    /* capability bounding set */
+    int capsets;                /* 1: set these four before exec (else: root keeps all, no inheritable/ambient) */
+    unsigned long long cap_eff, cap_perm, cap_inh, cap_amb;
     struct sock_filter *filter; /* seccomp (NULL: none) */
     unsigned short filter_len;
     int nnp;
@@ -64,6 +66,7 @@ struct app {
     int nro;
     struct { int resource; rlim_t soft, hard; } rlimits[MAX_RLIMITS];
     int nrlimits;
+    int terminal;               /* runs on a terminal (app 0 of a tty pod): /dev/console is that terminal */
     char root[PATH_MAX];
     pid_t pid;
     int running;

@@ -1,7 +1,7 @@
 /*
  * kvmrkt guest init: each app's filesystem, made before it starts. The pod's volumes; the app's root (its erofs
- * image, through dm-verity when configured, or a 9p share, under a writable overlay in guest memory); its /sys,
- * its minimal read-only /dev, its volume mounts and the pod's files (hostname, hosts, resolv.conf).
+ * image, through dm-verity when configured, or a 9p share, under a writable overlay in guest memory); its
+ * minimal read-only /dev (the OCI defaults), its volume mounts and the pod's files (hostname, hosts, resolv.conf).
  *
  * Trust: the pod config is the host's; the root's contents are the image's (hostile): files are written with
  * RESOLVE_IN_ROOT and O_NOFOLLOW, the roots are nodev and /dev is read-only once made.
@@ -85,15 +85,17 @@ static int write_files(const struct pod *pod, struct app *a)
 }
 
 /*
- * The app's /dev: a small tmpfs holding only harmless nodes (no virtio ports, no disks, console -> null), a
- * devpts instance of its own, shm, and a mount point for its mqueue; read-only once made, so a node the app makes
- * (CAP_MKNOD) can only live on its nodev root, where it cannot be opened.
+ * The app's /dev, as the OCI runtime spec's defaults (runc's): a small tmpfs holding only the default devices
+ * (null, zero, full, random, urandom, tty; no virtio ports, no disks, no kmsg), the links fd, stdin, stdout,
+ * stderr, ptmx -> pts/ptmx and core, a devpts instance of its own, shm, and a mount point for its mqueue (made
+ * in its IPC namespace by ns_init). /dev/console only for an app on a terminal: start_app binds that terminal
+ * onto it. Read-only once made, so a node the app makes (CAP_MKNOD) can only live on its nodev root, where it
+ * cannot be opened.
  */
 static int setup_dev(struct app *a)
 {
-    static const struct { const char *name; unsigned maj, min; mode_t mode; } nodes[] = {
-        {"null", 1, 3, 0666}, {"zero", 1, 5, 0666}, {"full", 1, 7, 0666}, {"random", 1, 8, 0666},
-        {"urandom", 1, 9, 0666}, {"tty", 5, 0, 0666}, {"console", 1, 3, 0666},
+    static const struct { const char *name; unsigned maj, min; } nodes[] = {
+        {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
     };
     static const struct { const char *name, *target; } links[] = {
         {"ptmx", "pts/ptmx"}, {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"},
@@ -101,11 +103,11 @@ static int setup_dev(struct app *a)
     };
     char dev[PATH_MAX], p[PATH_MAX];
     snprintf(dev, sizeof(dev), "%s/dev", a->root);
-    if (mount_at("kvmrkt-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
+    if (mount_at("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
         return app_error(a, "mounting /dev"), -1;
     for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
         snprintf(p, sizeof(p), "%s/%s", dev, nodes[i].name);
-        if (mknod(p, S_IFCHR | nodes[i].mode, makedev(nodes[i].maj, nodes[i].min)) < 0 || chmod(p, nodes[i].mode) < 0)
+        if (mknod(p, S_IFCHR | 0666, makedev(nodes[i].maj, nodes[i].min)) < 0 || chmod(p, 0666) < 0)
             return app_error(a, "making /dev nodes"), -1;
     }
     for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
@@ -113,14 +115,21 @@ static int setup_dev(struct app *a)
         if (symlink(links[i].target, p) < 0)
             return app_error(a, "making /dev links"), -1;
     }
+    if (a->terminal) {  /* the mount point start_app binds the terminal onto */
+        snprintf(p, sizeof(p), "%s/console", dev);
+        int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd < 0)
+            return app_error(a, "/dev/console"), -1;
+        close(fd);
+    }
     snprintf(p, sizeof(p), "%s/mqueue", dev);
     if (mkdir(p, 0755) < 0)
         return app_error(a, "/dev/mqueue"), -1;
     snprintf(p, sizeof(p), "%s/pts", dev);
-    if (mount_at("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") < 0)
+    if (mount_at("devpts", p, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5") < 0)
         return app_error(a, "mounting /dev/pts"), -1;
     snprintf(p, sizeof(p), "%s/shm", dev);
-    if (mount_at("shm", p, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+    if (mount_at("shm", p, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k") < 0)
         return app_error(a, "mounting /dev/shm"), -1;
     if (mount(NULL, dev, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64") < 0)
         return app_error(a, "making /dev read-only"), -1;
@@ -177,14 +186,15 @@ static int setup_root(struct app *a)
 int setup_app(const struct pod *pod, struct app *a)
 {
     snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
+    a->terminal = pod->tty && a == &pod->apps[0];
     if (setup_root(a) < 0)
         return -1;
     char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s/proc", a->root);  /* mounted by the app's ns-init, in its PID namespace */
-    if (mkdirs(dir, 0555) < 0)
+    snprintf(dir, sizeof(dir), "%s/proc", a->root);  /* proc and sys: mounted by the app's ns-init (its PID */
+    if (mkdirs(dir, 0555) < 0)                          /* namespace, the spec's mount order) */
         return app_error(a, "proc"), -1;
     snprintf(dir, sizeof(dir), "%s/sys", a->root);
-    if (mount_at("sysfs", dir, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+    if (mkdirs(dir, 0555) < 0)
         return app_error(a, "sys"), -1;
     if (setup_dev(a) < 0)
         return -1;

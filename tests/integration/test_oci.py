@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -29,6 +30,12 @@ from .test_network import http_get
 HTTPD = "mkdir -p /www && echo served from a VM > /www/index.html && exec httpd -f -p 80 -h /www"
 # Wait (in the container) until its terminal has the size script(1) gave ctr's, then print it.
 WAIT_SIZE = 'for i in $(seq 100); do s=$(stty size); [ "$s" = "33 101" ] && break; sleep 0.1; done; echo size $s'
+# With a terminal, /dev/console is that terminal (the runtime spec's default device).
+CONSOLE_IS_TTY = '[ "$(stat -c %t:%T /dev/console)" = "$(stat -c %t:%T $(tty))" ] && echo console is the tty'
+# The runtime spec's default /dev (no console without a terminal), whatever the guest's devtmpfs holds.
+OCI_DEV = "core fd full mqueue null ptmx pts random shm stderr stdin stdout tty urandom zero"
+# Each line of /proc/self/mountinfo as "mount point:type:source".
+MOUNTS_AWK = """'{i = 7; while ($i != "-") i++; print $5 ":" $(i+1) ":" $(i+2)}'"""
 SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -107,8 +114,10 @@ class Oci:
 @pytest.fixture
 def oci(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> Iterator[Oci]:
     binary = tmp_path / "kvmrkt-oci"
-    binary.write_text(f"#!/bin/sh\nexec {Path(sys.executable).parent / 'kvmrkt-oci'} --config-dir {kvmrkt.config} "
-                      f"--dir {kvmrkt.data} \"$@\"\n")
+    # podman cleans the environment of the runtime it starts: the tree under test is named in the script.
+    pythonpath = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
+    binary.write_text(f"#!/bin/sh\n{pythonpath}exec {Path(sys.executable).parent / 'kvmrkt-oci'} "
+                      f"--config-dir {kvmrkt.config} --dir {kvmrkt.data} \"$@\"\n")
     binary.chmod(0o755)
     o = Oci(kvmrkt, binary, tmp_path / "oci-root", busybox_layout)
     yield o
@@ -219,6 +228,53 @@ def test_a_writable_bundle_root_never_gets_privileged_files(oci: Oci, tmp_path: 
         st = (root / name).lstat()
         assert stat.S_ISREG(st.st_mode) and not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and st.st_uid == uid
     assert oci("delete", "w").returncode == 0
+
+
+def test_dev_rlimits_and_capabilities_are_what_config_json_asks(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    """The container's /dev is the spec's default (its links work: a program logging to /dev/stdout is heard),
+    mounted in the spec's order; process.rlimits are applied as asked, and all five capability sets of
+    process.capabilities."""
+    script = ("echo dev: $(ls -A /dev); readlink /dev/ptmx; echo to-stdout > /dev/stdout; "
+              "echo to-stderr > /dev/stderr; echo nofile $(ulimit -Sn) $(ulimit -Hn); grep ^Cap /proc/self/status; "
+              f"echo mounts $(awk {MOUNTS_AWK} /proc/self/mountinfo)")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", script])
+    cfg = json.loads((b / "config.json").read_text())
+    caps = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_RAW"]
+    sets = ("bounding", "effective", "permitted", "inheritable", "ambient")
+    cfg["process"]["capabilities"] = dict.fromkeys(sets, caps)
+    cfg["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 3000, "hard": 5000}]
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = oci.create("dev", b)
+    assert rc == 0, err.read_text()
+    oci("start", "dev")
+    assert wait_exit(oci.pid("dev", b)) == 0, err.read_text()
+    lines = out.read_text().splitlines()
+    assert lines[:4] == [f"dev: {OCI_DEV}", "pts/ptmx", "to-stdout", "nofile 3000 5000"], lines
+    assert err.read_text() == "to-stderr\n"
+    assert lines[4:9] == [f"{k}:\t0000000000002021" for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")]
+    # The default mounts in the spec's order (mount point:type:source), as runtime-tools checks it.
+    mounts = iter(lines[9].split()[1:])
+    for want in ("/proc:proc:proc", "/dev:tmpfs:tmpfs", "/dev/pts:devpts:devpts", "/dev/shm:tmpfs:shm",
+                 "/dev/mqueue:mqueue:mqueue", "/sys:sysfs:sysfs"):
+        assert want in mounts, (want, lines[9])  # consumes the iterator: in this order
+    assert oci("delete", "dev").returncode == 0
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rlimits", [{"type": "RLIMIT_TEST", "soft": 1024, "hard": 1024}], "process.rlimits[0].type: unknown rlimit"),
+    ("capabilities", {"bounding": ["CAP_CHOWN", "CAP_TEST"]}, "process.capabilities.bounding: unknown capability"),
+])  # fmt: skip
+def test_a_refused_bundle_leaves_nothing(oci: Oci, tmp_path: Path, field: str, value: Any, message: str) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["process"][field] = value
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("bad", b)
+    assert rc != 0 and message in err.read_text(), err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+    assert not (oci.root / "kvmrkt-oci").exists() or not list((oci.root / "kvmrkt-oci").iterdir())
 
 
 def test_create_then_delete_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
@@ -369,9 +425,9 @@ def test_ctr_run_output_exit_code_and_terminal(oci: Oci, containerd: Containerd)
     assert res.stdout == "hello from 6.1.192\n" or res.stdout.startswith("hello from ")
     # ctr passes its terminal's size on (a resize after start): the guest terminal follows.
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "-t", containerd.image, "r2", "/bin/sh", "-c",
-                                   f"tty; {WAIT_SIZE}; exit 6"), tty=True)
+                                   f"tty; {WAIT_SIZE}; {CONSOLE_IS_TTY}; exit 6"), tty=True)
     assert res.returncode == 6, res.stdout + res.stderr
-    assert "/dev/pts/0" in res.stdout and "size 33 101" in res.stdout
+    assert "/dev/pts/0" in res.stdout and "size 33 101" in res.stdout and "console is the tty" in res.stdout
     res = containerd.ctr(*run_args(oci, containerd, "--rm", "--memory-limit", str(512 << 20), containerd.image, "r3",
                                    "/bin/sh", "-c", "grep MemTotal /proc/meminfo"))
     assert res.returncode == 0 and int(res.stdout.split()[1]) > 500_000  # the VM was sized from linux.resources

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,72 @@ def test_app_flags_parse() -> None:
     req = apps[0].confinement
     assert req.caps_retain == ("CAP_NET_ADMIN", "CAP_SYS_TIME")
     assert req.seccomp == c.Seccomp("retain", ("read", "write"))
+
+
+@pytest.mark.parametrize(("rlimits", "message"), [
+    ([{"type": "RLIMIT_TEST", "soft": 1024, "hard": 1024}],
+     r"process\.rlimits\[0\]\.type: unknown rlimit 'RLIMIT_TEST'"),
+    ([{"type": "RLIMIT_NOFILE", "soft": 1, "hard": 1}, {"type": "RLIMIT_NOFILE", "soft": 2, "hard": 2}],
+     r"process\.rlimits\[1\]\.type: RLIMIT_NOFILE is given twice"),
+    ([{"type": "RLIMIT_NOFILE", "soft": 4096, "hard": 1024}],
+     r"process\.rlimits\[0\]: RLIMIT_NOFILE soft limit 4096 is above"),
+    ([{"type": "RLIMIT_NOFILE", "soft": "1024", "hard": 1024}], r"process\.rlimits\[0\]: expected"),
+    ([{"type": "RLIMIT_NOFILE", "soft": True, "hard": 1024}], r"process\.rlimits\[0\]: expected"),
+    ([{"type": "RLIMIT_NOFILE", "soft": -1, "hard": 1024}], r"process\.rlimits\[0\]: expected"),
+    ([{"type": "RLIMIT_NOFILE", "soft": 1, "hard": 2**64}], r"process\.rlimits\[0\]: expected"),
+    ([{"type": 7, "soft": 1, "hard": 1}], r"process\.rlimits\[0\]: expected"),
+    ({"RLIMIT_NOFILE": 1}, r"process\.rlimits must be a list"),
+])  # fmt: skip
+def test_oci_rlimits_refusals_name_the_field(rlimits: Any, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        c.from_oci({"rlimits": rlimits}, {}, ())
+
+
+def test_oci_rlimits_are_kept_as_asked() -> None:
+    asked = [{"type": "RLIMIT_NOFILE", "soft": 3000, "hard": 4000}, {"type": "RLIMIT_AS", "soft": 0, "hard": 2**64 - 1}]
+    conf = c.from_oci({"rlimits": asked}, {}, ())
+    assert conf.rlimits == (("RLIMIT_NOFILE", 3000, 4000), ("RLIMIT_AS", 0, 2**64 - 1))
+    assert ("rlimit", "7", "3000", "4000") in c.guest_config(conf)
+    assert c.from_oci({}, {}, ()).rlimits == ()  # the guest's defaults
+
+
+def test_oci_capability_sets_are_carried_to_the_guest() -> None:
+    caps = {"bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_RAW"], "effective": ["CAP_KILL"],
+            "permitted": ["CAP_KILL", "CAP_CHOWN"], "inheritable": ["CAP_CHOWN"], "ambient": ["CAP_CHOWN"]}
+    conf = c.from_oci({"capabilities": caps}, {}, ())
+    assert conf.capabilities == ("CAP_CHOWN", "CAP_KILL", "CAP_NET_RAW")
+    assert conf.capsets == c.CapSets(("CAP_KILL",), ("CAP_CHOWN", "CAP_KILL"), ("CAP_CHOWN",), ("CAP_CHOWN",))
+    assert ("capsets", "20", "21", "1", "1") in c.guest_config(conf)
+    assert c.Confinement.from_dict(conf.to_dict(), "x") == conf
+    # Only bounding given: the other sets are empty (runc); no process.capabilities: kvmrkt's defaults.
+    assert c.from_oci({"capabilities": {"bounding": ["CAP_KILL"]}}, {}, ()).capsets == c.CapSets()
+    assert c.from_oci({}, {}, ()).capsets is None
+    assert not any(f[0] == "capsets" for f in c.guest_config(c.Confinement()))
+    assert "capabilitySets" not in c.Confinement().to_dict()  # kvmrkt run's manifests are unchanged
+    assert c.lift(conf, {"capabilities"}).capsets is None
+
+
+@pytest.mark.parametrize(("caps", "message"), [
+    ({"bounding": ["CAP_CHOWN", "CAP_TEST"]}, r"process\.capabilities\.bounding: unknown capability 'CAP_TEST'"),
+    ({"effective": ["CAP_TEST"]}, r"process\.capabilities\.effective: unknown capability"),
+    ({"ambient": ["CAP_TEST"]}, r"process\.capabilities\.ambient: unknown capability"),
+    ({"permitted": "CAP_KILL"}, r"process\.capabilities\.permitted must be a list of strings"),
+    ({"inheritable": [1]}, r"process\.capabilities\.inheritable must be a list of strings"),
+    ({"effective": ["CAP_KILL"]}, r"process\.capabilities: effective capabilities not in the permitted set: CAP_KILL"),
+    ({"permitted": ["CAP_KILL"], "ambient": ["CAP_KILL"]}, r"ambient capabilities not both permitted and inheritable"),
+    ({"inheritable": ["CAP_SYS_ADMIN"]}, r"inheritable capabilities not in the bounding set: CAP_SYS_ADMIN"),
+    (["CAP_KILL"], r"process\.capabilities must be an object"),
+])  # fmt: skip
+def test_oci_capability_refusals_name_the_field(caps: Any, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        c.from_oci({"capabilities": caps}, {}, ())
+
+
+def test_manifest_capability_sets_are_strict() -> None:
+    good = c.Confinement(capsets=c.CapSets(("CAP_KILL",), ("CAP_KILL",))).to_dict()
+    for bad in ({"effective": []}, {"effective": [], "permitted": [], "inheritable": [], "ambient": "x"}, []):
+        with pytest.raises(ManifestError, match="capabilitySets"):
+            c.Confinement.from_dict(good | {"capabilitySets": bad}, "x")
+    with pytest.raises(ManifestError, match="unknown capability"):
+        c.Confinement.from_dict(good | {"capabilitySets": {
+            "effective": [], "permitted": ["CAP_NOPE"], "inheritable": [], "ambient": []}}, "x")

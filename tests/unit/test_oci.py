@@ -93,6 +93,10 @@ def test_manifest_for_a_bundle(tmp_path: Path) -> None:
     ({"mounts": [{"destination": "relative", "type": "tmpfs"}]}, "absolute"),
     ({"annotations": {"a": 1}}, "annotations"),
     ({"process": "nope"}, "process"),
+    ({"process__rlimits": [{"type": "RLIMIT_TEST", "soft": 1024, "hard": 1024}]},
+     r"config\.json: process\.rlimits\[0\]\.type: unknown rlimit 'RLIMIT_TEST'"),
+    ({"process__capabilities": {"bounding": ["CAP_TEST"]}},
+     r"config\.json: process\.capabilities\.bounding: unknown capability 'CAP_TEST'"),
 ])
 def test_bad_configs_are_named(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ManifestError, match=message):
