@@ -42,6 +42,7 @@ class TapResult:
     seconds: float
     failed: tuple[str, ...]  # the "not ok" lines, or why the program as a whole failed
     output: str
+    mounts: tuple[str, ...] = ()  # what the runtime left mounted on the host (unmounted since)
 
 
 def classify(stdout: str, returncode: int | None) -> tuple[str, tuple[str, ...]]:
@@ -74,13 +75,24 @@ def validation_names(suite: Path) -> list[str]:
     return sorted(p.stem for p in (suite / "validation").glob("*.t"))
 
 
+def unmount_under(path: Path) -> tuple[str, ...]:
+    """Lazily unmount everything mounted under ``path``, deepest first, and return the mount points. A runtime
+    given a config without a mount namespace (linux_ns_itype) mounts into the host's: runc binds the rootfs and
+    mounts /proc, /dev, /sys there. Removing the directory must never reach through such mounts."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = tuple(p for p in points if p.startswith(f"{path}/"))
+    for point in reversed(inside):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return inside
+
+
 def run_one(suite: Path, name: str, runtime: Path, work: Path, timeout: float) -> TapResult:
     """Run ``validation/<name>.t`` with ``RUNTIME=runtime`` from a directory holding runtimetest and the rootfs
     tarball (where the suite looks for them); its bundles go to a temporary directory under ``work``."""
     cwd = work / name
     cwd.mkdir(parents=True)
-    for f in ("bin/runtimetest", "rootfs-amd64.tar.gz"):
-        os.symlink(suite / f, cwd / Path(f).name)
+    os.symlink(suite / "rootfs-amd64.tar.gz", cwd / "rootfs-amd64.tar.gz")
+    shutil.copy2(suite / "bin" / "runtimetest", cwd / "runtimetest")  # copied into bundles: a link would dangle
     env = {**os.environ, "RUNTIME": str(runtime), "TMPDIR": str(cwd)}
     started = time.monotonic()
     proc = subprocess.Popen([str(suite / "validation" / f"{name}.t")], cwd=cwd, env=env, stdout=subprocess.PIPE,
@@ -93,7 +105,7 @@ def run_one(suite: Path, name: str, runtime: Path, work: Path, timeout: float) -
         out, _ = proc.communicate()
         rc = None
     status, failed = classify(out, rc)
-    return TapResult(name, status, time.monotonic() - started, failed, out)
+    return TapResult(name, status, time.monotonic() - started, failed, out, unmount_under(cwd))
 
 
 def run_suite(suite: Path, runtime: Path, work: Path, *, timeout: float = 60, names: list[str] | None = None,
@@ -109,6 +121,7 @@ def run_suite(suite: Path, runtime: Path, work: Path, *, timeout: float = 60, na
 
 def print_result(res: TapResult) -> None:
     why = f"  ({res.failed[0][:150]})" if res.failed else ""
+    why += f"  [left {len(res.mounts)} mounts on the host, unmounted]" if res.mounts else ""
     print(f"{res.status:7} {res.seconds:5.1f}s {res.name}{why}", flush=True)
 
 
@@ -128,21 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oci_conformance: {args.runtime} not found", file=sys.stderr)
         return 1
     suite = ensure("runtime-tools")  # runtimetest, validation/*.t, rootfs-amd64.tar.gz
-    with tempfile.TemporaryDirectory(prefix="oci-conformance-") as tmp:
-        work = Path(tmp)
-        root = work / "state"
-        wrapper = work / "runtime"  # the runtime with a state root of its own, so leftovers can be found
-        wrapper.write_text(f'#!/bin/sh\nexec {binary} --root {root} "$@"\n')
-        wrapper.chmod(0o755)
-        started = time.monotonic()
-        try:
-            results = run_suite(suite, wrapper, work / "tests", timeout=args.timeout, names=args.tests,
-                                report=print_result)
-        finally:
-            listing = subprocess.run([str(wrapper), "list", "-q"], capture_output=True, text=True, check=False)
-            for cid in listing.stdout.split():
-                subprocess.run([str(wrapper), "delete", "--force", cid], capture_output=True, check=False)
-        elapsed = time.monotonic() - started
+    work = Path(tempfile.mkdtemp(prefix="oci-conformance-"))
+    root = work / "state"
+    wrapper = work / "runtime"  # the runtime with a state root of its own, so leftovers can be found
+    wrapper.write_text(f'#!/bin/sh\nexec {binary} --root {root} "$@"\n')
+    wrapper.chmod(0o755)
+    started = time.monotonic()
+    try:
+        results = run_suite(suite, wrapper, work / "tests", timeout=args.timeout, names=args.tests,
+                            report=print_result)
+    finally:
+        listing = subprocess.run([str(wrapper), "list", "-q"], capture_output=True, text=True, check=False)
+        for cid in listing.stdout.split():
+            subprocess.run([str(wrapper), "delete", "--force", cid], capture_output=True, check=False)
+        unmount_under(work)
+        shutil.rmtree(work)
+    elapsed = time.monotonic() - started
     passed = [r.name for r in results if r.status == "pass"]
     print(json.dumps({"runtime": binary, "passed": len(passed), "total": len(results),
                       "skipped": [r.name for r in results if r.status == "skip"],
