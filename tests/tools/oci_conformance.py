@@ -95,15 +95,18 @@ def run_one(suite: Path, name: str, runtime: Path, work: Path, timeout: float) -
     shutil.copy2(suite / "bin" / "runtimetest", cwd / "runtimetest")  # copied into bundles: a link would dangle
     env = {**os.environ, "RUNTIME": str(runtime), "TMPDIR": str(cwd)}
     started = time.monotonic()
-    proc = subprocess.Popen([str(suite / "validation" / f"{name}.t")], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        rc: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group is the .t and the runtime commands it started
-        out, _ = proc.communicate()
-        rc = None
+    # Output to a file, not a pipe: a runtime's daemon that inherits it must not keep us waiting for EOF.
+    with (cwd / "tap.out").open("w+") as out_file:
+        proc = subprocess.Popen([str(suite / "validation" / f"{name}.t")], cwd=cwd, env=env, stdout=out_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group is the .t and the runtime commands it started
+            proc.wait()
+            rc = None
+        out_file.seek(0)
+        out = out_file.read()
     status, failed = classify(out, rc)
     return TapResult(name, status, time.monotonic() - started, failed, out, unmount_under(cwd))
 
