@@ -31,6 +31,7 @@ from tests.tools.build_go_tools import ensure
 
 _PLAN = re.compile(r"^1\.\.(\d+)")
 _RESULT = re.compile(r"^(not ok|ok)\b(.*)$")
+_NOTE = re.compile(r'^(\s+"error": |WARNING: )')
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,15 @@ class TapResult:
 
 
 def classify(stdout: str, returncode: int | None) -> tuple[str, tuple[str, ...]]:
-    """Judge one TAP stream as prove(1) does: the plan is met, nothing is "not ok", the program exited 0."""
+    """Judge one TAP stream as prove(1) does (the plan is met, nothing is "not ok", the program exited 0), with
+    the suite's own way of failing a lifecycle test: no result line at all ("1..0") and a diagnostic with an
+    ``"error"``, or a "WARNING:" line (poststop's "The poststop hook invoke fails")."""
     if returncode is None:
         return "timeout", ("timed out",)
-    planned, oks, skips, failed = None, 0, 0, []
+    planned, oks, skips, failed, notes = None, 0, 0, [], []
     for line in stdout.splitlines():
+        if _NOTE.match(line):
+            notes.append(line.strip())
         if (m := _PLAN.match(line)) and planned is None:
             planned = int(m.group(1))
         elif m := _RESULT.match(line):
@@ -68,6 +73,8 @@ def classify(stdout: str, returncode: int | None) -> tuple[str, tuple[str, ...]]
         return "fail", (f"exited {returncode}",)
     if planned is None or planned != oks:
         return "fail", (f"plan {planned} but {oks} results",)
+    if not oks and notes:
+        return "fail", tuple(notes)
     return ("skip" if oks and skips == oks else "pass"), ()
 
 

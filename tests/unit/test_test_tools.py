@@ -56,3 +56,12 @@ def test_a_cached_build_is_reused_and_keyed_by_the_tarball(tmp_path: Path, monke
     assert build_go_tools.cached("runtime-tools") is None
     with pytest.raises(build_go_tools.ToolBuildError, match="go is not installed"):
         build_go_tools.ensure("runtime-tools")
+
+
+def test_a_lifecycle_test_fails_by_its_error_diagnostic_or_warning_without_results() -> None:
+    error = 'TAP version 13\n  ---\n  {\n    "error": "The prestart hooks MUST be invoked"\n  }\n  ...\n1..0\n'
+    assert classify(error, 0) == ("fail", ('"error": "The prestart hooks MUST be invoked"',))
+    assert classify("TAP version 13\nWARNING: The poststop hook invoke fails\n1..0\n", 0)[0] == "fail"
+    assert classify("TAP version 13\n1..0\n", 0) == ("pass", ())  # the lifecycle ran as the spec says
+    detail = 'ok 1 - state MUST error\n  ---\n  {\n    "error": "container does not exist"\n  }\n  ...\n1..1\n'
+    assert classify(detail, 0) == ("pass", ())  # an expected error, detailed under its result
