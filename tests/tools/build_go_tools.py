@@ -113,10 +113,10 @@ def cached(name: str) -> Path | None:
 
 def ensure(name: str) -> Path:
     """Return the cache directory holding tool ``name``'s binaries, building them first if they are not cached."""
+    if done := cached(name):
+        return done
     tarball = _tarball(name)
     final = CACHE / sha256(tarball)
-    if (final / "DONE").is_file():
-        return final
     if not shutil.which("go"):
         raise ToolBuildError("go is not installed: install Debian's golang-go (make setup does)")
     CACHE.mkdir(parents=True, exist_ok=True)
