@@ -12,11 +12,11 @@ DEBS := qemu-system-x86 busybox-static erofs-utils umoci skopeo swtpm swtpm-tool
 	linux-source-6.1 bc flex bison libelf-dev libssl-dev gcc make libc6-dev cpio xz-utils \
 	libtss2-dev libvirt-dev pkg-config python3 python3-venv python3-dev cryptsetup-bin tpm2-tools \
 	libvirt-daemon-system libvirt-clients libxml2-utils containernetworking-plugins iproute2 iptables \
-	containerd runc podman golang-github-opencontainers-specs-dev
+	containerd runc podman golang-github-opencontainers-specs-dev golang-go
 
-.PHONY: setup debs venv assets run test unit integration lint bench clean
+.PHONY: setup debs venv assets gotools run test unit integration lint bench clean
 
-setup: debs venv assets
+setup: debs venv assets gotools
 
 debs:
 	@if [ "$$(id -u)" != 0 ]; then echo "make setup needs root (it installs Debian packages)"; exit 1; fi
@@ -42,6 +42,11 @@ $(VENV)/.installed: pyproject.toml
 assets: debs venv
 	$(KVMRKT) stage1 build --kernel=minimal
 	$(KVMRKT) stage1 build --kernel=debian-cloud
+
+# crictl and the runtime-tools OCI validation suite, built from ../shared/vendor (or $$KVMRKT_VENDOR_DIR) with
+# Debian's Go, offline; cached under /var/cache/kvmrkt-test/<tarball sha256>/ (minutes the first time, then nothing).
+gotools: debs venv
+	$(PY) tests/tools/build_go_tools.py
 
 run: setup
 	@echo "== kvmrkt demo: every command below can be repeated by hand (kvmrkt is in /usr/local/bin) =="

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,12 +20,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.errors import AssetError
 from stage1_kvm.assets import load_assets
+from tests.tools.build_go_tools import cached
+
+from .cri import CriNode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -371,3 +377,114 @@ def kvmrkt(tmp_path: Path, busybox_layout: Path, swtpm: Swtpm) -> Iterator[Kvmrk
     assert not leaked, f"leaked QEMU processes {leaked}"
     assert not net_leaks(before), f"leaked host network state {net_leaks(before)}"
     assert not jail_leaks(data), f"leaked jail state {jail_leaks(data)}"
+
+
+SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
+
+
+def state_schema() -> dict[str, Any]:
+    """runtime-spec's state-schema.json with its references to defs.json inlined."""
+    defs = json.loads((SCHEMA_DIR / "defs.json").read_text())["definitions"]
+    schema: dict[str, Any] = json.loads((SCHEMA_DIR / "state-schema.json").read_text())
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith(("defs.json#/definitions/", "#/definitions/")):  # within defs.json, refs are local
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return dict(inline(schema))
+
+
+@dataclass
+class Oci:
+    """kvmrkt-oci with the test's config and data dirs, reachable as one executable (for ctr and podman)."""
+
+    kvmrkt: Kvmrkt
+    binary: Path
+    root: Path
+    busybox_layout: Path
+
+    def __call__(
+        self, *args: str, stdout: Any = subprocess.PIPE, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout, input=input,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
+
+    def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL,
+               flags: tuple[str, ...] = ()) -> tuple[int, Path, Path]:
+        """``create`` with the container's stdout/stderr in files (the supervisor keeps them open, so pipes
+        would not reach EOF); returns the exit code and the two files."""
+        out, err = bundle.parent / f"{cid}.out", bundle.parent / f"{cid}.err"
+        with out.open("w") as o, err.open("w") as e:
+            res = subprocess.run([str(self.binary), "--root", str(self.root), *flags, "create", "--bundle", str(bundle),
+                                  "--pid-file", str(bundle.parent / f"{cid}.pid"), cid], stdin=stdin, stdout=o,
+                                 stderr=e, timeout=120, check=False)
+        return res.returncode, out, err
+
+    def pid(self, cid: str, bundle: Path) -> int:
+        return int((bundle.parent / f"{cid}.pid").read_text())
+
+    def state(self, cid: str) -> dict[str, Any]:
+        res = self("state", cid)
+        assert res.returncode == 0, res.stderr
+        doc: dict[str, Any] = json.loads(res.stdout)
+        jsonschema.validate(doc, state_schema())
+        return doc
+
+    def bundle(self, path: Path, args: list[str], *, terminal: bool = False, **extra: Any) -> Path:
+        """An OCI bundle unpacked by umoci from the busybox image, running ``args``."""
+        subprocess.run(["umoci", "unpack", "--image", f"{self.busybox_layout}:latest", str(path)], check=True,
+                       capture_output=True)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["process"].update({"args": args, "terminal": terminal})
+        cfg.update(extra)
+        (path / "config.json").write_text(json.dumps(cfg))
+        return path
+
+    def wait_status(self, cid: str, status: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(cid)
+            if st["status"] == status or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def oci(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> Iterator[Oci]:
+    binary = tmp_path / "kvmrkt-oci"
+    # podman cleans the environment of the runtime it starts: the tree under test is named in the script.
+    pythonpath = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
+    binary.write_text(f"#!/bin/sh\n{pythonpath}exec {Path(sys.executable).parent / 'kvmrkt-oci'} "
+                      f"--config-dir {kvmrkt.config} --dir {kvmrkt.data} \"$@\"\n")
+    binary.chmod(0o755)
+    o = Oci(kvmrkt, binary, tmp_path / "oci-root", busybox_layout)
+    yield o
+    for st in json.loads(o("list", "--format", "json").stdout or "[]"):
+        o("delete", "--force", st["id"])
+
+
+def go_tool(request: pytest.FixtureRequest, name: str) -> Path:
+    """The cache directory of a Go test tool built by tests/tools/build_go_tools.py (``make setup``): a skip with
+    the reason if it is not built, a failure under --require-capabilities. Tests never build it themselves."""
+    path = cached(name)
+    if path is None:
+        reason = f"{name} is not built (run `make setup`, or tests/tools/build_go_tools.py)"
+        if request.config.getoption("--require-capabilities"):
+            pytest.fail(f"required capability missing: {reason}")
+        pytest.skip(f"missing capability: {reason}")
+    return path
+
+
+@pytest.fixture
+def cri(oci: Oci, request: pytest.FixtureRequest) -> Iterator[CriNode]:
+    """A private containerd with the CRI plugin in a network namespace of its own (the node), handlers ``runc``
+    and ``kvmrkt`` (this test's kvmrkt-oci), and crictl; torn down by pid, and anything left is a failure."""
+    crictl = go_tool(request, "cri-tools") / "bin" / "crictl"
+    node = CriNode.start(Path(f"/tmp/kvmrkt-cri-{os.getpid()}"), crictl, oci.binary)
+    yield node
+    node.stop()
+    assert not node.leaks, f"the CRI node had to clean up after the test: {node.leaks}"

@@ -8,22 +8,19 @@ import ctypes
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
-from .conftest import BASE_CONFIG, Kvmrkt
+from .conftest import BASE_CONFIG, Oci
 from .registry import free_port
 from .test_network import http_get
 
@@ -36,93 +33,7 @@ CONSOLE_IS_TTY = '[ "$(stat -c %t:%T /dev/console)" = "$(stat -c %t:%T $(tty))" 
 OCI_DEV = "core fd full mqueue null ptmx pts random shm stderr stdin stdout tty urandom zero"
 # Each line of /proc/self/mountinfo as "mount point:type:source".
 MOUNTS_AWK = """'{i = 7; while ($i != "-") i++; print $5 ":" $(i+1) ":" $(i+2)}'"""
-SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
 PR_SET_CHILD_SUBREAPER = 36
-
-
-def state_schema() -> dict[str, Any]:
-    """runtime-spec's state-schema.json with its references to defs.json inlined."""
-    defs = json.loads((SCHEMA_DIR / "defs.json").read_text())["definitions"]
-    schema: dict[str, Any] = json.loads((SCHEMA_DIR / "state-schema.json").read_text())
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith(("defs.json#/definitions/", "#/definitions/")):  # within defs.json, refs are local
-                return inline(defs[ref.rsplit("/", 1)[1]])
-            return {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return dict(inline(schema))
-
-
-@dataclass
-class Oci:
-    """kvmrkt-oci with the test's config and data dirs, reachable as one executable (for ctr and podman)."""
-
-    kvmrkt: Kvmrkt
-    binary: Path
-    root: Path
-    busybox_layout: Path
-
-    def __call__(
-        self, *args: str, stdout: Any = subprocess.PIPE, timeout: float = 120, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.binary), "--root", str(self.root), *args], stdout=stdout, input=input,
-                              stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
-
-    def create(self, cid: str, bundle: Path, *, stdin: Any = subprocess.DEVNULL,
-               flags: tuple[str, ...] = ()) -> tuple[int, Path, Path]:
-        """``create`` with the container's stdout/stderr in files (the supervisor keeps them open, so pipes
-        would not reach EOF); returns the exit code and the two files."""
-        out, err = bundle.parent / f"{cid}.out", bundle.parent / f"{cid}.err"
-        with out.open("w") as o, err.open("w") as e:
-            res = subprocess.run([str(self.binary), "--root", str(self.root), *flags, "create", "--bundle", str(bundle),
-                                  "--pid-file", str(bundle.parent / f"{cid}.pid"), cid], stdin=stdin, stdout=o,
-                                 stderr=e, timeout=120, check=False)
-        return res.returncode, out, err
-
-    def pid(self, cid: str, bundle: Path) -> int:
-        return int((bundle.parent / f"{cid}.pid").read_text())
-
-    def state(self, cid: str) -> dict[str, Any]:
-        res = self("state", cid)
-        assert res.returncode == 0, res.stderr
-        doc: dict[str, Any] = json.loads(res.stdout)
-        jsonschema.validate(doc, state_schema())
-        return doc
-
-    def bundle(self, path: Path, args: list[str], *, terminal: bool = False, **extra: Any) -> Path:
-        """An OCI bundle unpacked by umoci from the busybox image, running ``args``."""
-        subprocess.run(["umoci", "unpack", "--image", f"{self.busybox_layout}:latest", str(path)], check=True,
-                       capture_output=True)
-        cfg = json.loads((path / "config.json").read_text())
-        cfg["process"].update({"args": args, "terminal": terminal})
-        cfg.update(extra)
-        (path / "config.json").write_text(json.dumps(cfg))
-        return path
-
-    def wait_status(self, cid: str, status: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.state(cid)
-            if st["status"] == status or time.monotonic() > deadline:
-                return st
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def oci(kvmrkt: Kvmrkt, tmp_path: Path, busybox_layout: Path) -> Iterator[Oci]:
-    binary = tmp_path / "kvmrkt-oci"
-    # podman cleans the environment of the runtime it starts: the tree under test is named in the script.
-    pythonpath = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
-    binary.write_text(f"#!/bin/sh\n{pythonpath}exec {Path(sys.executable).parent / 'kvmrkt-oci'} "
-                      f"--config-dir {kvmrkt.config} --dir {kvmrkt.data} \"$@\"\n")
-    binary.chmod(0o755)
-    o = Oci(kvmrkt, binary, tmp_path / "oci-root", busybox_layout)
-    yield o
-    for st in json.loads(o("list", "--format", "json").stdout or "[]"):
-        o("delete", "--force", st["id"])
 
 
 @pytest.fixture
