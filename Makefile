@@ -43,7 +43,7 @@ assets: debs venv
 	$(KVMRKT) stage1 build --kernel=minimal
 	$(KVMRKT) stage1 build --kernel=debian-cloud
 
-# crictl and the runtime-tools OCI validation suite, built from ../shared/vendor (or $$KVMRKT_VENDOR_DIR) with
+# crictl and the runtime-tools OCI validation suite, built from tests/vendor (or $$KVMRKT_VENDOR_DIR) with
 # Debian's Go, offline; cached under /var/cache/kvmrkt-test/<tarball sha256>/ (minutes the first time, then nothing).
 gotools: debs venv
 	$(PY) tests/tools/build_go_tools.py

@@ -1,7 +1,7 @@
 """Build the third-party Go test tools (crictl; runtime-tools' oci-runtime-tool, runtimetest and validation suite).
 
 Role: test infrastructure only, run by ``make setup``; nothing here is part of kvmrkt. The tools are built offline
-from the vendored source tarballs in ``$KVMRKT_VENDOR_DIR`` (else ``<repo>/../shared/vendor``) with Debian's Go and
+from the vendored source tarballs in ``$KVMRKT_VENDOR_DIR`` (else ``tests/vendor``, committed) with Debian's Go and
 cached under ``/var/cache/kvmrkt-test/<tarball sha256>/`` (built in a temporary directory and renamed into place,
 so a cache directory is either complete or absent; a second run finds it and does nothing).
 
@@ -44,8 +44,9 @@ TOOLS = (Tool("cri-tools", "cri-tools-1.26.1.tar.xz"), Tool("runtime-tools", "ru
 
 
 def vendor_dir() -> Path:
+    """``$KVMRKT_VENDOR_DIR``, else the copies committed in ``tests/vendor`` (a clean clone builds them offline)."""
     env = os.environ.get("KVMRKT_VENDOR_DIR")
-    return Path(env) if env else (REPO.parent / "shared" / "vendor").resolve()
+    return Path(env) if env else REPO / "tests" / "vendor"
 
 
 def sha256(path: Path) -> str:
