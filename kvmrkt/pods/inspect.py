@@ -8,6 +8,7 @@ derived on the host (an integrity failure outranks whatever the guest said).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from kvmrkt.config import RuntimeConfig
@@ -27,6 +28,7 @@ from kvmrkt.pods.records import (
     measured,
     pod_manifest,
 )
+from kvmrkt.stage1 import BackendStatus
 
 
 class PodInspector:
@@ -51,23 +53,22 @@ class PodInspector:
             manifest = pod_manifest(pod)
         except KvmrktError:
             manifest = None
-        backend_info: dict[str, Any] = {}
+        backend: BackendStatus | None = None
         if pod.phase not in NOT_STARTED:
-            try:
-                backend_info = backend_for(self.config, pod).status(pod).to_dict()
-            except KvmrktError as exc:
-                backend_info = {"error": exc.message}
-        info.update({k: backend_info.get(k) for k in ("backend", "accel", "pid", "started", "memory_mib", "vcpus")})
-        info["backend"] = info["backend"] or (rec.backend if rec else None)
-        exits = backend_info.get("app_exit_codes", {})
-        errors = backend_info.get("app_errors", {})
+            with contextlib.suppress(KvmrktError):  # the pod's own records still answer
+                backend = backend_for(self.config, pod).status(pod)
+        info["backend"] = backend.backend if backend else (rec.backend if rec else None)
+        info.update({k: getattr(backend, k) if backend else None
+                     for k in ("accel", "pid", "started", "memory_mib", "vcpus")})
+        exits = backend.app_exit_codes if backend else {}
+        errors = backend.app_errors if backend else {}
         info["apps"] = [
             {"name": a.name, "image": a.image_name, "image_id": a.image_id, "exit_code": exits.get(a.name),
              "confinement": confinement.describe(a.confinement),
              **({"errors": errors[a.name]} if a.name in errors else {})}
             for a in (manifest.apps if manifest else ())
         ]
-        info["jail"] = backend_info.get("jail")
+        info["jail"] = backend.jail if backend else None
         info["measured"] = measured(pod)
         sel = SelinuxRecord.read(pod)
         ann = dict(manifest.annotations) if manifest else {}
@@ -76,8 +77,8 @@ class PodInspector:
                            "note": sel.reason if sel else None}
         finished = ExitRecord.read(pod)
         info["finished"] = finished.finished if finished else None
-        info["integrity_failures"] = backend_info.get("integrity_failures") or (
-            list(finished.integrity_failures) if finished else [])
+        info["integrity_failures"] = list(backend.integrity_failures if backend and backend.integrity_failures
+                                          else finished.integrity_failures if finished else ())
         info["network"] = self.networks.status(pod)
         if state not in ("running", "prepared"):
             info["exit_code"] = pod_exit_code({a["name"]: a["exit_code"] or 0 for a in info["apps"]}) if exits else None

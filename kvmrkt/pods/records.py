@@ -70,10 +70,13 @@ class ExitRecord:
     @classmethod
     def read(cls, pod: Pod) -> ExitRecord | None:
         doc = pod.read_json(EXIT)
-        if not isinstance(doc, dict):
+        try:
+            finished = doc.get("finished")
+            return cls({str(k): int(v) for k, v in (doc.get("exit_codes") or {}).items()}, bool(doc.get("stopped")),
+                       tuple(str(f) for f in doc.get("integrity_failures") or ()),
+                       float(finished) if finished is not None else None)
+        except (AttributeError, TypeError, ValueError):  # missing or damaged: not known
             return None
-        return cls({str(k): int(v) for k, v in (doc.get("exit_codes") or {}).items()}, bool(doc.get("stopped")),
-                   tuple(str(f) for f in doc.get("integrity_failures") or ()), doc.get("finished"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +132,11 @@ def backend_for(config: RuntimeConfig, pod: Pod) -> Stage1:
     Raises:
         PodStateError: the installed backend speaks another stage1 interface version.
     """
-    rec = pod.read_json(STAGE1) or {}
-    backend = load_backend(str(rec.get("backend", config.stage1.backend)), config)
-    if rec.get("interface_version", backend.interface_version) != backend.interface_version:
+    rec = Stage1Record.read(pod)
+    backend = load_backend(rec.backend if rec else config.stage1.backend, config)
+    if rec and rec.interface_version != backend.interface_version:
         raise PodStateError(
-            f"pod {pod.uuid} was prepared for stage1 interface {rec.get('interface_version')}, "
+            f"pod {pod.uuid} was prepared for stage1 interface {rec.interface_version}, "
             f"the installed {backend.name} backend speaks {backend.interface_version}",
             state=pod.state(),
         )

@@ -10,6 +10,7 @@ import pytest
 from kvmrkt.errors import ManifestError, PodNotFoundError, PodStateError
 from kvmrkt.pods.manifest import AppSpec, PodManifest
 from kvmrkt.pods.pod import Phase, Pod
+from kvmrkt.pods.records import EXIT, ExitRecord
 
 
 def test_lifecycle_states(tmp_path: Path) -> None:
@@ -112,3 +113,18 @@ def test_manifest_roundtrip_and_strictness() -> None:
         AppSpec(name="Web", image_id="", image_name="", rootfs_digest="", exec=("x",))
     with pytest.raises(ManifestError, match="nothing to execute"):
         AppSpec(name="web", image_id="", image_name="", rootfs_digest="", exec=())
+
+
+@pytest.mark.parametrize("doc", [[1, 2], {"exit_codes": {"app": "zero"}}, {"exit_codes": [1]},
+                                 {"finished": "yesterday"}])
+def test_a_damaged_exit_record_reads_as_not_known(tmp_path: Path, doc: object) -> None:
+    pod = Pod.create(tmp_path)
+    (pod.path / EXIT).write_text(json.dumps(doc))
+    assert ExitRecord.read(pod) is None
+
+
+def test_an_exit_record_reads_back_as_written(tmp_path: Path) -> None:
+    pod = Pod.create(tmp_path)
+    record = ExitRecord({"app": 3}, True, ("sha mismatch",), 12.5)
+    pod.write_json(EXIT, record.to_dict())
+    assert ExitRecord.read(pod) == record
