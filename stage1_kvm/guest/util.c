@@ -30,12 +30,19 @@ void logmsg(const char *fmt, ...)
 
 void write_all(int fd, const char *buf, size_t len)
 {
+    int refused = 0;
     while (len > 0) {
         ssize_t n = write(fd, buf, len);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             return;
+        }
+        if (n == 0) {  /* a virtio port whose queue refused the buffer: nothing was taken; again, for 5 s at most */
+            if (++refused > 5000)
+                return;
+            usleep(1000);
+            continue;
         }
         buf += n;
         len -= (size_t)n;

@@ -191,7 +191,7 @@ def test_volumes_read_only_and_read_write(kvmrkt: Kvmrkt, tmp_path: Path) -> Non
                  "cat /in/input.txt; echo written > /out/result.txt; echo s > /scratch/s && cat /scratch/s; "
                  "if echo x > /in/nope 2>/dev/null; then echo RO-BROKEN; fi")
     assert res.rc == 0, res.err
-    assert res.out.splitlines() == ["from the host", "s"]
+    assert res.out.splitlines() == ["from the host", "s"], res.err
     assert (rw / "result.txt").read_text() == "written\n"
     assert not (ro / "nope").exists()
 
