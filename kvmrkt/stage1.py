@@ -97,8 +97,10 @@ class RunOptions:
     directory shared over 9p (an OCI bundle's rootfs) rather than an erofs image. ``hold``: set the apps up
     but start them only when asked (``Stage1.start_held``), as the OCI runtime's create/start do.
     ``tty`` (with ``interactive``): the first app runs on a terminal in the guest, relayed over its stdin and
-    stdout ports. ``jail``: the VMM's identity, size and limits (the backend enforces them; it never runs a VMM
-    as root).
+    stdout ports. ``shared_export``: the VM gets the pod's shared export (``stage1_kvm.export``), through which
+    its ``bind``/``rbind`` volumes reach it and into which the host can bind more while it runs (a pod with such
+    volumes gets it anyway). ``jail``: the VMM's identity, size and limits (the backend enforces them; it never
+    runs a VMM as root).
     """
 
     rootfs: Mapping[str, Path]
@@ -111,6 +113,7 @@ class RunOptions:
     shared_roots: Mapping[str, bool] = field(default_factory=dict)
     hold: bool = False
     tty: bool = False
+    shared_export: bool = False
     before_boot: Callable[[dict[str, Any]], None] = _nothing
 
 

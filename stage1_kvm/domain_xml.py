@@ -74,7 +74,8 @@ def build_domain_xml(
         _sub(d, "serial", disk.serial)
         _sub(d, "address", **mmio)
     for share in spec.shares:
-        fs = _sub(dev, "filesystem", type="mount", accessmode="squash")
+        fs = _sub(dev, "filesystem", type="mount", accessmode="squash",
+                  **({"multidevs": "remap"} if share.live else {}))
         _sub(fs, "source", dir=str(share.path))
         _sub(fs, "target", dir=share.tag)
         if share.read_only:

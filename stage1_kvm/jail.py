@@ -34,7 +34,7 @@ from stage1_kvm.vmspec import VMSpec
 
 # <sys/mount.h>, <sched.h>, <linux/prctl.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
-MS_SLAVE = 1 << 19
+MS_PRIVATE, MS_SLAVE, MS_SHARED = 1 << 18, 1 << 19, 1 << 20
 MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
@@ -50,12 +50,14 @@ DEV_NULL, DEV_URANDOM, DEV_TUN, DEV_KVM = ("null", 1, 3), ("urandom", 1, 9), ("n
 
 @dataclass(frozen=True, slots=True)
 class Bind:
-    """A host file or directory bound into the jail at ``target`` (relative to the jail root)."""
+    """A host file or directory bound into the jail at ``target`` (relative to the jail root); ``recursive``: with
+    the mounts under it (the pod's shared export, whose binds the host makes)."""
 
     source: Path
     target: str
     directory: bool
     writable: bool = False
+    recursive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ def plan(spec: VMSpec, pod_dir: Path, *, prefix: str = "/", resolv_conf: bool = 
         disks.append(replace(d, path=Path(at(f"images/{d.id}"))))
     shares = []
     for s in spec.shares:
-        inputs.append(Bind(s.path, f"shares/{s.id}", True, writable=not s.read_only))
+        inputs.append(Bind(s.path, f"shares/{s.id}", True, writable=not s.read_only, recursive=s.live))
         shares.append(replace(s, path=Path(at(f"shares/{s.id}"))))
     system = [Bind(Path("/") / d, d, True) for d in SYSTEM_DIRS]
     system += [Bind(Path("/") / f, f, False) for f in SYSTEM_FILES]
@@ -164,14 +166,16 @@ class PodJail:
         Raises:
             JailError: a part could not be set up (``down`` undoes what was done).
         """
-        self.pod.write_json(RECORD, {"uid": jail.uid, "gid": jail.gid, "limits": jail.to_dict(), "cgroup": None,
-                                     "shares": [str(s.path) for s in spec.shares]})
+        self.record(uid=jail.uid, gid=jail.gid, limits=jail.to_dict(), cgroup=None,
+                    shares=[str(s.path) for s in spec.shares])
         cg = None
         if cgroup:
             cg = cgroups.create(jail.cgroup_parent, self.pod.uuid, jail)
             self.record(cgroup=cg.to_dict())
         live = Pod.live_uuids(self.data_dir)
         for s in spec.shares:
+            if s.live:
+                continue  # the pod's own export (stage1_kvm.export): its modes let the VMM's group in
             shares.grant(self.data_dir, self.pod.uuid, live, s.path, jail.uid, write=not s.read_only)
         readable(layout)
         return cg
@@ -188,6 +192,8 @@ class PodJail:
             ok = not shares.revoke(self.data_dir, self.pod.uuid) and ok
         if rec.get("root"):
             ok = unbind_on_host(Path(rec["root"])) and ok
+        if rec.get("export"):  # the shared export (stage1_kvm.export) and everything bound under it
+            ok = unbind_on_host(Path(rec["export"])) and ok
         with contextlib.suppress(OSError):
             self.pod.file(ROOT).rmdir()
         return ok
@@ -247,7 +253,7 @@ def _bind(libc: ctypes.CDLL, b: Bind, root: str) -> None:
         os.makedirs(dst, exist_ok=True)
     else:
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    _mount(libc, str(b.source), dst, None, MS_BIND, None)
+    _mount(libc, str(b.source), dst, None, MS_BIND | (MS_REC if b.recursive else 0), None)
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (0 if b.writable else MS_RDONLY)
     _mount(libc, None, dst, None, flags, None)
 

@@ -77,8 +77,9 @@ def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system
         ]  # fmt: skip
     for share in spec.shares:
         ro = ",readonly=on" if share.read_only else ""
+        remap = ",multidevs=remap" if share.live else ""  # filesystems bound under it: no qid collisions
         argv += [
-            "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=none{ro}",
+            "-fsdev", f"local,id={share.id},path={_opt(share.path)},security_model=none{ro}{remap}",
             "-device", f"virtio-9p-device,fsdev={share.id},mount_tag={share.tag}",
         ]  # fmt: skip
     for i, nic in enumerate(spec.nics):

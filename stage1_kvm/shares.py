@@ -11,11 +11,13 @@ Grants of pods that no longer exist are dropped the next time the table is touch
 for long. The ACL encoding (``system.posix_acl_access``, version 2) is pure and tested on its own.
 
 Trust boundary: share paths come from the pod manifest (operator input, absolute) and OCI bundles; the directory
-is opened without following a final symlink and must be a directory; the guest never reaches this code.
+is opened without following a final symlink and must be a directory (or a regular file bound into a pod's shared
+export); the guest never reaches this code.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -80,12 +82,19 @@ def _table(data_dir: Path) -> Path:
     return data_dir / "jail" / "shares.json"
 
 
-def _open_dir(path: Path) -> int:
+def _open_dir(path: Path, *, file_ok: bool = True) -> int:
+    """The shared directory (or, ``file_ok``, regular file: a file bound into a pod's shared export), not through a
+    final symlink."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise JailError(f"cannot share {path}: {exc.strerror}", hint="a shared path must be an existing directory "
-                        "(not a symlink)") from exc
+                        "or file (not a symlink)") from exc
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(mode) or (file_ok and stat.S_ISREG(mode))):
+        os.close(fd)
+        raise JailError(f"cannot share {path}: " + ("neither a directory nor a regular file" if file_ok
+                                                      else os.strerror(errno.ENOTDIR)))
     return fd
 
 
@@ -134,9 +143,9 @@ def _apply(path: str, entry: dict[str, Any]) -> None:
 
 
 def grant(data_dir: Path, pod: str, live: Iterable[str], path: Path, uid: int, *, write: bool,
-          perm: int | None = None) -> None:
+          perm: int | None = None, file_ok: bool = False) -> None:
     """Let ``uid`` (the pod's VMM) reach a shared directory: ``rwx``, or ``r-x`` without ``write`` (``perm``: these
-    permission bits instead, e.g. 1 to let it only traverse a directory).
+    permission bits instead, e.g. 1 to let it only traverse a directory); ``file_ok``: a regular file is fine too.
 
     Raises:
         JailError: the path is not a directory, or its filesystem has no POSIX ACLs.
@@ -146,7 +155,7 @@ def grant(data_dir: Path, pod: str, live: Iterable[str], path: Path, uid: int, *
     alive = set(live) | {pod}
     want = perm if perm is not None else 7 if write else 5
     with leases.locked_table(_table(data_dir)) as table:
-        fd = _open_dir(path)
+        fd = _open_dir(path, file_ok=file_ok)
         try:
             st = os.fstat(fd)
             if key not in table and st.st_mode & want == want:

@@ -50,15 +50,17 @@ from kvmrkt.stage1 import (
     RunResult,
     Stage1,
 )
-from stage1_kvm import agent
+from stage1_kvm import agent, export
 from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump, Stream
 from stage1_kvm.vmspec import (
+    BIND_KINDS,
     CONSOLE_LOG,
     CONSOLE_SOCKET,
     CTL_SOCKET,
+    EXPORT_DIR,
     GUEST_STATUS,
     POD_INITRD,
     QMP_SOCKET,
@@ -159,7 +161,9 @@ class VmStage1(Stage1):
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
-        if "9p" not in assets.features and (opts.shared_roots or any(v.kind == "host" for v in manifest.volumes)):
+        exported = opts.shared_export or any(v.kind in BIND_KINDS for v in manifest.volumes)
+        if "9p" not in assets.features and (opts.shared_roots or exported
+                                            or any(v.kind == "host" for v in manifest.volumes)):
             raise ConfigError(
                 f"host volumes and bundle roots need a guest kernel with 9p; the {assets.kind!r} kernel has none",
                 hint='use the minimal kernel (stage1.kernel = "minimal" in config.toml)',
@@ -182,6 +186,7 @@ class VmStage1(Stage1):
             acpi=assets.acpi,
             network=opts.network,
             shared_roots=opts.shared_roots,
+            shared_export=pod.file(EXPORT_DIR) if exported else None,
         )
         (pod.path / "logs").mkdir(exist_ok=True, mode=0o700)
         # Every file QEMU writes exists before launch, so labels set on the pod's files (before_boot) cover them.
@@ -190,7 +195,7 @@ class VmStage1(Stage1):
             pod.file(name).touch(mode=0o600)
         config = guest_pod_config(manifest, interactive=opts.interactive, verity=opts.verity,
                                   network=opts.network, shared_roots=opts.shared_roots, hold=opts.hold,
-                                  tty=opts.tty)
+                                  tty=opts.tty, shared_export=exported)
         initrd = pod.file(POD_INITRD)
         pod_initrd(assets.initrd, config, initrd)
         os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
@@ -213,6 +218,8 @@ class VmStage1(Stage1):
         })  # fmt: skip
         outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
         try:
+            if exported:
+                export.up(pod, manifest, opts.jail, self.config.data_dir)
             vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs)
             try:
                 return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)

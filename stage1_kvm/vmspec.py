@@ -28,7 +28,17 @@ CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
 # The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
-POD_CONFIG_VERSION = 3
+POD_CONFIG_VERSION = 4
+# The pod's shared export (stage1_kvm.export): its directory in the pod directory, its 9p tag, the volume kinds
+# bound into it (rbind: with the mounts under the source), and where a bind's source is inside it.
+EXPORT_DIR = "shared"
+EXPORT_TAG = "kvmrkt-shared"
+BIND_KINDS = ("bind", "rbind")
+
+
+def export_path(volume: str) -> str:
+    """Where a bind volume's source is, relative to the export (the same on the host and in the guest)."""
+    return f"binds/{volume}"
 
 
 def app_log(app: str, stream: str) -> str:
@@ -52,12 +62,15 @@ class Disk:
 
 @dataclass(frozen=True, slots=True)
 class Share:
-    """A host directory exported over virtio-9p."""
+    """A host directory exported over virtio-9p. ``live``: the pod's shared export (``stage1_kvm.export``), into
+    which the host binds files while the VM runs: QEMU remaps the device ids of the filesystems under it
+    (``multidevs=remap``), and the jail binds it with its submounts."""
 
     id: str
     path: Path
     tag: str
     read_only: bool
+    live: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +131,11 @@ def build_vmspec(
     acpi: bool = False,
     network: NetworkPlan | None = None,
     shared_roots: Mapping[str, bool] | None = None,
+    shared_export: Path | None = None,
 ) -> VMSpec:
     """Describe the VM for a pod (pure), sized as its ``jail`` says. ``acpi``: the guest kernel finds virtio-mmio
-    devices through ACPI (Debian's cloud kernel) rather than on its command line (the minimal kernel)."""
+    devices through ACPI (Debian's cloud kernel) rather than on its command line (the minimal kernel);
+    ``shared_export``: the pod's shared export directory (``stage1_kvm.export``), one more share."""
     network = network or NetworkPlan()
     netns = {"none": "", "user": None}.get(network.mode, network.netns)
     disks: list[Disk] = []
@@ -136,7 +151,7 @@ def build_vmspec(
         Share(f"vol{i}", Path(v.source or ""), f"vol{i}", v.read_only)
         for i, v in enumerate(manifest.volumes)
         if v.kind == "host"
-    ))
+    ), *((Share("shared", shared_export, EXPORT_TAG, False, live=True),) if shared_export else ()))
     ports = [
         Port("kvmrkt.status", "file", GUEST_STATUS),
         Port("kvmrkt.ctl", "socket", CTL_SOCKET),
@@ -185,10 +200,12 @@ def guest_pod_config(
     shared_roots: Mapping[str, bool] | None = None,
     hold: bool = False,
     tty: bool = False,
+    shared_export: bool = False,
 ) -> bytes:
     """Render ``/kvmrkt/pod.cfg`` for the guest init (see ``stage1_kvm/guest/config.c`` for the format). With
     ``verity`` (app -> root hash and salt), each app's root is opened through dm-verity; ``network`` gives the
-    interfaces to configure and the files every app gets; ``shared_roots``, ``hold``, ``tty``: see ``RunOptions``."""
+    interfaces to configure and the files every app gets; ``shared_roots``, ``hold``, ``tty``, ``shared_export``: see
+    ``RunOptions``."""
     lines = [_line("version", POD_CONFIG_VERSION), _line("interactive", int(interactive))]
     if hold:
         lines.append(_line("hold", 1))
@@ -196,6 +213,8 @@ def guest_pod_config(
         lines.append(_line("tty", 1))
     if manifest.hostname:
         lines.append(_line("hostname", manifest.hostname))
+    if shared_export:
+        lines.append(_line("shared", EXPORT_TAG))
     for nic in (network.nics if network else ()):
         lines.append(_line("net", nic.ifname, nic.mac, nic.mtu))
         lines.extend(_line("addr", ip, prefix) for ip, prefix in nic.addrs)
@@ -208,6 +227,8 @@ def guest_pod_config(
         if v.kind == "host":
             tag = f"vol{host_index}"
             host_index += 1
+        elif v.kind in BIND_KINDS:
+            tag = export_path(v.name)
         lines.append(_line("volume", v.name, v.kind, tag, int(v.read_only)))
     for i, app in enumerate(manifest.apps):
         lines.append(_line("app", app.name))

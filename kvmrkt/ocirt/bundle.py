@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ STATE_DIR = "kvmrkt-oci"
 GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
 # Annotations that name the image (CRI, then the OCI image spec's).
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
+MAX_MOUNTS = 32  # the guest init's MAX_VOLS: one pod volume per mount
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -115,7 +117,7 @@ def load_bundle(path: Path) -> Bundle:
     rootfs = rootfs if rootfs.is_absolute() else path / rootfs
     if not rootfs.is_dir():
         raise ManifestError(f"config.json: root.path {rootfs} is not a directory")
-    volumes, mounts, ignored = _mounts(_get(doc, "mounts", list, "", []))
+    volumes, mounts, ignored = _mounts(_get(doc, "mounts", list, "", []), path)
     linux = _get(doc, "linux", dict, "", {})
     res = _get(linux, "resources", dict, "linux.", {})
     memory = _get(res, "memory", dict, "linux.resources.", {})
@@ -142,10 +144,12 @@ def load_bundle(path: Path) -> Bundle:
     )  # fmt: skip
 
 
-def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:
-    """OCI mounts as pod volumes: tmpfs -> an empty (guest memory) volume; a bind mount of a host directory
-    -> a host volume shared over 9p; the guest's own API filesystems are provided anyway. Anything else
-    (bind-mounted files, other filesystem types) cannot reach a VM this way and is listed as ignored."""
+def _mounts(entries: list[Any], bundle: Path) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:
+    """OCI mounts as pod volumes: tmpfs -> an empty (guest memory) volume; a bind mount of a host file or
+    directory (a relative source is the bundle's) -> a ``bind`` volume (``rbind``: with the mounts under it),
+    bound into the pod's shared export on the host; the guest's own API filesystems are provided anyway. Other
+    filesystem types are listed as ignored; a bind that cannot be honoured (no such source, a device, socket or
+    fifo, which cannot reach a VM) is refused."""
     volumes: list[Volume] = []
     mounts: list[MountPoint] = []
     ignored: list[str] = []
@@ -161,12 +165,27 @@ def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, .
         name = f"m{i}"
         if kind == "tmpfs":
             volumes.append(Volume(name, "empty"))
-        elif (kind == "bind" or "bind" in options or "rbind" in options) and Path(source).is_dir():
-            volumes.append(Volume(name, "host", source, read_only="ro" in options))
+        elif kind == "bind" or "bind" in options or "rbind" in options:
+            src = bundle / source  # an absolute source stays as it is
+            try:
+                if not source:
+                    raise OSError("no source")
+                mode = src.stat().st_mode  # symlinks followed, as runc does: the bundle is the engine's
+            except OSError as exc:
+                raise ManifestError(f"config.json: mounts[{i}] ({dest}): cannot bind {source!r}: "
+                                    f"{exc.strerror or exc}") from None
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ManifestError(f"config.json: mounts[{i}] ({dest}): {source} is not a file or a directory, and "
+                                    "nothing else (devices, sockets, fifos) can be bound into a VM")
+            volumes.append(Volume(name, "rbind" if "rbind" in options else "bind", str(src.absolute()),
+                                  read_only="ro" in options))
         else:
             ignored.append(f"{dest} ({kind or 'bind'} of {source or 'nothing'})")
             continue
         mounts.append(MountPoint(name, dest))
+    if len(volumes) > MAX_MOUNTS:
+        raise ManifestError(f"config.json: {len(volumes)} mounts; a kvmrkt VM takes at most {MAX_MOUNTS} (besides "
+                            "the API filesystems the guest provides)")
     return tuple(volumes), tuple(mounts), tuple(ignored)
 
 

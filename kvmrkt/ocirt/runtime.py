@@ -195,6 +195,7 @@ class OciRuntime:
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
                                     interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
+                                    shared_export=True,
                                     accel=self.engine.config.stage1.accel)
             result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
                                       intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)

@@ -45,8 +45,8 @@ class LaunchRequest:
 
     ``rootfs``/``verity``: each app's root disk (or shared directory) and its dm-verity parameters;
     ``shared_roots``: apps whose root is a host directory (read-only or not); ``interactive``, ``tty``, ``hold``,
-    ``accel``: as ``RunOptions``; ``measured_apps``: the per-app events when they do not come from the image
-    store (OCI bundles).
+    ``accel``, ``shared_export``: as ``RunOptions``; ``measured_apps``: the per-app events when they do not come
+    from the image store (OCI bundles).
     """
 
     rootfs: Mapping[str, Path]
@@ -56,6 +56,7 @@ class LaunchRequest:
     interactive: bool = False
     tty: bool = False
     hold: bool = False
+    shared_export: bool = False
     measured_apps: list[dict[str, Any]] | None = None
 
 
@@ -132,7 +133,7 @@ class Launcher:
         try:
             opts = RunOptions(rootfs=request.rootfs, verity=request.verity, interactive=request.interactive,
                               accel=request.accel, shared_roots=request.shared_roots, hold=request.hold,
-                              tty=request.tty, jail=jail,
+                              tty=request.tty, shared_export=request.shared_export, jail=jail,
                               exec_label=applied.process if applied.process_applied else None,
                               network=self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid)),
                               before_boot=before_boot)

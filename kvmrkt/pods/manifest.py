@@ -95,7 +95,9 @@ class MountPoint:
 
 @dataclass(frozen=True, slots=True)
 class Volume:
-    """A pod volume: ``host`` (a host directory shared into the VM) or ``empty`` (guest memory)."""
+    """A pod volume: ``host`` (a host directory shared into the VM), ``empty`` (guest memory), ``bind``/``rbind``
+    (a host file or directory bound into the pod's shared export, ``rbind`` with the mounts under it: kvmrkt-oci's
+    bind mounts)."""
 
     name: str
     kind: str
@@ -104,10 +106,10 @@ class Volume:
 
     def __post_init__(self) -> None:
         check_name("volume", self.name)
-        if self.kind not in ("host", "empty"):
-            raise ManifestError(f"volume {self.name}: kind must be host or empty, not {self.kind!r}")
-        if self.kind == "host" and not (self.source and self.source.startswith("/")):
-            raise ManifestError(f"volume {self.name}: kind=host needs an absolute source=PATH")
+        if self.kind not in ("host", "empty", "bind", "rbind"):
+            raise ManifestError(f"volume {self.name}: kind must be host, empty, bind or rbind, not {self.kind!r}")
+        if self.kind != "empty" and not (self.source and self.source.startswith("/")):
+            raise ManifestError(f"volume {self.name}: kind={self.kind} needs an absolute source=PATH")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 /*
- * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 3; the format is in docs/guest-protocol.md)
+ * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 4; the format is in docs/guest-protocol.md)
  * into a struct pod, including each app's seccomp filter (classic BPF in hex, compiled by the host).
  *
  * Trust: the pod config comes from the host (stage0) and is trusted; a config without the version this init
@@ -60,6 +60,8 @@ int parse_config(const char *path, struct pod *pod)
             versioned = 1;
         } else if (!strcmp(k, "hostname") && n == 2) {
             pod->hostname = fv[1];
+        } else if (!strcmp(k, "shared") && n == 2) {
+            pod->shared = fv[1];
         } else if (!strcmp(k, "tty") && n == 2) {
             pod->tty = atoi(fv[1]);
         } else if (!strcmp(k, "hold") && n == 2) {

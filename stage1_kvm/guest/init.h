@@ -31,7 +31,8 @@
 #define MAX_FILES 16
 #define MAX_PATHS 64
 #define MAX_RLIMITS 16
-#define POD_CONFIG_VERSION "3"
+#define POD_CONFIG_VERSION "4"
+#define SHARED_DIR "/kvmrkt/shared"  /* the pod's shared export (9p), outside every app's root */
 
 struct mountspec { char *vol; char *target; };
 
@@ -97,6 +98,7 @@ struct pod {
     struct file files[MAX_FILES];
     int nfiles;
     char *hostname;
+    char *shared;           /* 9p tag of the pod's shared export (NULL: none); "bind"/"rbind" volumes live there */
     int interactive;
     int hold;
     int tty;

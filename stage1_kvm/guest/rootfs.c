@@ -19,9 +19,31 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 
+static int is_bind(const struct volume *v)
+{
+    return !strcmp(v->kind, "bind") || !strcmp(v->kind, "rbind");
+}
+
+/*
+ * The pod's volumes under /kvmrkt/vol, and its shared export at SHARED_DIR (read-write: what the host bound
+ * read-only there is read-only on the host); "bind"/"rbind" volumes are in the export already (the host bound
+ * them there), and need it.
+ */
 int setup_volumes(const struct pod *pod)
 {
+    if (pod->shared && mount_at(pod->shared, SHARED_DIR, "9p", MS_NODEV,
+                                "trans=virtio,version=9p2000.L,cache=none,msize=262144") < 0) {
+        logmsg("the shared export: mount failed: %s", strerror(errno));
+        return -1;
+    }
     for (int i = 0; i < pod->nvols; i++) {
+        if (is_bind(&pod->vols[i])) {
+            if (!pod->shared) {
+                logmsg("volume %s: a bind volume without the shared export", pod->vols[i].name);
+                return -1;
+            }
+            continue;
+        }
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "/kvmrkt/vol/%s", pod->vols[i].name);
         int rc;
@@ -36,6 +58,29 @@ int setup_volumes(const struct pod *pod)
             return -1;
         }
     }
+    return 0;
+}
+
+/* The mount point for src at dst: a directory, or an empty file when src is not a directory (a bound file). */
+static int mount_point(const char *src, const char *dst)
+{
+    struct stat st;
+    if (stat(src, &st) < 0)
+        return -1;
+    if (S_ISDIR(st.st_mode))
+        return mkdirs(dst, 0755);
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s", dst);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = 0;
+        if (mkdirs(dir, 0755) < 0)
+            return -1;
+    }
+    int fd = open(dst, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return errno == EISDIR ? 0 : -1;  /* a directory there: the bind fails, and says so */
+    close(fd);
     return 0;
 }
 
@@ -205,9 +250,14 @@ int setup_app(const struct pod *pod, struct app *a)
             errno = ENOENT;
             return app_error(a, "mount of an undefined volume"), -1;
         }
-        snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
+        if (is_bind(v))
+            snprintf(src, sizeof(src), "%s/%s", SHARED_DIR, v->tag);
+        else
+            snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
         snprintf(dst, sizeof(dst), "%s/%s", a->root, a->mounts[i].target);
-        if (mount_at(src, dst, NULL, MS_BIND, NULL) < 0)
+        if (mount_point(src, dst) < 0)
+            return app_error(a, "making a mount point"), -1;
+        if (mount(src, dst, NULL, MS_BIND, NULL) < 0)
             return app_error(a, "bind-mounting a volume"), -1;
         if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV, NULL) < 0)
             return app_error(a, "remounting a volume read-only"), -1;

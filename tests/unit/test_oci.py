@@ -4,6 +4,7 @@ features document, and how a held, terminal, 9p-rooted app reaches QEMU and the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from kvmrkt.errors import ConfigError, ManifestError
 from kvmrkt.ocirt.bundle import APP, load_bundle, manifest_for, parse_signal
 from kvmrkt.ocirt.runtime import features
 from kvmrkt.pods.jail import jail_spec
+from stage1_kvm.jail import plan
 from stage1_kvm.vmspec import build_vmspec, guest_pod_config
 
 from .test_vm import argv_of
@@ -64,10 +66,30 @@ def test_load_bundle(tmp_path: Path) -> None:
     assert b.memory_mib == 301 and b.cpus == 2
     assert b.image_name == "docker.io/library/busybox:1.36"
     assert b.config_digest.startswith("sha256:") and len(b.config_digest) == 71
-    # /proc and /dev come from the guest; /run is guest memory; /data is shared read-only; a file bind cannot be.
-    assert [(v.name, v.kind, v.read_only) for v in b.volumes] == [("m2", "empty", False), ("m3", "host", True)]
-    assert [(m.volume, m.target) for m in b.mounts] == [("m2", "/run"), ("m3", "/data")]
-    assert b.ignored == ("/etc/resolv.conf (bind of /etc/resolv.conf)",)
+    # /proc and /dev come from the guest; /run is guest memory; /data (recursive, read-only) and the file
+    # /etc/resolv.conf are bound into the pod's shared export.
+    assert [(v.name, v.kind, v.source, v.read_only) for v in b.volumes] == [
+        ("m2", "empty", None, False), ("m3", "rbind", str(tmp_path / "data"), True),
+        ("m4", "bind", "/etc/resolv.conf", False)]
+    assert [(m.volume, m.target) for m in b.mounts] == [("m2", "/run"), ("m3", "/data"), ("m4", "/etc/resolv.conf")]
+    assert b.ignored == ()
+
+
+def test_bundle_binds_that_cannot_reach_a_vm_are_refused(tmp_path: Path) -> None:
+    """A bind of nothing, of a missing path, of a device, socket or fifo is an error naming the mount; a relative
+    source is the bundle's; more mounts than the guest takes is an error, not a silently dropped mount."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "rel").write_text("x")
+    for source, why in (("", "no source"), ("/nonexistent/kvmrkt", "No such file"), ("/dev/null", "not a file"),
+                        (str(tmp_path / "fifo"), "not a file")):
+        mounts = [{"destination": "/x", "type": "bind", "source": source, "options": ["rbind"]}]
+        with pytest.raises(ManifestError, match=rf"mounts\[0\] \(/x\).*{why}"):
+            load_bundle(bundle(tmp_path, mounts=mounts))
+    b = load_bundle(bundle(tmp_path, mounts=[{"destination": "/x", "type": "bind", "source": "rel"}]))
+    assert [(v.kind, v.source) for v in b.volumes] == [("bind", str(tmp_path / "rel"))]
+    many = [{"destination": f"/d{i}", "type": "tmpfs", "source": "tmpfs"} for i in range(33)]
+    with pytest.raises(ManifestError, match="33 mounts; a kvmrkt VM takes at most 32"):
+        load_bundle(bundle(tmp_path, mounts=many))
 
 
 def test_manifest_for_a_bundle(tmp_path: Path) -> None:
@@ -135,3 +157,34 @@ def test_bundle_roots_reach_qemu_and_the_guest(tmp_path: Path) -> None:
     cfg = guest_pod_config(m, interactive=True, shared_roots={APP: True}, hold=True, tty=True).decode()
     assert "hold 1\n" in cfg and "tty 1\n" in cfg and "rootshare root0 1\n" in cfg and "serial" not in cfg
     assert guest_pod_config(m, interactive=False).decode().count("hold") == 0
+
+
+def test_bundle_binds_go_through_one_shared_export(tmp_path: Path) -> None:
+    """Twelve binds (ten directories, two files) are one 9p device, the shared export (multidevs=remap; bound
+    into the jail with its submounts), whatever their number; the guest config names each bind's place in it."""
+    dirs = [tmp_path / f"d{i}" for i in range(10)]
+    for d in dirs:
+        d.mkdir()
+    (tmp_path / "f0").write_text("a")
+    (tmp_path / "f1").write_text("b")
+    mounts = [{"destination": f"/mnt/{d.name}", "type": "bind", "source": str(d), "options": ["rbind"]}
+              for d in dirs]
+    mounts += [{"destination": "/etc/f0", "type": "bind", "source": str(tmp_path / "f0"), "options": ["bind", "ro"]},
+               {"destination": "/etc/f1", "type": "bind", "source": str(tmp_path / "f1"), "options": ["rbind"]}]
+    b = load_bundle(bundle(tmp_path, mounts=mounts))
+    m = manifest_for(b, UUID, "c")
+    js = jail_spec(m, 2000000001, Stage1Config(), PodsConfig(max_memory_mib=4096, max_vcpus=4), JailConfig())
+    export = tmp_path / "pod" / "shared"
+    spec = build_vmspec(m, cfg=Stage1Config(), jail=js, accel="tcg", kernel=Path("/k"), rootfs={APP: b.rootfs},
+                        interactive=True, debug=False, tsc_khz=None, shared_roots={APP: True}, shared_export=export)
+    argv = " ".join(argv_of(spec))
+    assert argv.count("virtio-9p-device") == 2  # the root and the export
+    assert f"local,id=shared,path={export},security_model=none,multidevs=remap" in argv
+    assert "mount_tag=kvmrkt-shared" in argv
+    _, layout = plan(spec, tmp_path / "pod")
+    assert [b.recursive for b in layout.inputs if b.target.startswith("shares/")] == [False, True]
+    cfg = guest_pod_config(m, interactive=True, shared_roots={APP: True}, shared_export=True).decode()
+    assert "shared kvmrkt-shared\n" in cfg
+    assert "volume m0 rbind binds/m0 0\n" in cfg and "volume m10 bind binds/m10 1\n" in cfg
+    assert "mount m11 /etc/f1\n" in cfg
+    assert "shared" not in guest_pod_config(m, interactive=True).decode().split("volume")[0]
