@@ -41,6 +41,7 @@ from kvmrkt.host import proc as _proc
 from kvmrkt.host.files import write_atomic, write_json
 from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.net.network import Intent
+from kvmrkt.ocirt import mountpoints
 from kvmrkt.ocirt.bundle import APP, FORWARDED_SIGNALS, OCI_VERSION, STATE_DIR, Bundle, load_bundle, manifest_for
 from kvmrkt.pods.launch import LaunchRequest, pod_exit_code
 from kvmrkt.pods.pod import Pod
@@ -122,6 +123,7 @@ class OciRuntime:
         except FileExistsError:
             raise ConfigError(f"container {cid!r} already exists") from None
         try:
+            mountpoints.for_bundle(bundle)
             for item in bundle.ignored:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             insecure = self.engine.config.insecure_options

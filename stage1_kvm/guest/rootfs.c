@@ -61,27 +61,69 @@ int setup_volumes(const struct pod *pod)
     return 0;
 }
 
-/* The mount point for src at dst: a directory, or an empty file when src is not a directory (a bound file). */
-static int mount_point(const char *src, const char *dst)
+static int in_root(int root, const char *path, int flags)
 {
-    struct stat st;
-    if (stat(src, &st) < 0)
+    struct open_how how = {.flags = (unsigned long long)(flags | O_CLOEXEC),
+                           .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS};
+    return (int)syscall(SYS_openat2, root, *path ? path : ".", &how, sizeof(how));
+}
+
+/*
+ * The mount point `target` in the app root, as an O_PATH descriptor, resolved inside the root (an image's symlinks
+ * cannot lead the init's mounts out of it); missing components are made: directories, and an empty file last
+ * when `dir` is 0 (a bound file).
+ */
+static int mount_point(const char *root, const char *target, int dir)
+{
+    char path[PATH_MAX];
+    int rfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC), fd = -1;
+    if (rfd < 0)
         return -1;
-    if (S_ISDIR(st.st_mode))
-        return mkdirs(dst, 0755);
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s", dst);
-    char *slash = strrchr(dir, '/');
-    if (slash && slash != dir) {
-        *slash = 0;
-        if (mkdirs(dir, 0755) < 0)
-            return -1;
+    snprintf(path, sizeof(path), "/%s", target);
+    size_t len = strlen(path);
+    for (size_t i = 1; i <= len; i++) {
+        if ((path[i] != '/' && path[i] != 0) || path[i - 1] == '/')
+            continue;
+        char c = path[i];
+        path[i] = 0;
+        fd = in_root(rfd, path, O_PATH);
+        if (fd < 0 && errno == ENOENT) {
+            char *slash = strrchr(path, '/');
+            *slash = 0;
+            int parent = in_root(rfd, path, O_PATH | O_DIRECTORY);
+            *slash = '/';
+            if (parent >= 0) {
+                int f = -1;
+                if (c || dir)
+                    mkdirat(parent, slash + 1, 0755);
+                else if ((f = openat(parent, slash + 1, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                                     0644)) >= 0)
+                    close(f);
+                close(parent);
+            }
+            fd = in_root(rfd, path, O_PATH);
+        }
+        path[i] = c;
+        if (fd < 0 || !c)
+            break;
+        close(fd);
+        fd = -1;
     }
-    int fd = open(dst, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    close(rfd);
+    return fd;
+}
+
+/* Mount (or, with src NULL, remount) onto the mount point `target` of the app root, resolved inside it. */
+static int mount_in_root(struct app *a, const char *src, const char *target, int dir, unsigned long flags)
+{
+    char at[64];
+    int fd = mount_point(a->root, target, dir);
     if (fd < 0)
-        return errno == EISDIR ? 0 : -1;  /* a directory there: the bind fails, and says so */
+        return -1;
+    snprintf(at, sizeof(at), "/proc/self/fd/%d", fd);
+    int rc = mount(src, at, NULL, flags, NULL);
     close(fd);
-    return 0;
+    return rc;
 }
 
 static const struct volume *volume_named(const struct pod *pod, const char *name)
@@ -245,7 +287,7 @@ int setup_app(const struct pod *pod, struct app *a)
         return -1;
     for (int i = 0; i < a->nmounts; i++) {
         const struct volume *v = volume_named(pod, a->mounts[i].vol);
-        char src[PATH_MAX], dst[PATH_MAX];
+        char src[PATH_MAX];
         if (!v) {
             errno = ENOENT;
             return app_error(a, "mount of an undefined volume"), -1;
@@ -254,12 +296,13 @@ int setup_app(const struct pod *pod, struct app *a)
             snprintf(src, sizeof(src), "%s/%s", SHARED_DIR, v->tag);
         else
             snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
-        snprintf(dst, sizeof(dst), "%s/%s", a->root, a->mounts[i].target);
-        if (mount_point(src, dst) < 0)
-            return app_error(a, "making a mount point"), -1;
-        if (mount(src, dst, NULL, MS_BIND, NULL) < 0)
+        struct stat st;
+        if (stat(src, &st) < 0)
+            return app_error(a, "a volume's source"), -1;
+        if (mount_in_root(a, src, a->mounts[i].target, S_ISDIR(st.st_mode), MS_BIND) < 0)
             return app_error(a, "bind-mounting a volume"), -1;
-        if (v->ro && mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV, NULL) < 0)
+        if (v->ro && mount_in_root(a, NULL, a->mounts[i].target, S_ISDIR(st.st_mode),
+                                   MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV) < 0)
             return app_error(a, "remounting a volume read-only"), -1;
     }
     if (write_files(pod, a) < 0)

@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from kvmrkt.pods.manifest import Volume
+from stage1_kvm import export as exports
+
 from .conftest import BASE_CONFIG, Oci
 from .registry import free_port
 from .test_network import http_get
@@ -169,6 +172,104 @@ def test_dev_rlimits_and_capabilities_are_what_config_json_asks(oci: Oci, tmp_pa
                  "/dev/mqueue:mqueue:mqueue", "/sys:sysfs:sysfs"):
         assert want in mounts, (want, lines[9])  # consumes the iterator: in this order
     assert oci("delete", "dev").returncode == 0
+
+
+def _mountinfo(pid: int | str, under: str) -> dict[str, str]:
+    """Mount point -> per-mount options of the mounts at or under ``under`` in ``pid``'s mount namespace."""
+    out = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        point, opts = line.split()[4:6]
+        if point == under or point.startswith(under + "/"):
+            out[point] = opts
+    return out
+
+
+def _qemu_pid(oci: Oci, cid: str) -> tuple[Path, int]:
+    """The container's pod directory and its QEMU's pid."""
+    pod = next(oci.kvmrkt.data.glob(f"pods/*/{oci.state(cid)['pod']}"))
+    return pod, int(json.loads((pod / "pid").read_text())["pid"])
+
+
+def test_a_dozen_binds_reach_the_vm_through_one_export(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    """Ten directory binds and two file binds (one read-only) fit in one VM: each is bound into the pod's one
+    shared export on the host (one virtio-9p device, where one device per bind ran out of microvm's virtio-mmio
+    slots after six). The read-only file is read-only on the host's bind and in the VMM jail's copy of it, so the
+    container cannot change it, whatever it does; the writable binds write through; nothing stays mounted."""
+    dirs = [tmp_path / f"d{i}" for i in range(10)]
+    for i, d in enumerate(dirs):
+        d.mkdir()
+        (d / "name").write_text(f"dir{i}\n")
+    (tmp_path / "ro.conf").write_text("read-only\n")
+    (tmp_path / "rw.conf").write_text("writable\n")
+    mounts = [{"destination": f"/mnt/{d.name}", "type": "bind", "source": str(d), "options": ["rbind", "rw"]}
+              for d in dirs]
+    mounts += [{"destination": "/etc/ro.conf", "type": "bind", "source": str(tmp_path / "ro.conf"),
+                "options": ["rbind", "ro"]},
+               {"destination": "/etc/rw.conf", "type": "bind", "source": str(tmp_path / "rw.conf"),
+                "options": ["rbind", "rw"]}]
+    script = ("cat /mnt/d*/name | tr '\\n' ' '; echo; cat /etc/ro.conf /etc/rw.conf; "
+              "echo changed > /etc/ro.conf || echo refused; "
+              "mount -o remount,rw /etc/ro.conf 2>/dev/null; echo changed > /etc/ro.conf || echo refused again; "
+              "echo more >> /etc/rw.conf; echo new > /mnt/d9/new; "
+              "while [ ! -e /mnt/d0/go ]; do sleep 0.1; done")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", script], mounts=mounts)
+    rc, out, err = oci.create("binds", b)
+    assert rc == 0, err.read_text()
+    pod, qemu = _qemu_pid(oci, "binds")
+    export = str(pod / "shared")
+    host, jail = _mountinfo("self", export), _mountinfo(qemu, "/shares/shared")
+    assert host[f"{export}/binds/m10"].startswith("ro,") and host[f"{export}/binds/m11"].startswith("rw,")
+    assert jail["/shares/shared/binds/m10"].startswith("ro,"), jail  # QEMU's own view of it
+    assert len([p for p in host if "/binds/" in p]) == 12
+    argv = json.loads((pod / "stage1-run.json").read_text())["argv"]
+    assert argv.count("virtio-9p-device,fsdev=root0,mount_tag=root0") == 1 and sum(
+        a.startswith("virtio-9p-device") for a in argv) == 2  # the root and the export
+    oci("start", "binds")
+    assert oci.wait_status("binds", "running")["status"] == "running", (out.read_text(), err.read_text())
+    deadline = time.monotonic() + 60
+    while "more" not in (tmp_path / "rw.conf").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (dirs[0] / "go").touch()
+    assert wait_exit(oci.pid("binds", b)) == 0, err.read_text()
+    lines = out.read_text().splitlines()
+    assert lines[0].split() == [f"dir{i}" for i in range(10)], lines
+    assert lines[1:5] == ["read-only", "writable", "refused", "refused again"], (lines, err.read_text())
+    assert (tmp_path / "ro.conf").read_text() == "read-only\n"
+    assert (tmp_path / "rw.conf").read_text() == "writable\nmore\n" and (dirs[9] / "new").read_text() == "new\n"
+    assert oci("delete", "binds").returncode == 0
+    assert not _mountinfo("self", export) and not Path(export).exists()
+
+
+def test_a_bind_made_while_the_pod_runs_reaches_the_vm(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    """What the host binds under the pod's export while the VM runs propagates into the VMM jail and so into the
+    guest (Kata's model for the containers of a pod): a new bind (read-only in QEMU's namespace too), and one
+    made inside a bind the container has, whose file the container reads."""
+    vol, later, extra = tmp_path / "vol", tmp_path / "later", tmp_path / "extra"
+    for d in (vol, later, extra):
+        d.mkdir()
+    (later / "file").write_text("bound while running\n")
+    (vol / "sub").mkdir()
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"],
+                   mounts=[{"destination": "/data", "type": "bind", "source": str(vol), "options": ["rbind"]}])
+    rc, _out, err = oci.create("live", b)
+    assert rc == 0, err.read_text()
+    oci("start", "live")
+    assert oci.wait_status("live", "running")["status"] == "running"
+    pod, qemu = _qemu_pid(oci, "live")
+    export = pod / "shared"
+    assert oci("exec", "live", "/bin/cat", "/data/sub/file").returncode != 0  # nothing there yet
+    subprocess.run(["mount", "--bind", str(later), str(export / "binds" / "m0" / "sub")], check=True)
+    res = oci("exec", "live", "/bin/cat", "/data/sub/file")
+    assert res.returncode == 0 and res.stdout == "bound while running\n", res.stderr
+    # The host side, as a pod's next container will use it: a read-only bind, read-only in QEMU's namespace too.
+    exports.bind(export, Volume("extra", "bind", str(extra), read_only=True), data_dir=oci.kvmrkt.data,
+                 pod=pod.name, live=[pod.name], uid=int(json.loads((pod / "jail.json").read_text())["uid"]))
+    jail = _mountinfo(qemu, "/shares/shared")
+    assert jail["/shares/shared/binds/m0/sub"].startswith("rw,") and jail["/shares/shared/binds/extra"].startswith(
+        "ro,"), jail
+    assert oci("delete", "--force", "live").returncode == 0
+    assert not _mountinfo("self", str(export)) and not export.exists()
+    assert (later / "file").exists() and (vol / "sub").is_dir()  # the sources are left alone
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

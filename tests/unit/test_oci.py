@@ -14,6 +14,7 @@ import pytest
 from kvmrkt.config import JailConfig, PodsConfig, Stage1Config
 from kvmrkt.errors import ConfigError, ManifestError
 from kvmrkt.ocirt.bundle import APP, load_bundle, manifest_for, parse_signal
+from kvmrkt.ocirt.mountpoints import for_bundle, make
 from kvmrkt.ocirt.runtime import features
 from kvmrkt.pods.jail import jail_spec
 from stage1_kvm.jail import plan
@@ -188,3 +189,28 @@ def test_bundle_binds_go_through_one_shared_export(tmp_path: Path) -> None:
     assert "volume m0 rbind binds/m0 0\n" in cfg and "volume m10 bind binds/m10 1\n" in cfg
     assert "mount m11 /etc/f1\n" in cfg
     assert "shared" not in guest_pod_config(m, interactive=True).decode().split("volume")[0]
+
+
+def test_mount_points_are_made_inside_a_writable_root_only(tmp_path: Path) -> None:
+    """Missing mount points of a writable bundle root are made in it (directories; an empty file for a bound
+    file); the image's symlinks, absolute or climbing, resolve inside the root and never lead out of it."""
+    root, outside = tmp_path / "rootfs", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "abs").symlink_to(outside)
+    (root / "up").symlink_to("../../outside")
+    (root / "file").symlink_to(outside / "secret")
+    make(root, [("/var/run/secrets/token", True), ("/dev/termination-log", False), ("/abs/x", True),
+                ("/up/y/z", True), ("/file", False)])
+    assert (root / "var/run/secrets/token").is_dir() and (root / "dev/termination-log").is_file()
+    assert not list(outside.iterdir())
+    assert not (root / "outside").exists()  # a link to nothing in the root is left as it is (the guest refuses it)
+    (root / "outside").mkdir()
+    make(root, [("/abs/x", True), ("/up/y/z", True)])
+    assert (root / "outside/y/z").is_dir() and not list(outside.iterdir())  # where the link points, in the root
+    b = load_bundle(bundle(tmp_path, mounts=[{"destination": "/data/in", "type": "bind", "source": str(outside)}]))
+    for_bundle(b)  # readonly: the guest's overlay gets the mount points, the host's rootfs nothing
+    assert not (tmp_path / "rootfs" / "data").exists()
+    for_bundle(load_bundle(bundle(tmp_path, root={"path": "rootfs", "readonly": False},
+                                  mounts=[{"destination": "/data/in", "type": "bind", "source": str(outside)}])))
+    assert (tmp_path / "rootfs" / "data" / "in").is_dir()
