@@ -13,7 +13,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,10 +240,11 @@ def test_a_dozen_binds_reach_the_vm_through_one_export(oci: Oci, tmp_path: Path,
     assert not _mountinfo("self", export) and not Path(export).exists()
 
 
-def test_a_bind_made_while_the_pod_runs_reaches_the_vm(oci: Oci, tmp_path: Path, subreaper: None) -> None:
-    """What the host binds under the pod's export while the VM runs propagates into the VMM jail and so into the
-    guest (Kata's model for the containers of a pod): a new bind (read-only in QEMU's namespace too), and one
-    made inside a bind the container has, whose file the container reads."""
+def _bind_while_running(oci: Oci, tmp_path: Path, vmm_view: Callable[[str], str]) -> None:
+    """What the host binds under the pod's export while the VM runs propagates into the VMM's mount namespace
+    (where QEMU sees the export at ``vmm_view(pod uuid)``) and so into the guest (Kata's model for the containers of a
+    pod): one made inside a bind the container has, whose file the container then reads, and a new bind, read-only
+    in QEMU's namespace too. Deleting the container unmounts all of it."""
     vol, later, extra = tmp_path / "vol", tmp_path / "later", tmp_path / "extra"
     for d in (vol, later, extra):
         d.mkdir()
@@ -264,12 +265,26 @@ def test_a_bind_made_while_the_pod_runs_reaches_the_vm(oci: Oci, tmp_path: Path,
     # The host side, as a pod's next container will use it: a read-only bind, read-only in QEMU's namespace too.
     exports.bind(export, Volume("extra", "bind", str(extra), read_only=True), data_dir=oci.kvmrkt.data,
                  pod=pod.name, live=[pod.name], uid=int(json.loads((pod / "jail.json").read_text())["uid"]))
-    jail = _mountinfo(qemu, "/shares/shared")
-    assert jail["/shares/shared/binds/m0/sub"].startswith("rw,") and jail["/shares/shared/binds/extra"].startswith(
-        "ro,"), jail
+    view = vmm_view(pod.name)
+    assert os.readlink(f"/proc/{qemu}/ns/mnt") != os.readlink("/proc/self/ns/mnt")  # QEMU's own mount namespace
+    seen = _mountinfo(qemu, view)
+    assert seen[f"{view}/binds/m0/sub"].startswith("rw,") and seen[f"{view}/binds/extra"].startswith("ro,"), seen
     assert oci("delete", "--force", "live").returncode == 0
     assert not _mountinfo("self", str(export)) and not export.exists()
     assert (later / "file").exists() and (vol / "sub").is_dir()  # the sources are left alone
+
+
+def test_a_bind_made_while_the_pod_runs_reaches_the_vm(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    _bind_while_running(oci, tmp_path, lambda _uuid: "/shares/shared")  # in the jail QEMU pivoted into
+
+
+def test_a_bind_made_while_a_libvirt_pod_runs_reaches_the_vm(libvirtd: str, oci: Oci, tmp_path: Path,
+                                                             subreaper: None) -> None:
+    """libvirtd starts QEMU in a mount namespace of its own, a slave of the host's made when the domain starts:
+    the export's bind under /run/kvmrkt/<uuid> is a peer of the export, so the host's later binds reach it too."""
+    oci.kvmrkt.backend = "libvirt"
+    oci.kvmrkt.write_config(BASE_CONFIG)
+    _bind_while_running(oci, tmp_path, lambda uuid: f"/run/kvmrkt/{uuid}/shares/shared")
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -225,6 +225,12 @@ def test_domain_xml_is_the_same_microvm() -> None:
     assert serial.find("source").get("path") == "/run/kvmrkt/x/console.sock"  # type: ignore[union-attr]
     fs = dom.find("devices/filesystem")
     assert fs is not None and fs.find("readonly") is not None and fs.find("target").get("dir") == "vol0"  # type: ignore[union-attr]
-    assert fs.get("accessmode") == "squash"
+    assert fs.get("accessmode") == "squash" and fs.get("multidevs") is None
+    # The pod's shared export: the filesystems bound into it keep distinct inode numbers in the guest.
+    shared = ET.fromstring(build_domain_xml(spec(m, shared_export=Path("/pods/x/shared")), uuid=UUID,
+                                            pod_dir=Path("/pods/x"), qemu="/q", jail=JAIL))
+    fs = shared.findall("devices/filesystem")[-1]
+    assert fs.get("multidevs") == "remap" and fs.find("readonly") is None
+    assert fs.find("target").get("dir") == "kvmrkt-shared"  # type: ignore[union-attr]
     labels = {s.get("model"): s.findtext("label") for s in dom.findall("seclabel")}
     assert labels == {"dac": "+2000000001:+2000000001", "selinux": "u:r:t:s0:c1,c2"}
