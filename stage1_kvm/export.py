@@ -77,7 +77,7 @@ def up(pod: Pod, manifest: PodManifest, jail: JailSpec, data_dir: Path) -> Path:
     live = Pod.live_uuids(data_dir)
     for volume in manifest.volumes:
         if volume.kind in BIND_KINDS:
-            bind(export, volume, data_dir=data_dir, pod=pod.uuid, live=live, uid=jail.uid)
+            bind(export, volume, data_dir=data_dir, pod=pod.uuid, live=live, uid=jail.uid, gid=jail.gid)
     return export
 
 
@@ -91,9 +91,10 @@ def _export(export: Path, gid: int) -> None:
             raise _fail(what)
 
 
-def bind(export: Path, volume: Volume, *, data_dir: Path, pod: str, live: Iterable[str], uid: int) -> None:
+def bind(export: Path, volume: Volume, *, data_dir: Path, pod: str, live: Iterable[str], uid: int, gid: int) -> None:
     """Bind ``volume``'s source (a file or a directory; the engine's path, symlinks followed as runc does) onto
-    ``export/binds/<name>``, read-only on the host if the volume is, and let the VMM's ``uid`` reach it.
+    its place in the export (``vmspec.export_path``; the directory holding it is the pod's ``gid``'s), read-only
+    on the host if the volume is, and let the VMM's ``uid`` reach it.
 
     Raises:
         JailError: the source is neither a file nor a directory, or a mount failed.
@@ -106,7 +107,8 @@ def bind(export: Path, volume: Volume, *, data_dir: Path, pod: str, live: Iterab
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise JailError(f"cannot bind {volume.source} into the pod: only files and directories reach a VM")
     directory = stat.S_ISDIR(mode)
-    point = export / export_path(volume.name)
+    point = export / export_path(volume)
+    _mkdir(point.parent, gid)
     if directory:
         point.mkdir(mode=0o700)
     else:

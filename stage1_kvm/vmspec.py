@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.pods.confinement import guest_config
-from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.stage1 import JailSpec, NetworkPlan, Nic
 
 # Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs
@@ -36,9 +36,12 @@ EXPORT_TAG = "kvmrkt-shared"
 BIND_KINDS = ("bind", "rbind")
 
 
-def export_path(volume: str) -> str:
-    """Where a bind volume's source is, relative to the export (the same on the host and in the guest)."""
-    return f"binds/{volume}"
+def export_path(volume: Volume) -> str:
+    """Where a bind volume's source is, relative to the export (the same on the host and in the guest):
+    ``binds/<volume>/<the source's own name>``, so that the container's mount table names the source as runc's
+    does (the mount's root ends with it)."""
+    name = Path(volume.source or "").name
+    return f"binds/{volume.name}/{name if name not in ('', '.', '..') else 'root'}"
 
 
 def app_log(app: str, stream: str) -> str:
@@ -228,7 +231,7 @@ def guest_pod_config(
             tag = f"vol{host_index}"
             host_index += 1
         elif v.kind in BIND_KINDS:
-            tag = export_path(v.name)
+            tag = export_path(v)
         lines.append(_line("volume", v.name, v.kind, tag, int(v.read_only)))
     for i, app in enumerate(manifest.apps):
         lines.append(_line("app", app.name))

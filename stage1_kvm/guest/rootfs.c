@@ -51,7 +51,7 @@ int setup_volumes(const struct pod *pod)
             rc = mount_at(pod->vols[i].tag, dir, "9p", MS_NODEV | (pod->vols[i].ro ? MS_RDONLY : 0),
                           "trans=virtio,version=9p2000.L,cache=none,msize=262144");
         } else {
-            rc = mount_at("kvmrkt-vol", dir, "tmpfs", MS_NODEV, "mode=0755");
+            rc = mount_at("tmpfs", dir, "tmpfs", MS_NODEV, "mode=0755");
         }
         if (rc < 0) {
             logmsg("volume %s: mount failed: %s", pod->vols[i].name, strerror(errno));

@@ -186,7 +186,7 @@ def test_bundle_binds_go_through_one_shared_export(tmp_path: Path) -> None:
     assert [b.recursive for b in layout.inputs if b.target.startswith("shares/")] == [False, True]
     cfg = guest_pod_config(m, interactive=True, shared_roots={APP: True}, shared_export=True).decode()
     assert "shared kvmrkt-shared\n" in cfg
-    assert "volume m0 rbind binds/m0 0\n" in cfg and "volume m10 bind binds/m10 1\n" in cfg
+    assert "volume m0 rbind binds/m0/d0 0\n" in cfg and "volume m10 bind binds/m10/f0 1\n" in cfg
     assert "mount m11 /etc/f1\n" in cfg
     assert "shared" not in guest_pod_config(m, interactive=True).decode().split("volume")[0]
 
