@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvmrkt.host.mounts import mounts_under
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm import cgroups, shares
@@ -332,16 +333,6 @@ def bind_on_host(root: Path, layout: Layout, gid: int) -> None:
         raise OSError(str(exc)) from None
 
 
-def _mounts_under(root: Path) -> list[str]:
-    out = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == str(root) or point.startswith(f"{root}/"):
-                out.append(point)
-    return out
-
-
 def unbind_on_host(root: Path) -> bool:
     """Detach every mount under ``root`` (innermost first), then remove the mount points and ``root``. Nothing is
     deleted while anything is still mounted there (a shared directory's files are never touched); returns False
@@ -349,9 +340,9 @@ def unbind_on_host(root: Path) -> bool:
     if not root.exists():
         return True
     libc = _libc()
-    for point in sorted(_mounts_under(root), key=len, reverse=True):
+    for point in sorted(mounts_under(root), key=len, reverse=True):
         libc.umount2(point.encode(), MNT_DETACH)
-    if _mounts_under(root):
+    if mounts_under(root):
         return False
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:

@@ -16,6 +16,7 @@ from typing import IO
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, KvmrktError, PodStateError
+from kvmrkt.host.mounts import mounts_under
 from kvmrkt.host.wait import wait_until
 from kvmrkt.pods import jail as jails
 from kvmrkt.pods import labels
@@ -87,7 +88,8 @@ class PodControl:
 
     def collect(self, pod: Pod) -> bool:
         """Delete a pod directory that this process holds locked, after network and backend cleanup; free its
-        MCS pair and jail uid. A pod whose networks cannot be torn down is kept (False)."""
+        MCS pair and jail uid. A pod whose networks cannot be torn down, or with something still mounted under its
+        directory, is kept (False)."""
         if not self.teardown_network(pod):
             pod.unlock()
             return False
@@ -99,6 +101,11 @@ class PodControl:
                 backend_for(self.config, pod).gc(pod)
         except KvmrktError:
             pass
+        left = mounts_under(pod.path)
+        if left:  # never delete through a mount (a pod's shared export binds host files under it)
+            self.warn(f"pod {pod.uuid} was kept: {left[0]} is still mounted; unmount it and remove the pod again")
+            pod.unlock()
+            return False
         pod.delete()
         return True
 
@@ -115,7 +122,9 @@ class PodControl:
                                 hint=f"kvmrkt stop {pod.uuid}" if state == "running" else None)
         pod.lock()
         if not self.collect(pod):
-            raise PodStateError(f"pod {pod.uuid} was kept: its network could not be torn down", state=state,
+            left = mounts_under(pod.path)
+            why = f"{left[0]} is still mounted" if left else "its network could not be torn down"
+            raise PodStateError(f"pod {pod.uuid} was kept: {why}", state=state,
                                 hint="see the warning above; fix it and run `kvmrkt rm` again")
 
     def gc(self, *, grace_period: float, expire_prepared: float) -> dict[str, list[str]]:

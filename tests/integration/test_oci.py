@@ -290,6 +290,41 @@ def test_a_bind_made_while_a_libvirt_pod_runs_reaches_the_vm(libvirtd: str, oci:
     _bind_while_running(oci, tmp_path, lambda uuid: f"/run/kvmrkt/{uuid}/shares/shared")
 
 
+def test_a_crashed_pods_export_is_unmounted_and_nothing_is_deleted_through_a_mount(oci: Oci, tmp_path: Path,
+                                                                                   subreaper: None) -> None:
+    """A supervisor killed with SIGKILL leaves its export mounted; removing the container unmounts it, and the
+    bound directory keeps every file. A pod directory with a mount that kvmrkt did not make under it (whose
+    files a removal would otherwise delete) is kept, with a warning, until it is unmounted."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "keep").write_text("kept\n")
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"],
+                   mounts=[{"destination": "/data", "type": "bind", "source": str(vol), "options": ["rbind"]}])
+    rc, _out, err = oci.create("crash", b)
+    assert rc == 0, err.read_text()
+    oci("start", "crash")
+    assert oci.wait_status("crash", "running")["status"] == "running"
+    pod, qemu = _qemu_pid(oci, "crash")
+    os.kill(oci.pid("crash", b), signal.SIGKILL)  # the supervisor this test started; its QEMU dies with it
+    assert wait_exit(oci.pid("crash", b)) == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{qemu}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mountinfo("self", str(pod / "shared"))  # the crash left the export mounted
+    stray = pod / "stray"
+    stray.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "canary", str(stray)], check=True)
+    try:
+        (stray / "canary").write_text("not kvmrkt's\n")
+        res = oci("delete", "crash")
+        assert res.returncode != 0 and f"{stray} is still mounted" in res.stderr, res.stderr
+        assert (stray / "canary").read_text() == "not kvmrkt's\n" and not (pod / "shared").exists()
+    finally:
+        subprocess.run(["umount", str(stray)], check=True)
+    assert oci("delete", "crash").returncode == 0
+    assert not pod.exists() and (vol / "keep").read_text() == "kept\n"
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("rlimits", [{"type": "RLIMIT_TEST", "soft": 1024, "hard": 1024}], "process.rlimits[0].type: unknown rlimit"),
     ("capabilities", {"bounding": ["CAP_CHOWN", "CAP_TEST"]}, "process.capabilities.bounding: unknown capability"),
