@@ -53,9 +53,11 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def _fail(what: str) -> JailError:
-    return JailError(f"the pod's shared export: {what}: {os.strerror(ctypes.get_errno())}",
-                     hint="the host kernel needs open_tree/move_mount/mount_setattr (Linux 5.12 or later)")
+NEW_MOUNT_API = "the host kernel needs open_tree/move_mount/mount_setattr (Linux 5.12 or later)"
+
+
+def _fail(what: str, hint: str | None = None) -> JailError:
+    return JailError(f"the pod's shared export: {what}: {os.strerror(ctypes.get_errno())}", hint=hint)
 
 
 def _mkdir(path: Path, gid: int) -> None:
@@ -72,7 +74,7 @@ def up(pod: Pod, manifest: PodManifest, jail: JailSpec, data_dir: Path) -> Path:
         JailError: a source cannot be bound, or a mount failed.
     """
     export = pod.file(EXPORT_DIR)
-    PodJail(pod, data_dir).record(export=str(export))
+    PodJail(pod, data_dir).record(export=EXPORT_DIR)
     _export(export, jail.gid)
     live = Pod.live_uuids(data_dir)
     for volume in manifest.volumes:
@@ -119,17 +121,17 @@ def bind(export: Path, volume: Volume, *, data_dir: Path, pod: str, live: Iterab
     flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if volume.kind == "rbind" else 0)
     tree = libc.syscall(SYS_OPEN_TREE, -100, str(source).encode(), flags)  # AT_FDCWD
     if tree < 0:
-        raise _fail(f"cloning {source}")
+        raise _fail(f"cloning {source}", NEW_MOUNT_API)
     try:
         attr = _MountAttr(MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if volume.read_only else 0))
         if libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | (flags & AT_RECURSIVE), ctypes.byref(attr),
                         ctypes.sizeof(attr)) != 0:
-            raise _fail(f"setting the flags of the bind of {source}")
+            raise _fail(f"setting the flags of the bind of {source}", NEW_MOUNT_API)
         dest = os.open(point, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if libc.syscall(SYS_MOVE_MOUNT, tree, b"", dest, b"",
                             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0:
-                raise _fail(f"binding {source} onto {point}")
+                raise _fail(f"binding {source} onto {point}", NEW_MOUNT_API)
         finally:
             os.close(dest)
     finally:

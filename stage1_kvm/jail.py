@@ -193,8 +193,9 @@ class PodJail:
             ok = not shares.revoke(self.data_dir, self.pod.uuid) and ok
         if rec.get("root"):
             ok = unbind_on_host(Path(rec["root"])) and ok
-        if rec.get("export"):  # the shared export (stage1_kvm.export) and everything bound under it
-            ok = unbind_on_host(Path(rec["export"])) and ok
+        if rec.get("export"):  # the shared export (stage1_kvm.export) and everything bound under it: named in the
+            # pod directory, which moves between phase folders (and its mounts with it)
+            ok = unbind_on_host(self.pod.file(Path(str(rec["export"])).name)) and ok
         with contextlib.suppress(OSError):
             self.pod.file(ROOT).rmdir()
         return ok

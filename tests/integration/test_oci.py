@@ -292,9 +292,10 @@ def test_a_bind_made_while_a_libvirt_pod_runs_reaches_the_vm(libvirtd: str, oci:
 
 def test_a_crashed_pods_export_is_unmounted_and_nothing_is_deleted_through_a_mount(oci: Oci, tmp_path: Path,
                                                                                    subreaper: None) -> None:
-    """A supervisor killed with SIGKILL leaves its export mounted; removing the container unmounts it, and the
-    bound directory keeps every file. A pod directory with a mount that kvmrkt did not make under it (whose
-    files a removal would otherwise delete) is kept, with a warning, until it is unmounted."""
+    """A supervisor killed with SIGKILL leaves its export mounted; gc (which moves the pod to the garbage folder,
+    its mounts with it) unmounts it, and the bound directory keeps every file. A pod directory with a mount that
+    kvmrkt did not make under it (whose files a removal would otherwise delete) is kept, named, until it is
+    unmounted."""
     vol = tmp_path / "vol"
     vol.mkdir()
     (vol / "keep").write_text("kept\n")
@@ -314,15 +315,17 @@ def test_a_crashed_pods_export_is_unmounted_and_nothing_is_deleted_through_a_mou
     stray = pod / "stray"
     stray.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "canary", str(stray)], check=True)
+    garbage = pod.parent.parent / "exited-garbage" / pod.name
     try:
         (stray / "canary").write_text("not kvmrkt's\n")
-        res = oci("delete", "crash")
-        assert res.returncode != 0 and f"{stray} is still mounted" in res.stderr, res.stderr
-        assert (stray / "canary").read_text() == "not kvmrkt's\n" and not (pod / "shared").exists()
+        res = oci.kvmrkt("gc", "--grace-period=0s")
+        assert f"{garbage / 'stray'} is still mounted" in res.err, res.err
+        assert (garbage / "stray" / "canary").read_text() == "not kvmrkt's\n"
+        assert list(_mountinfo("self", str(garbage))) == [str(garbage / "stray")]  # the export is gone
     finally:
-        subprocess.run(["umount", str(stray)], check=True)
+        subprocess.run(["umount", str(garbage / "stray")], check=True)
     assert oci("delete", "crash").returncode == 0
-    assert not pod.exists() and (vol / "keep").read_text() == "kept\n"
+    assert not garbage.exists() and (vol / "keep").read_text() == "kept\n"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
