@@ -17,9 +17,11 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.ocirt import cgroupspec
 from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.pods.confinement import Confinement, from_oci, lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.stage1 import CgroupPlacement
 
 OCI_VERSION = "1.0.2"
 APP = "container"
@@ -56,6 +58,8 @@ class Bundle:
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
     confinement: Confinement = DEFAULT_CONFINEMENT
+    cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
+    unhonoured: tuple[str, ...] = ()  # linux.resources fields a VM does not honour (the caller warns)
 
     @property
     def image_name(self) -> str:
@@ -122,6 +126,7 @@ def load_bundle(path: Path) -> Bundle:
     limit = _get(memory, "limit", int, "linux.resources.memory.", None)
     cpu = _get(res, "cpu", dict, "linux.resources.", {})
     quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
+    cgroup, unhonoured = cgroupspec.placement(linux)
     netns = ""
     for ns in _get(linux, "namespaces", list, "linux.", []):
         if isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str):
@@ -136,7 +141,8 @@ def load_bundle(path: Path) -> Bundle:
         hostname=_get(doc, "hostname", str, "", ""), volumes=volumes, mounts=mounts,
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
-        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()),
+        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
+        unhonoured=unhonoured,
         # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
         netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip

@@ -13,8 +13,9 @@ is where image signatures are checked; kvmrkt records the app as not judged (``a
 measures ``config.json``'s digest, the bundle path, the image name from the annotations and the VM assets.
 ``config.json`` is parsed strictly (an error names the field); the process's confinement (capabilities,
 noNewPrivileges, rlimits, seccomp, maskedPaths, readonlyPaths) is applied to the container inside the guest
-(``kvmrkt.pods.confinement``); Linux namespace and cgroup settings describe a container on the host and are ignored
-(each container has a VM, and the VM's jail has the limits).
+(``kvmrkt.pods.confinement``); ``linux.cgroupsPath`` places the supervisor and its VMM, with the bundle's pids and
+CPU limits (``kvmrkt.ocirt.cgroupspec``); Linux namespace settings describe a container on the host and are ignored
+(each container has a VM).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class OciRuntime:
         try:
             for item in bundle.ignored:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
+            for name in bundle.unhonoured:
+                self.engine.warn(f"{name} is not honoured by a VM and was ignored")
             insecure = self.engine.config.insecure_options
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
                                       lambda _m: {APP: bundle_verdict(bundle.image_id, bundle.image_name)},
@@ -195,7 +198,7 @@ class OciRuntime:
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
                                     interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
-                                    accel=self.engine.config.stage1.accel)
+                                    accel=self.engine.config.stage1.accel, cgroup=bundle.cgroup)
             result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
                                       intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
             return pod_exit_code(result.exit_codes) if result.exit_codes else 137

@@ -4,6 +4,7 @@ Debian's podman with `--runtime`. State JSON is checked against the runtime-spec
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -13,6 +14,7 @@ import signal
 import stat
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,3 +490,61 @@ def test_libvirt_backend_runs_containers(libvirtd: str, oci: Oci, tmp_path: Path
     oci("start", "lv1")
     assert wait_exit(oci.pid("lv1", b)) == 9 and out.read_text().startswith("hello from")
     assert oci("delete", "lv1").returncode == 0
+    # libvirt places its domains' QEMU in cgroups of its own: a bundle's cgroupsPath is refused, not ignored.
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = f"/kvmrkt-test-{uuid.uuid4().hex[:8]}"
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("lv2", b)
+    assert rc != 0 and "needs the qemu backend" in err.read_text()
+    assert not Path("/sys/fs/cgroup/pids", cfg["linux"]["cgroupsPath"].lstrip("/")).exists()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_cgroups_path_places_the_container_with_its_limits(oci: Oci, tmp_path: Path, relative: bool) -> None:
+    """linux.cgroupsPath: the supervisor (the container's pid) and its VMM go there (absolute: from the hierarchy's
+    root; relative: from the runtime's own cgroup, as runc), with the bundle's pids and CPU limits; delete removes
+    the cgroup and the directories made for it."""
+    top = f"kvmrkt-test-{uuid.uuid4().hex[:8]}"
+    path = f"{top}/pod/c1" if relative else f"/{top}/pod/c1"
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = path
+    cfg["linux"]["resources"] = {"pids": {"limit": 500}, "cpu": {"shares": 512, "quota": 150000, "period": 100000},
+                                 "blockIO": {"weight": 10}}
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("cg", b, flags=("--log", str(tmp_path / "log")))
+    assert rc == 0, err.read_text()
+    assert "linux.resources.blockIO.weight is not honoured by a VM" in (tmp_path / "log").read_text()
+    own = {ctrl: line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+           for ctrl in line.split(":")[1].split(",")}
+    base = own["pids"].lstrip("/") if relative else ""
+    pids_dir = Path("/sys/fs/cgroup/pids") / base / path.lstrip("/")
+    cpu_dir = Path("/sys/fs/cgroup/cpu") / (own["cpu"].lstrip("/") if relative else "") / path.lstrip("/")
+    try:
+        assert (pids_dir / "pids.max").read_text().strip() == "500"
+        assert (cpu_dir / "cpu.shares").read_text().strip() == "512"
+        assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "150000"
+        procs = {int(p) for p in (pids_dir / "cgroup.procs").read_text().split()}
+        supervisor = oci.state("cg")["pid"]
+        assert supervisor in procs
+        assert any("qemu" in os.readlink(f"/proc/{p}/exe") for p in procs - {supervisor}), procs
+        assert oci("delete", "--force", "cg").returncode == 0
+        assert not pids_dir.exists() and not cpu_dir.exists()
+        assert not pids_dir.parents[1].exists()  # the directories made above it: <top>/pod
+    finally:
+        oci("delete", "--force", "cg")
+        for d in (pids_dir, pids_dir.parent, pids_dir.parent.parent, cpu_dir, cpu_dir.parent, cpu_dir.parent.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def test_a_systemd_cgroups_path_is_refused(oci: Oci, tmp_path: Path) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = "kubepods-besteffort.slice:cri-containerd:abc"
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("sd", b)
+    assert rc != 0
+    assert "systemd's slice:prefix:name form" in err.read_text()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
