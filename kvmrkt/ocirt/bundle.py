@@ -17,7 +17,7 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, ManifestError
-from kvmrkt.ocirt import cgroupspec
+from kvmrkt.ocirt import cgroupspec, hooks
 from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.pods.confinement import Confinement, from_oci, lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
@@ -59,6 +59,7 @@ class Bundle:
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
     confinement: Confinement = DEFAULT_CONFINEMENT
     cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
+    hooks: hooks.Hooks = field(default_factory=dict)
     unhonoured: tuple[str, ...] = ()  # linux.resources fields a VM does not honour (the caller warns)
 
     @property
@@ -142,7 +143,7 @@ def load_bundle(path: Path) -> Bundle:
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
         annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
-        unhonoured=unhonoured,
+        unhonoured=unhonoured, hooks=hooks.parse(doc),
         # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
         netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip

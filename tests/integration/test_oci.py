@@ -548,3 +548,50 @@ def test_a_systemd_cgroups_path_is_refused(oci: Oci, tmp_path: Path) -> None:
     assert rc != 0
     assert "systemd's slice:prefix:name form" in err.read_text()
     assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+def _hook(log: Path, name: str) -> dict[str, Any]:
+    """A host hook that appends its name to ``log`` and keeps the state it read on stdin in ``log.<name>``."""
+    return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {log}.{name}; echo {name} >> {log}"]}
+
+
+def _hook_status(log: Path, name: str) -> str:
+    return str(json.loads(Path(f"{log}.{name}").read_text())["status"])
+
+
+def test_hooks_run_on_the_host_at_their_points(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    log = tmp_path / "hooks.log"
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "exit 0"], hooks={
+        "prestart": [_hook(log, "prestart")], "createRuntime": [_hook(log, "createRuntime")],
+        "poststart": [{"path": "/bin/false"}, _hook(log, "poststart")], "poststop": [_hook(log, "poststop")]})
+    rc, _out, err = oci.create("h1", b)
+    assert rc == 0, err.read_text()
+    assert log.read_text().split("\n")[:2] == ["prestart", "createRuntime"]
+    assert _hook_status(log, "prestart") == _hook_status(log, "createRuntime") == "created"
+    assert oci("--log", str(tmp_path / "log"), "start", "h1").returncode == 0  # a failed poststart hook: a warning
+    assert log.read_text().splitlines()[2] == "poststart" and _hook_status(log, "poststart") in ("running", "stopped")
+    assert "poststart hook 0 (/bin/false): exited with status 1" in (tmp_path / "log").read_text()
+    assert wait_exit(oci.pid("h1", b)) == 0
+    assert "poststop" not in log.read_text()
+    assert oci("delete", "h1").returncode == 0
+    assert log.read_text().splitlines()[3] == "poststop" and _hook_status(log, "poststop") == "stopped"
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "touch /ran"], hooks={
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 4"]}],
+        "poststop": [_hook(log, "poststop")]})
+    rc, _out, err = oci.create("h2", b)
+    assert rc != 0 and "prestart hook 0 (/bin/sh): exited with status 4: no network for you" in err.read_text()
+    assert oci("state", "h2").returncode != 0 and not (b / "rootfs" / "ran").exists()
+    assert log.read_text() == "poststop\n"  # the spec's step 9
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+
+
+def test_hooks_that_would_run_inside_the_vm_are_refused(oci: Oci, tmp_path: Path) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"], hooks={"createContainer": [{"path": "/bin/true"}]})
+    rc, _out, err = oci.create("h3", b)
+    assert rc != 0 and "hooks.createContainer run in the container's namespaces" in err.read_text()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
