@@ -128,10 +128,7 @@ def load_bundle(path: Path) -> Bundle:
     cpu = _get(res, "cpu", dict, "linux.resources.", {})
     quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
     cgroup, unhonoured = cgroupspec.placement(linux)
-    netns = ""
-    for ns in _get(linux, "namespaces", list, "linux.", []):
-        if isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str):
-            netns = ns["path"]
+    netns = _namespaces(_get(linux, "namespaces", list, "linux.", []))
     annotations = _get(doc, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
@@ -147,6 +144,35 @@ def load_bundle(path: Path) -> Bundle:
         # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
         netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip
+
+
+NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+
+
+def _namespaces(entries: list[Any]) -> str:
+    """Check ``linux.namespaces``; returns the network namespace path to join ("" for none). A path for any other
+    type names a namespace of the host's kernel, which a process inside the VM cannot join: refused, not ignored.
+
+    Raises:
+        ManifestError: a malformed entry, an unknown or repeated type, or a path that cannot be joined.
+    """
+    netns, seen = "", set()
+    for i, ns in enumerate(entries):
+        kind = ns.get("type") if isinstance(ns, dict) else None
+        path = ns.get("path", "") if isinstance(ns, dict) else ""
+        if kind not in NAMESPACES or not isinstance(path, str):
+            raise ManifestError(f"config.json: linux.namespaces[{i}] needs a type ({', '.join(sorted(NAMESPACES))}) "
+                                "and at most a path string")
+        if kind in seen:
+            raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace is listed twice")
+        seen.add(kind)
+        if path and kind != "network":
+            raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace at {path} cannot be "
+                                "joined: the container runs inside a VM, whose kernel has namespaces of its own",
+                                hint="only a network namespace path is taken (the VM is plugged into it)")
+        if kind == "network":
+            netns = path
+    return netns
 
 
 def _mounts(entries: list[Any]) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:
