@@ -193,11 +193,12 @@ class _Reader:
 
 
 def enter(
-    pod_dir: Path, ctl_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+    pod_dir: Path, sessions_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
     timeout: float | None = None, opts: EnterOptions = PLAIN_ENTER,
 ) -> int:
     """Run argv in an app's root inside the VM; stream its output; return its exit code (see ``EnterOptions``;
-    with ``tty`` the output arrives as stdout; signals are forwarded from the main thread only).
+    with ``tty`` the output arrives as stdout; signals are forwarded from the main thread only). One connection
+    to the pod supervisor's ``sessions_socket`` (``stage1_kvm.ctlmux``) is one session; many can run at once.
 
     Raises:
         AgentError: the channel failed or the guest refused the request.
@@ -210,7 +211,7 @@ def enter(
     flags += [f"uid={opts.uid}"] if opts.uid is not None else []
     flags += [f"gid={opts.gid}"] if opts.gid is not None else []
     request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv), *flags]) + "\n"
-    with _channel(pod_dir, ctl_socket, timeout=10.0, lock=True) as sock:
+    with _channel(pod_dir, sessions_socket, timeout=10.0, lock=False) as sock:
         send_lock = threading.Lock()
 
         def send(data: bytes) -> None:
