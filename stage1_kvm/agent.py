@@ -173,6 +173,8 @@ class _Reader:
             chunk = self.sock.recv(65536)
         except TimeoutError as exc:
             raise AgentError("the guest agent did not answer in time") from exc
+        except OSError as exc:
+            raise AgentError(f"the channel to the guest agent failed: {exc}") from exc
         if not chunk:
             raise AgentError("the guest agent closed the channel (did the pod exit?)")
         self.buf += chunk

@@ -94,7 +94,7 @@ class GuestParser:
 
     def feed(self, data: bytes) -> Iterator[tuple[int, str, str, bytes]]:
         self.buf += data
-        while True:
+        while self.buf:
             if self.skip_bytes:
                 n = min(self.skip_bytes, len(self.buf))
                 del self.buf[:n]
@@ -102,18 +102,17 @@ class GuestParser:
                 if self.skip_bytes:
                     return
             nl = self.buf.find(b"\n", 0, MAX_LINE + 1)
+            if nl < 0 and (self.skip_line or len(self.buf) > MAX_LINE):  # inside a line too long for a header
+                self.stats.malformed += not self.skip_line
+                end = self.buf.find(b"\n")
+                self.skip_line = end < 0
+                del self.buf[: len(self.buf) if end < 0 else end + 1]
+                continue
             if self.skip_line:
-                if nl < 0:
-                    self.buf.clear()
-                    return
                 del self.buf[: nl + 1]
                 self.skip_line = False
                 continue
             if nl < 0:
-                if len(self.buf) > MAX_LINE:
-                    self.stats.malformed += 1
-                    self.buf.clear()
-                    self.skip_line = True
                 return
             head = self.buf[:nl].decode("ascii", "replace").split(" ", 2)
             if len(head) != 3 or not head[0].isdigit() or len(head[0]) > 19:
@@ -248,7 +247,7 @@ class CtlMux:
             if self._sel.get_key(self._guest).events != want:
                 self._sel.modify(self._guest, want)
         for sess in self._sessions.values():
-            want = (selectors.EVENT_READ if not sess.done and sess.pending_bytes < CLIENT_IN_LIMIT else 0) | (
+            want = (selectors.EVENT_READ if sess.done or sess.pending_bytes < CLIENT_IN_LIMIT else 0) | (
                 selectors.EVENT_WRITE if sess.out else 0)
             key = self._sel.get_map().get(sess.sock)
             if key is None and want:
@@ -333,8 +332,9 @@ class CtlMux:
             self._hang_up(sess)
             self._drop(sess)
             return
-        sess.inbuf += data
-        self._parse_client(sess)
+        if not sess.done:  # once done, input is read and dropped until the client closes (no reset for it)
+            sess.inbuf += data
+            self._parse_client(sess)
 
     def _parse_client(self, sess: _Session) -> None:
         buf = sess.inbuf
@@ -398,7 +398,8 @@ class CtlMux:
             return
         del sess.out[:n]
         if sess.done and not sess.out:
-            self._drop(sess)
+            with contextlib.suppress(OSError):
+                sess.sock.shutdown(socket.SHUT_WR)  # the end, for the client; dropped when it closes
 
     def _hang_up(self, sess: _Session) -> None:
         """The session ends on the host side: the guest kills its command."""
