@@ -42,7 +42,7 @@ from stage1_kvm.vmspec import CTL_SOCKET, escape
 
 SESSIONS_SOCKET = "enter.sock"
 MAX_SESSIONS = 64  # as the guest's MAX_SESSIONS
-IN_WINDOW = 65536  # unacknowledged input per session (the guest buffers this much)
+IN_WINDOW = 262144  # unacknowledged input per session (the guest buffers this much)
 MAX_IN_FRAME = 16384  # payload of one IN frame to the guest
 MAX_GUEST_FRAME = 32768  # an OUT/ERR payload from the guest (virtio_console writes at most 32 KiB at once)
 MAX_LINE = 4096  # a guest header line
@@ -274,7 +274,7 @@ class CtlMux:
     def _read_guest(self) -> bool:
         assert self._guest is not None
         try:
-            data = self._guest.recv(65536)
+            data = self._guest.recv(262144)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:

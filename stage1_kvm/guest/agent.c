@@ -43,7 +43,7 @@
 
 #define MAX_SESSIONS 64
 #define MAX_IN_FRAME 16384            /* payload of one host IN frame */
-#define IN_WINDOW 65536               /* unacknowledged IN payload the host may send one session */
+#define IN_WINDOW 262144              /* unacknowledged IN payload the host may send one session */
 #define OUT_CHUNK 16384               /* payload of one OUT/ERR frame: with its header, one write under 32 KiB */
 #define MAX_REQUEST 65536             /* one ENTER line */
 
@@ -339,6 +339,8 @@ static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigne
         return;
     }
     fcntl(sp[0], F_SETFL, O_NONBLOCK);
+    int sndbuf = 2 * IN_WINDOW;  /* the kernel doubles it: room for a whole window with its per-message overhead */
+    setsockopt(sp[0], SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
     *free_slot = (struct session){.sid = sid, .pid = pid, .fd = sp[0]};
 }
 

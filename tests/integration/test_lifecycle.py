@@ -121,13 +121,14 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
 
 def test_concurrent_enter_sessions(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     """Enter sessions into one pod run at once (the ctl port is multiplexed): the first, with stdin, waits on a
-    fifo that the second writes, then on one that a third, on a terminal, writes."""
+    fifo that the second writes, then on one that a third, on a terminal, writes. Input the first does not read
+    stalls only its own session."""
     uuid_file = tmp_path / "uuid"
     kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",
                  "mkfifo /tmp/f /tmp/g; echo started; while :; do sleep 0.2; done")
     uuid = kvmrkt.wait_running(uuid_file)
     wait_output(kvmrkt, uuid, "started")
-    (tmp_path / "stdin").write_text("typed\n")
+    (tmp_path / "stdin").write_text("typed\n" + "z" * (2 << 20))  # it reads one line: the rest fills its window
     with (tmp_path / "stdin").open() as stdin:
         first = subprocess.Popen(kvmrkt.argv("enter", "-i", uuid, "/bin/sh", "-c", "read a; cat /tmp/f; cat /tmp/g; "
                                              'echo "first $a"'),

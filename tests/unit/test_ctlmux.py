@@ -168,10 +168,10 @@ def test_hostile_guest_frames_are_dropped_and_counted(pod_dir: Path, mux: tuple[
 
 def test_input_waits_for_the_window(pod_dir: Path, mux: tuple[CtlMux, Guest]) -> None:
     _m, guest = mux
-    a = client(pod_dir, ENTER + b"IN 200000\n" + b"x" * 200000 + b"EOF\nSIG 2\n")
+    a = client(pod_dir, ENTER + b"IN 600000\n" + b"x" * 600000 + b"EOF\nSIG 2\n")
     assert guest.line() == b"1 ENTER app 1 true"
     total, frames = 0, []
-    while total < 200000:
+    while total < 600000:
         got = 0
         while not guest.quiet():  # everything the window allows, then nothing until the guest acknowledges
             head = guest.line()
@@ -179,10 +179,10 @@ def test_input_waits_for_the_window(pod_dir: Path, mux: tuple[CtlMux, Guest]) ->
             if head not in (b"1 SIG 2", b"1 EOF"):  # signals are not held behind input the command has not read
                 assert head.startswith(b"1 IN ") and int(head.split(b" ")[2]) <= MAX_IN_FRAME
                 got += len(guest.exact(int(head.split(b" ")[2])))
-        assert IN_WINDOW - MAX_IN_FRAME < got <= IN_WINDOW or total + got == 200000
+        assert IN_WINDOW - MAX_IN_FRAME < got <= IN_WINDOW or total + got == 600000
         total += got
         guest.send(b"1 ACK %d\n" % got)
-    assert total == 200000 and frames.count(b"SIG") == 1
+    assert total == 600000 and frames.count(b"SIG") == 1
     assert frames[-1] == b"EOF" and frames.count(b"EOF") == 1  # after all the input
     guest.send(b"1 EXIT 0\n")
     assert read_all(a) == b"EXIT 0\n"
