@@ -1,8 +1,9 @@
 """Host side of the guest agent channel (virtio-serial; this host class has no vsock).
 
 Role: read the guest's status stream (a file QEMU writes: READY, START, EXIT, ERROR, DONE lines), and speak
-the request/response protocol of the ``kvmrkt.ctl`` (enter) and ``kvmrkt.sig`` (stop) ports, whose host ends
-are unix sockets QEMU listens on in the pod directory. Trust boundary: everything read here comes from inside
+the request/response protocol of the ``kvmrkt.sig`` (stop) port, a unix socket QEMU listens on in the pod
+directory, and of enter sessions (``enter.sock``, served by the pod supervisor's ``stage1_kvm.ctlmux`` over
+the ``kvmrkt.ctl`` port). Trust boundary: everything read here comes from inside
 the VM, where untrusted apps run: it is parsed defensively (bounded sizes, unknown lines ignored), only ever
 written to the caller's stdout/stderr or compared, never executed or used as a path.
 """
