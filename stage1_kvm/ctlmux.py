@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from kvmrkt.errors import Stage1Error
 from stage1_kvm import agent
 from stage1_kvm.vmspec import CTL_SOCKET, escape
 
@@ -445,7 +446,10 @@ class CtlMux:
 @contextlib.contextmanager
 def serve(pod_dir: Path, warn: IO[bytes]) -> Iterator[CtlMux]:
     """Run a ``CtlMux`` for the VM started inside the block; what it dropped from the guest is a warning."""
-    mux = CtlMux(pod_dir).start()
+    try:
+        mux = CtlMux(pod_dir).start()
+    except OSError as exc:
+        raise Stage1Error(f"cannot serve {SESSIONS_SOCKET} in the pod directory: {exc}") from exc
     try:
         yield mux
     finally:

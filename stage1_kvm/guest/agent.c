@@ -322,6 +322,8 @@ static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigne
         send_line(ctl, sid, "FAIL socketpair");
         return;
     }
+    int sndbuf = 2 * IN_WINDOW;  /* the kernel doubles it: room for a whole window with its per-message overhead */
+    setsockopt(sp[0], SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
     pid_t pid = fork();
     if (pid == 0) {
         for (int i = 0; i < MAX_SESSIONS; i++)
@@ -339,8 +341,6 @@ static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigne
         return;
     }
     fcntl(sp[0], F_SETFL, O_NONBLOCK);
-    int sndbuf = 2 * IN_WINDOW;  /* the kernel doubles it: room for a whole window with its per-message overhead */
-    setsockopt(sp[0], SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
     *free_slot = (struct session){.sid = sid, .pid = pid, .fd = sp[0]};
 }
 
