@@ -424,21 +424,21 @@ int apps_running(const struct pod *pod)
     return n;
 }
 
-void reap(struct pod *pod, pid_t *enter_pid)
+void reap(struct pod *pod, void (*other)(pid_t pid, void *ctx), void *ctx)
 {
     int st;
     pid_t pid;
     while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-        if (pid == *enter_pid) {
-            *enter_pid = 0;
-            continue;
-        }
+        int app = 0;
         for (int i = 0; i < pod->napps; i++) {
             if (pod->apps[i].running && pod->apps[i].pid == pid) {
+                app = 1;
                 pod->apps[i].running = 0;
                 pod->apps[i].exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
                 status("EXIT %s %d", pod->apps[i].name, pod->apps[i].exit_code);
             }
         }
+        if (!app && other)
+            other(pid, ctx);
     }
 }

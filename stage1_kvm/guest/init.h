@@ -151,7 +151,7 @@ void start_app(struct pod *pod, int idx, struct tty_relay *relay);
 struct app *app_named(struct pod *pod, const char *name);
 void signal_apps(struct pod *pod, int sig);
 int apps_running(const struct pod *pod);
-void reap(struct pod *pod, pid_t *enter_pid);
+void reap(struct pod *pod, void (*other)(pid_t pid, void *ctx), void *ctx);  /* other: a child not an app */
 
 /* agent.c */
 void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig);
