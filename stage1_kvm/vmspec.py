@@ -28,7 +28,7 @@ CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
 # The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
-POD_CONFIG_VERSION = 3
+POD_CONFIG_VERSION = 4
 
 
 def app_log(app: str, stream: str) -> str:

@@ -31,7 +31,9 @@
 #define MAX_FILES 16
 #define MAX_PATHS 64
 #define MAX_RLIMITS 16
-#define POD_CONFIG_VERSION "3"
+#define MAX_SYSCTLS 64
+#define MAX_DEVICES 32
+#define POD_CONFIG_VERSION "4"
 
 struct mountspec { char *vol; char *target; };
 
@@ -66,6 +68,11 @@ struct app {
     int nro;
     struct { int resource; rlim_t soft, hard; } rlimits[MAX_RLIMITS];
     int nrlimits;
+    struct { char *name, *value; } sysctls[MAX_SYSCTLS];  /* written in its namespaces by ns_init */
+    int nsysctls;
+    int oom_set, oom_score_adj;
+    struct { char *path; char type; unsigned maj, min, mode, uid, gid; } devices[MAX_DEVICES];  /* in its /dev */
+    int ndevices;
     int terminal;               /* runs on a terminal (app 0 of a tty pod): /dev/console is that terminal */
     char root[PATH_MAX];
     pid_t pid;

@@ -595,3 +595,40 @@ def test_hooks_that_would_run_inside_the_vm_are_refused(oci: Oci, tmp_path: Path
     rc, _out, err = oci.create("h3", b)
     assert rc != 0 and "hooks.createContainer run in the container's namespaces" in err.read_text()
     assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_sysctls_oom_score_and_devices_reach_the_vms_kernel(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    script = ("cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/msgmax /proc/self/oom_score_adj; "
+              "stat -c '%F %t:%T %a %u:%g' /dev/test1 /dev/sub/fifo")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", script])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["process"]["oomScoreAdj"] = 500
+    cfg["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1", "kernel.msgmax": "4096"}
+    cfg["linux"]["devices"] = [
+        {"path": "/dev/test1", "type": "c", "major": 10, "minor": 666, "fileMode": 0o660, "uid": 1, "gid": 2},
+        {"path": "/dev/sub/fifo", "type": "p", "fileMode": 0o600}]
+    (b / "config.json").write_text(json.dumps(cfg))
+    host_msgmax = Path("/proc/sys/kernel/msgmax").read_text().strip()
+    assert host_msgmax != "4096"
+    rc, out, err = oci.create("k1", b)
+    assert rc == 0, err.read_text()
+    oci("start", "k1")
+    assert wait_exit(oci.pid("k1", b)) == 0, err.read_text()
+    assert out.read_text().splitlines() == ["1", "4096", "500", "character special file a:29a 660 1:2",
+                                            "fifo 0:0 600 0:0"]
+    assert Path("/proc/sys/kernel/msgmax").read_text().strip() == host_msgmax  # the host's kernel is untouched
+    assert oci("delete", "k1").returncode == 0
+
+
+def test_a_sysctl_the_vms_kernel_lacks_fails_the_container_naming_it(oci: Oci, tmp_path: Path,
+                                                                     subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["sysctl"] = {"kernel.no_such_knob": "1"}
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("k2", b)
+    if rc == 0:
+        oci("start", "k2")
+        assert wait_exit(oci.pid("k2", b)) == 125
+    assert "sysctl kernel.no_such_knob: No such file or directory" in err.read_text()
+    oci("delete", "--force", "k2")
