@@ -66,10 +66,34 @@ class NetworkPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class CgroupPlacement:
+    """Where a caller (an OCI engine, through ``linux.cgroupsPath``) wants the pod's VMM, and the limits it gave.
+
+    ``path``: absolute (relative to each hierarchy's root) or relative (to the cgroup of the process that creates
+    it, as runc does); ``None`` limits are the jail's. ``join_creator``: the creating process (kvmrkt-oci's
+    supervisor, the container's pid) joins too, so the whole container is where kubelet looks.
+    """
+
+    path: str
+    pids_max: int | None = None  # -1: no limit
+    cpu_shares: int | None = None
+    cpu_quota_us: int | None = None  # -1: no quota
+    cpu_period_us: int | None = None
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+    join_creator: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "pids_max": self.pids_max, "cpu_shares": self.cpu_shares,
+                "cpu_quota_us": self.cpu_quota_us, "cpu_period_us": self.cpu_period_us,
+                "cpuset_cpus": self.cpuset_cpus, "cpuset_mems": self.cpuset_mems, "join_creator": self.join_creator}
+
+
+@dataclass(frozen=True, slots=True)
 class JailSpec:
     """The VMM jail stage0 decided for a pod (``kvmrkt.pods.jail``): the backend runs the VMM as ``uid``/``gid``
-    without capabilities, sized ``memory_mib``/``vcpus``, in a cgroup under ``cgroup_parent`` with these limits
-    (``cpu_quota`` in CPUs, None: no quota)."""
+    without capabilities, sized ``memory_mib``/``vcpus``, in a cgroup under ``cgroup_parent`` (or where
+    ``placement`` says) with these limits (``cpu_quota`` in CPUs, None: no quota)."""
 
     uid: int
     gid: int
@@ -79,12 +103,17 @@ class JailSpec:
     pids_max: int
     cpu_quota: float | None = None
     cgroup_parent: str = "kvmrkt"
+    placement: CgroupPlacement | None = None  # the caller's cgroup instead of <cgroup_parent>/<pod uuid>
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (recorded in the pod, measured)."""
-        return {"uid": self.uid, "gid": self.gid, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
-                "memory_limit_mib": self.memory_limit_mib, "pids_max": self.pids_max, "cpu_quota": self.cpu_quota,
-                "cgroup_parent": self.cgroup_parent}
+        doc: dict[str, Any] = {"uid": self.uid, "gid": self.gid, "memory_mib": self.memory_mib,
+                               "vcpus": self.vcpus,
+                               "memory_limit_mib": self.memory_limit_mib, "pids_max": self.pids_max,
+                               "cpu_quota": self.cpu_quota, "cgroup_parent": self.cgroup_parent}
+        if self.placement is not None:
+            doc["placement"] = self.placement.to_dict()
+        return doc
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Host side of the guest agent channel (virtio-serial; this host class has no vsock).
 
 Role: read the guest's status stream (a file QEMU writes: READY, START, EXIT, ERROR, DONE lines), and speak
-the request/response protocol of the ``kvmrkt.ctl`` (enter) and ``kvmrkt.sig`` (stop) ports, whose host ends
-are unix sockets QEMU listens on in the pod directory. Trust boundary: everything read here comes from inside
+the request/response protocol of the ``kvmrkt.sig`` (stop) port, a unix socket QEMU listens on in the pod
+directory, and of enter sessions (``enter.sock``, served by the pod supervisor's ``stage1_kvm.ctlmux`` over
+the ``kvmrkt.ctl`` port). Trust boundary: everything read here comes from inside
 the VM, where untrusted apps run: it is parsed defensively (bounded sizes, unknown lines ignored), only ever
 written to the caller's stdout/stderr or compared, never executed or used as a path.
 """
@@ -173,6 +174,8 @@ class _Reader:
             chunk = self.sock.recv(65536)
         except TimeoutError as exc:
             raise AgentError("the guest agent did not answer in time") from exc
+        except OSError as exc:
+            raise AgentError(f"the channel to the guest agent failed: {exc}") from exc
         if not chunk:
             raise AgentError("the guest agent closed the channel (did the pod exit?)")
         self.buf += chunk
@@ -193,11 +196,12 @@ class _Reader:
 
 
 def enter(
-    pod_dir: Path, ctl_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
+    pod_dir: Path, sessions_socket: str, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
     timeout: float | None = None, opts: EnterOptions = PLAIN_ENTER,
 ) -> int:
     """Run argv in an app's root inside the VM; stream its output; return its exit code (see ``EnterOptions``;
-    with ``tty`` the output arrives as stdout; signals are forwarded from the main thread only).
+    with ``tty`` the output arrives as stdout; signals are forwarded from the main thread only). One connection
+    to the pod supervisor's ``sessions_socket`` (``stage1_kvm.ctlmux``) is one session; many can run at once.
 
     Raises:
         AgentError: the channel failed or the guest refused the request.
@@ -210,7 +214,7 @@ def enter(
     flags += [f"uid={opts.uid}"] if opts.uid is not None else []
     flags += [f"gid={opts.gid}"] if opts.gid is not None else []
     request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv), *flags]) + "\n"
-    with _channel(pod_dir, ctl_socket, timeout=10.0, lock=True) as sock:
+    with _channel(pod_dir, sessions_socket, timeout=10.0, lock=False) as sock:
         send_lock = threading.Lock()
 
         def send(data: bytes) -> None:

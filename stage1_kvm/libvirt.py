@@ -137,6 +137,10 @@ class LibvirtDomain(QemuHypervisor):
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
                outputs: OutputPump) -> VMHandle:
         jail = opts.jail
+        if jail.placement is not None:
+            raise JailError(f"a caller-chosen cgroup ({jail.placement.path!r}, an OCI bundle's linux.cgroupsPath) "
+                            "needs the qemu backend: libvirt places its domains' QEMU in cgroups of its own",
+                            hint="run kvmrkt-oci with [stage1] backend = \"qemu\"")
         emulator = guarded_emulator(guard, vmm)
         root = self._socket_dir(pod)
         jailed, layout = jails.plan(spec, pod.path, prefix=str(root))

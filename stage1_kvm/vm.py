@@ -50,7 +50,7 @@ from kvmrkt.stage1 import (
     RunResult,
     Stage1,
 )
-from stage1_kvm import agent, export
+from stage1_kvm import agent, ctlmux, export
 from stage1_kvm import jail as jails
 from stage1_kvm.assets import load_assets, pod_initrd
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
@@ -220,13 +220,14 @@ class VmStage1(Stage1):
         try:
             if exported:
                 export.up(pod, manifest, opts.jail, self.config.data_dir)
-            vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs)
-            try:
-                return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
-            finally:
-                if vm.poll() is None:
-                    vm.kill()
-                    vm.wait()
+            with ctlmux.serve(pod.path, stderr):  # enter sessions, for the VM's life
+                vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs)
+                try:
+                    return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
+                finally:
+                    if vm.poll() is None:
+                        vm.kill()
+                        vm.wait()
         finally:
             outputs.finish()
             self._unjail(pod)
@@ -350,7 +351,7 @@ class VmStage1(Stage1):
         self, pod: Pod, manifest: PodManifest, app: str, argv: list[str], *, stdout: IO[bytes], stderr: IO[bytes],
         opts: EnterOptions = PLAIN_ENTER,
     ) -> int:
-        return agent.enter(pod.path, CTL_SOCKET, app, argv, stdout=stdout, stderr=stderr, opts=opts)
+        return agent.enter(pod.path, ctlmux.SESSIONS_SOCKET, app, argv, stdout=stdout, stderr=stderr, opts=opts)
 
     def status(self, pod: Pod) -> BackendStatus:
         rec = pod.read_json(RUN_RECORD, {}) or {}
@@ -390,6 +391,7 @@ class VmStage1(Stage1):
             self.hv.destroy(pod)
         self._unjail(pod)  # after the VM is gone (mounts first, never deleting through them)
         outputs = [p.name for p in pod.path.glob("std*.sock")]
-        for name in (QMP_SOCKET, CTL_SOCKET, SIG_SOCKET, STDIN_SOCKET, CONSOLE_SOCKET, *outputs, POD_INITRD):
+        for name in (QMP_SOCKET, CTL_SOCKET, ctlmux.SESSIONS_SOCKET, SIG_SOCKET, STDIN_SOCKET, CONSOLE_SOCKET,
+                     *outputs, POD_INITRD):
             with contextlib.suppress(FileNotFoundError):
                 pod.file(name).unlink()

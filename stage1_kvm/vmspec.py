@@ -28,7 +28,7 @@ CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
 # The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
-POD_CONFIG_VERSION = 4
+POD_CONFIG_VERSION = 5
 # The pod's shared export (stage1_kvm.export): its directory in the pod directory, its 9p tag, the volume kinds
 # bound into it (rbind: with the mounts under the source), and where a bind's source is inside it.
 EXPORT_DIR = "shared"

@@ -65,7 +65,9 @@ _ACTIVE: dict[str, _OciCtx] = {}  # this process's context, for errors raised af
               help="Directory for container state (kvmrkt-oci keeps it in ROOT/kvmrkt-oci).")
 @click.option("--log", type=click.Path(path_type=Path), help="Also write errors and warnings to this file.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--systemd-cgroup", is_flag=True, help="Accepted for compatibility: the VM is the resource boundary.")
+@click.option("--systemd-cgroup", is_flag=True,
+              help="Accepted for compatibility: kvmrkt-oci places cgroups by path (linux.cgroupsPath); "
+                   "systemd's slice:prefix:name form is refused.")
 @click.option("--debug", is_flag=True, hidden=True)
 @click.option("--config-dir", type=click.Path(path_type=Path), envvar="KVMRKT_CONFIG_DIR",
               default=DEFAULT_CONFIG_DIR, show_default=True, help="kvmrkt's config dir [env KVMRKT_CONFIG_DIR].")

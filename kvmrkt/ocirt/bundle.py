@@ -18,9 +18,11 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, ManifestError
+from kvmrkt.ocirt import cgroupspec, hooks
 from kvmrkt.pods.confinement import DEFAULT as DEFAULT_CONFINEMENT
 from kvmrkt.pods.confinement import Confinement, from_oci, lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
+from kvmrkt.stage1 import CgroupPlacement
 
 OCI_VERSION = "1.0.2"
 APP = "container"
@@ -58,6 +60,9 @@ class Bundle:
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
     confinement: Confinement = DEFAULT_CONFINEMENT
+    cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
+    hooks: hooks.Hooks = field(default_factory=dict)
+    unhonoured: tuple[str, ...] = ()  # linux.resources fields a VM does not honour (the caller warns)
 
     @property
     def image_name(self) -> str:
@@ -124,10 +129,8 @@ def load_bundle(path: Path) -> Bundle:
     limit = _get(memory, "limit", int, "linux.resources.memory.", None)
     cpu = _get(res, "cpu", dict, "linux.resources.", {})
     quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
-    netns = ""
-    for ns in _get(linux, "namespaces", list, "linux.", []):
-        if isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str):
-            netns = ns["path"]
+    cgroup, unhonoured = cgroupspec.placement(linux)
+    netns = _namespaces(_get(linux, "namespaces", list, "linux.", []))
     annotations = _get(doc, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
@@ -138,10 +141,40 @@ def load_bundle(path: Path) -> Bundle:
         hostname=_get(doc, "hostname", str, "", ""), volumes=volumes, mounts=mounts,
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
-        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()),
+        annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
+        unhonoured=unhonoured, hooks=hooks.parse(doc),
         # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
         netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
     )  # fmt: skip
+
+
+NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+
+
+def _namespaces(entries: list[Any]) -> str:
+    """Check ``linux.namespaces``; returns the network namespace path to join ("" for none). A path for any other
+    type names a namespace of the host's kernel, which a process inside the VM cannot join: refused, not ignored.
+
+    Raises:
+        ManifestError: a malformed entry, an unknown or repeated type, or a path that cannot be joined.
+    """
+    netns, seen = "", set()
+    for i, ns in enumerate(entries):
+        kind = ns.get("type") if isinstance(ns, dict) else None
+        path = ns.get("path", "") if isinstance(ns, dict) else ""
+        if kind not in NAMESPACES or not isinstance(path, str):
+            raise ManifestError(f"config.json: linux.namespaces[{i}] needs a type ({', '.join(sorted(NAMESPACES))}) "
+                                "and at most a path string")
+        if kind in seen:
+            raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace is listed twice")
+        seen.add(kind)
+        if path and kind != "network":
+            raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace at {path} cannot be "
+                                "joined: the container runs inside a VM, whose kernel has namespaces of its own",
+                                hint="only a network namespace path is taken (the VM is plugged into it)")
+        if kind == "network":
+            netns = path
+    return netns
 
 
 def _mounts(entries: list[Any], bundle: Path) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:

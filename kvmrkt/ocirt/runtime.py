@@ -13,8 +13,9 @@ is where image signatures are checked; kvmrkt records the app as not judged (``a
 measures ``config.json``'s digest, the bundle path, the image name from the annotations and the VM assets.
 ``config.json`` is parsed strictly (an error names the field); the process's confinement (capabilities,
 noNewPrivileges, rlimits, seccomp, maskedPaths, readonlyPaths) is applied to the container inside the guest
-(``kvmrkt.pods.confinement``); Linux namespace and cgroup settings describe a container on the host and are ignored
-(each container has a VM, and the VM's jail has the limits).
+(``kvmrkt.pods.confinement``); ``linux.cgroupsPath`` places the supervisor and its VMM, with the bundle's pids and
+CPU limits (``kvmrkt.ocirt.cgroupspec``); Linux namespace settings describe a container on the host and are ignored
+(each container has a VM).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from kvmrkt.host import proc as _proc
 from kvmrkt.host.files import write_atomic, write_json
 from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.net.network import Intent
-from kvmrkt.ocirt import mountpoints
+from kvmrkt.ocirt import hooks, mountpoints
 from kvmrkt.ocirt.bundle import APP, FORWARDED_SIGNALS, OCI_VERSION, STATE_DIR, Bundle, load_bundle, manifest_for
 from kvmrkt.pods.launch import LaunchRequest, pod_exit_code
 from kvmrkt.pods.pod import Pod
@@ -126,6 +127,8 @@ class OciRuntime:
             mountpoints.for_bundle(bundle)
             for item in bundle.ignored:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
+            for name in bundle.unhonoured:
+                self.engine.warn(f"{name} is not honoured by a VM and was ignored")
             insecure = self.engine.config.insecure_options
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
                                       lambda _m: {APP: bundle_verdict(bundle.image_id, bundle.image_name)},
@@ -134,13 +137,29 @@ class OciRuntime:
             write_json(state_dir / "state.json", {
                 "id": cid, "bundle": str(bundle.path), "pod": pod.uuid, "pid": pid, "annotations": bundle.annotations,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
+                "hooks": {k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
             })  # fmt: skip
-            if pid_file is not None:
-                write_atomic(pid_file, str(pid).encode(), mode=0o644)
-            return pid
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
+        try:
+            for kind in ("prestart", "createRuntime"):
+                hooks.run(bundle.hooks, kind, self._hook_state(cid))
+        except ConfigError:
+            with contextlib.suppress(KvmrktError):  # the spec's step 9: the container is stopped and deleted
+                self.delete(cid, force=True)
+            raise
+        if pid_file is not None:
+            write_atomic(pid_file, str(pid).encode(), mode=0o644)
+        return pid
+
+    def _hook_state(self, cid: str) -> dict[str, Any]:
+        """The runtime-spec state a hook reads on its stdin."""
+        return {k: v for k, v in self.state(cid).items() if k in ("ociVersion", "id", "status", "pid", "bundle",
+                                                                     "annotations")}
+
+    def _hooks(self, rec: dict[str, Any]) -> hooks.Hooks:
+        return {k: tuple(hooks.Hook.from_dict(h) for h in v) for k, v in rec.get("hooks", {}).items()}
 
     def _spawn_supervisor(self, pod: Pod, bundle: Bundle, console_socket: Path | None) -> int:
         """Fork the supervisor (it keeps the pod lock and runs the VM until the container process ends) and wait
@@ -197,8 +216,7 @@ class OciRuntime:
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
                                     interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
-                                    shared_export=True,
-                                    accel=self.engine.config.stage1.accel)
+                                    shared_export=True, accel=self.engine.config.stage1.accel, cgroup=bundle.cgroup)
             result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
                                       intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
             return pod_exit_code(result.exit_codes) if result.exit_codes else 137
@@ -222,6 +240,7 @@ class OciRuntime:
         assert pod is not None
         self.engine.backend_for(pod).start_held(pod)
         wait_until(lambda: self._status(rec) != "created", timeout=30, interval=0.005)
+        hooks.run(self._hooks(rec), "poststart", self._hook_state(cid), warn=self.engine.warn)
 
     # --- kill / delete -------------------------------------------------------------------------------
 
@@ -242,7 +261,8 @@ class OciRuntime:
         self.engine.backend_for(pod).signal(pod, signum, every_process=every_process)
 
     def delete(self, cid: str, *, force: bool = False) -> None:
-        """Remove a stopped (or created) container; ``force`` stops a running one first (SIGKILL).
+        """Remove a stopped (or created) container; ``force`` stops a running one first (SIGKILL); then its
+        poststop hooks run (a failure is a warning).
 
         Raises:
             PodStateError: the container is running and ``force`` was not given.
@@ -262,7 +282,10 @@ class OciRuntime:
         pod = self._pod(rec)
         if pod is not None:
             self._remove_pod(pod)
+        state = {"ociVersion": OCI_VERSION, "id": cid, "status": "stopped", "pid": 0, "bundle": rec["bundle"],
+                 "annotations": rec.get("annotations", {})}
         shutil.rmtree(self._dir(cid))
+        hooks.run(self._hooks(rec), "poststop", state, warn=self.engine.warn)
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float) -> None:
@@ -379,7 +402,7 @@ def features() -> dict[str, Any]:
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
-        "hooks": [],
+        "hooks": list(hooks.RUN_ON_HOST),
         "mountOptions": ["bind", "rbind", "ro", "rw"],
         "linux": {"namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
                   "seccomp": {"enabled": False}, "apparmor": {"enabled": False}, "selinux": {"enabled": True}},

@@ -25,6 +25,8 @@ from typing import Any
 from kvmrkt import jsondoc
 from kvmrkt.errors import ManifestError
 from kvmrkt.host.syscalls import SYSCALLS_X86_64
+from kvmrkt.pods import kernelsettings
+from kvmrkt.pods.kernelsettings import NO_KERNEL_SETTINGS, KernelSettings
 
 CAPABILITIES = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
@@ -151,6 +153,7 @@ class Confinement:
     no_new_privileges: bool = False
     rlimits: tuple[tuple[str, int, int], ...] = ()
     capsets: CapSets | None = None
+    kernel: KernelSettings = NO_KERNEL_SETTINGS  # sysctls, OOM score, device nodes: the VM kernel's, the app's
 
     def __post_init__(self) -> None:
         check_caps(self.capabilities)
@@ -176,7 +179,8 @@ class Confinement:
             "noNewPrivileges": self.no_new_privileges,
             "rlimits": [{"type": n, "soft": s, "hard": h} for n, s, h in self.rlimits],
         } | ({} if self.capsets is None else {
-            "capabilitySets": {name: list(getattr(self.capsets, name)) for name in CAPSETS}})
+            "capabilitySets": {name: list(getattr(self.capsets, name)) for name in CAPSETS}}) | (
+            {"kernel": self.kernel.to_dict()} if self.kernel else {})
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Confinement:
@@ -186,9 +190,9 @@ class Confinement:
             ManifestError: unknown, missing or mistyped fields, unknown names.
         """
         fields = {"capabilities", "seccomp", "maskedPaths", "readonlyPaths", "noNewPrivileges", "rlimits"}
-        if not isinstance(d, dict) or set(d) - fields - {"capabilitySets"} or fields - set(d):
+        if not isinstance(d, dict) or set(d) - fields - {"capabilitySets", "kernel"} or fields - set(d):
             raise ManifestError(f"{where}: expected an object with exactly: {', '.join(sorted(fields))} "
-                                "(and capabilitySets)")
+                                "(and capabilitySets, kernel)")
         sets = d.get("capabilitySets")
         if sets is not None and (not isinstance(sets, dict) or set(sets) != set(CAPSETS) or not all(
                 isinstance(sets[k], list) and all(isinstance(x, str) for x in sets[k]) for k in CAPSETS)):
@@ -214,7 +218,8 @@ class Confinement:
             seccomp = Seccomp(str(sec["mode"]), tuple(sec["syscalls"]), str(sec["errno"]))
         return cls(tuple(d["capabilities"]), seccomp, tuple(d["maskedPaths"]), tuple(d["readonlyPaths"]),
                    d["noNewPrivileges"], tuple(rlimits),
-                   None if sets is None else CapSets(*(tuple(sets[k]) for k in CAPSETS)))
+                   None if sets is None else CapSets(*(tuple(sets[k]) for k in CAPSETS)),
+                   KernelSettings.from_dict(d["kernel"], f"{where}.kernel") if "kernel" in d else NO_KERNEL_SETTINGS)
 
 
 def check_caps(names: Iterable[str], where: str = "") -> tuple[str, ...]:
@@ -373,7 +378,8 @@ def lift(conf: Confinement, insecure: Iterable[str]) -> Confinement:
 
 def from_oci(process: Mapping[str, Any], linux: Mapping[str, Any], insecure: Iterable[str]) -> Confinement:
     """The OCI ``process``/``linux`` fields of a bundle's config.json mapped onto the same layers: the five
-    capability sets, noNewPrivileges, rlimits, maskedPaths/readonlyPaths, and the seccomp profile (rules with
+    capability sets, noNewPrivileges, rlimits, maskedPaths/readonlyPaths, sysctl/oomScoreAdj/devices
+    (``kernelsettings``), and the seccomp profile (rules with
     argument conditions cannot be expressed per call here: allow rules count, conditional deny rules are left
     out, so the filter is never stricter than the app needs and the VM stays the boundary).
 
@@ -389,7 +395,7 @@ def from_oci(process: Mapping[str, Any], linux: Mapping[str, Any], insecure: Ite
         conf = replace(conf, readonly_paths=tuple(str(p) for p in linux["readonlyPaths"]))
     if "seccomp" in linux:
         conf = replace(conf, seccomp=_oci_seccomp(linux["seccomp"]))
-    return lift(conf, insecure)
+    return lift(replace(conf, kernel=kernelsettings.from_oci(process, linux)), insecure)
 
 
 def _oci_capabilities(doc: Any) -> Confinement:
@@ -490,7 +496,7 @@ def guest_config(conf: Confinement) -> list[tuple[str, ...]]:
     out += [("ropath", p) for p in conf.readonly_paths]
     out += [("rlimit", str(RLIMITS[n]), str(min(s, RLIM_INFINITY)), str(min(h, RLIM_INFINITY)))
             for n, s, h in conf.rlimits]
-    return out
+    return out + kernelsettings.guest_config(conf.kernel)
 
 
 def describe(conf: Confinement) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +30,7 @@ from kvmrkt.pods.pod import Phase, Pod
 from kvmrkt.pods.prepare import PodOptions, Preparer
 from kvmrkt.pods.records import EXIT, TRUST, ExitRecord, backend_for, pod_manifest
 from kvmrkt.pods.runargs import AppRequest
-from kvmrkt.stage1 import RunOptions, RunResult, Stage1
+from kvmrkt.stage1 import CgroupPlacement, RunOptions, RunResult, Stage1
 from kvmrkt.trust.gate import TrustGate
 
 
@@ -46,7 +46,7 @@ class LaunchRequest:
     ``rootfs``/``verity``: each app's root disk (or shared directory) and its dm-verity parameters;
     ``shared_roots``: apps whose root is a host directory (read-only or not); ``interactive``, ``tty``, ``hold``,
     ``accel``, ``shared_export``: as ``RunOptions``; ``measured_apps``: the per-app events when they do not come
-    from the image store (OCI bundles).
+    from the image store (OCI bundles); ``cgroup``: see ``CgroupPlacement``.
     """
 
     rootfs: Mapping[str, Path]
@@ -58,6 +58,7 @@ class LaunchRequest:
     hold: bool = False
     shared_export: bool = False
     measured_apps: list[dict[str, Any]] | None = None
+    cgroup: CgroupPlacement | None = None  # the VMM's cgroup, where the caller wants it (an OCI cgroupsPath)
 
 
 class Launcher:
@@ -119,7 +120,7 @@ class Launcher:
         """Run a prepared pod that this process holds locked: labels, network, measured launch, the VM; the
         network is torn down when the VM ends."""
         applied = labels.apply(self.config, pod, manifest)
-        jail = jails.for_pod(self.config, manifest)
+        jail = replace(jails.for_pod(self.config, manifest), placement=request.cgroup)
         for layer in confinement.lifted(self.config.insecure_options):
             self.warn(f"WARNING: --insecure-options={layer}: the apps of pod {pod.uuid} run without the {layer} "
                       "restrictions")

@@ -1,7 +1,23 @@
 /*
  * kvmrkt guest init: the agent. Supervises the running apps and answers the host on the sig port (STOP, KILL,
- * WINSZ, PING; GO while held) and the ctl port (ENTER: an enter session, run in a forked helper that relays the
- * command's stdio as frames), and relays app 0's terminal to and from its ports.
+ * WINSZ, PING; GO while held) and the ctl port (enter sessions, many at once), and relays app 0's terminal to
+ * and from its ports.
+ *
+ * The ctl port is multiplexed: every frame starts with a session id (<sid>, a decimal the host picks and never
+ * reuses while the VM runs). Host -> guest: "<sid> ENTER <app> <argc> <arg>... [flags]\n" (a new session),
+ * "<sid> IN <n>\n<n bytes>" (n <= 16 KiB, to the command's stdin or terminal), "<sid> EOF\n" (close its stdin
+ * once what came before is written), "<sid> SIG <signal>\n", "<sid> WINSZ <rows> <cols>\n", "<sid> HUP\n" (the
+ * host client went away: the command's session is SIGKILLed). Guest -> host: "<sid> OUT <n>\n<n bytes>",
+ * "<sid> ERR <n>\n<n bytes>" (n <= 16 KiB), "<sid> ACK <n>\n" (n more input bytes were written to the command),
+ * then exactly one of "<sid> EXIT <code>\n" or "<sid> FAIL <%-escaped reason>\n".
+ * PID 1 reads the port all the time and routes each host frame, without its sid, to the session's helper over a
+ * SOCK_SEQPACKET socketpair (one frame per message, sent without blocking); ENTER forks the helper (at most
+ * MAX_SESSIONS at once). Helpers write their frames to the port themselves, each frame as ONE write() under
+ * 32 KiB: virtio_console queues one buffer per write() (at most 32 KiB), so frames never interleave. Input flow
+ * control: the host keeps at most IN_WINDOW bytes of IN payload unacknowledged per session and the helper
+ * buffers them until the command reads them, so a command that does not read its stdin stalls only its own
+ * session's input and never PID 1; a frame PID 1 cannot hand over at once (the host broke the window) cuts that
+ * session off (its helper sees the hang-up and kills the command). The sid is freed when the helper is reaped.
  *
  * Trust: requests come from the host (stage0) and are trusted; a frame larger than the buffer is dropped. What an
  * entered command or app 0 writes is copied to the host as bytes, never interpreted here.
@@ -13,6 +29,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,79 +37,103 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
-static void send_frame(int fd, const char *kind, const char *buf, size_t n)
+#define MAX_SESSIONS 64
+#define MAX_IN_FRAME 16384            /* payload of one host IN frame */
+#define IN_WINDOW 262144              /* unacknowledged IN payload the host may send one session */
+#define OUT_CHUNK 16384               /* payload of one OUT/ERR frame: with its header, one write under 32 KiB */
+#define MAX_REQUEST 65536             /* one ENTER line */
+
+/* One frame to the ctl port in ONE write (see the header comment). */
+static void send_frame(int ctl, unsigned long long sid, const char *kind, const char *buf, size_t n)
 {
-    char hdr[64];
-    int h = snprintf(hdr, sizeof(hdr), "%s %zu\n", kind, n);
-    write_all(fd, hdr, (size_t)h);
-    write_all(fd, buf, n);
+    char frame[64 + OUT_CHUNK];
+    int h = snprintf(frame, 64, "%llu %s %zu\n", sid, kind, n);
+    memcpy(frame + h, buf, n);
+    write_all(ctl, frame, (size_t)h + n);
 }
 
-static int session_tty = -1;  /* an enter session's terminal master (EOF does not close it) */
-
-static int tty_master_is(int fd)
+static void send_line(int ctl, unsigned long long sid, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void send_line(int ctl, unsigned long long sid, const char *fmt, ...)
 {
-    return fd >= 0 && fd == session_tty;
+    char line[512];
+    int h = snprintf(line, sizeof(line), "%llu ", sid);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line + h, sizeof(line) - (size_t)h - 1, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)h + (n < 0 ? 0 : (size_t)n < sizeof(line) - (size_t)h - 1 ? (size_t)n
+                                                      : sizeof(line) - (size_t)h - 2);
+    line[len++] = '\n';
+    write_all(ctl, line, len);
 }
+
+/* An enter session's input, in its helper: what the host sent that the command has not read yet. */
+struct session_input {
+    char buf[IN_WINDOW + MAX_IN_FRAME];
+    size_t len;
+    size_t acked;     /* written (or discarded), not yet acknowledged to the host */
+    int eof;          /* the host sent EOF: close stdin once buf is written */
+    int hup;          /* the host client is gone */
+};
 
 /*
- * Input frames from the host during an enter session: "IN <n>\n<bytes>" (to the command's stdin or terminal),
- * "EOF\n" (close its stdin), "SIG <signal>\n" (signal its session), "WINSZ <rows> <cols>\n" (its terminal). Consumes complete frames from buf.
+ * One frame from PID 1 (the host's frame without its sid): "IN <n>\n<bytes>", "EOF", "SIG <signal>", "WINSZ
+ * <rows> <cols>", "HUP". Input the command has no stdin for is acknowledged and dropped.
  */
-static size_t session_input(char *buf, size_t len, int *in, pid_t pid)
+static void session_frame(struct session_input *si, char *msg, size_t len, int in, int tty, pid_t pid)
 {
-    size_t used = 0;
-    while (used < len) {
-        char *nl = memchr(buf + used, '\n', len - used);
-        if (!nl)
-            break;
-        size_t hdr = (size_t)(nl - (buf + used)) + 1;
-        if (!strncmp(buf + used, "IN ", 3)) {
-            size_t n = strtoul(buf + used + 3, NULL, 10);
-            if (used + hdr + n > len)
-                break;  /* the payload is not all here yet */
-            if (*in >= 0)
-                write_all(*in, buf + used + hdr, n);
-            used += hdr + n;
-            continue;
+    char *nl = memchr(msg, '\n', len);
+    if (!nl)
+        return;
+    *nl = 0;
+    size_t hdr = (size_t)(nl - msg) + 1;
+    if (!strncmp(msg, "IN ", 3)) {
+        size_t n = strtoul(msg + 3, NULL, 10);
+        if (n != len - hdr)
+            return;
+        if (in >= 0 && si->len + n <= sizeof(si->buf)) {
+            memcpy(si->buf + si->len, msg + hdr, n);
+            si->len += n;
+        } else {
+            si->acked += n;  /* no stdin (or the host broke the window): dropped */
         }
-        if (!strncmp(buf + used, "EOF", 3) && *in >= 0 && !tty_master_is(*in)) {
-            close(*in);
-            *in = -1;
-        } else if (!strncmp(buf + used, "SIG ", 4)) {
-            kill(-pid, atoi(buf + used + 4));
-        } else if (!strncmp(buf + used, "WINSZ ", 6) && session_tty >= 0) {
-            struct winsize ws = {0};
-            char *end = NULL;
-            ws.ws_row = (unsigned short)strtoul(buf + used + 6, &end, 10);
-            ws.ws_col = (unsigned short)strtoul(end, NULL, 10);
-            ioctl(session_tty, TIOCSWINSZ, &ws);
-        }
-        used += hdr;
+    } else if (!strcmp(msg, "EOF")) {
+        si->eof = 1;
+    } else if (!strncmp(msg, "SIG ", 4)) {
+        kill(-pid, atoi(msg + 4));
+    } else if (!strncmp(msg, "WINSZ ", 6) && tty >= 0) {
+        struct winsize ws = {0};
+        char *end = NULL;
+        ws.ws_row = (unsigned short)strtoul(msg + 6, &end, 10);
+        ws.ws_col = (unsigned short)strtoul(end, NULL, 10);
+        ioctl(tty, TIOCSWINSZ, &ws);
+    } else if (!strcmp(msg, "HUP")) {
+        si->hup = 1;
     }
-    return used;
 }
 
 /*
- * Enter session, run in a forked helper that owns the ctl port until the command exits. Request:
+ * Enter session, run in a forked helper: frames from PID 1 on `sp`, frames to the host on the ctl port. Request:
  * "ENTER <app> <argc> <arg>... [tty] [stdin]": with tty the command runs on a new terminal (output as OUT
  * frames, input to the terminal); with stdin it reads what the host sends as IN frames. If the host hangs up,
  * the command's session is killed.
  */
-static void enter_session(struct pod *pod, int ctl, char **fields, int n)
+static void enter_session(struct pod *pod, int ctl, int sp, unsigned long long sid, char **fields, int n)
 {
     struct app *a = n >= 3 ? app_named(pod, fields[1]) : NULL;
     int argc = n >= 3 ? atoi(fields[2]) : 0;
     if (!a || argc < 1 || argc > n - 3 || !a->root[0]) {
-        dprintf(ctl, "FAIL %s\n", a ? "bad%20enter%20request" : "no%20such%20app");
+        send_line(ctl, sid, "FAIL %s", a ? "bad%20enter%20request" : "no%20such%20app");
         _exit(0);
     }
     int want_tty = 0, want_in = 0;
     struct app *as = malloc(sizeof(*as));  /* the app, with this session's env/cwd/uid/gid */
-    if (!as)
+    struct session_input *si = calloc(1, sizeof(*si));
+    if (!as || !si)
         _exit(0);
     *as = *a;
     int envc = 0;
@@ -116,25 +157,24 @@ static void enter_session(struct pod *pod, int ctl, char **fields, int n)
     char **argv = calloc((size_t)argc + 1, sizeof(char *));
     for (int i = 0; i < argc; i++)
         argv[i] = fields[3 + i];
-    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1;
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1, tty = -1;
     if (want_tty) {
         int m = open_terminal(a, &term);
         if (m < 0) {
-            dprintf(ctl, "FAIL no%%20terminal\n");
+            send_line(ctl, sid, "FAIL no%%20terminal");
             _exit(0);
         }
         struct winsize ws = {.ws_row = 24, .ws_col = 80};
         ioctl(m, TIOCSWINSZ, &ws);
-        po[0] = in = m;
-        session_tty = m;
+        po[0] = in = tty = m;
     } else if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || (want_in && pipe2(pi, O_CLOEXEC) < 0)) {
-        dprintf(ctl, "FAIL pipe\n");
+        send_line(ctl, sid, "FAIL pipe");
         _exit(0);
     }
     /* Into the app's namespaces (its ns-init's): the command is then a child in its PID namespace. */
     int nsfd = a->running ? (int)syscall(SYS_pidfd_open, a->pid, 0) : -1;
     if (nsfd < 0 || setns(nsfd, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) < 0) {
-        dprintf(ctl, "FAIL the%%20app%%20is%%20not%%20running\n");
+        send_line(ctl, sid, "FAIL the%%20app%%20is%%20not%%20running");
         _exit(0);
     }
     close(nsfd);
@@ -154,12 +194,14 @@ static void enter_session(struct pod *pod, int ctl, char **fields, int n)
             in = pi[1];
         }
     }
-    struct pollfd p[3] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}, {ctl, POLLIN, 0}};
+    if (in >= 0)  /* written as far as the command reads, never blocking the session's output */
+        fcntl(in, F_SETFL, fcntl(in, F_GETFL) | O_NONBLOCK);
+    struct pollfd p[4] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}, {sp, POLLIN, 0}, {-1, POLLOUT, 0}};
     int open_fds = want_tty ? 1 : 2;
-    char buf[16384], inbuf[65536 + 64];
-    size_t inlen = 0;
+    char buf[OUT_CHUNK], msg[MAX_IN_FRAME + 64];
     while (open_fds > 0) {
-        if (poll(p, 3, -1) < 0) {
+        p[3].fd = si->len > 0 && in >= 0 ? in : -1;
+        if (poll(p, 4, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
@@ -168,36 +210,195 @@ static void enter_session(struct pod *pod, int ctl, char **fields, int n)
             if (p[i].fd < 0 || !(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
                 continue;
             ssize_t r = read(p[i].fd, buf, sizeof(buf));
+            if (r < 0 && (errno == EAGAIN || errno == EINTR))
+                continue;
             if (r <= 0) {  /* a terminal reads EIO once the command and its children have closed it */
                 if (p[i].fd != in)
                     close(p[i].fd);
                 p[i].fd = -1;
                 open_fds--;
             } else {
-                send_frame(ctl, i == 0 ? "OUT" : "ERR", buf, (size_t)r);
+                send_frame(ctl, sid, i == 0 ? "OUT" : "ERR", buf, (size_t)r);
             }
         }
-        if (p[2].revents & POLLIN) {
-            ssize_t r = read(ctl, inbuf + inlen, sizeof(inbuf) - inlen);
-            if (r > 0) {
-                inlen += (size_t)r;
-                size_t used = session_input(inbuf, inlen, &in, pid);
-                memmove(inbuf, inbuf + used, inlen - used);
-                inlen -= used;
-                if (inlen == sizeof(inbuf))
-                    inlen = 0;  /* a frame larger than the buffer: not from our host agent */
-            }
-        } else if (p[2].revents & POLLHUP) {
+        if (p[2].fd >= 0 && (p[2].revents & POLLIN)) {
+            ssize_t r = recv(sp, msg, sizeof(msg) - 1, 0);
+            if (r > 0)
+                session_frame(si, msg, (size_t)r, in, tty, pid);
+            else if (r == 0 || errno != EINTR)
+                si->hup = 1;
+        } else if (p[2].fd >= 0 && (p[2].revents & (POLLHUP | POLLERR))) {
+            si->hup = 1;  /* PID 1 cut the session off */
+        }
+        if (si->hup && p[2].fd >= 0) {
             kill(-pid, SIGKILL);  /* the host side went away: so does the command */
             p[2].fd = -1;
+        }
+        if (p[3].fd >= 0 && (p[3].revents & (POLLOUT | POLLERR | POLLHUP))) {
+            ssize_t w = write(in, si->buf, si->len);
+            if (w > 0) {
+                memmove(si->buf, si->buf + w, si->len - (size_t)w);
+                si->len -= (size_t)w;
+                si->acked += (size_t)w;
+            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {  /* the command closed its stdin */
+                si->acked += si->len;
+                si->len = 0;
+            }
+        }
+        if (si->eof && si->len == 0 && in >= 0 && in != tty) {
+            close(in);
+            in = -1;
+        }
+        if (si->acked > 0 && !si->hup) {
+            send_line(ctl, sid, "ACK %zu", si->acked);
+            si->acked = 0;
         }
     }
     int st = 0;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
         ;
     int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    dprintf(ctl, "EXIT %d\n", code);
+    send_line(ctl, sid, "EXIT %d", code);
     _exit(0);
+}
+
+/* PID 1's table of enter sessions: each one's sid, helper and PID 1's end of its socketpair. */
+struct session {
+    unsigned long long sid;  /* 0: a free slot */
+    pid_t pid;
+    int fd;
+};
+
+struct sessions {
+    struct session s[MAX_SESSIONS];
+    char buf[2 * MAX_REQUEST];  /* what came from the ctl port and is not a whole frame yet */
+    size_t len;
+};
+
+static struct session *session_find(struct sessions *ss, unsigned long long sid)
+{
+    for (int i = 0; i < MAX_SESSIONS; i++)
+        if (ss->s[i].sid && ss->s[i].sid == sid)
+            return &ss->s[i];
+    return NULL;
+}
+
+/* Cut a session off: its helper sees the hang-up and kills the command; the slot is freed when it is reaped. */
+static void session_cut(struct session *s)
+{
+    if (s->fd >= 0)
+        close(s->fd);
+    s->fd = -1;
+}
+
+static void session_reaped(pid_t pid, void *ctx)
+{
+    struct sessions *ss = ctx;
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+        if (ss->s[i].sid && ss->s[i].pid == pid) {
+            session_cut(&ss->s[i]);
+            ss->s[i].sid = 0;
+        }
+    }
+}
+
+/* "<sid> ENTER ...": fork the session's helper (the request line is NUL-terminated). */
+static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigned long long sid, char *line)
+{
+    struct session *free_slot = NULL;
+    for (int i = 0; i < MAX_SESSIONS && !free_slot; i++)
+        if (!ss->s[i].sid)
+            free_slot = &ss->s[i];
+    if (session_find(ss, sid)) {
+        send_line(ctl, sid, "FAIL session%%20id%%20in%%20use");
+        return;
+    }
+    if (!free_slot) {
+        send_line(ctl, sid, "FAIL too%%20many%%20enter%%20sessions%%20(at%%20most%%20%d)", MAX_SESSIONS);
+        return;
+    }
+    int sp[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
+        send_line(ctl, sid, "FAIL socketpair");
+        return;
+    }
+    int sndbuf = 2 * IN_WINDOW;  /* the kernel doubles it: room for a whole window with its per-message overhead */
+    setsockopt(sp[0], SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf));
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (int i = 0; i < MAX_SESSIONS; i++)
+            if (ss->s[i].sid && ss->s[i].fd >= 0)
+                close(ss->s[i].fd);
+        close(sp[0]);
+        char *f[MAX_LIST];
+        int n = split(line, f, MAX_LIST);
+        enter_session(pod, ctl, sp[1], sid, f, n);
+    }
+    close(sp[1]);
+    if (pid < 0) {
+        close(sp[0]);
+        send_line(ctl, sid, "FAIL fork");
+        return;
+    }
+    fcntl(sp[0], F_SETFL, O_NONBLOCK);
+    *free_slot = (struct session){.sid = sid, .pid = pid, .fd = sp[0]};
+}
+
+/* Route the whole frames in ss->buf; keep a partial last one. */
+static void route_frames(struct pod *pod, struct sessions *ss, int ctl)
+{
+    size_t used = 0;
+    while (used < ss->len) {
+        char *frame = ss->buf + used;
+        char *nl = memchr(frame, '\n', ss->len - used);
+        if (!nl)
+            break;
+        size_t hdr = (size_t)(nl - frame) + 1, n = 0;
+        char *end = NULL;
+        unsigned long long sid = strtoull(frame, &end, 10);
+        char *kind = end && *end == ' ' ? end + 1 : NULL;
+        if (kind && !strncmp(kind, "IN ", 3)) {
+            n = strtoul(kind + 3, NULL, 10);
+            if (n > MAX_IN_FRAME)
+                n = 0, kind = NULL;  /* not from our host: the header line is dropped */
+            else if (used + hdr + n > ss->len)
+                break;  /* the payload is not all here yet */
+        }
+        used += hdr + n;
+        if (!kind || !sid)
+            continue;
+        if (!strncmp(kind, "ENTER ", 6)) {
+            *nl = 0;
+            session_start(pod, ss, ctl, sid, kind);
+            continue;
+        }
+        struct session *s = session_find(ss, sid);
+        if (s && s->fd >= 0 && send(s->fd, kind, (size_t)(frame + hdr + n - kind), MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+            session_cut(s);  /* its helper is not taking input as the window promised */
+    }
+    memmove(ss->buf, ss->buf + used, ss->len - used);
+    ss->len -= used;
+    if (ss->len == sizeof(ss->buf))
+        ss->len = 0;  /* a line longer than any request: not from our host agent */
+}
+
+/* The ctl port is readable: take what is there and route it. */
+static void read_ctl(struct pod *pod, struct sessions *ss, int ctl)
+{
+    ssize_t r = read(ctl, ss->buf + ss->len, sizeof(ss->buf) - ss->len);
+    if (r > 0) {
+        ss->len += (size_t)r;
+        route_frames(pod, ss, ctl);
+    }
+}
+
+/* The host end of the ctl port closed: every session's client is gone. */
+static void hang_up_sessions(struct sessions *ss)
+{
+    for (int i = 0; i < MAX_SESSIONS; i++)
+        if (ss->s[i].sid)
+            session_cut(&ss->s[i]);
+    ss->len = 0;
 }
 
 /* Copy what the app wrote to its terminal to the output port; when it has exited (done), drain and close. */
@@ -261,13 +462,13 @@ void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig)
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     long long kill_at = 0;
     int ctl_up = 1, sig_up = 1;
-    pid_t enter_pid = 0;  /* the enter session's helper, while one runs */
-    reap(pod, &enter_pid);
+    static struct sessions ss;  /* the enter sessions (static: its buffer is large for PID 1's stack) */
+    reap(pod, session_reaped, &ss);
     int in_up = 1;
     while (apps_running(pod) > 0 || relay->master >= 0) {
         struct pollfd p[5] = {{sfd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}, {relay->master, POLLIN, 0},
                               {relay->master >= 0 && in_up ? relay->in : -1, POLLIN, 0}};
-        if (ctl >= 0 && ctl_up && !enter_pid)
+        if (ctl >= 0 && ctl_up)
             p[1].fd = ctl;
         if (sig >= 0 && sig_up)
             p[2].fd = sig;
@@ -297,8 +498,10 @@ void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig)
             while (read(sfd, &si, sizeof(si)) > 0)
                 ;
         }
-        reap(pod, &enter_pid);
+        reap(pod, session_reaped, &ss);
         ctl_up = !(p[1].fd >= 0 && (p[1].revents & POLLHUP) && !(p[1].revents & POLLIN));
+        if (!ctl_up)
+            hang_up_sessions(&ss);
         sig_up = !(p[2].fd >= 0 && (p[2].revents & POLLHUP) && !(p[2].revents & POLLIN));
         if (r == 0) {
             ctl_up = sig_up = 1;
@@ -326,19 +529,8 @@ void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig)
                 write_all(sig, "FAIL unknown%20request\n", 23);
             }
         }
-        if (p[1].fd >= 0 && (p[1].revents & POLLIN) && read_request(ctl, req, sizeof(req)) > 0) {
-            char *f[MAX_LIST];
-            int n = split(req, f, MAX_LIST);
-            if (n >= 1 && !strcmp(f[0], "ENTER")) {
-                pid_t pid = fork();
-                if (pid == 0)
-                    enter_session(pod, ctl, f, n);
-                if (pid > 0)
-                    enter_pid = pid;
-            } else {
-                write_all(ctl, "FAIL unknown%20request\n", 23);
-            }
-        }
+        if (p[1].fd >= 0 && (p[1].revents & POLLIN))
+            read_ctl(pod, &ss, ctl);
         if (kill_at && now_ms() >= kill_at) {
             signal_apps(pod, SIGKILL);
             kill_at = 0;

@@ -121,6 +121,13 @@ void exec_app(struct app *a, char **argv, int in, int out, int err)
     const char *step = "chdir";
     if (chdir(a->cwd) < 0)
         goto fail;
+    step = "oom_score_adj";
+    if (a->oom_set) {
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || dprintf(fd, "%d", a->oom_score_adj) < 0)
+            goto fail;
+        close(fd);
+    }
     step = "setrlimit";
     for (int i = 0; i < a->nrlimits; i++) {
         struct rlimit rl = {a->rlimits[i].soft, a->rlimits[i].hard};
@@ -237,6 +244,18 @@ static void ns_init(struct app *a, const char *hostname, int in, int out, int er
      * The OCI default mounts in the spec's order (proc, dev, dev/pts, dev/shm, dev/mqueue, sys; runtime-tools
      * checks it in mountinfo): /dev again, a recursive bind of the one setup_dev made, above it.
      */
+    for (int i = 0; i < a->nsysctls; i++) {  /* linux.sysctl: the VM's kernel (net.*: the VM's, IPC ones: the app's) */
+        int o = snprintf(p, sizeof(p), "%s/proc/sys/", a->root);
+        for (const char *c = a->sysctls[i].name; *c && o < (int)sizeof(p) - 1; c++)
+            p[o++] = *c == '.' ? '/' : *c;
+        p[o] = 0;
+        int fd = open(p, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 || write(fd, a->sysctls[i].value, strlen(a->sysctls[i].value)) < 0) {
+            snprintf(p, sizeof(p), "sysctl %s", a->sysctls[i].name);
+            ns_fail(a, err, p);
+        }
+        close(fd);
+    }
     snprintf(p, sizeof(p), "%s/dev", a->root);
     if (mount(p, p, NULL, MS_BIND | MS_REC, NULL) < 0)
         ns_fail(a, err, "binding /dev");
@@ -424,21 +443,21 @@ int apps_running(const struct pod *pod)
     return n;
 }
 
-void reap(struct pod *pod, pid_t *enter_pid)
+void reap(struct pod *pod, void (*other)(pid_t pid, void *ctx), void *ctx)
 {
     int st;
     pid_t pid;
     while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-        if (pid == *enter_pid) {
-            *enter_pid = 0;
-            continue;
-        }
+        int app = 0;
         for (int i = 0; i < pod->napps; i++) {
             if (pod->apps[i].running && pod->apps[i].pid == pid) {
+                app = 1;
                 pod->apps[i].running = 0;
                 pod->apps[i].exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
                 status("EXIT %s %d", pod->apps[i].name, pod->apps[i].exit_code);
             }
         }
+        if (!app && other)
+            other(pid, ctx);
     }
 }

@@ -1,5 +1,5 @@
 /*
- * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 4; the format is in docs/guest-protocol.md)
+ * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 5; the format is in docs/guest-protocol.md)
  * into a struct pod, including each app's seccomp filter (classic BPF in hex, compiled by the host).
  *
  * Trust: the pod config comes from the host (stage0) and is trusted; a config without the version this init
@@ -132,6 +132,21 @@ int parse_config(const char *path, struct pod *pod)
             cur->masked[cur->nmasked++] = fv[1];
         } else if (cur && !strcmp(k, "ropath") && n == 2 && cur->nro < MAX_PATHS) {
             cur->ropaths[cur->nro++] = fv[1];
+        } else if (cur && !strcmp(k, "sysctl") && n == 3 && cur->nsysctls < MAX_SYSCTLS) {
+            cur->sysctls[cur->nsysctls].name = fv[1];
+            cur->sysctls[cur->nsysctls++].value = fv[2];
+        } else if (cur && !strcmp(k, "oomscore") && n == 2) {
+            cur->oom_set = 1;
+            cur->oom_score_adj = atoi(fv[1]);
+        } else if (cur && !strcmp(k, "device") && n == 8 && cur->ndevices < MAX_DEVICES && strchr("cbp", fv[2][0])) {
+            int d = cur->ndevices++;
+            cur->devices[d].path = fv[1];
+            cur->devices[d].type = fv[2][0];
+            cur->devices[d].maj = (unsigned)strtoul(fv[3], NULL, 10);
+            cur->devices[d].min = (unsigned)strtoul(fv[4], NULL, 10);
+            cur->devices[d].mode = (unsigned)strtoul(fv[5], NULL, 8);
+            cur->devices[d].uid = (unsigned)strtoul(fv[6], NULL, 10);
+            cur->devices[d].gid = (unsigned)strtoul(fv[7], NULL, 10);
         } else if (cur && !strcmp(k, "rlimit") && n == 4 && cur->nrlimits < MAX_RLIMITS) {
             cur->rlimits[cur->nrlimits].resource = atoi(fv[1]);
             cur->rlimits[cur->nrlimits].soft = (rlim_t)strtoull(fv[2], NULL, 10);

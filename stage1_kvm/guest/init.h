@@ -31,7 +31,9 @@
 #define MAX_FILES 16
 #define MAX_PATHS 64
 #define MAX_RLIMITS 16
-#define POD_CONFIG_VERSION "4"
+#define MAX_SYSCTLS 64
+#define MAX_DEVICES 32
+#define POD_CONFIG_VERSION "5"
 #define SHARED_DIR "/kvmrkt/shared"  /* the pod's shared export (9p), outside every app's root */
 
 struct mountspec { char *vol; char *target; };
@@ -67,6 +69,11 @@ struct app {
     int nro;
     struct { int resource; rlim_t soft, hard; } rlimits[MAX_RLIMITS];
     int nrlimits;
+    struct { char *name, *value; } sysctls[MAX_SYSCTLS];  /* written in its namespaces by ns_init */
+    int nsysctls;
+    int oom_set, oom_score_adj;
+    struct { char *path; char type; unsigned maj, min, mode, uid, gid; } devices[MAX_DEVICES];  /* in its /dev */
+    int ndevices;
     int terminal;               /* runs on a terminal (app 0 of a tty pod): /dev/console is that terminal */
     char root[PATH_MAX];
     pid_t pid;
@@ -153,7 +160,7 @@ void start_app(struct pod *pod, int idx, struct tty_relay *relay);
 struct app *app_named(struct pod *pod, const char *name);
 void signal_apps(struct pod *pod, int sig);
 int apps_running(const struct pod *pod);
-void reap(struct pod *pod, pid_t *enter_pid);
+void reap(struct pod *pod, void (*other)(pid_t pid, void *ctx), void *ctx);  /* other: a child not an app */
 
 /* agent.c */
 void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig);

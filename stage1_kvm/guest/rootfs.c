@@ -202,6 +202,19 @@ static int setup_dev(struct app *a)
         if (symlink(links[i].target, p) < 0)
             return app_error(a, "making /dev links"), -1;
     }
+    for (int i = 0; i < a->ndevices; i++) {  /* the app's own device nodes (linux.devices): this VM kernel's */
+        snprintf(p, sizeof(p), "%s/%s", dev, a->devices[i].path + 5);  /* the host checked: "/dev/..." */
+        char *slash = strrchr(p, '/');
+        *slash = 0;
+        int made = mkdirs(p, 0755);
+        *slash = '/';
+        mode_t type = a->devices[i].type == 'b' ? S_IFBLK : a->devices[i].type == 'p' ? S_IFIFO : S_IFCHR;
+        mode_t mode = a->devices[i].mode & 07777;
+        unlink(p);  /* one of the defaults above, named again: the bundle's wins */
+        if (made < 0 || mknod(p, type | mode, makedev(a->devices[i].maj, a->devices[i].min)) < 0 ||
+            chmod(p, mode) < 0 || chown(p, a->devices[i].uid, a->devices[i].gid) < 0)
+            return app_error(a, a->devices[i].path), -1;
+    }
     if (a->terminal) {  /* the mount point start_app binds the terminal onto */
         snprintf(p, sizeof(p), "%s/console", dev);
         int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);

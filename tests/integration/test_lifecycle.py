@@ -119,6 +119,33 @@ def test_enter_and_graceful_stop(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     assert kvmrkt("stop", uuid).rc == 7
 
 
+def test_concurrent_enter_sessions(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    """Enter sessions into one pod run at once (the ctl port is multiplexed): the first, with stdin, waits on a
+    fifo that the second writes, then on one that a third, on a terminal, writes. Input the first does not read
+    stalls only its own session."""
+    uuid_file = tmp_path / "uuid"
+    kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",
+                 "mkfifo /tmp/f /tmp/g; echo started; while :; do sleep 0.2; done")
+    uuid = kvmrkt.wait_running(uuid_file)
+    wait_output(kvmrkt, uuid, "started")
+    (tmp_path / "stdin").write_text("typed\n" + "z" * (2 << 20))  # it reads one line: the rest fills its window
+    with (tmp_path / "stdin").open() as stdin:
+        first = subprocess.Popen(kvmrkt.argv("enter", "-i", uuid, "/bin/sh", "-c", "read a; cat /tmp/f; cat /tmp/g; "
+                                             'echo "first $a"'),
+                                 stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    kvmrkt.procs.append(first)
+    second = kvmrkt("enter", uuid, "/bin/sh", "-c", "echo from-second > /tmp/f; echo second-done", timeout=30)
+    assert second.rc == 0 and second.out == "second-done\n", second.err
+    assert first.poll() is None  # still running, waiting on /tmp/g
+    cmd = shlex.join(kvmrkt.argv("enter", "-t", uuid, "/bin/sh", "-c", "tty; echo from-third > /tmp/g"))
+    term = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert term.returncode == 0 and "/dev/pts/" in term.stdout, term.stdout
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
+    assert out.splitlines() == ["from-second", "from-third", "first typed"]
+    kvmrkt.ok("stop", uuid)
+
+
 def test_stop_kills_apps_that_ignore_sigterm(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     uuid_file = tmp_path / "uuid"
     proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), *SH, "-c",

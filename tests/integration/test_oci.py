@@ -4,6 +4,7 @@ Debian's podman with `--runtime`. State JSON is checked against the runtime-spec
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -13,6 +14,7 @@ import signal
 import stat
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,3 +646,145 @@ def test_libvirt_backend_runs_containers(libvirtd: str, oci: Oci, tmp_path: Path
     oci("start", "lv1")
     assert wait_exit(oci.pid("lv1", b)) == 9 and out.read_text().startswith("hello from")
     assert oci("delete", "lv1").returncode == 0
+    # libvirt places its domains' QEMU in cgroups of its own: a bundle's cgroupsPath is refused, not ignored.
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = f"/kvmrkt-test-{uuid.uuid4().hex[:8]}"
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("lv2", b)
+    assert rc != 0 and "needs the qemu backend" in err.read_text()
+    assert not Path("/sys/fs/cgroup/pids", cfg["linux"]["cgroupsPath"].lstrip("/")).exists()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_cgroups_path_places_the_container_with_its_limits(oci: Oci, tmp_path: Path, relative: bool) -> None:
+    """linux.cgroupsPath: the supervisor (the container's pid) and its VMM go there (absolute: from the hierarchy's
+    root; relative: from the runtime's own cgroup, as runc), with the bundle's pids and CPU limits; delete removes
+    the cgroup and the directories made for it."""
+    top = f"kvmrkt-test-{uuid.uuid4().hex[:8]}"
+    path = f"{top}/pod/c1" if relative else f"/{top}/pod/c1"
+    b = oci.bundle(tmp_path / "b", ["/bin/sleep", "600"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = path
+    cfg["linux"]["resources"] = {"pids": {"limit": 500}, "cpu": {"shares": 512, "quota": 150000, "period": 100000},
+                                 "blockIO": {"weight": 10}}
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("cg", b, flags=("--log", str(tmp_path / "log")))
+    assert rc == 0, err.read_text()
+    assert "linux.resources.blockIO.weight is not honoured by a VM" in (tmp_path / "log").read_text()
+    own = {ctrl: line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+           for ctrl in line.split(":")[1].split(",")}
+    base = own["pids"].lstrip("/") if relative else ""
+    pids_dir = Path("/sys/fs/cgroup/pids") / base / path.lstrip("/")
+    cpu_dir = Path("/sys/fs/cgroup/cpu") / (own["cpu"].lstrip("/") if relative else "") / path.lstrip("/")
+    try:
+        assert (pids_dir / "pids.max").read_text().strip() == "500"
+        assert (cpu_dir / "cpu.shares").read_text().strip() == "512"
+        assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "150000"
+        procs = {int(p) for p in (pids_dir / "cgroup.procs").read_text().split()}
+        supervisor = oci.state("cg")["pid"]
+        assert supervisor in procs
+        assert any("qemu" in os.readlink(f"/proc/{p}/exe") for p in procs - {supervisor}), procs
+        assert oci("delete", "--force", "cg").returncode == 0
+        assert not pids_dir.exists() and not cpu_dir.exists()
+        assert not pids_dir.parents[1].exists()  # the directories made above it: <top>/pod
+    finally:
+        oci("delete", "--force", "cg")
+        for d in (pids_dir, pids_dir.parent, pids_dir.parent.parent, cpu_dir, cpu_dir.parent, cpu_dir.parent.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def test_a_systemd_cgroups_path_is_refused(oci: Oci, tmp_path: Path) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = "kubepods-besteffort.slice:cri-containerd:abc"
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("sd", b)
+    assert rc != 0
+    assert "systemd's slice:prefix:name form" in err.read_text()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+def _hook(log: Path, name: str) -> dict[str, Any]:
+    """A host hook that appends its name to ``log`` and keeps the state it read on stdin in ``log.<name>``."""
+    return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {log}.{name}; echo {name} >> {log}"]}
+
+
+def _hook_status(log: Path, name: str) -> str:
+    return str(json.loads(Path(f"{log}.{name}").read_text())["status"])
+
+
+def test_hooks_run_on_the_host_at_their_points(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    log = tmp_path / "hooks.log"
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "exit 0"], hooks={
+        "prestart": [_hook(log, "prestart")], "createRuntime": [_hook(log, "createRuntime")],
+        "poststart": [{"path": "/bin/false"}, _hook(log, "poststart")], "poststop": [_hook(log, "poststop")]})
+    rc, _out, err = oci.create("h1", b)
+    assert rc == 0, err.read_text()
+    assert log.read_text().split("\n")[:2] == ["prestart", "createRuntime"]
+    assert _hook_status(log, "prestart") == _hook_status(log, "createRuntime") == "created"
+    assert oci("--log", str(tmp_path / "log"), "start", "h1").returncode == 0  # a failed poststart hook: a warning
+    assert log.read_text().splitlines()[2] == "poststart" and _hook_status(log, "poststart") in ("running", "stopped")
+    assert "poststart hook 0 (/bin/false): exited with status 1" in (tmp_path / "log").read_text()
+    assert wait_exit(oci.pid("h1", b)) == 0
+    assert "poststop" not in log.read_text()
+    assert oci("delete", "h1").returncode == 0
+    assert log.read_text().splitlines()[3] == "poststop" and _hook_status(log, "poststop") == "stopped"
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", "touch /ran"], hooks={
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 4"]}],
+        "poststop": [_hook(log, "poststop")]})
+    rc, _out, err = oci.create("h2", b)
+    assert rc != 0 and "prestart hook 0 (/bin/sh): exited with status 4: no network for you" in err.read_text()
+    assert oci("state", "h2").returncode != 0 and not (b / "rootfs" / "ran").exists()
+    assert log.read_text() == "poststop\n"  # the spec's step 9
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+    assert oci.kvmrkt.ok("list", "--format", "json").out.strip() == "[]"
+
+
+def test_hooks_that_would_run_inside_the_vm_are_refused(oci: Oci, tmp_path: Path) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"], hooks={"createContainer": [{"path": "/bin/true"}]})
+    rc, _out, err = oci.create("h3", b)
+    assert rc != 0 and "hooks.createContainer run in the container's namespaces" in err.read_text()
+    assert oci("list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_sysctls_oom_score_and_devices_reach_the_vms_kernel(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    script = ("cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/msgmax /proc/self/oom_score_adj; "
+              "stat -c '%F %t:%T %a %u:%g' /dev/test1 /dev/sub/fifo")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", script])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["process"]["oomScoreAdj"] = 500
+    cfg["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1", "kernel.msgmax": "4096"}
+    cfg["linux"]["devices"] = [
+        {"path": "/dev/test1", "type": "c", "major": 10, "minor": 666, "fileMode": 0o660, "uid": 1, "gid": 2},
+        {"path": "/dev/sub/fifo", "type": "p", "fileMode": 0o600}]
+    (b / "config.json").write_text(json.dumps(cfg))
+    host_msgmax = Path("/proc/sys/kernel/msgmax").read_text().strip()
+    assert host_msgmax != "4096"
+    rc, out, err = oci.create("k1", b)
+    assert rc == 0, err.read_text()
+    oci("start", "k1")
+    assert wait_exit(oci.pid("k1", b)) == 0, err.read_text()
+    assert out.read_text().splitlines() == ["1", "4096", "500", "character special file a:29a 660 1:2",
+                                            "fifo 0:0 600 0:0"]
+    assert Path("/proc/sys/kernel/msgmax").read_text().strip() == host_msgmax  # the host's kernel is untouched
+    assert oci("delete", "k1").returncode == 0
+
+
+def test_a_sysctl_the_vms_kernel_lacks_fails_the_container_naming_it(oci: Oci, tmp_path: Path,
+                                                                     subreaper: None) -> None:
+    b = oci.bundle(tmp_path / "b", ["/bin/true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["sysctl"] = {"kernel.no_such_knob": "1"}
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, _out, err = oci.create("k2", b)
+    if rc == 0:
+        oci("start", "k2")
+        assert wait_exit(oci.pid("k2", b)) == 125
+    assert "sysctl kernel.no_such_knob: No such file or directory" in err.read_text()
+    oci("delete", "--force", "k2")

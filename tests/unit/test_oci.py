@@ -120,6 +120,12 @@ def test_manifest_for_a_bundle(tmp_path: Path) -> None:
      r"config\.json: process\.rlimits\[0\]\.type: unknown rlimit 'RLIMIT_TEST'"),
     ({"process__capabilities": {"bounding": ["CAP_TEST"]}},
      r"config\.json: process\.capabilities\.bounding: unknown capability 'CAP_TEST'"),
+    ({"linux__namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]},
+     r"linux\.namespaces\[0\]: the ipc namespace at /proc/1/ns/ipc cannot be joined"),
+    ({"linux__namespaces": [{"type": "pid"}, {"type": "mount", "path": "/proc/1/ns/mnt"}]}, "mount namespace at"),
+    ({"linux__namespaces": [{"type": "pid"}, {"type": "pid"}]}, "listed twice"),
+    ({"linux__namespaces": [{"type": "bogus"}]}, r"linux\.namespaces\[0\] needs a type"),
+    ({"linux__namespaces": ["pid"]}, r"linux\.namespaces\[0\] needs a type"),
 ])
 def test_bad_configs_are_named(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ManifestError, match=message):
