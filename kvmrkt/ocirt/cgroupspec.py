@@ -55,6 +55,9 @@ def placement(linux: dict[str, Any]) -> tuple[CgroupPlacement | None, tuple[str,
                             "options)")
     if ".." in Path(path).parts or "\0" in path:
         raise ManifestError(f"config.json: linux.cgroupsPath {path!r} climbs out of the hierarchy")
+    if path and not path.strip("/."):
+        raise ManifestError(f"config.json: linux.cgroupsPath {path!r} names the hierarchy's root (or the "
+                            "runtime's own cgroup): limits and removal would hit everything in it")
     res = linux.get("resources")
     res = {} if res is None else res
     if not isinstance(res, dict):

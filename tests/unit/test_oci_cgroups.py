@@ -37,6 +37,8 @@ def test_limits_without_a_path_stay_in_the_jails_cgroup() -> None:
 @pytest.mark.parametrize(("linux", "words"), [
     ({"cgroupsPath": "kubepods.slice:cri-containerd:abc"}, "systemd"),
     ({"cgroupsPath": "/a/../../etc"}, "climbs out"),
+    ({"cgroupsPath": "/"}, "names the hierarchy's root"),
+    ({"cgroupsPath": "./"}, "names the hierarchy's root"),
     ({"cgroupsPath": 7}, "must be a string"),
     ({"resources": {"pids": {"limit": "1000"}}}, "pids.limit must be an integer"),
     ({"resources": {"pids": {"limit": True}}}, "pids.limit must be an integer"),
