@@ -13,11 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Protocol
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError
-from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.manifest import AppSpec, PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 
 BACKENDS: dict[str, str] = {
@@ -220,6 +220,46 @@ class BackendStatus:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """A container created inside a running pod's VM (a Kubernetes pod's app container in its sandbox VM).
+
+    ``name``: its name in the guest (``[a-z0-9-]{1,40}``, unique in the VM); ``app``: what it runs and its
+    confinement (its mounts name ``volumes``, which are named after it); ``rootfs``: a host directory (the
+    engine's), its root, read-only when ``read_only``; ``join``: the pod app whose IPC and UTS namespaces it
+    shares, and whose ``/dev/shm`` it sees (Kubernetes: the sandbox's); None: namespaces of its own."""
+
+    name: str
+    app: AppSpec
+    rootfs: Path
+    read_only: bool = False
+    volumes: tuple[Volume, ...] = ()
+    join: str | None = None
+
+
+class ContainerSession(Protocol):
+    """A created container, held until ``go``; the session lives as long as the container (closing it, or the
+    process holding it dying, kills the container)."""
+
+    def go(self) -> int:
+        """Start it; returns its init's pid in the guest."""
+
+    def signal(self, signum: int) -> None:
+        """Deliver ``signum`` (before ``go``: ends it with 128 + ``signum``)."""
+
+    def winsize(self, rows: int, cols: int) -> None:
+        """Resize its terminal."""
+
+    def pump_input(self, fd: int) -> None:
+        """Copy ``fd`` to its stdin until EOF (a thread)."""
+
+    def relay(self, stdout: IO[bytes], stderr: IO[bytes]) -> int:
+        """Copy its output until it ends; returns its exit code."""
+
+    def close(self) -> None:
+        """End the session."""
+
+
 class Stage1(ABC):
     """A VM backend. Every method may be called by a different kvmrkt process than the one that ran the pod."""
 
@@ -279,6 +319,27 @@ class Stage1(ABC):
     @abstractmethod
     def resize(self, pod: Pod, rows: int, cols: int) -> None:
         """Set the size of the terminal of a pod run with ``RunOptions.tty``."""
+
+    # Containers inside a running pod's VM (a backend without them refuses).
+
+    def add_container(self, pod: Pod, spec: ContainerSpec) -> None:
+        """Make a container's root, volumes and configuration reach the running VM (nothing runs yet).
+
+        Raises:
+            ConfigError: this backend cannot (the default).
+        """
+        raise ConfigError(f"the {self.name} backend cannot create containers inside a running pod")
+
+    def open_container(self, pod: Pod, name: str, *, tty: bool, stdin: bool) -> ContainerSession:
+        """Create the container ``add_container`` described and hold it (``ContainerSession.go`` starts it).
+
+        Raises:
+            ConfigError: this backend cannot (the default).
+        """
+        raise ConfigError(f"the {self.name} backend cannot create containers inside a running pod")
+
+    def remove_container(self, pod: Pod, name: str) -> None:
+        """Undo ``add_container`` once the container has ended (idempotent)."""
 
 
 def load_backend(name: str, config: RuntimeConfig) -> Stage1:

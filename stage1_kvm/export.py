@@ -9,7 +9,8 @@ which mounts the export at ``/kvmrkt/shared``, outside every app's root. ``bind`
 (``mount_setattr``: read-only binds are read-only on the host before any namespace can see them, since a later
 remount would not propagate), then attached (``move_mount``). The export is recorded in the pod's jail record
 first, and ``PodJail.down`` detaches everything there and removes the mount points (when the VM is gone, when the
-pod is removed, by gc after a crash).
+pod is removed, by gc after a crash). ``add_container`` binds a container's root and volumes into a running VM's
+export, with its guest configuration (``ctr/<name>.cfg``), and ``remove_container`` takes them out again.
 
 Trust boundary: what is bound is what the pod manifest names (written from an OCI bundle by the engine, which is
 trusted); the guest is not: ``POD/shared`` and ``binds`` are root's with the pod's group allowed only to read
@@ -19,6 +20,7 @@ kvmrkt with ``O_EXCL``/``O_NOFOLLOW`` under directories only root can write.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import stat
@@ -30,8 +32,8 @@ from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm import shares
-from stage1_kvm.jail import MS_BIND, MS_PRIVATE, MS_SHARED, PodJail
-from stage1_kvm.vmspec import BIND_KINDS, EXPORT_DIR, export_path
+from stage1_kvm.jail import MS_BIND, MS_PRIVATE, MS_SHARED, PodJail, unbind_on_host
+from stage1_kvm.vmspec import BIND_KINDS, EXPORT_DIR, container_config_path, export_path
 
 BINDS = "binds"
 
@@ -136,3 +138,45 @@ def bind(export: Path, volume: Volume, *, data_dir: Path, pod: str, live: Iterab
             os.close(dest)
     finally:
         os.close(tree)
+
+
+def add_container(export: Path, name: str, root: Volume, volumes: Iterable[Volume], config: bytes, *,
+                  data_dir: Path, pod: str, uid: int, gid: int) -> None:
+    """Bind a container's root (``root``, a bind volume) and its bind volumes into the export of a running VM
+    and write its guest configuration to ``ctr/<name>.cfg`` (root's, readable by the pod's group only: it holds
+    the container's environment). Every volume is named ``<name>-...``, so ``remove_container`` finds them. On
+    failure what was done is undone.
+
+    Raises:
+        JailError: a source cannot be bound, a mount failed, or the container exists already.
+    """
+    live = Pod.live_uuids(data_dir)
+    try:
+        for volume in (root, *volumes):
+            if volume.kind in BIND_KINDS:
+                bind(export, volume, data_dir=data_dir, pod=pod, live=live, uid=uid, gid=gid)
+        configs = export / container_config_path(name)
+        if not configs.parent.is_dir():
+            _mkdir(configs.parent, gid)
+        fd = os.open(configs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchown(fh.fileno(), 0, gid)
+            fh.write(config)
+    except FileExistsError:
+        raise JailError(f"container {name} already exists in the pod's export") from None
+    except BaseException:
+        remove_container(export, name)
+        raise
+
+
+def remove_container(export: Path, name: str) -> bool:
+    """Detach and remove what ``add_container`` put in the export for ``name`` (idempotent). False if something
+    is still mounted there (for the pod's own teardown to detach)."""
+    ok = True
+    binds = export / BINDS
+    for entry in list(binds.iterdir()) if binds.is_dir() else []:
+        if entry.name.startswith(f"{name}-"):
+            ok = unbind_on_host(entry) and ok
+    with contextlib.suppress(FileNotFoundError):
+        (export / container_config_path(name)).unlink()
+    return ok

@@ -37,12 +37,14 @@ from kvmrkt.errors import (
 )
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.wait import wait_until
-from kvmrkt.pods.manifest import PodManifest
+from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.stopping import StopEscalation
 from kvmrkt.stage1 import (
     PLAIN_ENTER,
     BackendStatus,
+    ContainerSession,
+    ContainerSpec,
     EnterOptions,
     GuestState,
     JailSpec,
@@ -68,6 +70,8 @@ from stage1_kvm.vmspec import (
     STDIN_SOCKET,
     app_log,
     build_vmspec,
+    export_path,
+    guest_container_config,
     guest_pod_config,
     out_socket,
 )
@@ -385,6 +389,25 @@ class VmStage1(Stage1):
 
     def resize(self, pod: Pod, rows: int, cols: int) -> None:
         agent.request_winsize(pod.path, SIG_SOCKET, rows, cols)
+
+    def add_container(self, pod: Pod, spec: ContainerSpec) -> None:
+        exported = pod.file(EXPORT_DIR)
+        rec = pod.read_json(jails.RECORD, {}) or {}
+        if not rec.get("export") or not exported.is_dir():
+            raise Stage1Error(f"pod {pod.uuid} has no shared export: containers cannot be added to it",
+                              hint="the pod must be started with the shared export (kvmrkt-oci's sandboxes are)")
+        root = Volume(f"{spec.name}-root", "bind", str(spec.rootfs), read_only=spec.read_only)
+        config = guest_container_config(spec.app, spec.volumes, root=export_path(root), read_only=spec.read_only,
+                                        join=spec.join, shm=spec.join)
+        export.add_container(exported, spec.name, root, spec.volumes, config, data_dir=self.config.data_dir,
+                             pod=pod.uuid, uid=int(rec["uid"]), gid=int(rec["gid"]))
+
+    def open_container(self, pod: Pod, name: str, *, tty: bool, stdin: bool) -> ContainerSession:
+        return agent.ContainerSession.create(pod.path, ctlmux.SESSIONS_SOCKET, name, tty=tty, stdin=stdin,
+                                             timeout=self.config.stage1.boot_timeout)
+
+    def remove_container(self, pod: Pod, name: str) -> None:
+        export.remove_container(pod.file(EXPORT_DIR), name)
 
     def gc(self, pod: Pod) -> None:
         with contextlib.suppress(Stage1Error, ConfigError):  # e.g. libvirtd unreachable: gc does what it can

@@ -30,6 +30,10 @@ STATE_DIR = "kvmrkt-oci"
 # Mounts the guest init gives every app itself, as the OCI defaults (proc, sysfs, a /dev tmpfs with the default
 # devices and links, devpts, shm, mqueue); cgroup has no use in a one-container VM.
 GUEST_MOUNTS = frozenset({"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"})
+# containerd's CRI annotations: "sandbox" (the pod's pause container: kvmrkt boots the pod's VM for it) or
+# "container" (a container of the pod: created inside that VM), and the pod's sandbox container id.
+CRI_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
 # Annotations that name the image (CRI, then the OCI image spec's).
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "org.opencontainers.image.ref.name")
 MAX_MOUNTS = 32  # the guest init's MAX_VOLS: one pod volume per mount
@@ -59,6 +63,7 @@ class Bundle:
     annotations: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
+    joined: tuple[tuple[str, str], ...] = ()  # a CRI container's namespaces shared with its sandbox (type, path)
     confinement: Confinement = DEFAULT_CONFINEMENT
     cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
     hooks: hooks.Hooks = field(default_factory=dict)
@@ -67,6 +72,12 @@ class Bundle:
     @property
     def image_name(self) -> str:
         return next((self.annotations[k] for k in IMAGE_ANNOTATIONS if self.annotations.get(k)), "oci-bundle")
+
+    @property
+    def sandbox_id(self) -> str | None:
+        """The CRI sandbox this bundle is a container of (None: it gets a VM of its own)."""
+        sid = self.annotations.get(CRI_SANDBOX)
+        return sid if sid and self.annotations.get(CRI_TYPE) == "container" else None
 
     @property
     def image_id(self) -> str:
@@ -130,10 +141,11 @@ def load_bundle(path: Path) -> Bundle:
     cpu = _get(res, "cpu", dict, "linux.resources.", {})
     quota, period = _get(cpu, "quota", int, "linux.resources.cpu.", None), _get(cpu, "period", int, "", None)
     cgroup, unhonoured = cgroupspec.placement(linux)
-    netns = _namespaces(_get(linux, "namespaces", list, "linux.", []))
     annotations = _get(doc, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
+    member = annotations.get(CRI_TYPE) == "container" and bool(annotations.get(CRI_SANDBOX))
+    joined = _namespaces(_get(linux, "namespaces", list, "linux.", []), member=member)
     return Bundle(
         path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
         cwd=cwd, uid=uid, gid=gid, gids=tuple(gids), terminal=bool(_get(proc, "terminal", bool, "process.", False)),
@@ -142,23 +154,27 @@ def load_bundle(path: Path) -> Bundle:
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
         annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
-        unhonoured=unhonoured, hooks=hooks.parse(doc),
-        # A CRI pod's sandbox (pause) container needs no VM network: the pod's containers take the namespace.
-        netns="" if annotations.get("io.kubernetes.cri.container-type") == "sandbox" else netns,
+        unhonoured=unhonoured, hooks=hooks.parse(doc), netns="" if member else dict(joined).get("network", ""),
+        joined=joined if member else (),
     )  # fmt: skip
 
 
 NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+SANDBOX_SHARED = ("network", "ipc", "uts")  # what a Kubernetes pod's containers share with its sandbox
 
 
-def _namespaces(entries: list[Any]) -> str:
-    """Check ``linux.namespaces``; returns the network namespace path to join ("" for none). A path for any other
-    type names a namespace of the host's kernel, which a process inside the VM cannot join: refused, not ignored.
+def _namespaces(entries: list[Any], *, member: bool) -> tuple[tuple[str, str], ...]:
+    """Check ``linux.namespaces``; returns the (type, path) pairs to join. A path names a namespace of the host's
+    kernel, which a process inside a VM cannot join: refused, not ignored, but for a network namespace (the VM is
+    plugged into it) and, for a container of a CRI pod (``member``), the network, IPC and UTS namespaces it shares
+    with its sandbox (the runtime checks that they are the sandbox's).
 
     Raises:
         ManifestError: a malformed entry, an unknown or repeated type, or a path that cannot be joined.
     """
-    netns, seen = "", set()
+    joinable = SANDBOX_SHARED if member else ("network",)
+    joined: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for i, ns in enumerate(entries):
         kind = ns.get("type") if isinstance(ns, dict) else None
         path = ns.get("path", "") if isinstance(ns, dict) else ""
@@ -168,13 +184,14 @@ def _namespaces(entries: list[Any]) -> str:
         if kind in seen:
             raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace is listed twice")
         seen.add(kind)
-        if path and kind != "network":
+        if path and kind not in joinable:
             raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace at {path} cannot be "
                                 "joined: the container runs inside a VM, whose kernel has namespaces of its own",
-                                hint="only a network namespace path is taken (the VM is plugged into it)")
-        if kind == "network":
-            netns = path
-    return netns
+                                hint="only a network namespace path is taken (the VM is plugged into it); a "
+                                     "container of a Kubernetes pod shares its sandbox's network, IPC and UTS")
+        if path:
+            joined.append((kind, path))
+    return tuple(joined)
 
 
 def _mounts(entries: list[Any], bundle: Path) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:

@@ -14,8 +14,13 @@ measures ``config.json``'s digest, the bundle path, the image name from the anno
 ``config.json`` is parsed strictly (an error names the field); the process's confinement (capabilities,
 noNewPrivileges, rlimits, seccomp, maskedPaths, readonlyPaths) is applied to the container inside the guest
 (``kvmrkt.pods.confinement``); ``linux.cgroupsPath`` places the supervisor and its VMM, with the bundle's pids and
-CPU limits (``kvmrkt.ocirt.cgroupspec``); Linux namespace settings describe a container on the host and are ignored
-(each container has a VM).
+CPU limits (``kvmrkt.ocirt.cgroupspec``); a namespace path is refused but for the network namespace the VM is
+plugged into (``kvmrkt.net.nsguard`` checks it is the pod's own).
+
+Kubernetes pods (containerd's CRI annotations): the sandbox container boots the pod's VM, in the pod's network
+namespace; every other container of the pod is created inside that VM (``kvmrkt.ocirt.sandbox``), sharing its
+network, IPC, UTS and ``/dev/shm``, held by a host process of its own (its pid, signals and exit status); its
+``config.json`` is measured as one more app of the pod. The VM ends with the sandbox.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from kvmrkt.host import proc as _proc
 from kvmrkt.host.files import write_atomic, write_json
 from kvmrkt.host.wait import Deadline, wait_until
 from kvmrkt.net.network import Intent
-from kvmrkt.ocirt import hooks, mountpoints
+from kvmrkt.ocirt import hooks, mountpoints, sandbox
 from kvmrkt.ocirt.bundle import APP, FORWARDED_SIGNALS, OCI_VERSION, STATE_DIR, Bundle, load_bundle, manifest_for
 from kvmrkt.pods.launch import LaunchRequest, pod_exit_code
+from kvmrkt.pods.measured import measure_app_added
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.records import TRUST
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, Stage1
@@ -81,6 +87,8 @@ class OciRuntime:
             return None
 
     def _status(self, rec: dict[str, Any]) -> str:
+        if rec.get("kind") == "container":
+            return sandbox.status(self._dir(str(rec["id"])), int(rec["pid"]), str(rec["id"]))
         pod = self._pod(rec)
         if pod is None or not _proc.pid_alive(int(rec["pid"])):
             return "stopped"
@@ -129,19 +137,22 @@ class OciRuntime:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             for name in bundle.unhonoured:
                 self.engine.warn(f"{name} is not honoured by a VM and was ignored")
+            if bundle.sandbox_id is not None:
+                pid = self._create_in_sandbox(cid, bundle, state_dir, console_socket)
+                return self._created(cid, bundle, pid, pid_file)
             insecure = self.engine.config.insecure_options
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
                                       lambda _m: {APP: bundle_verdict(bundle.image_id, bundle.image_name)},
                                       keep_lock=True)
             pid = self._spawn_supervisor(pod, bundle, console_socket)
-            write_json(state_dir / "state.json", {
-                "id": cid, "bundle": str(bundle.path), "pod": pod.uuid, "pid": pid, "annotations": bundle.annotations,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
-                "hooks": {k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()},
-            })  # fmt: skip
+            self._write_record(state_dir, cid, bundle, pod.uuid, pid)
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
+        return self._created(cid, bundle, pid, pid_file)
+
+    def _created(self, cid: str, bundle: Bundle, pid: int, pid_file: Path | None) -> int:
+        """The end of ``create``: the prestart and createRuntime hooks, then the pid file."""
         try:
             for kind in ("prestart", "createRuntime"):
                 hooks.run(bundle.hooks, kind, self._hook_state(cid))
@@ -151,6 +162,75 @@ class OciRuntime:
             raise
         if pid_file is not None:
             write_atomic(pid_file, str(pid).encode(), mode=0o644)
+        return pid
+
+    def _write_record(self, state_dir: Path, cid: str, bundle: Bundle, pod: str, pid: int, **extra: Any) -> None:
+        write_json(state_dir / "state.json", {
+            "id": cid, "bundle": str(bundle.path), "pod": pod, "pid": pid, "annotations": bundle.annotations,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config_digest": bundle.config_digest,
+            "hooks": {k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()}, **extra,
+        })  # fmt: skip
+
+    def _create_in_sandbox(self, cid: str, bundle: Bundle, state_dir: Path, console_socket: Path | None) -> int:
+        """Create a CRI pod's container inside its sandbox's VM (``kvmrkt.ocirt.sandbox``): measured, its root and
+        volumes bound into the VM's export, held by a forked holder whose pid is returned.
+
+        Raises:
+            ConfigError: the sandbox is not a running kvmrkt-oci sandbox.
+            ManifestError: the bundle shares a namespace that is not the sandbox's.
+        """
+        sid = bundle.sandbox_id or ""
+        try:
+            box = self._record(sid)
+        except PodStateError:
+            raise ConfigError(f"container {cid!r}: its sandbox {sid[:80]!r} is not a kvmrkt-oci container",
+                              hint="the pod's sandbox must run under the same runtime (handler)") from None
+        if box.get("kind", "vm") != "vm" or self._status(box) != "running":
+            raise ConfigError(f"container {cid!r}: its sandbox {sid!r} is not a running pod VM")
+        sandbox.check_joined(bundle, int(box["pid"]))
+        pod = self._pod(box)
+        assert pod is not None
+        backend = self.engine.backend_for(pod)
+        name = sandbox.guest_name(cid)
+        spec = sandbox.container_spec(bundle, name, self.engine.config.insecure_options, join=APP)
+        measure_app_added(self.engine.config, pod, sandbox.measured_app(
+            bundle, name, bundle_verdict(bundle.image_id, bundle.image_name)), warn=self.engine.warn)
+        sandbox.make_fifo(state_dir)
+        backend.add_container(pod, spec)
+        try:
+            term = _send_terminal(console_socket) if console_socket is not None else None
+            report_r, report_w = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the holder; containerd's shim (a subreaper) becomes its parent when create exits
+                os.close(report_r)
+                code = 125
+                try:
+                    if term is not None:
+                        _take_terminal(term)
+                    session = backend.open_container(pod, name, tty=term is not None, stdin=True)
+                    code = sandbox.hold(session, state_dir, tty=term is not None, report=report_w)
+                except BaseException as exc:  # the creating process reports it
+                    msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"
+                    with contextlib.suppress(OSError):
+                        os.write(report_w, f"FAIL {msg}".encode()[:65536])
+                os._exit(code)
+            os.close(report_w)
+            if term is not None:
+                os.close(term)
+            with os.fdopen(report_r, "rb") as fh:
+                answer = fh.readline().decode(errors="replace").strip()
+                if answer != "HELD":
+                    answer += fh.read(65536).decode(errors="replace")
+            if answer != "HELD":
+                os.waitpid(pid, 0)
+                raise Stage1Error(f"the container could not be created in its pod's VM: "
+                                  f"{answer.removeprefix('FAIL ') or 'its holder ended'}")
+            self._write_record(state_dir, cid, bundle, pod.uuid, pid, kind="container", sandbox=sid, guest=name)
+        except BaseException:
+            backend.remove_container(pod, name)
+            raise
         return pid
 
     def _hook_state(self, cid: str) -> dict[str, Any]:
@@ -209,9 +289,7 @@ class OciRuntime:
             manifest = self.engine.pod_manifest(pod)
             backend = self.engine.backend_for(pod)
             verdict = bundle_verdict(bundle.image_id, bundle.image_name)
-            measured = [{"app": APP, "image": bundle.image_name, "config": bundle.config_digest,
-                         "bundle": str(bundle.path), "rootfs": f"dir:{bundle.rootfs}",
-                         **{k: verdict[k] for k in ("scope", "signers", "insecure", "dependencies")}}]
+            measured = [sandbox.measured_app(bundle, APP, verdict)]
             # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
             intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
             request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
@@ -236,9 +314,12 @@ class OciRuntime:
         status = self._status(rec)
         if status != "created":
             raise PodStateError(f"container {cid!r} is {status}, not created", state=status)
-        pod = self._pod(rec)
-        assert pod is not None
-        self.engine.backend_for(pod).start_held(pod)
+        if rec.get("kind") == "container":
+            sandbox.release(self._dir(cid), timeout=30)
+        else:
+            pod = self._pod(rec)
+            assert pod is not None
+            self.engine.backend_for(pod).start_held(pod)
         wait_until(lambda: self._status(rec) != "created", timeout=30, interval=0.005)
         hooks.run(self._hooks(rec), "poststart", self._hook_state(cid), warn=self.engine.warn)
 
@@ -256,6 +337,9 @@ class OciRuntime:
             # runc's words: containerd's shim takes "container not running" as "the process already finished"
             # and records the exit, where any other message leaves `crictl stopp` waiting for its deadline.
             raise PodStateError(f"container {cid!r} is {status}: container not running", state=status)
+        if rec.get("kind") == "container":  # its holder passes the signal on (SIGKILL: its end ends the container)
+            os.kill(int(rec["pid"]), signum)
+            return
         pod = self._pod(rec)
         assert pod is not None
         self.engine.backend_for(pod).signal(pod, signum, every_process=every_process)
@@ -280,7 +364,9 @@ class OciRuntime:
             os.kill(pid, signal.SIGKILL)  # our supervisor (its command line names this container)
             self._wait_gone(pid, 10)
         pod = self._pod(rec)
-        if pod is not None:
+        if pod is not None and rec.get("kind") == "container":
+            self.engine.backend_for(pod).remove_container(pod, str(rec["guest"]))
+        elif pod is not None:
             self._remove_pod(pod)
         state = {"ociVersion": OCI_VERSION, "id": cid, "status": "stopped", "pid": 0, "bundle": rec["bundle"],
                  "annotations": rec.get("annotations", {})}
@@ -334,8 +420,8 @@ class OciRuntime:
                 if term is not None:
                     _take_terminal(term)
                 opts = replace(process, stdin=0, tty=term is not None, forward_signals=FORWARDED_SIGNALS)
-                code = backend.enter(pod, manifest, APP, args, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                                     opts=opts)
+                code = backend.enter(pod, manifest, str(rec.get("guest", APP)), args, stdout=sys.stdout.buffer,
+                                     stderr=sys.stderr.buffer, opts=opts)
             except BaseException as exc:  # reported on the exec's stderr
                 with contextlib.suppress(OSError):
                     sys.stderr.write(f"kvmrkt-oci exec: {exc}\n")

@@ -18,7 +18,7 @@ from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.records import MEASURE
 from kvmrkt.trust import admission
-from measure.events import launch_events
+from measure.events import Event, launch_events
 from measure.tpm import Measurer
 
 
@@ -60,3 +60,23 @@ def warn_about(measurer: Measurer, warn: Callable[[str], None]) -> None:
              f"where kvmrkt's log leads to {measurer.mismatch[0].hex()[:16]}...: something outside "
              f"kvmrkt extended it (or the log was edited). Recorded in {measurer.log.path}; until the "
              "TPM is reset (host reboot), no verifier will accept this host's evidence")
+
+
+def measure_app_added(config: RuntimeConfig, pod: Pod, app: dict[str, Any], *, warn: Callable[[str], None]) -> None:
+    """Log and extend an app added to a running pod (a container created in its sandbox VM) as one more ``app``
+    event of the pod's launch, before it runs: a verifier groups it with the pod's other apps and judges it by
+    the same reference. Fail closed as ``measure_launch``; under --insecure-options=tpm it is announced instead."""
+    if "tpm" in config.insecure_options:
+        warn(f"WARNING: --insecure-options=tpm: app {app.get('app')} of pod {pod.uuid} runs UNMEASURED")
+        return
+    cfg = config.measure
+    if not cfg.tcti:
+        raise TpmUnavailableError("no TPM is configured and /dev/tpmrm0 does not exist: the app cannot be measured",
+                                  hint="set [measure] tcti in config.toml, or run with --insecure-options=tpm")
+    measurer = Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
+    recnums = measurer.measure([Event("app", {"pod": pod.uuid, **app})])
+    warn_about(measurer, warn)
+    rec = pod.read_json(MEASURE, {}) or {}
+    if rec.get("measured"):
+        pod.write_json(MEASURE, {**rec, "records": [*rec.get("records", []), *recnums],
+                                 "events": [*rec.get("events", []), "app"]})

@@ -144,6 +144,11 @@ class CriNode:
                                "--timeout", "60s", *args], capture_output=True, text=True, timeout=timeout,
                               check=False)
 
+    def node_run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a command in the node's network namespace (containerd's)."""
+        return subprocess.run(["nsenter", f"--net=/proc/{self.proc.pid}/ns/net", *argv], capture_output=True,
+                              text=True, timeout=60, check=False)
+
     def ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
                               capture_output=True, text=True, timeout=120, check=False)

@@ -1,0 +1,88 @@
+"""The pure parts of CRI pods in one VM (kvmrkt.ocirt.sandbox): which bundles are containers of a sandbox, the
+namespaces they may share (their sandbox's only), the container they become in the VM, and their status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmrkt.errors import ManifestError
+from kvmrkt.ocirt import sandbox
+from kvmrkt.ocirt.bundle import load_bundle
+
+from .test_oci import bundle
+
+CRI = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "abc",
+       "io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36"}
+
+
+def shared(pid: int, *kinds: str) -> list[dict[str, Any]]:
+    names = {"network": "net", "ipc": "ipc", "uts": "uts"}
+    return [{"type": "pid"}, *({"type": k, "path": f"/proc/{pid}/ns/{names[k]}"} for k in kinds)]
+
+
+def test_a_cri_container_names_its_sandbox_and_shares_its_namespaces(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path, annotations=CRI, linux__namespaces=shared(42, "network", "ipc", "uts")))
+    assert b.sandbox_id == "abc"
+    assert b.netns == ""  # the VM's network is the sandbox's: nothing is plugged in for a container
+    sandbox.check_joined(b, 42)
+    with pytest.raises(ManifestError, match=r"the network namespace /proc/42/ns/net is not the sandbox's"):
+        sandbox.check_joined(b, 43)
+
+
+@pytest.mark.parametrize("kind", ["pid", "mount", "user", "cgroup"])
+def test_a_cri_container_cannot_join_other_namespaces(tmp_path: Path, kind: str) -> None:
+    with pytest.raises(ManifestError, match=f"the {kind} namespace at /proc/42/ns/x cannot be joined"):
+        load_bundle(bundle(tmp_path, annotations=CRI, linux__namespaces=[{"type": kind, "path": "/proc/42/ns/x"}]))
+
+
+def test_without_a_sandbox_id_a_bundle_gets_its_own_vm(tmp_path: Path) -> None:
+    for annotations in ({**CRI, "io.kubernetes.cri.sandbox-id": ""},
+                        {**CRI, "io.kubernetes.cri.container-type": "sandbox"}, {}):
+        b = load_bundle(bundle(tmp_path, annotations=annotations))
+        assert b.sandbox_id is None
+    with pytest.raises(ManifestError, match="the ipc namespace at /proc/42/ns/ipc cannot be joined"):
+        load_bundle(bundle(tmp_path, annotations={**CRI, "io.kubernetes.cri.sandbox-id": ""},
+                           linux__namespaces=shared(42, "ipc")))
+
+
+def test_the_container_in_the_vm(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path, annotations=CRI))
+    name = sandbox.guest_name("0123" * 16)
+    assert name == sandbox.guest_name("0123" * 16) != sandbox.guest_name("0124" * 16)
+    assert len(name) <= 40 and name.isalnum()
+    spec = sandbox.container_spec(b, name, frozenset(), join="container")
+    assert spec.name == spec.app.name == name and spec.join == "container"
+    assert spec.rootfs == tmp_path / "rootfs" and spec.read_only
+    assert [v.name for v in spec.volumes] == [f"{name}-m2", f"{name}-m3", f"{name}-m4"]
+    assert {m.volume for m in spec.app.mounts} == {v.name for v in spec.volumes}
+    assert spec.app.exec == ("/bin/sh", "-c", "echo hi") and spec.app.uid == 1000
+    event = sandbox.measured_app(b, name, {"scope": "s", "signers": [], "insecure": True, "dependencies": []})
+    assert event["app"] == name and event["config"] == b.config_digest and event["rootfs"].startswith("dir:")
+
+
+def test_status_follows_the_holder(tmp_path: Path) -> None:
+    cid = "the-container"
+    pid = os.fork()
+    if pid == 0:  # a stand-in holder whose command line names the container, as kvmrkt-oci's does
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", cid])
+    try:
+        for _ in range(200):
+            if cid.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.01)
+        assert sandbox.status(tmp_path, pid, cid) == "created"
+        (tmp_path / sandbox.STARTED).write_text("7")
+        assert sandbox.status(tmp_path, pid, cid) == "running"
+        assert sandbox.status(tmp_path, pid, "another") == "stopped"  # a reused pid is not the holder
+        (tmp_path / sandbox.EXIT).write_text("0")
+        assert sandbox.status(tmp_path, pid, cid) == "stopped"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
