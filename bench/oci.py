@@ -1,7 +1,10 @@
 """OCI runtime benchmark: `ctr run --rm` wall time to exit of a busybox container running ``true`` with
 kvmrkt-oci (a measured VM per container) versus runc on the same image, in the same run, under a private
-containerd; and host memory per running container (PSS of the kvmrkt supervisor and QEMU, versus runc's
-container process; the containerd shim is the same for both and not counted).
+containerd; host memory per running container (PSS of the kvmrkt supervisor and QEMU, versus runc's
+container process; the containerd shim is the same for both and not counted); and host memory of a Kubernetes
+pod (the CRI node of tests/integration/cri.py, crictl): the pod's sandbox alone, then with two containers
+running in its VM (what the containers add: their holders and the guest memory they touch), against what one
+VM per container would cost (three sandboxes' worth: pause and two containers, from the same run's figure).
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/oci.py [--runs N]
@@ -95,6 +98,7 @@ def _bench(work: Path, base: Path, tcti: str, runs: int) -> dict[str, object]:
             kv.append(run(f"kv{i}", kv_args))
             rc.append(run(f"rc{i}", []))
         memory = _memory(ctr, image, kv_args)
+        memory.update(_pod_memory(work, runtime))
         return {
             "runs": runs,
             "ctr_run_kvmrkt_median_s": round(statistics.median(kv), 3),
@@ -129,6 +133,51 @@ def _memory(ctr: list[str], image: str, kv_args: list[str]) -> dict[str, float]:
         subprocess.run([*ctr, "task", "delete", "-f", name], capture_output=True, check=False)
         subprocess.run([*ctr, "container", "delete", name], capture_output=True, check=False)
     return out
+
+
+def _tree_pss(pids: list[int]) -> float:
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += _children(pid)
+    return sum(_pss_mib(p) for p in seen)
+
+
+def _pod_memory(work: Path, runtime: Path) -> dict[str, float]:
+    """PSS on the host of one CRI pod under kvmrkt: the sandbox alone, then with two busybox containers."""
+    sys.path.insert(0, str(REPO))
+    from tests.integration.cri import PAUSE_IMAGE, CriNode
+    from tests.tools.build_go_tools import cached
+
+    tools = cached("cri-tools")
+    if tools is None:
+        return {}
+    node = CriNode.start(Path(f"/tmp/kvmrkt-bench-cri-{os.getpid()}"), tools / "bin" / "crictl", runtime)
+    try:
+        pod_json = node.pod_config(work / "pod", "bench")
+        pod = node.crictl("runp", "--runtime", "kvmrkt", str(pod_json)).stdout.strip()
+        time.sleep(2)
+        sandbox = json.loads(node.crictl("inspectp", "-o", "json", pod).stdout)["info"]["pid"]
+        alone = _tree_pss([sandbox])
+        holders = []
+        for name in ("one", "two"):
+            cfg = work / f"{name}.json"
+            cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": PAUSE_IMAGE},
+                                       "command": ["/bin/busybox", "sleep", "600"], "log_path": f"{name}.log"}))
+            cid = node.crictl("create", pod, str(cfg), str(pod_json)).stdout.strip()
+            node.crictl("start", cid)
+            holders.append(json.loads(node.crictl("inspect", "-o", "json", cid).stdout)["info"]["pid"])
+        time.sleep(2)
+        both = _tree_pss([sandbox, *holders])
+        node.crictl("stopp", pod)
+        node.crictl("rmp", pod)
+    finally:
+        node.stop()
+    return {"cri_pod_sandbox_pss_mib": round(alone, 1), "cri_pod_two_containers_pss_mib": round(both, 1),
+            "cri_one_vm_per_container_pss_mib": round(3 * alone, 1)}
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ class Stage1(ABC):
         """
         raise ConfigError(f"the {self.name} backend cannot create containers inside a running pod")
 
-    def remove_container(self, pod: Pod, name: str) -> None:
+    def remove_container(self, pod: Pod, name: str) -> None:  # noqa: B027 (nothing to undo without containers)
         """Undo ``add_container`` once the container has ended (idempotent)."""
 
 

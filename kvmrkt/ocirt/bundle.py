@@ -145,6 +145,10 @@ def load_bundle(path: Path) -> Bundle:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
     member = annotations.get(CRI_TYPE) == "container" and bool(annotations.get(CRI_SANDBOX))
+    if annotations.get(CRI_TYPE) == "sandbox":  # the pod's sizes (the sum of its containers' limits), if given
+        sizes = [_annotated(annotations, f"io.kubernetes.cri.sandbox-{k}") for k in ("memory", "cpu-quota",
+                                                                                       "cpu-period")]
+        limit, quota, period = limit or sizes[0], quota or sizes[1], period or sizes[2]
     joined = _namespaces(_get(linux, "namespaces", list, "linux.", []), member=member)
     return Bundle(
         path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
@@ -157,6 +161,20 @@ def load_bundle(path: Path) -> Bundle:
         unhonoured=unhonoured, hooks=hooks.parse(doc), netns="" if member else dict(joined).get("network", ""),
         joined=joined if member else (),
     )  # fmt: skip
+
+
+def _annotated(annotations: dict[str, str], key: str) -> int | None:
+    """A positive integer annotation (containerd 1.7's pod sizes), or None.
+
+    Raises:
+        ManifestError: the annotation is there but not a positive integer.
+    """
+    value = annotations.get(key)
+    if value is None or value == "0":
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise ManifestError(f"config.json: annotation {key} must be a positive integer, not {value[:40]!r}")
+    return int(value)
 
 
 NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from kvmrkt.errors import AgentError, ConfigError, KvmrktError, ManifestError
 from kvmrkt.host import proc as _proc
-from kvmrkt.ocirt.bundle import APP, Bundle
+from kvmrkt.ocirt.bundle import Bundle
 from kvmrkt.pods.confinement import lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, Volume
 from kvmrkt.stage1 import ContainerSession, ContainerSpec

@@ -43,9 +43,9 @@ def test_a_cri_container_cannot_join_other_namespaces(tmp_path: Path, kind: str)
 
 
 def test_without_a_sandbox_id_a_bundle_gets_its_own_vm(tmp_path: Path) -> None:
-    for annotations in ({**CRI, "io.kubernetes.cri.sandbox-id": ""},
-                        {**CRI, "io.kubernetes.cri.container-type": "sandbox"}, {}):
-        b = load_bundle(bundle(tmp_path, annotations=annotations))
+    for notes in ({**CRI, "io.kubernetes.cri.sandbox-id": ""}, {**CRI, "io.kubernetes.cri.container-type": "sandbox"},
+                  {}):
+        b = load_bundle(bundle(tmp_path, annotations=notes))
         assert b.sandbox_id is None
     with pytest.raises(ManifestError, match="the ipc namespace at /proc/42/ns/ipc cannot be joined"):
         load_bundle(bundle(tmp_path, annotations={**CRI, "io.kubernetes.cri.sandbox-id": ""},
@@ -86,3 +86,12 @@ def test_status_follows_the_holder(tmp_path: Path) -> None:
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_a_sandbox_is_sized_by_its_pods_annotations(tmp_path: Path) -> None:
+    sizes = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-memory": str(600 << 20),
+             "io.kubernetes.cri.sandbox-cpu-quota": "250000", "io.kubernetes.cri.sandbox-cpu-period": "100000"}
+    b = load_bundle(bundle(tmp_path, annotations=sizes, linux__resources=None))
+    assert (b.memory_mib, b.cpus) == (600, 3)
+    with pytest.raises(ManifestError, match="sandbox-memory must be a positive integer"):
+        load_bundle(bundle(tmp_path, annotations={**sizes, "io.kubernetes.cri.sandbox-memory": "-1"}))
