@@ -90,7 +90,7 @@ def test_guest_config_escapes_everything_that_could_inject_lines() -> None:
     m = pod(app(exec=("/bin/echo", "a b", "", "x\nversion 2", "100%"), env=(("K", "v v"),)))
     text = guest_pod_config(m, interactive=False).decode()
     lines = text.splitlines()
-    assert lines[0] == "version 5"
+    assert lines[0] == "version 6"
     assert "arg a%20b" in lines and "arg %" in lines and "arg x%0Aversion%202" in lines and "arg 100%25" in lines
     assert "env K=v%20v" in lines
     assert sum(1 for ln in lines if ln.startswith("version")) == 1
