@@ -9,7 +9,9 @@
  * once what came before is written), "<sid> SIG <signal>\n", "<sid> WINSZ <rows> <cols>\n", "<sid> HUP\n" (the
  * host client went away: the command's session is SIGKILLed). Guest -> host: "<sid> OUT <n>\n<n bytes>",
  * "<sid> ERR <n>\n<n bytes>" (n <= 16 KiB), "<sid> ACK <n>\n" (n more input bytes were written to the command),
- * then exactly one of "<sid> EXIT <code>\n" or "<sid> FAIL <%-escaped reason>\n".
+ * then exactly one of "<sid> EXIT <code>\n" or "<sid> FAIL <%-escaped reason>\n". "<sid> CREATE <name> [tty]
+ * [stdin]\n" starts a container session instead (containers.c: "<sid> HELD", then "<sid> GO" from the host,
+ * "<sid> STARTED <pid>", then as an enter session).
  * PID 1 reads the port all the time and routes each host frame, without its sid, to the session's helper over a
  * SOCK_SEQPACKET socketpair (one frame per message, sent without blocking); ENTER forks the helper (at most
  * MAX_SESSIONS at once). Helpers write their frames to the port themselves, each frame as ONE write() under

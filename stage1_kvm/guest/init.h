@@ -5,7 +5,7 @@
  * escaping, status lines, directories and mounts), config.c (reading /kvmrkt/pod.cfg), devices.c (modules,
  * virtio disks and ports, dm-verity), network.c (the NICs), rootfs.c (each app's root, /dev and volumes),
  * apps.c (starting, confining, signalling and reaping the apps), agent.c (the sig and ctl ports: requests,
- * enter sessions, app 0's terminal). The protocol is documented in docs/guest-protocol.md.
+ * enter sessions, app 0's terminal), containers.c (containers created in the running VM: CREATE sessions). The protocol is documented in docs/guest-protocol.md.
  *
  * Trust: the pod config and the host's requests come from stage0 and are trusted; the apps are hostile.
  * There are no shared globals: main (init.c) owns the parsed pod config and app 0's terminal relay and passes
