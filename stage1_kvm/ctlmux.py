@@ -3,7 +3,7 @@
 Role: QEMU's ``ctl.sock`` chardev accepts one client, so the VM's supervisor process (``VmStage1.run``, which serves
 ``kvmrkt run``, ``run-prepared`` and kvmrkt-oci's supervisor alike) holds that one connection for the VM's life and
 serves ``enter.sock`` in the pod directory (root only, 0600): each client connection is one session and speaks the
-unprefixed per-session protocol (``agent.enter``: ``ENTER ...`` then ``IN``/``EOF``/ ``SIG``/``WINSZ`` frames;
+unprefixed per-session protocol (``agent.enter``: ``ENTER ...`` then ``IN``/``EOF``/``SIG``/``WINSZ`` frames;
 ``OUT``/``ERR`` frames then ``EXIT`` or ``FAIL`` back; or ``agent.ContainerSession``: ``CREATE <name> [tty]
 [stdin]``, ``HELD`` back, then ``GO``, ``STARTED <pid>`` back, then as an enter session). Towards the guest every
 frame carries the session id the mux picked (never reused while the VM runs; protocol: ``guest/agent.c``'s header

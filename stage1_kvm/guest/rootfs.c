@@ -262,7 +262,7 @@ static int bind_rootdir(struct app *a, const char *dir, int ro)
     int rc = mount_at(at, dir, NULL, MS_BIND, NULL);
     close(fd);
     if (rc == 0)
-        rc = mount(NULL, dir, NULL, MS_BIND | MS_REMOUNT | MS_NODEV | MS_NOSUID | (ro ? MS_RDONLY : 0), NULL);
+        rc = mount(NULL, dir, NULL, MS_BIND | MS_REMOUNT | MS_NODEV | (ro ? MS_RDONLY : 0), NULL);
     return rc;
 }
 
