@@ -1,11 +1,11 @@
 """Host side of the guest agent channel (virtio-serial; this host class has no vsock).
 
-Role: read the guest's status stream (a file QEMU writes: READY, START, EXIT, ERROR, DONE lines), and speak
-the request/response protocol of the ``kvmrkt.sig`` (stop) port, a unix socket QEMU listens on in the pod
-directory, and of enter sessions (``enter.sock``, served by the pod supervisor's ``stage1_kvm.ctlmux`` over
-the ``kvmrkt.ctl`` port). Trust boundary: everything read here comes from inside
-the VM, where untrusted apps run: it is parsed defensively (bounded sizes, unknown lines ignored), only ever
-written to the caller's stdout/stderr or compared, never executed or used as a path.
+Role: read the guest's status stream (a file QEMU writes: READY, START, EXIT, ERROR, DONE lines), and speak the
+request/response protocol of the ``kvmrkt.sig`` (stop) port, a unix socket QEMU listens on in the pod directory, and
+of enter and container sessions (``enter.sock``, served by the pod supervisor's ``stage1_kvm.ctlmux`` over the
+``kvmrkt.ctl`` port: ``enter``, ``ContainerSession``). Trust boundary: everything read here comes from inside the
+VM, where untrusted apps run: it is parsed defensively (bounded sizes, unknown lines ignored), only ever written to
+the caller's stdout/stderr or compared, never executed or used as a path.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from kvmrkt.errors import AgentError
+from kvmrkt.errors import AgentError, ManifestError
 from kvmrkt.host.wait import wait_until
 from kvmrkt.stage1 import PLAIN_ENTER, EnterOptions, GuestState
-from stage1_kvm.vmspec import escape
+from stage1_kvm.vmspec import check_container_name, escape
 
 MAX_FRAME = 1 << 20
 
@@ -140,26 +140,51 @@ def listen(pod_dir: Path, socket_name: str) -> socket.socket:
     return sock
 
 
+def _connect(pod_dir: Path, socket_name: str, *, timeout: float) -> socket.socket:
+    """A connection to a socket in the pod directory.
+
+    Raises:
+        AgentError: nothing listens there.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    with socket_path(pod_dir, socket_name) as path:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
+    return sock
+
+
 @contextlib.contextmanager
 def _channel(pod_dir: Path, socket_name: str, *, timeout: float, lock: bool) -> Iterator[socket.socket]:
     """Connect to a port socket in the pod directory, holding its lock (one client at a time) when asked."""
     lock_fd = -1
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         if lock:
             lock_fd = os.open(pod_dir / f"{socket_name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        sock.settimeout(timeout)
-        with socket_path(pod_dir, socket_name) as path:
-            try:
-                sock.connect(path)
-            except OSError as exc:
-                raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
-        yield sock
+        sock = _connect(pod_dir, socket_name, timeout=timeout)
+        try:
+            yield sock
+        finally:
+            sock.close()
     finally:
-        sock.close()
         if lock_fd >= 0:
             os.close(lock_fd)
+
+
+class _Sender:
+    """Whole frames to a session's socket from any thread (signals, input, resizes); a closed socket drops them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self.lock, contextlib.suppress(OSError):
+            self.sock.sendall(data)
 
 
 class _Reader:
@@ -215,12 +240,7 @@ def enter(
     flags += [f"gid={opts.gid}"] if opts.gid is not None else []
     request = " ".join(["ENTER", escape(app), str(len(argv)), *(escape(a) for a in argv), *flags]) + "\n"
     with _channel(pod_dir, sessions_socket, timeout=10.0, lock=False) as sock:
-        send_lock = threading.Lock()
-
-        def send(data: bytes) -> None:
-            with send_lock, contextlib.suppress(OSError):
-                sock.sendall(data)
-
+        send = _Sender(sock)
         sock.sendall(request.encode())
         sock.settimeout(timeout)
         if stdin is not None:
@@ -235,7 +255,7 @@ def enter(
             winsize()
             old[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, winsize)
         try:
-            return _session_output(_Reader(sock), stdout, stderr)
+            return _session_output(_Reader(sock), stdout, stderr, "enter")
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -256,7 +276,7 @@ def _pump_input(fd: int, send: Callable[[bytes], None]) -> None:
     send(b"EOF\n")
 
 
-def _session_output(reader: _Reader, stdout: IO[bytes], stderr: IO[bytes]) -> int:
+def _session_output(reader: _Reader, stdout: IO[bytes], stderr: IO[bytes], what: str) -> int:
     while True:
         head = reader.line().split(" ", 1)
         if head[0] in ("OUT", "ERR") and len(head) == 2 and head[1].isdigit() and int(head[1]) <= MAX_FRAME:
@@ -267,9 +287,106 @@ def _session_output(reader: _Reader, stdout: IO[bytes], stderr: IO[bytes]) -> in
         elif head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
             return int(head[1])
         elif head[0] == "FAIL":
-            raise AgentError(f"the guest refused to enter: {printable(unescape(head[1])) if len(head) > 1 else ''}")
+            raise AgentError(f"the guest refused to {what}: {_reason(head)}")
         else:
             raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
+
+
+def _reason(head: list[str]) -> str:
+    """The printable reason of a ``FAIL <escaped reason>`` line split in two."""
+    return printable(unescape(head[1])) if len(head) > 1 else ""
+
+
+class ContainerSession:
+    """A container created inside a running pod VM (``guest/containers.c``): one connection to the pod
+    supervisor's sessions socket, ``CREATE <name> [tty] [stdin]``; the guest sets the container up from its config
+    in the export (``vmspec.guest_container_config``) and holds it (``HELD``) until ``go`` (``GO``, ``STARTED
+    <pid>``); then its output until ``EXIT``. Closing the session before the end kills the container."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self._reader = _Reader(sock)
+        self._send = _Sender(sock)
+        self._name = name
+        self._exit: int | None = None  # an EXIT read while waiting for STARTED (a SIG while held)
+
+    @classmethod
+    def create(cls, pod_dir: Path, sessions_socket: str, name: str, *, tty: bool, stdin: bool,
+               timeout: float = 60) -> ContainerSession:
+        """Create container ``name``; returns once the guest holds it (set up, not started).
+
+        Raises:
+            AgentError: a bad name, the channel failed, the guest refused (its reason) or did not answer in time.
+        """
+        try:
+            check_container_name(name)
+        except ManifestError as exc:
+            raise AgentError(exc.message, hint=exc.hint) from None
+        sock = _connect(pod_dir, sessions_socket, timeout=timeout)
+        session = cls(sock, name)
+        try:
+            sock.sendall(f"CREATE {name}{' tty' if tty else ''}{' stdin' if stdin else ''}\n".encode())
+            session._expect("HELD", "create")
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return session
+
+    def _expect(self, kind: str, what: str) -> str:
+        """The reply ``kind`` (its argument); an EXIT or FAIL instead is an AgentError."""
+        head = self._reader.line().split(" ", 1)
+        if head[0] == kind and (len(head) == 1 or head[1].isdigit()):
+            return head[1] if len(head) > 1 else ""
+        if head[0] == "FAIL":
+            raise AgentError(f"the guest could not {what} container {self._name}: {_reason(head)}")
+        if head[0] == "EXIT" and len(head) == 2 and head[1].isdigit():
+            self._exit = int(head[1])
+            raise AgentError(f"container {self._name} ended (exit code {self._exit}) before it was started")
+        raise AgentError(f"malformed reply from the guest agent: {head[0][:40]!r}")
+
+    def go(self, timeout: float = 60) -> int:
+        """Start the held container; returns its ns-init's pid in the guest.
+
+        Raises:
+            AgentError: it ended instead (a signal while held; ``relay`` returns its exit code), or failed to start.
+        """
+        if self._exit is not None:
+            raise AgentError(f"container {self._name} ended (exit code {self._exit}) before it was started")
+        self._send(b"GO\n")
+        self._sock.settimeout(timeout)
+        try:
+            return int(self._expect("STARTED", "start"))
+        finally:
+            self._sock.settimeout(None)
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the container (its ns-init forwards it; SIGKILL ends it); while held, it ends the
+        container with 128+signal. Thread-safe."""
+        self._send(f"SIG {int(signum)}\n".encode())
+
+    def winsize(self, rows: int, cols: int) -> None:
+        """Set the size of the container's terminal (``tty``)."""
+        self._send(f"WINSZ {int(rows)} {int(cols)}\n".encode())
+
+    def pump_input(self, fd: int) -> None:
+        """Copy ``fd`` to the container's stdin (``stdin``) in a thread, then close its stdin."""
+        threading.Thread(target=_pump_input, args=(fd, self._send), daemon=True).start()
+
+    def relay(self, stdout: IO[bytes], stderr: IO[bytes]) -> int:
+        """Copy the container's output until it exits; returns its exit code (status, or 128+signal).
+
+        Raises:
+            AgentError: the channel failed or the guest failed the session.
+        """
+        if self._exit is not None:
+            return self._exit
+        self._exit = _session_output(self._reader, stdout, stderr, f"run container {self._name}")
+        return self._exit
+
+    def close(self) -> None:
+        """End the session (a container still running is killed)."""
+        self._sock.close()
 
 
 def _sig_request(pod_dir: Path, sig_socket: str, line: str, what: str) -> None:

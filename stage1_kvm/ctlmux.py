@@ -1,25 +1,26 @@
 """The host end of the multiplexed ctl port: many concurrent enter sessions over one virtio-serial port.
 
-Role: QEMU's ``ctl.sock`` chardev accepts one client, so the VM's supervisor process (``VmStage1.run``, which
-serves ``kvmrkt run``, ``run-prepared`` and kvmrkt-oci's supervisor alike) holds that one connection for the
-VM's life and serves ``enter.sock`` in the pod directory (root only, 0600): each client connection is one
-session and speaks the unprefixed per-session protocol (``agent.enter``: ``ENTER ...`` then ``IN``/``EOF``/
-``SIG``/``WINSZ`` frames; ``OUT``/``ERR`` frames then ``EXIT`` or ``FAIL`` back). Towards the guest every
-frame carries the session id the mux picked (never reused while the VM runs; protocol: ``guest/agent.c``'s
-header comment and docs/guest-protocol.md). Input is flow-controlled: at most ``IN_WINDOW`` bytes of a session's
-input are unacknowledged by the guest (``ACK``), and the mux stops reading a client that has more than
-``CLIENT_IN_LIMIT`` bytes waiting for the window, so a command that does not read its stdin stalls only its
-own client. Output a client does not read waits in a per-session buffer of at most ``CLIENT_OUT_LIMIT`` bytes;
-beyond that the session is cut off (the guest kills the command, the client gets a ``FAIL`` saying why), so
-one stalled client never stalls the other sessions. The mux ends with the VM: its clients' connections close
-(``agent.enter`` reports the channel closed) and ``enter.sock`` is removed.
+Role: QEMU's ``ctl.sock`` chardev accepts one client, so the VM's supervisor process (``VmStage1.run``, which serves
+``kvmrkt run``, ``run-prepared`` and kvmrkt-oci's supervisor alike) holds that one connection for the VM's life and
+serves ``enter.sock`` in the pod directory (root only, 0600): each client connection is one session and speaks the
+unprefixed per-session protocol (``agent.enter``: ``ENTER ...`` then ``IN``/``EOF``/``SIG``/``WINSZ`` frames;
+``OUT``/``ERR`` frames then ``EXIT`` or ``FAIL`` back; or ``agent.ContainerSession``: ``CREATE <name> [tty]
+[stdin]``, ``HELD`` back, then ``GO``, ``STARTED <pid>`` back, then as an enter session). Towards the guest every
+frame carries the session id the mux picked (never reused while the VM runs; protocol: ``guest/agent.c``'s header
+comment and docs/guest-protocol.md). Input is flow-controlled: at most ``IN_WINDOW`` bytes of a session's input are
+unacknowledged by the guest (``ACK``), and the mux stops reading a client that has more than ``CLIENT_IN_LIMIT``
+bytes waiting for the window, so a command that does not read its stdin stalls only its own client. Output a client
+does not read waits in a per-session buffer of at most ``CLIENT_OUT_LIMIT`` bytes; beyond that the session is cut
+off (the guest kills the command, the client gets a ``FAIL`` saying why), so one stalled client never stalls the
+other sessions. The mux ends with the VM: its clients' connections close (``agent.enter`` reports the channel
+closed) and ``enter.sock`` is removed.
 
 Trust boundary: the guest is hostile. Every frame it sends is parsed with bounds (a header line of at most
-``MAX_LINE`` bytes, payloads of at most ``MAX_GUEST_FRAME`` bytes, known kinds and numeric fields only);
-anything else, and any frame for a session id that is not live, is dropped and counted (``MuxStats``), never
-delivered to another session, and never ends the mux. Payloads are copied to the session's client unparsed.
-Clients are root on the host (the socket is 0600 in the root-only pod directory) and are trusted, but a
-malformed client request still only fails that client's session.
+``MAX_LINE`` bytes, payloads of at most ``MAX_GUEST_FRAME`` bytes, known kinds and numeric fields only); anything
+else, and any frame for a session id that is not live, is dropped and counted (``MuxStats``), never delivered to
+another session, and never ends the mux. Payloads are copied to the session's client unparsed. Clients are root on
+the host (the socket is 0600 in the root-only pod directory) and are trusted, but a malformed client request still
+only fails that client's session.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class _Session:
         self.pending: deque[bytes | None] = deque()  # input waiting for the window (_EOF: the client's EOF)
         self.pending_bytes = 0
         self.unacked = 0
-        self.entered = False  # ENTER went to the guest
+        self.entered = False  # ENTER (or CREATE) went to the guest
+        self.create = False  # a CREATE session: GO from the client, HELD and STARTED from the guest
         self.done = False  # EXIT/FAIL/cut off: close once `out` is flushed, ignore the client's input
         self.out = bytearray()  # to the client
 
@@ -116,6 +118,8 @@ class GuestParser:
             if nl < 0:
                 return
             head = self.buf[:nl].decode("ascii", "replace").split(" ", 2)
+            if len(head) == 2 and head[1] == "HELD":
+                head.append("")
             if len(head) != 3 or not head[0].isdigit() or len(head[0]) > 19:
                 self.stats.malformed += 1
                 del self.buf[: nl + 1]
@@ -139,9 +143,9 @@ class GuestParser:
                 yield sid, kind, arg, payload
                 continue
             del self.buf[: nl + 1]
-            if (kind == "ACK" and arg.isdigit() and len(arg) <= 9) or kind == "FAIL" or (
+            if (kind in ("ACK", "STARTED") and arg.isdigit() and len(arg) <= 9) or kind == "FAIL" or (
                 kind == "EXIT" and arg.isdigit() and len(arg) <= 3
-            ):
+            ) or (kind == "HELD" and not arg):
                 yield sid, kind, arg, b""
             else:
                 self.stats.malformed += 1
@@ -298,6 +302,11 @@ class CtlMux:
         if kind == "ACK":
             sess.unacked = max(0, sess.unacked - int(arg))
             self._pump_input(sess)
+        elif kind in ("HELD", "STARTED"):
+            if not sess.create:  # not a frame an enter session has
+                self.stats.malformed += 1
+                return
+            sess.out += f"{kind} {arg}\n".encode() if arg else b"HELD\n"
         elif kind in ("OUT", "ERR"):
             sess.out += f"{kind} {len(payload)}\n".encode() + payload
             if len(sess.out) > self.out_limit:
@@ -357,11 +366,13 @@ class CtlMux:
             del buf[: nl + 1]
             word, _, rest = line.partition(" ")
             if not sess.entered:
-                if word != "ENTER":
+                if word not in ("ENTER", "CREATE"):
                     self._finish(sess, f"FAIL {escape('unknown request')}\n")
                     return
-                sess.entered = True
+                sess.entered, sess.create = True, word == "CREATE"
                 self._to_guest += f"{sess.sid} {line}\n".encode()
+            elif word == "GO" and not rest and sess.create:
+                self._to_guest += f"{sess.sid} GO\n".encode()
             elif word == "IN" and rest.isdigit() and int(rest) <= agent.MAX_FRAME:
                 sess.in_left = int(rest)
             elif word == "EOF" and not rest:

@@ -1,20 +1,23 @@
 """Pure translation of a pod into a VM description, and of the pod into the guest's pod config.
 
-Role: decide memory, vCPUs, kernel command line, disks, shares and virtio-serial ports for a pod
-(``VMSpec``), and render ``/kvmrkt/pod.cfg`` for the guest init. No I/O here: callers pass in host facts
-(accelerator, TSC frequency, CPU count, paths). Trust boundary: input is a validated ``PodManifest``; every
-string written into the guest config is %-escaped so an argument cannot inject config lines.
+Role: decide memory, vCPUs, kernel command line, disks, shares and virtio-serial ports for a pod (``VMSpec``), and
+render ``/kvmrkt/pod.cfg`` for the guest init, and a container's config (``guest_container_config``, for a container
+created inside a running VM: ``guest/containers.c``). No I/O here: callers pass in host facts (accelerator, TSC
+frequency, CPU count, paths). Trust boundary: input is a validated ``PodManifest``; every string written into the
+guest config is %-escaped so an argument cannot inject config lines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmrkt.config import Stage1Config
+from kvmrkt.errors import ManifestError
 from kvmrkt.pods.confinement import guest_config
-from kvmrkt.pods.manifest import PodManifest, Volume
+from kvmrkt.pods.manifest import AppSpec, PodManifest, Volume
 from kvmrkt.stage1 import JailSpec, NetworkPlan, Nic
 
 # Runtime files the backend keeps in the pod directory. Sockets are relative to the pod directory (QEMU runs
@@ -28,12 +31,16 @@ CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 POD_INITRD = "initrd.img"
 # The guest init refuses any other version: an older init would ignore the confinement lines (fail closed).
-POD_CONFIG_VERSION = 5
+POD_CONFIG_VERSION = 6
 # The pod's shared export (stage1_kvm.export): its directory in the pod directory, its 9p tag, the volume kinds
 # bound into it (rbind: with the mounts under the source), and where a bind's source is inside it.
 EXPORT_DIR = "shared"
 EXPORT_TAG = "kvmrkt-shared"
 BIND_KINDS = ("bind", "rbind")
+# Containers created inside a running VM (guest/containers.c): their configs, in the export, and their names.
+CONTAINERS_DIR = "ctr"
+CONTAINER_KINDS = ("empty", *BIND_KINDS)
+_CONTAINER_NAME = re.compile(r"[a-z0-9-]{1,40}")
 
 
 def export_path(volume: Volume) -> str:
@@ -42,6 +49,27 @@ def export_path(volume: Volume) -> str:
     does (the mount's root ends with it)."""
     name = Path(volume.source or "").name
     return f"binds/{volume.name}/{name if name not in ('', '.', '..') else 'root'}"
+
+
+def container_config_path(name: str) -> str:
+    """Where a container's config is, relative to the export (the guest reads ``/kvmrkt/shared/ctr/<name>.cfg``).
+
+    Raises:
+        ManifestError: the name is not ``[a-z0-9-]{1,40}`` (the guest refuses any other).
+    """
+    check_container_name(name)
+    return f"{CONTAINERS_DIR}/{name}.cfg"
+
+
+def check_container_name(name: str) -> None:
+    """Refuse a container name the guest would refuse (it names files there: no ``/``, no ``..``).
+
+    Raises:
+        ManifestError: the name is not ``[a-z0-9-]{1,40}``.
+    """
+    if not _CONTAINER_NAME.fullmatch(name):
+        raise ManifestError(f"bad container name {name[:60]!r}",
+                            hint="a container in a pod VM is named by 1 to 40 of [a-z0-9-]")
 
 
 def app_log(app: str, stream: str) -> str:
@@ -230,9 +258,7 @@ def guest_pod_config(
         if v.kind == "host":
             tag = f"vol{host_index}"
             host_index += 1
-        elif v.kind in BIND_KINDS:
-            tag = export_path(v)
-        lines.append(_line("volume", v.name, v.kind, tag, int(v.read_only)))
+        lines.append(_volume_line(v, tag))
     for i, app in enumerate(manifest.apps):
         lines.append(_line("app", app.name))
         if shared_roots and app.name in shared_roots:
@@ -242,12 +268,47 @@ def guest_pod_config(
         tree = (verity or {}).get(app.name, {})
         if tree.get("root") and not (shared_roots and app.name in shared_roots):
             lines.append(_line("verity", f"app{i}-verity", tree["root"], tree["salt"]))
-        lines.append(_line("uid", app.uid))
-        lines.append(_line("gid", app.gid))
-        lines.extend(_line("group", g) for g in app.supplementary_gids)
-        lines.append(_line("cwd", app.working_dir))
-        lines.extend(_line("arg", a) for a in app.exec)
-        lines.extend(_line("env", f"{k}={v}") for k, v in app.env)
-        lines.extend(_line("mount", m.volume, m.target) for m in app.mounts)
-        lines.extend(_line(*fields) for fields in guest_config(app.confinement))
+        lines.extend(_app_lines(app))
+    return "".join(lines).encode()
+
+
+def _volume_line(v: Volume, tag: str = "-") -> str:
+    return _line("volume", v.name, v.kind, export_path(v) if v.kind in BIND_KINDS else tag, int(v.read_only))
+
+
+def _app_lines(app: AppSpec) -> list[str]:
+    """An app's credentials, command, environment, mounts and confinement (after its ``app`` and root lines)."""
+    lines = [_line("uid", app.uid), _line("gid", app.gid)]
+    lines.extend(_line("group", g) for g in app.supplementary_gids)
+    lines.append(_line("cwd", app.working_dir))
+    lines.extend(_line("arg", a) for a in app.exec)
+    lines.extend(_line("env", f"{k}={v}") for k, v in app.env)
+    lines.extend(_line("mount", m.volume, m.target) for m in app.mounts)
+    lines.extend(_line(*fields) for fields in guest_config(app.confinement))
+    return lines
+
+
+def guest_container_config(app: AppSpec, volumes: Sequence[Volume], *, root: str, read_only: bool,
+                           join: str | None = None, shm: str | None = None) -> bytes:
+    """Render a container's config (``container_config_path``) for ``guest/containers.c``: its volumes (names
+    unique in the VM: the caller prefixes them with the container's name; kinds ``empty``, ``bind``, ``rbind``), its
+    one app, its root (``root``: a directory bound into the export, its export-relative path; ``read_only``: under
+    an overlay in guest memory), the running app whose IPC and UTS namespaces it ``join``s and whose ``/dev/shm``
+    it binds (``shm``).
+
+    Raises:
+        ManifestError: a volume of another kind, or a root that is not a plain relative path in the export.
+    """
+    parts = root.split("/")
+    if not root or root.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ManifestError(f"bad container root {root[:80]!r}: a relative path in the export, without . or ..")
+    for v in volumes:
+        if v.kind not in CONTAINER_KINDS:
+            raise ManifestError(f"volume {v.name!r} of a container is of kind {v.kind!r}",
+                                hint=f"a container in a pod VM has volumes of kinds {', '.join(CONTAINER_KINDS)}")
+    lines = [_line("version", POD_CONFIG_VERSION), *(_volume_line(v) for v in volumes), _line("app", app.name),
+             _line("rootdir", root, int(read_only))]
+    lines += [_line("join", join)] if join else []
+    lines += [_line("shm", shm)] if shm else []
+    lines.extend(_app_lines(app))
     return "".join(lines).encode()

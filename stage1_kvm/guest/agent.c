@@ -9,7 +9,9 @@
  * once what came before is written), "<sid> SIG <signal>\n", "<sid> WINSZ <rows> <cols>\n", "<sid> HUP\n" (the
  * host client went away: the command's session is SIGKILLed). Guest -> host: "<sid> OUT <n>\n<n bytes>",
  * "<sid> ERR <n>\n<n bytes>" (n <= 16 KiB), "<sid> ACK <n>\n" (n more input bytes were written to the command),
- * then exactly one of "<sid> EXIT <code>\n" or "<sid> FAIL <%-escaped reason>\n".
+ * then exactly one of "<sid> EXIT <code>\n" or "<sid> FAIL <%-escaped reason>\n". "<sid> CREATE <name> [tty]
+ * [stdin]\n" starts a container session instead (containers.c: "<sid> HELD", then "<sid> GO" from the host,
+ * "<sid> STARTED <pid>", then as an enter session).
  * PID 1 reads the port all the time and routes each host frame, without its sid, to the session's helper over a
  * SOCK_SEQPACKET socketpair (one frame per message, sent without blocking); ENTER forks the helper (at most
  * MAX_SESSIONS at once). Helpers write their frames to the port themselves, each frame as ONE write() under
@@ -56,8 +58,7 @@ static void send_frame(int ctl, unsigned long long sid, const char *kind, const 
     write_all(ctl, frame, (size_t)h + n);
 }
 
-static void send_line(int ctl, unsigned long long sid, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void send_line(int ctl, unsigned long long sid, const char *fmt, ...)
+void send_line(int ctl, unsigned long long sid, const char *fmt, ...)
 {
     char line[512];
     int h = snprintf(line, sizeof(line), "%llu ", sid);
@@ -71,7 +72,7 @@ static void send_line(int ctl, unsigned long long sid, const char *fmt, ...)
     write_all(ctl, line, len);
 }
 
-/* An enter session's input, in its helper: what the host sent that the command has not read yet. */
+/* A session's input, in its helper: what the host sent that the command has not read yet. */
 struct session_input {
     char buf[IN_WINDOW + MAX_IN_FRAME];
     size_t len;
@@ -80,11 +81,22 @@ struct session_input {
     int hup;          /* the host client is gone */
 };
 
+struct session_input *session_input_new(void)
+{
+    return calloc(1, sizeof(struct session_input));
+}
+
+int session_hup(const struct session_input *si)
+{
+    return si->hup;
+}
+
 /*
- * One frame from PID 1 (the host's frame without its sid): "IN <n>\n<bytes>", "EOF", "SIG <signal>", "WINSZ
- * <rows> <cols>", "HUP". Input the command has no stdin for is acknowledged and dropped.
+ * One frame from PID 1 (the host's frame without its sid): "IN <n>\n<bytes>", "EOF", "SIG <signal>" (to
+ * `target`: an entered command's process group, a container's ns-init), "WINSZ <rows> <cols>", "HUP". Input the
+ * command has no stdin for is acknowledged and dropped; other frames are ignored.
  */
-static void session_frame(struct session_input *si, char *msg, size_t len, int in, int tty, pid_t pid)
+void session_frame(struct session_input *si, char *msg, size_t len, int in, int tty, pid_t target)
 {
     char *nl = memchr(msg, '\n', len);
     if (!nl)
@@ -103,8 +115,10 @@ static void session_frame(struct session_input *si, char *msg, size_t len, int i
         }
     } else if (!strcmp(msg, "EOF")) {
         si->eof = 1;
-    } else if (!strncmp(msg, "SIG ", 4)) {
-        kill(-pid, atoi(msg + 4));
+    } else if (!strncmp(msg, "SIG ", 4) && target) {
+        int sig = atoi(msg + 4);
+        if (sig > 0 && sig < 65)
+            kill(target, sig);
     } else if (!strncmp(msg, "WINSZ ", 6) && tty >= 0) {
         struct winsize ws = {0};
         char *end = NULL;
@@ -117,88 +131,21 @@ static void session_frame(struct session_input *si, char *msg, size_t len, int i
 }
 
 /*
- * Enter session, run in a forked helper: frames from PID 1 on `sp`, frames to the host on the ctl port. Request:
- * "ENTER <app> <argc> <arg>... [tty] [stdin]": with tty the command runs on a new terminal (output as OUT
- * frames, input to the terminal); with stdin it reads what the host sends as IN frames. If the host hangs up,
- * the command's session is killed.
+ * The relay of a running session (enter or container), in its helper: `out` and `err` (-1: none; a terminal's
+ * master is `out` and `tty`) as OUT/ERR frames, the host's input to `in` as far as the command reads it (ACK),
+ * signals to `target`; if the host hangs up, `target` is SIGKILLed. Ends when the outputs are closed; returns
+ * the exit code of `child` (its status, or 128+signal).
  */
-static void enter_session(struct pod *pod, int ctl, int sp, unsigned long long sid, char **fields, int n)
+int session_relay(int ctl, int sp, unsigned long long sid, struct session_input *si, int out, int err, int in,
+                  int tty, pid_t target, pid_t child)
 {
-    struct app *a = n >= 3 ? app_named(pod, fields[1]) : NULL;
-    int argc = n >= 3 ? atoi(fields[2]) : 0;
-    if (!a || argc < 1 || argc > n - 3 || !a->root[0]) {
-        send_line(ctl, sid, "FAIL %s", a ? "bad%20enter%20request" : "no%20such%20app");
-        _exit(0);
-    }
-    int want_tty = 0, want_in = 0;
-    struct app *as = malloc(sizeof(*as));  /* the app, with this session's env/cwd/uid/gid */
-    struct session_input *si = calloc(1, sizeof(*si));
-    if (!as || !si)
-        _exit(0);
-    *as = *a;
-    int envc = 0;
-    for (int i = 3 + argc; i < n; i++) {
-        const char *f = fields[i];
-        want_tty |= !strcmp(f, "tty");
-        want_in |= !strcmp(f, "stdin");
-        if (!strcmp(f, "noenv") || (!strncmp(f, "env=", 4) && envc == 0))
-            as->envc = 0;  /* an env given for the session replaces the app's */
-        if (!strncmp(f, "env=", 4) && as->envc < MAX_LIST - 1)
-            as->env[as->envc++] = (char *)f + 4, envc++;
-        else if (!strncmp(f, "cwd=", 4))
-            as->cwd = (char *)f + 4;
-        else if (!strncmp(f, "uid=", 4))
-            as->uid = (uid_t)strtoul(f + 4, NULL, 10);
-        else if (!strncmp(f, "gid=", 4))
-            as->gid = (gid_t)strtoul(f + 4, NULL, 10), as->ngroups = 0;
-    }
-    as->env[as->envc] = NULL;
-    a = as;
-    char **argv = calloc((size_t)argc + 1, sizeof(char *));
-    for (int i = 0; i < argc; i++)
-        argv[i] = fields[3 + i];
-    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1, tty = -1;
-    if (want_tty) {
-        int m = open_terminal(a, &term);
-        if (m < 0) {
-            send_line(ctl, sid, "FAIL no%%20terminal");
-            _exit(0);
-        }
-        struct winsize ws = {.ws_row = 24, .ws_col = 80};
-        ioctl(m, TIOCSWINSZ, &ws);
-        po[0] = in = tty = m;
-    } else if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || (want_in && pipe2(pi, O_CLOEXEC) < 0)) {
-        send_line(ctl, sid, "FAIL pipe");
-        _exit(0);
-    }
-    /* Into the app's namespaces (its ns-init's): the command is then a child in its PID namespace. */
-    int nsfd = a->running ? (int)syscall(SYS_pidfd_open, a->pid, 0) : -1;
-    if (nsfd < 0 || setns(nsfd, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) < 0) {
-        send_line(ctl, sid, "FAIL the%%20app%%20is%%20not%%20running");
-        _exit(0);
-    }
-    close(nsfd);
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (term >= 0)
-            exec_app(a, argv, term, term, term);
-        exec_app(a, argv, want_in ? pi[0] : open("/dev/null", O_RDONLY | O_CLOEXEC), po[1], pe[1]);
-    }
-    if (term >= 0) {
-        close(term);
-    } else {
-        close(po[1]);
-        close(pe[1]);
-        if (want_in) {
-            close(pi[0]);
-            in = pi[1];
-        }
-    }
     if (in >= 0)  /* written as far as the command reads, never blocking the session's output */
         fcntl(in, F_SETFL, fcntl(in, F_GETFL) | O_NONBLOCK);
-    struct pollfd p[4] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}, {sp, POLLIN, 0}, {-1, POLLOUT, 0}};
-    int open_fds = want_tty ? 1 : 2;
+    struct pollfd p[4] = {{out, POLLIN, 0}, {err, POLLIN, 0}, {sp, POLLIN, 0}, {-1, POLLOUT, 0}};
+    int open_fds = (out >= 0) + (err >= 0);
     char buf[OUT_CHUNK], msg[MAX_IN_FRAME + 64];
+    if (si->hup)
+        kill(target, SIGKILL);
     while (open_fds > 0) {
         p[3].fd = si->len > 0 && in >= 0 ? in : -1;
         if (poll(p, 4, -1) < 0) {
@@ -224,14 +171,14 @@ static void enter_session(struct pod *pod, int ctl, int sp, unsigned long long s
         if (p[2].fd >= 0 && (p[2].revents & POLLIN)) {
             ssize_t r = recv(sp, msg, sizeof(msg) - 1, 0);
             if (r > 0)
-                session_frame(si, msg, (size_t)r, in, tty, pid);
+                session_frame(si, msg, (size_t)r, in, tty, target);
             else if (r == 0 || errno != EINTR)
                 si->hup = 1;
         } else if (p[2].fd >= 0 && (p[2].revents & (POLLHUP | POLLERR))) {
             si->hup = 1;  /* PID 1 cut the session off */
         }
         if (si->hup && p[2].fd >= 0) {
-            kill(-pid, SIGKILL);  /* the host side went away: so does the command */
+            kill(target, SIGKILL);  /* the host side went away: so does the command */
             p[2].fd = -1;
         }
         if (p[3].fd >= 0 && (p[3].revents & (POLLOUT | POLLERR | POLLHUP))) {
@@ -255,9 +202,94 @@ static void enter_session(struct pod *pod, int ctl, int sp, unsigned long long s
         }
     }
     int st = 0;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+    while (waitpid(child, &st, 0) < 0 && errno == EINTR)
         ;
-    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/*
+ * Enter session, run in a forked helper: frames from PID 1 on `sp`, frames to the host on the ctl port. Request:
+ * "ENTER <app> <argc> <arg>... [tty] [stdin]": <app> an app of the pod or a running container (containers.c);
+ * with tty the command runs on a new terminal (output as OUT frames, input to the terminal); with stdin it reads
+ * what the host sends as IN frames. If the host hangs up, the command's session is killed.
+ */
+static void enter_session(struct pod *pod, int ctl, int sp, unsigned long long sid, char **fields, int n)
+{
+    struct app *a = n >= 3 ? app_named(pod, fields[1]) : NULL;
+    pid_t nspid = a && a->running && a->root[0] ? a->pid : 0;
+    if (!a && n >= 3)
+        a = container_named(fields[1], &nspid);
+    int argc = n >= 3 ? atoi(fields[2]) : 0;
+    if (!a || argc < 1 || argc > n - 3) {
+        send_line(ctl, sid, "FAIL %s", a ? "bad%20enter%20request" : "no%20such%20app%20or%20running%20container");
+        _exit(0);
+    }
+    int want_tty = 0, want_in = 0;
+    struct app *as = malloc(sizeof(*as));  /* the app, with this session's env/cwd/uid/gid */
+    struct session_input *si = session_input_new();
+    if (!as || !si)
+        _exit(0);
+    *as = *a;
+    int envc = 0;
+    for (int i = 3 + argc; i < n; i++) {
+        const char *f = fields[i];
+        want_tty |= !strcmp(f, "tty");
+        want_in |= !strcmp(f, "stdin");
+        if (!strcmp(f, "noenv") || (!strncmp(f, "env=", 4) && envc == 0))
+            as->envc = 0;  /* an env given for the session replaces the app's */
+        if (!strncmp(f, "env=", 4) && as->envc < MAX_LIST - 1)
+            as->env[as->envc++] = (char *)f + 4, envc++;
+        else if (!strncmp(f, "cwd=", 4))
+            as->cwd = (char *)f + 4;
+        else if (!strncmp(f, "uid=", 4))
+            as->uid = (uid_t)strtoul(f + 4, NULL, 10);
+        else if (!strncmp(f, "gid=", 4))
+            as->gid = (gid_t)strtoul(f + 4, NULL, 10), as->ngroups = 0;
+    }
+    as->env[as->envc] = NULL;
+    a = as;
+    char **argv = calloc((size_t)argc + 1, sizeof(char *));
+    for (int i = 0; i < argc; i++)
+        argv[i] = fields[3 + i];
+    /* Into the app's namespaces (its ns-init's): the command is then a child in its PID namespace. */
+    int nsfd = nspid ? (int)syscall(SYS_pidfd_open, nspid, 0) : -1;
+    if (nsfd < 0 || setns(nsfd, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) < 0) {
+        send_line(ctl, sid, "FAIL the%%20app%%20is%%20not%%20running");
+        _exit(0);
+    }
+    close(nsfd);
+    a->root[0] = 0;  /* in its mount namespace now: its root is / */
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, term = -1, in = -1, tty = -1;
+    if (want_tty) {
+        int m = open_terminal(a, &term);
+        if (m < 0) {
+            send_line(ctl, sid, "FAIL no%%20terminal");
+            _exit(0);
+        }
+        struct winsize ws = {.ws_row = 24, .ws_col = 80};
+        ioctl(m, TIOCSWINSZ, &ws);
+        po[0] = in = tty = m;
+    } else if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || (want_in && pipe2(pi, O_CLOEXEC) < 0)) {
+        send_line(ctl, sid, "FAIL pipe");
+        _exit(0);
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (term >= 0)
+            exec_app(a, argv, term, term, term);
+        exec_app(a, argv, want_in ? pi[0] : open("/dev/null", O_RDONLY | O_CLOEXEC), po[1], pe[1]);
+    }
+    if (term >= 0) {
+        close(term);
+    } else {
+        close(po[1]);
+        close(pe[1]);
+        if (want_in) {
+            close(pi[0]);
+            in = pi[1];
+        }
+    }
+    int code = session_relay(ctl, sp, sid, si, po[0], pe[0], in, tty, -pid, pid);
     send_line(ctl, sid, "EXIT %d", code);
     _exit(0);
 }
@@ -267,6 +299,7 @@ struct session {
     unsigned long long sid;  /* 0: a free slot */
     pid_t pid;
     int fd;
+    char ctr[48];            /* a CREATE session: its container's name (its registry entry is removed at reap) */
 };
 
 struct sessions {
@@ -296,13 +329,15 @@ static void session_reaped(pid_t pid, void *ctx)
     struct sessions *ss = ctx;
     for (int i = 0; i < MAX_SESSIONS; i++) {
         if (ss->s[i].sid && ss->s[i].pid == pid) {
+            if (ss->s[i].ctr[0])
+                container_gone(ss->s[i].ctr, pid);  /* a helper that died before removing it */
             session_cut(&ss->s[i]);
             ss->s[i].sid = 0;
         }
     }
 }
 
-/* "<sid> ENTER ...": fork the session's helper (the request line is NUL-terminated). */
+/* "<sid> ENTER ..." or "<sid> CREATE ...": fork the session's helper (the request line is NUL-terminated). */
 static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigned long long sid, char *line)
 {
     struct session *free_slot = NULL;
@@ -332,6 +367,8 @@ static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigne
         close(sp[0]);
         char *f[MAX_LIST];
         int n = split(line, f, MAX_LIST);
+        if (!strcmp(f[0], "CREATE"))
+            create_session(pod, ctl, sp[1], sid, f, n);
         enter_session(pod, ctl, sp[1], sid, f, n);
     }
     close(sp[1]);
@@ -342,6 +379,9 @@ static void session_start(struct pod *pod, struct sessions *ss, int ctl, unsigne
     }
     fcntl(sp[0], F_SETFL, O_NONBLOCK);
     *free_slot = (struct session){.sid = sid, .pid = pid, .fd = sp[0]};
+    char name[64];
+    if (sscanf(line, "CREATE %47s", name) == 1 && ctr_name_ok(name))
+        snprintf(free_slot->ctr, sizeof(free_slot->ctr), "%s", name);
 }
 
 /* Route the whole frames in ss->buf; keep a partial last one. */
@@ -367,7 +407,7 @@ static void route_frames(struct pod *pod, struct sessions *ss, int ctl)
         used += hdr + n;
         if (!kind || !sid)
             continue;
-        if (!strncmp(kind, "ENTER ", 6)) {
+        if (!strncmp(kind, "ENTER ", 6) || !strncmp(kind, "CREATE ", 7)) {
             *nl = 0;
             session_start(pod, ss, ctl, sid, kind);
             continue;

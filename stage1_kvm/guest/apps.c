@@ -232,7 +232,7 @@ static void ns_fail(struct app *a, int err, const char *what)
  * forward every signal to it, copy its output to its ports (relay_output) and exit with its status (its
  * leftovers die with the namespace). Never returns.
  */
-static void ns_init(struct app *a, const char *hostname, int in, int out, int err)
+void ns_init(struct app *a, const char *hostname, int in, int out, int err)
 {
     char p[PATH_MAX];
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)

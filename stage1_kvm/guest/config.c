@@ -1,5 +1,5 @@
 /*
- * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 5; the format is in docs/guest-protocol.md)
+ * kvmrkt guest init: reading the pod config (/kvmrkt/pod.cfg, version 6; the format is in docs/guest-protocol.md)
  * into a struct pod, including each app's seccomp filter (classic BPF in hex, compiled by the host).
  *
  * Trust: the pod config comes from the host (stage0) and is trusted; a config without the version this init
@@ -92,6 +92,14 @@ int parse_config(const char *path, struct pod *pod)
         } else if (cur && !strcmp(k, "rootshare") && n == 3) {
             cur->rootshare = fv[1];
             cur->rootshare_ro = atoi(fv[2]);
+        } else if (cur && !strcmp(k, "rootdir") && n == 3) {  /* a container's (containers.c) */
+            cur->rootshare = fv[1];
+            cur->rootshare_ro = atoi(fv[2]);
+            cur->rootbind = 1;
+        } else if (cur && !strcmp(k, "join") && n == 2) {
+            cur->join = fv[1];
+        } else if (cur && !strcmp(k, "shm") && n == 2) {
+            cur->shm = fv[1];
         } else if (cur && !strcmp(k, "serial") && n == 2) {
             cur->serial = fv[1];
         } else if (cur && !strcmp(k, "verity") && n == 4) {

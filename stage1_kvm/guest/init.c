@@ -5,7 +5,7 @@
  * Role: mount each app's read-only erofs root (virtio-blk, found by serial) under a writable overlay held in
  * guest memory (or a 9p "rootshare"), mount the pod's volumes, configure the network, start the apps (stage2)
  * with their argv, environment, working directory and credentials, and talk to the host over virtio-serial ports.
- * The pod config (/kvmrkt/pod.cfg, version 5) and every message on every port (status, ctl, sig, app stdio,
+ * The pod config (/kvmrkt/pod.cfg, version 6) and every message on every port (status, ctl, sig, app stdio,
  * console), with framing, limits and what the host believes, are documented in docs/guest-protocol.md: change
  * that document with the code. When every app has exited the VM is rebooted, which ends QEMU (-no-reboot).
  *

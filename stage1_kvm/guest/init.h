@@ -5,7 +5,7 @@
  * escaping, status lines, directories and mounts), config.c (reading /kvmrkt/pod.cfg), devices.c (modules,
  * virtio disks and ports, dm-verity), network.c (the NICs), rootfs.c (each app's root, /dev and volumes),
  * apps.c (starting, confining, signalling and reaping the apps), agent.c (the sig and ctl ports: requests,
- * enter sessions, app 0's terminal). The protocol is documented in docs/guest-protocol.md.
+ * enter sessions, app 0's terminal), containers.c (containers created in the running VM: CREATE sessions). The protocol is documented in docs/guest-protocol.md.
  *
  * Trust: the pod config and the host's requests come from stage0 and are trusted; the apps are hostile.
  * There are no shared globals: main (init.c) owns the parsed pod config and app 0's terminal relay and passes
@@ -33,7 +33,7 @@
 #define MAX_RLIMITS 16
 #define MAX_SYSCTLS 64
 #define MAX_DEVICES 32
-#define POD_CONFIG_VERSION "5"
+#define POD_CONFIG_VERSION "6"
 #define SHARED_DIR "/kvmrkt/shared"  /* the pod's shared export (9p), outside every app's root */
 
 struct mountspec { char *vol; char *target; };
@@ -46,6 +46,9 @@ struct app {
     char *verity_salt;
     char *rootshare;        /* 9p tag of a host directory used as the root (NULL: erofs image) */
     int rootshare_ro;
+    int rootbind;           /* a container (containers.c): rootshare is a directory in the shared export, bound */
+    char *join;             /* a container: the app whose IPC and UTS namespaces it joins (NULL: its own) */
+    char *shm;              /* a container: the app whose /dev/shm it binds (NULL: its own) */
     uid_t uid;
     gid_t gid;
     gid_t groups[64];
@@ -131,6 +134,7 @@ const char *visible(const char *in, char *out, size_t outlen);
 void status_set_fd(int fd);
 void status(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void app_error(struct app *a, const char *what);
+const char *app_last_error(void);
 int hexval(char c);
 int split(char *line, char **fields, int max);
 int mkdirs(const char *path, mode_t mode);
@@ -149,12 +153,16 @@ int open_verity(struct app *a, const char *data_dev, char *out, size_t outlen);
 /* network.c */
 int setup_network(struct nic *nics, int nnics);
 
+#define CTR_DIR "/kvmrkt/ctr"      /* containers' roots in their CREATE helpers' mount namespaces */
+#define CTR_RUN "/kvmrkt/run"      /* the running containers' registry, in the VM's root tmpfs */
+
 /* rootfs.c */
 int setup_volumes(const struct pod *pod);
 int setup_app(const struct pod *pod, struct app *a);
 
 /* apps.c */
 void exec_app(struct app *a, char **argv, int in, int out, int err) __attribute__((noreturn));
+void ns_init(struct app *a, const char *hostname, int in, int out, int err) __attribute__((noreturn));
 int open_terminal(struct app *a, int *peer);
 void start_app(struct pod *pod, int idx, struct tty_relay *relay);
 struct app *app_named(struct pod *pod, const char *name);
@@ -162,8 +170,22 @@ void signal_apps(struct pod *pod, int sig);
 int apps_running(const struct pod *pod);
 void reap(struct pod *pod, void (*other)(pid_t pid, void *ctx), void *ctx);  /* other: a child not an app */
 
+/* containers.c */
+int ctr_name_ok(const char *name);
+void create_session(struct pod *pod, int ctl, int sp, unsigned long long sid, char **fields, int n)
+    __attribute__((noreturn));
+struct app *container_named(const char *name, pid_t *pid);
+void container_gone(const char *name, pid_t helper);
+
 /* agent.c */
 void supervise(struct pod *pod, struct tty_relay *relay, int ctl, int sig);
 int wait_for_go(struct tty_relay *relay, int sig);
+struct session_input;
+struct session_input *session_input_new(void);
+void session_frame(struct session_input *si, char *msg, size_t len, int in, int tty, pid_t target);
+int session_hup(const struct session_input *si);
+int session_relay(int ctl, int sp, unsigned long long sid, struct session_input *si, int out, int err, int in,
+                  int tty, pid_t target, pid_t child);
+void send_line(int ctl, unsigned long long sid, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 #endif

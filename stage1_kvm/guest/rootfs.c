@@ -236,12 +236,42 @@ static int setup_dev(struct app *a)
     return 0;
 }
 
+/* Where an app's mounts are made: /kvmrkt/apps/<app>, a container's (containers.c) CTR_DIR/<name>. */
+static const char *app_dir(const struct app *a)
+{
+    return a->rootbind ? CTR_DIR : "/kvmrkt/apps";
+}
+
+/*
+ * A container's root directory, bound from the shared export (`rootdir`: a path the host bound there, resolved
+ * beneath the export without symlinks) onto `dir`; nodev, and read-only when `ro`.
+ */
+static int bind_rootdir(struct app *a, const char *dir, int ro)
+{
+    char at[64];
+    int export = open(SHARED_DIR, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (export < 0)
+        return -1;
+    struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
+                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS};
+    int fd = (int)syscall(SYS_openat2, export, a->rootshare, &how, sizeof(how));
+    close(export);
+    if (fd < 0)
+        return -1;
+    snprintf(at, sizeof(at), "/proc/self/fd/%d", fd);
+    int rc = mount_at(at, dir, NULL, MS_BIND, NULL);
+    close(fd);
+    if (rc == 0)
+        rc = mount(NULL, dir, NULL, MS_BIND | MS_REMOUNT | MS_NODEV | (ro ? MS_RDONLY : 0), NULL);
+    return rc;
+}
+
 /* A writable overlay, held in guest memory, over the app's read-only lower root (/kvmrkt/apps/<app>/lower). */
 static int overlay_root(struct app *a)
 {
     char lower[PATH_MAX], rw[PATH_MAX], data[3 * PATH_MAX];
-    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
-    snprintf(rw, sizeof(rw), "/kvmrkt/apps/%s/rw", a->name);
+    snprintf(lower, sizeof(lower), "%s/%s/lower", app_dir(a), a->name);
+    snprintf(rw, sizeof(rw), "%s/%s/rw", app_dir(a), a->name);
     if (mount_at("kvmrkt-rw", rw, "tmpfs", 0, "mode=0755") < 0)
         return app_error(a, "mounting the overlay tmpfs"), -1;
     snprintf(data, sizeof(data), "%s/upper", rw);
@@ -262,7 +292,12 @@ static int overlay_root(struct app *a)
 static int setup_root(struct app *a)
 {
     char dev[PATH_MAX], lower[PATH_MAX];
-    snprintf(lower, sizeof(lower), "/kvmrkt/apps/%s/lower", a->name);
+    snprintf(lower, sizeof(lower), "%s/%s/lower", app_dir(a), a->name);
+    if (a->rootbind) {
+        if (bind_rootdir(a, a->rootshare_ro ? lower : a->root, a->rootshare_ro) < 0)
+            return app_error(a, "binding the root directory from the shared export"), -1;
+        return a->rootshare_ro ? overlay_root(a) : 0;
+    }
     if (a->rootshare) {
         const char *opts = "trans=virtio,version=9p2000.L,cache=none,msize=262144";
         if (mount_at(a->rootshare, a->rootshare_ro ? lower : a->root, "9p",
@@ -285,7 +320,7 @@ static int setup_root(struct app *a)
 
 int setup_app(const struct pod *pod, struct app *a)
 {
-    snprintf(a->root, sizeof(a->root), "/kvmrkt/apps/%s/root", a->name);
+    snprintf(a->root, sizeof(a->root), "%s/%s/root", app_dir(a), a->name);
     a->terminal = pod->tty && a == &pod->apps[0];
     if (setup_root(a) < 0)
         return -1;

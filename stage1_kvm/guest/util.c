@@ -1,6 +1,6 @@
 /*
  * kvmrkt guest init: helpers every part uses. Messages to the console (logmsg), the status port and its lines
- * (status, app_error), %-escaping as in docs/guest-protocol.md (escape, unescape, split), text made safe for a
+ * (status, app_error, app_last_error), %-escaping as in docs/guest-protocol.md (escape, unescape, split), text made safe for a
  * terminal (visible), and making directories and mounts.
  *
  * Trust: what is escaped or made visible may come from an image (hostile); what is split comes from the host.
@@ -99,10 +99,17 @@ void status(const char *fmt, ...)
         write_all(status_fd, line, (size_t)n);
 }
 
+static char last_error[1024];  /* app_error's last message (a container's FAIL names it) */
+
+const char *app_last_error(void)
+{
+    return last_error;
+}
+
 void app_error(struct app *a, const char *what)
 {
-    char msg[1024], esc[3200];
-    snprintf(msg, sizeof(msg), "%s: %s", what, strerror(errno));
+    char *msg = last_error, esc[3200];
+    snprintf(msg, sizeof(last_error), "%s: %s", what, strerror(errno));
     escape(msg, esc, sizeof(esc));
     status("ERROR %s %s", a->name, esc);
     logmsg("app %s: %s", a->name, msg);

@@ -255,3 +255,74 @@ def test_the_vm_ending_closes_sessions(pod_dir: Path, mux: tuple[CtlMux, Guest])
         time.sleep(0.01)
     with pytest.raises(AgentError, match="cannot reach the guest agent"):
         agent.enter(pod_dir, "enter.sock", "app", ["true"], stdout=io.BytesIO(), stderr=io.BytesIO())
+
+
+def test_container_session_through_the_mux(pod_dir: Path, mux: tuple[CtlMux, Guest]) -> None:
+    m, guest = mux
+
+    def fake_guest() -> None:
+        assert guest.line() == b"1 CREATE c1 stdin"
+        guest.send(b"1 HELD\n")
+        assert guest.line() == b"1 WINSZ 30 100"  # allowed while held
+        assert guest.line() == b"1 GO"
+        guest.send(b"1 STARTED 42\n1 OUT 3\nhi\n1 ERR 1\n!1 EXIT 5\n")
+
+    t = threading.Thread(target=fake_guest)
+    t.start()
+    s = agent.ContainerSession.create(pod_dir, "enter.sock", "c1", tty=False, stdin=True, timeout=5)
+    s.winsize(30, 100)
+    assert s.go() == 42
+    out, err = io.BytesIO(), io.BytesIO()
+    assert s.relay(out, err) == 5 and out.getvalue() == b"hi\n" and err.getvalue() == b"!"
+    s.close()
+    t.join()
+    assert m.stats.dropped() == 0
+
+
+def test_container_signal_while_held_reaches_relay(pod_dir: Path, mux: tuple[CtlMux, Guest]) -> None:
+    _m, guest = mux
+    t = threading.Thread(target=lambda: (guest.line(), guest.send(b"1 HELD\n"), guest.line(),
+                                         guest.send(b"1 EXIT 143\n")))
+    t.start()
+    s = agent.ContainerSession.create(pod_dir, "enter.sock", "c1", tty=False, stdin=False, timeout=5)
+    s.signal(15)
+    with pytest.raises(AgentError, match=r"ended \(exit code 143\) before it was started"):
+        s.go()
+    assert s.relay(io.BytesIO(), io.BytesIO()) == 143
+    s.close()
+    t.join()
+
+
+def test_container_failures_are_agent_errors(pod_dir: Path, mux: tuple[CtlMux, Guest]) -> None:
+    _m, guest = mux
+    with pytest.raises(AgentError, match="bad container name"):  # refused before the guest sees it
+        agent.ContainerSession.create(pod_dir, "enter.sock", "../x", tty=False, stdin=False)
+    t = threading.Thread(target=lambda: (guest.line(), guest.send(b"1 FAIL container%20c1:%20no%20rootdir\n")))
+    t.start()
+    with pytest.raises(AgentError, match="could not create container c1: container c1: no rootdir"):
+        agent.ContainerSession.create(pod_dir, "enter.sock", "c1", tty=False, stdin=False, timeout=5)
+    t.join()
+    with pytest.raises(AgentError, match="did not answer in time"):  # the guest never says HELD
+        agent.ContainerSession.create(pod_dir, "enter.sock", "c2", tty=False, stdin=False, timeout=0.5)
+    assert guest.line() == b"2 CREATE c2"
+
+
+def test_container_frames_are_checked(pod_dir: Path, mux: tuple[CtlMux, Guest]) -> None:
+    m, guest = mux
+    a = client(pod_dir)  # an enter session: no HELD or STARTED, no GO
+    b = client(pod_dir, b"CREATE c1\n")
+    assert guest.line() == b"1 ENTER app 1 true" and guest.line() == b"2 CREATE c1"
+    a.sendall(b"GO\n")
+    assert read_all(a).startswith(b"FAIL malformed")
+    assert guest.line() == b"1 HUP"
+    guest.send(b"1 EXIT 137\n"  # the hung-up session's end
+               + b"2 HELD x\n2 STARTED 1234567890\n2 STARTED -1\n2 HELD\n")  # 3 malformed, then HELD
+    b.sendall(b"GO\n")
+    assert guest.line() == b"2 GO"
+    guest.send(b"2 STARTED 7\n2 EXIT 0\n")
+    assert read_all(b) == b"HELD\nSTARTED 7\nEXIT 0\n"
+    assert m.stats.malformed == 3
+    c = client(pod_dir)
+    assert guest.line() == b"3 ENTER app 1 true"
+    guest.send(b"3 HELD\n3 STARTED 5\n3 EXIT 0\n")  # not frames of an enter session
+    assert read_all(c) == b"EXIT 0\n" and m.stats.malformed == 5

@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 
 from kvmrkt.config import Stage1Config
-from kvmrkt.errors import ConfigError
+from kvmrkt.errors import ConfigError, ManifestError
 from kvmrkt.pods.manifest import AppSpec, MountPoint, PodManifest, Volume
 from kvmrkt.stage1 import JailSpec
 from stage1_kvm.agent import parse_status, printable_stream, unescape
 from stage1_kvm.assets import cpio_archive
 from stage1_kvm.qemu_argv import build_argv
-from stage1_kvm.vmspec import VMSpec, build_vmspec, escape, guest_pod_config
+from stage1_kvm.vmspec import (
+    VMSpec,
+    build_vmspec,
+    container_config_path,
+    escape,
+    guest_container_config,
+    guest_pod_config,
+)
 
 JAIL = JailSpec(uid=2000000001, gid=2000000001, memory_mib=256, vcpus=1, memory_limit_mib=512, pids_max=1024)
 
@@ -90,7 +97,7 @@ def test_guest_config_escapes_everything_that_could_inject_lines() -> None:
     m = pod(app(exec=("/bin/echo", "a b", "", "x\nversion 2", "100%"), env=(("K", "v v"),)))
     text = guest_pod_config(m, interactive=False).decode()
     lines = text.splitlines()
-    assert lines[0] == "version 5"
+    assert lines[0] == "version 6"
     assert "arg a%20b" in lines and "arg %" in lines and "arg x%0Aversion%202" in lines and "arg 100%25" in lines
     assert "env K=v%20v" in lines
     assert sum(1 for ln in lines if ln.startswith("version")) == 1
@@ -234,3 +241,27 @@ def test_domain_xml_is_the_same_microvm() -> None:
     assert fs.find("target").get("dir") == "kvmrkt-shared"  # type: ignore[union-attr]
     labels = {s.get("model"): s.findtext("label") for s in dom.findall("seclabel")}
     assert labels == {"dac": "+2000000001:+2000000001", "selinux": "u:r:t:s0:c1,c2"}
+
+
+def test_container_config_shares_the_app_lines_and_refuses_bad_input() -> None:
+    app = AppSpec(name="c1", image_id="", image_name="busybox", rootfs_digest="", exec=("sh", "-c", "echo a b"),
+                  env=(("A", "1 2"),), mounts=(MountPoint(volume="c1-data", target="/data"),))
+    vols = (Volume(name="c1-data", kind="bind", source="/srv/data", read_only=True),
+            Volume(name="c1-tmp", kind="empty"))
+    text = guest_container_config(app, vols, root="binds/c1-root/rootfs", read_only=True, join="container",
+                                  shm="container").decode()
+    lines = text.splitlines()
+    assert lines[:6] == ["version 6", "volume c1-data bind binds/c1-data/data 1", "volume c1-tmp empty - 0",
+                         "app c1", "rootdir binds/c1-root/rootfs 1", "join container"]
+    assert lines[6] == "shm container" and "arg echo%20a%20b" in lines and "env A=1%202" in lines
+    pod = guest_pod_config(PodManifest(uuid="u", apps=(app,), volumes=vols), interactive=False).decode()
+    assert pod.split("app c1\n", 1)[1].split("\n", 1)[1] == text.split("shm container\n", 1)[1]  # the same lines
+    assert container_config_path("c1") == "ctr/c1.cfg"
+    for bad in ("../x", "a/b", "", "A", "x" * 41, ".."):
+        with pytest.raises(ManifestError, match="bad container name"):
+            container_config_path(bad)
+    for root in ("", "/abs", "binds/../x", "binds/./x", "binds//x"):
+        with pytest.raises(ManifestError, match="bad container root"):
+            guest_container_config(app, (), root=root, read_only=True)
+    with pytest.raises(ManifestError, match="kind 'host'"):
+        guest_container_config(app, (Volume(name="h", kind="host", source="/srv"),), root="r", read_only=False)
