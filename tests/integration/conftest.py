@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import pytest
 
 from kvmrkt.config import Stage1Config
 from kvmrkt.errors import AssetError
+from kvmrkt.host.wait import wait_until
 from stage1_kvm.assets import load_assets
 from tests.tools.build_go_tools import cached
 
@@ -482,9 +484,24 @@ def go_tool(request: pytest.FixtureRequest, name: str) -> Path:
 @pytest.fixture
 def cri(oci: Oci, request: pytest.FixtureRequest) -> Iterator[CriNode]:
     """A private containerd with the CRI plugin in a network namespace of its own (the node), handlers ``runc``
-    and ``kvmrkt`` (this test's kvmrkt-oci), and crictl; torn down by pid, and anything left is a failure."""
+    and ``kvmrkt`` (this test's kvmrkt-oci), and crictl; torn down by pid, and anything left is a failure.
+    kvmrkt-oci runs in the node's namespace, where the test's TPM on loopback is out of reach: the test measures
+    into a TPM of its own on a unix socket instead (reachable from any network namespace)."""
     crictl = go_tool(request, "cri-tools") / "bin" / "crictl"
-    node = CriNode.start(Path(f"/tmp/kvmrkt-cri-{os.getpid()}"), crictl, oci.binary)
-    yield node
-    node.stop()
-    assert not node.leaks, f"the CRI node had to clean up after the test: {node.leaks}"
+    tpm_dir = Path(tempfile.mkdtemp(prefix="kvmrkt-cri-tpm-"))
+    sock = tpm_dir / "tpm"
+    tpm = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpm_dir}", "--server",
+                            f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl", "--flags",
+                            "not-need-init,startup-clear"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: sock.exists() and Path(f"{sock}.ctrl").exists(), timeout=10, interval=0.02)
+        oci.kvmrkt.tcti = f"swtpm:path={sock}"
+        oci.kvmrkt.write_config(BASE_CONFIG)
+        node = CriNode.start(Path(f"/tmp/kvmrkt-cri-{os.getpid()}"), crictl, oci.binary)
+        yield node
+        node.stop()
+        assert not node.leaks, f"the CRI node had to clean up after the test: {node.leaks}"
+    finally:
+        tpm.terminate()
+        tpm.wait(timeout=10)
+        shutil.rmtree(tpm_dir, ignore_errors=True)

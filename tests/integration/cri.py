@@ -140,7 +140,9 @@ class CriNode:
 
     def crictl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         endpoint = f"unix://{self.socket}"
-        return subprocess.run([str(self.crictl_bin), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint,
+        # in the node's namespace: exec, attach and port-forward stream from containerd's server on its loopback
+        return subprocess.run(["nsenter", f"--net=/proc/{self.proc.pid}/ns/net", str(self.crictl_bin),
+                               "--runtime-endpoint", endpoint, "--image-endpoint", endpoint,
                                "--timeout", "60s", *args], capture_output=True, text=True, timeout=timeout,
                               check=False)
 
@@ -159,7 +161,10 @@ class CriNode:
         cfg: dict[str, Any] = {
             "metadata": {"name": name, "namespace": "default", "uid": f"{name}-uid", "attempt": 1},
             "log_directory": str(path / "logs"),
-            "linux": {"cgroup_parent": f"/{self.cgroup_parent}/{name}"},
+            # kubelet's default: each container has its own PID namespace (CRI's own default, POD, is what a
+            # pod spec's shareProcessNamespace asks for)
+            "linux": {"cgroup_parent": f"/{self.cgroup_parent}/{name}",
+                      "security_context": {"namespace_options": {"pid": 1}}},
         }
         (path / "pod.json").write_text(json.dumps(cfg))
         return path / "pod.json"

@@ -43,7 +43,7 @@ def test_crictl_answers_and_a_runc_pod_gets_an_ip_and_leaves_nothing(cri: CriNod
 
 def _container(path: Path, name: str, command: list[str], **extra: Any) -> Path:
     cfg = {"metadata": {"name": name}, "image": {"image": PAUSE_IMAGE}, "command": command,
-           "log_path": f"{name}.log", "linux": {}, **extra}
+           "log_path": f"{name}.log", "linux": {"security_context": {"namespace_options": {"pid": 1}}}, **extra}
     path.write_text(json.dumps(cfg))
     return path
 
@@ -87,11 +87,13 @@ def test_a_kubernetes_pod_is_one_vm_with_every_container_inside(cri: CriNode, oc
     server = cri.crictl("create", pod, str(server_cfg), str(tmp_path / "pod" / "pod.json"))
     assert server.returncode == 0, f"{server.stderr}\n{cri.log()}"
     sid = server.stdout.strip()
-    assert cri.crictl("start", sid).returncode == 0
+    started = cri.crictl("start", sid)
+    assert started.returncode == 0, f"{started.stderr}\n{cri.log()}"
     sidecar = cri.crictl("create", pod, str(sidecar_cfg), str(tmp_path / "pod" / "pod.json"))
     assert sidecar.returncode == 0, f"{sidecar.stderr}\n{cri.log()}"
     cid = sidecar.stdout.strip()
-    assert cri.crictl("start", cid).returncode == 0
+    started = cri.crictl("start", cid)
+    assert started.returncode == 0, f"{started.stderr}\n{cri.log()}"
     assert len(_kvmrkt_pods(kvmrkt)) == 1, "a container got a VM of its own"
 
     def exec_(container: str, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -104,14 +106,15 @@ def test_a_kubernetes_pod_is_one_vm_with_every_container_inside(cri: CriNode, oc
     assert exec_(cid, BUSYBOX, "cat", "/dev/shm/note").stdout == "shared\n"
     ipc = [exec_(c, BUSYBOX, "readlink", "/proc/self/ns/ipc").stdout for c in (sid, cid)]
     assert ipc[0] == ipc[1] and ipc[0].startswith("ipc:"), ipc
-    pidns = [exec_(c, BUSYBOX, "readlink", "/proc/1/ns/pid").stdout for c in (sid, cid)]
-    assert pidns[0] != pidns[1], "the containers share a PID namespace"
+    pidns = [exec_(c, BUSYBOX, "readlink", "/proc/self/ns/pid").stdout for c in (sid, cid)]
+    assert pidns[0] != pidns[1] and pidns[0].startswith("pid:"), pidns
     for i in range(10):
         assert exec_(sid, BUSYBOX, "cat", f"/v/{i}/f").stdout == f"volume {i}\n"
     ro = exec_(sid, BUSYBOX, "touch", "/v/0/new")
     assert ro.returncode != 0 and not (tmp_path / "vol0" / "new").exists()
     assert exec_(sid, BUSYBOX, "touch", "/v/1/new").returncode == 0 and (tmp_path / "vol1" / "new").exists()
-    assert exec_(sid, BUSYBOX, "sh", "-c", "exit 3").returncode == 3
+    failed = exec_(sid, BUSYBOX, "sh", "-c", "exit 3")
+    assert failed.returncode != 0 and "exit code 3" in failed.stderr, failed.stderr  # crictl's words
 
     # From the node: the pod IP answers; the node's namespace gained only the bridge and the pod's veth.
     page = cri.node_run(BUSYBOX, "timeout", "20", BUSYBOX, "wget", "-q", "-O", "-", f"http://{ip}:8080/")
