@@ -63,7 +63,7 @@ class Bundle:
     annotations: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
-    joined: tuple[tuple[str, str], ...] = ()  # a CRI container's namespaces shared with its sandbox (type, path)
+    joined: tuple[tuple[str, str], ...] = ()  # namespaces named by path (type, path), the network one included
     confinement: Confinement = DEFAULT_CONFINEMENT
     cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
     hooks: hooks.Hooks = field(default_factory=dict)
@@ -144,12 +144,11 @@ def load_bundle(path: Path) -> Bundle:
     annotations = _get(doc, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise ManifestError("config.json: annotations must map strings to strings")
-    member = annotations.get(CRI_TYPE) == "container" and bool(annotations.get(CRI_SANDBOX))
     if annotations.get(CRI_TYPE) == "sandbox":  # the pod's sizes (the sum of its containers' limits), if given
         sizes = [_annotated(annotations, f"io.kubernetes.cri.sandbox-{k}") for k in ("memory", "cpu-quota",
                                                                                        "cpu-period")]
         limit, quota, period = limit or sizes[0], quota or sizes[1], period or sizes[2]
-    joined = _namespaces(_get(linux, "namespaces", list, "linux.", []), member=member)
+    joined = _namespaces(_get(linux, "namespaces", list, "linux.", []))
     return Bundle(
         path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
         cwd=cwd, uid=uid, gid=gid, gids=tuple(gids), terminal=bool(_get(proc, "terminal", bool, "process.", False)),
@@ -158,8 +157,8 @@ def load_bundle(path: Path) -> Bundle:
         memory_mib=math.ceil(limit / (1 << 20)) if limit and limit > 0 else None,
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
         annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
-        unhonoured=unhonoured, hooks=hooks.parse(doc), netns="" if member else dict(joined).get("network", ""),
-        joined=joined if member else (),
+        unhonoured=unhonoured, hooks=hooks.parse(doc), netns=dict(joined).get("network", ""),
+        joined=joined,
     )  # fmt: skip
 
 
@@ -178,19 +177,20 @@ def _annotated(annotations: dict[str, str], key: str) -> int | None:
 
 
 NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
-SANDBOX_SHARED = ("network", "ipc", "uts")  # what a Kubernetes pod's containers share with its sandbox
+# Namespaces a container may name by path: a network namespace (the VM is plugged into it), or what it shares with
+# the pod it joins (a Kubernetes or podman pod's containers share their sandbox's network, IPC, UTS and cgroup
+# namespaces: kvmrkt-oci creates such a container inside the sandbox's VM; kvmrkt.ocirt.sandbox decides).
+SHAREABLE = ("network", "ipc", "uts", "cgroup")
 
 
-def _namespaces(entries: list[Any], *, member: bool) -> tuple[tuple[str, str], ...]:
-    """Check ``linux.namespaces``; returns the (type, path) pairs to join. A path names a namespace of the host's
-    kernel, which a process inside a VM cannot join: refused, not ignored, but for a network namespace (the VM is
-    plugged into it) and, for a container of a CRI pod (``member``), the network, IPC and UTS namespaces it shares
-    with its sandbox (the runtime checks that they are the sandbox's).
+def _namespaces(entries: list[Any]) -> tuple[tuple[str, str], ...]:
+    """Check ``linux.namespaces``; returns the (type, path) pairs it names by path. A path names a namespace of the
+    host's kernel, which a process inside a VM cannot join: a path of a type not ``SHAREABLE`` is refused here,
+    not ignored; a shareable one only if it is a pod's kvmrkt-oci joins (``kvmrkt.ocirt.sandbox``).
 
     Raises:
         ManifestError: a malformed entry, an unknown or repeated type, or a path that cannot be joined.
     """
-    joinable = SANDBOX_SHARED if member else ("network",)
     joined: list[tuple[str, str]] = []
     seen: set[str] = set()
     for i, ns in enumerate(entries):
@@ -202,11 +202,11 @@ def _namespaces(entries: list[Any], *, member: bool) -> tuple[tuple[str, str], .
         if kind in seen:
             raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace is listed twice")
         seen.add(kind)
-        if path and kind not in joinable:
+        if path and kind not in SHAREABLE:
             raise ManifestError(f"config.json: linux.namespaces[{i}]: the {kind} namespace at {path} cannot be "
                                 "joined: the container runs inside a VM, whose kernel has namespaces of its own",
-                                hint="only a network namespace path is taken (the VM is plugged into it); a "
-                                     "container of a Kubernetes pod shares its sandbox's network, IPC and UTS")
+                                hint="a network namespace path is taken (the VM is plugged into it); a container of "
+                                     "a pod shares its sandbox's network, IPC, UTS and cgroup namespaces")
         if path:
             joined.append((kind, path))
     return tuple(joined)

@@ -137,15 +137,16 @@ class OciRuntime:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             for name in bundle.unhonoured:
                 self.engine.warn(f"{name} is not honoured by a VM and was ignored")
-            if bundle.sandbox_id is not None:
-                pid = self._create_in_sandbox(cid, bundle, state_dir, console_socket)
+            box = self._sandbox_of(cid, bundle)
+            if box is not None:
+                pid = self._create_in_sandbox(cid, bundle, box, state_dir, console_socket)
                 return self._created(cid, bundle, pid, pid_file)
             insecure = self.engine.config.insecure_options
             pod = self.engine.new_pod(lambda uuid: manifest_for(bundle, uuid, cid, insecure),
                                       lambda _m: {APP: bundle_verdict(bundle.image_id, bundle.image_name)},
                                       keep_lock=True)
             pid = self._spawn_supervisor(pod, bundle, console_socket)
-            self._write_record(state_dir, cid, bundle, pod.uuid, pid)
+            self._write_record(state_dir, cid, bundle, pod.uuid, pid, netns=bundle.netns)
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
@@ -171,23 +172,47 @@ class OciRuntime:
             "hooks": {k: [h.to_dict() for h in v] for k, v in bundle.hooks.items()}, **extra,
         })  # fmt: skip
 
-    def _create_in_sandbox(self, cid: str, bundle: Bundle, state_dir: Path, console_socket: Path | None) -> int:
-        """Create a CRI pod's container inside its sandbox's VM (``kvmrkt.ocirt.sandbox``): measured, its root and
-        volumes bound into the VM's export, held by a forked holder whose pid is returned.
+    def _sandbox_of(self, cid: str, bundle: Bundle) -> dict[str, Any] | None:
+        """The record of the pod VM a bundle's container belongs in: its CRI sandbox (annotations), or the
+        kvmrkt-oci VM container whose supervisor's namespaces it names (a podman pod's infra container); None for
+        a container with a VM of its own.
 
         Raises:
-            ConfigError: the sandbox is not a running kvmrkt-oci sandbox.
-            ManifestError: the bundle shares a namespace that is not the sandbox's.
+            ConfigError: the CRI sandbox is not a running kvmrkt-oci VM.
+            ManifestError: the bundle names namespaces of no kvmrkt-oci pod, or not only its sandbox's.
         """
-        sid = bundle.sandbox_id or ""
-        try:
-            box = self._record(sid)
-        except PodStateError:
-            raise ConfigError(f"container {cid!r}: its sandbox {sid[:80]!r} is not a kvmrkt-oci container",
-                              hint="the pod's sandbox must run under the same runtime (handler)") from None
+        sid = bundle.sandbox_id
+        if sid is not None:
+            try:
+                box = self._record(sid)
+            except (PodStateError, ConfigError):
+                raise ConfigError(f"container {cid!r}: its sandbox {sid[:80]!r} is not a kvmrkt-oci container",
+                                  hint="the pod's sandbox must run under the same runtime (handler)") from None
+        else:
+            pids = sandbox.named_pids(bundle)
+            boxes = [r for r in self._records() if r.get("kind", "vm") == "vm" and int(r["pid"]) in pids] if pids \
+                else []
+            if not boxes:
+                sandbox.check_standalone(bundle)
+                return None
+            box, sid = boxes[0], str(boxes[0]["id"])
         if box.get("kind", "vm") != "vm" or self._status(box) != "running":
             raise ConfigError(f"container {cid!r}: its sandbox {sid!r} is not a running pod VM")
-        sandbox.check_joined(bundle, int(box["pid"]))
+        sandbox.check_joined(bundle, int(box["pid"]), str(box.get("netns", "")))
+        return box
+
+    def _records(self) -> list[dict[str, Any]]:
+        out = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            with contextlib.suppress(KvmrktError):
+                out.append(self._record(d.name))
+        return out
+
+    def _create_in_sandbox(self, cid: str, bundle: Bundle, box: dict[str, Any], state_dir: Path,
+                           console_socket: Path | None) -> int:
+        """Create a pod's container inside its sandbox's VM (``kvmrkt.ocirt.sandbox``): measured, its root and
+        volumes bound into the VM's export, held by a forked holder whose pid is returned."""
+        sid = str(box["id"])
         pod = self._pod(box)
         assert pod is not None
         backend = self.engine.backend_for(pod)

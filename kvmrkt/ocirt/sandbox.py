@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import select
 import signal
 import stat
@@ -48,19 +49,43 @@ def guest_name(cid: str) -> str:
     return "c" + hashlib.sha256(cid.encode()).hexdigest()[:20]
 
 
-def check_joined(bundle: Bundle, sandbox_pid: int) -> None:
-    """The namespaces a CRI container shares must be its sandbox's: ``/proc/<sandbox pid>/ns/<type>`` (containerd
-    names the sandbox's init, which for kvmrkt-oci is the sandbox's supervisor on the host).
+PROC_NS = re.compile(r"/proc/([0-9]{1,10})/ns/[a-z]+")
+NS_FILES = {"network": "net", "ipc": "ipc", "uts": "uts", "cgroup": "cgroup"}
+
+
+def named_pids(bundle: Bundle) -> set[int]:
+    """The pids whose namespaces the bundle names (``/proc/<pid>/ns/<type>``): a pod's containers name their
+    sandbox's init (for kvmrkt-oci, the sandbox's supervisor on the host)."""
+    return {int(m.group(1)) for _, path in bundle.joined if (m := PROC_NS.fullmatch(os.path.normpath(path)))}
+
+
+def check_standalone(bundle: Bundle) -> None:
+    """A container with a VM of its own can join a network namespace (its VM is plugged into it) and nothing else.
+
+    Raises:
+        ManifestError: it names an IPC, UTS or cgroup namespace (of no kvmrkt-oci pod).
+    """
+    for kind, path in bundle.joined:
+        if kind != "network":
+            raise ManifestError(f"config.json: the {kind} namespace at {path} cannot be joined: it is no kvmrkt-oci "
+                                "pod's, and a container inside a VM can share only the namespaces of the pod VM it "
+                                "runs in", hint="a container of a pod names its sandbox's namespaces "
+                                                "(/proc/<sandbox pid>/ns/...)")
+
+
+def check_joined(bundle: Bundle, sandbox_pid: int, sandbox_netns: str = "") -> None:
+    """The namespaces a pod's container shares must be its sandbox's: ``/proc/<sandbox pid>/ns/<type>``
+    (containerd and podman name the sandbox's init, which for kvmrkt-oci is the sandbox's supervisor on the
+    host), or for the network the namespace the sandbox's VM was plugged into.
 
     Raises:
         ManifestError: a path names anything else (another pod's, the node's).
     """
-    names = {"network": "net", "ipc": "ipc", "uts": "uts"}
     for kind, path in bundle.joined:
-        if os.path.normpath(path) != f"/proc/{sandbox_pid}/ns/{names[kind]}":
-            raise ManifestError(f"config.json: the {kind} namespace {path} is not the sandbox's "
-                                f"(/proc/{sandbox_pid}/ns/{names[kind]}): a container of a pod shares its "
-                                "sandbox's VM and nothing else")
+        mine = f"/proc/{sandbox_pid}/ns/{NS_FILES[kind]}"
+        if os.path.normpath(path) != mine and not (kind == "network" and sandbox_netns and path == sandbox_netns):
+            raise ManifestError(f"config.json: the {kind} namespace {path} is not the sandbox's ({mine}): a "
+                                "container of a pod shares its sandbox's VM and nothing else")
 
 
 def container_spec(bundle: Bundle, name: str, insecure: frozenset[str], join: str) -> ContainerSpec:

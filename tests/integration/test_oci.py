@@ -788,3 +788,24 @@ def test_a_sysctl_the_vms_kernel_lacks_fails_the_container_naming_it(oci: Oci, t
         assert wait_exit(oci.pid("k2", b)) == 125
     assert "sysctl kernel.no_such_knob: No such file or directory" in err.read_text()
     oci("delete", "--force", "k2")
+
+
+def test_podman_pod_is_one_vm(podman: list[str], oci: Oci) -> None:
+    """A podman pod: its infra container boots the pod's VM (podman's own pause image, catatonit), and the pod's
+    containers, which name the infra's namespaces, are created inside that VM, sharing its network and IPC."""
+    pm = podman
+    res = subprocess.run([*pm, "pod", "create", "--name", "p1", "--network", "none"], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([*pm, "run", "-d", "--pod", "p1", "--name", "srv", "localhost/busybox:latest", "/bin/sh",
+                          "-c", "echo pod-shared > /dev/shm/x; " + HTTPD.replace("-p 80", "-p 8080")],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(oci.kvmrkt.ok("list", "--format", "json").out)) == 1  # infra and srv: one VM
+    res = subprocess.run([*pm, "run", "--rm", "--pod", "p1", "localhost/busybox:latest", "/bin/sh", "-c",
+                          "for i in $(seq 50); do [ -e /dev/shm/x ] && break; sleep 0.2; done; cat /dev/shm/x; "
+                          "wget -q -O - http://127.0.0.1:8080/; exit 6"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 6 and res.stdout == "pod-shared\nserved from a VM\n", res.stdout + res.stderr
+    assert len(json.loads(oci.kvmrkt.ok("list", "--format", "json").out)) == 1
+    res = subprocess.run([*pm, "pod", "rm", "--force", "p1"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr

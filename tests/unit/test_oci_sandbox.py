@@ -23,33 +23,45 @@ CRI = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandb
 
 
 def shared(pid: int, *kinds: str) -> list[dict[str, Any]]:
-    names = {"network": "net", "ipc": "ipc", "uts": "uts"}
+    names = {"network": "net", "ipc": "ipc", "uts": "uts", "cgroup": "cgroup"}
     return [{"type": "pid"}, *({"type": k, "path": f"/proc/{pid}/ns/{names[k]}"} for k in kinds)]
 
 
 def test_a_cri_container_names_its_sandbox_and_shares_its_namespaces(tmp_path: Path) -> None:
     b = load_bundle(bundle(tmp_path, annotations=CRI, linux__namespaces=shared(42, "network", "ipc", "uts")))
-    assert b.sandbox_id == "abc"
-    assert b.netns == ""  # the VM's network is the sandbox's: nothing is plugged in for a container
+    assert b.sandbox_id == "abc" and sandbox.named_pids(b) == {42}
     sandbox.check_joined(b, 42)
     with pytest.raises(ManifestError, match=r"the network namespace /proc/42/ns/net is not the sandbox's"):
         sandbox.check_joined(b, 43)
+    with pytest.raises(ManifestError, match=r"the ipc namespace at /proc/42/ns/ipc cannot be joined: it is no "):
+        sandbox.check_standalone(b)
 
 
-@pytest.mark.parametrize("kind", ["pid", "mount", "user", "cgroup"])
-def test_a_cri_container_cannot_join_other_namespaces(tmp_path: Path, kind: str) -> None:
+def test_a_podman_pods_container_names_its_infra_and_the_pods_netns(tmp_path: Path) -> None:
+    spaces = [*shared(42, "ipc", "uts", "cgroup"), {"type": "network", "path": "/run/netns/netns-1"}]
+    b = load_bundle(bundle(tmp_path, annotations={}, linux__namespaces=spaces))
+    assert b.sandbox_id is None and sandbox.named_pids(b) == {42}
+    sandbox.check_joined(b, 42, "/run/netns/netns-1")
+    with pytest.raises(ManifestError, match="the network namespace /run/netns/netns-1 is not the sandbox's"):
+        sandbox.check_joined(b, 42, "/run/netns/netns-2")
+
+
+def test_a_container_with_a_vm_of_its_own_joins_only_a_network_namespace(tmp_path: Path) -> None:
+    b = load_bundle(bundle(tmp_path, annotations={}, linux__namespaces=[{"type": "network", "path": "/run/netns/x"}]))
+    assert b.netns == "/run/netns/x" and sandbox.named_pids(b) == set()
+    sandbox.check_standalone(b)
+
+
+@pytest.mark.parametrize("kind", ["pid", "mount", "user", "time"])
+def test_no_container_can_join_other_namespaces(tmp_path: Path, kind: str) -> None:
     with pytest.raises(ManifestError, match=f"the {kind} namespace at /proc/42/ns/x cannot be joined"):
         load_bundle(bundle(tmp_path, annotations=CRI, linux__namespaces=[{"type": kind, "path": "/proc/42/ns/x"}]))
 
 
-def test_without_a_sandbox_id_a_bundle_gets_its_own_vm(tmp_path: Path) -> None:
+def test_without_a_sandbox_id_a_bundle_is_no_cri_container(tmp_path: Path) -> None:
     for notes in ({**CRI, "io.kubernetes.cri.sandbox-id": ""}, {**CRI, "io.kubernetes.cri.container-type": "sandbox"},
                   {}):
-        b = load_bundle(bundle(tmp_path, annotations=notes))
-        assert b.sandbox_id is None
-    with pytest.raises(ManifestError, match="the ipc namespace at /proc/42/ns/ipc cannot be joined"):
-        load_bundle(bundle(tmp_path, annotations={**CRI, "io.kubernetes.cri.sandbox-id": ""},
-                           linux__namespaces=shared(42, "ipc")))
+        assert load_bundle(bundle(tmp_path, annotations=notes)).sandbox_id is None
 
 
 def test_the_container_in_the_vm(tmp_path: Path) -> None:
