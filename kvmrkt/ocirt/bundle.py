@@ -64,6 +64,7 @@ class Bundle:
     ignored: tuple[str, ...] = ()
     netns: str = ""  # a network namespace to join (linux.namespaces network path)
     joined: tuple[tuple[str, str], ...] = ()  # namespaces named by path (type, path), the network one included
+    namespaces: frozenset[str] = frozenset()  # the types linux.namespaces lists (one left out: the host's)
     confinement: Confinement = DEFAULT_CONFINEMENT
     cgroup: CgroupPlacement | None = None  # linux.cgroupsPath and the cgroup limits of linux.resources
     hooks: hooks.Hooks = field(default_factory=dict)
@@ -148,7 +149,7 @@ def load_bundle(path: Path) -> Bundle:
         sizes = [_annotated(annotations, f"io.kubernetes.cri.sandbox-{k}") for k in ("memory", "cpu-quota",
                                                                                        "cpu-period")]
         limit, quota, period = limit or sizes[0], quota or sizes[1], period or sizes[2]
-    joined = _namespaces(_get(linux, "namespaces", list, "linux.", []))
+    namespaces, joined = _namespaces(_get(linux, "namespaces", list, "linux.", []))
     return Bundle(
         path=path, config_digest="sha256:" + hashlib.sha256(raw).hexdigest(), args=tuple(args), env=tuple(env),
         cwd=cwd, uid=uid, gid=gid, gids=tuple(gids), terminal=bool(_get(proc, "terminal", bool, "process.", False)),
@@ -158,7 +159,7 @@ def load_bundle(path: Path) -> Bundle:
         cpus=math.ceil(quota / period) if quota and period and quota > 0 and period > 0 else None,
         annotations=dict(annotations), ignored=ignored, confinement=from_oci(proc, linux, ()), cgroup=cgroup,
         unhonoured=unhonoured, hooks=hooks.parse(doc), netns=dict(joined).get("network", ""),
-        joined=joined,
+        joined=joined, namespaces=namespaces,
     )  # fmt: skip
 
 
@@ -183,10 +184,11 @@ NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup
 SHAREABLE = ("network", "ipc", "uts", "cgroup")
 
 
-def _namespaces(entries: list[Any]) -> tuple[tuple[str, str], ...]:
-    """Check ``linux.namespaces``; returns the (type, path) pairs it names by path. A path names a namespace of the
-    host's kernel, which a process inside a VM cannot join: a path of a type not ``SHAREABLE`` is refused here,
-    not ignored; a shareable one only if it is a pod's kvmrkt-oci joins (``kvmrkt.ocirt.sandbox``).
+def _namespaces(entries: list[Any]) -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:
+    """Check ``linux.namespaces``; returns the types listed and the (type, path) pairs it names by path. A path
+    names a namespace of the host's kernel, which a process inside a VM cannot join: a path of a type not
+    ``SHAREABLE`` is refused here, not ignored; a shareable one only if it is a pod's kvmrkt-oci joins
+    (``kvmrkt.ocirt.sandbox``).
 
     Raises:
         ManifestError: a malformed entry, an unknown or repeated type, or a path that cannot be joined.
@@ -209,7 +211,7 @@ def _namespaces(entries: list[Any]) -> tuple[tuple[str, str], ...]:
                                      "a pod shares its sandbox's network, IPC, UTS and cgroup namespaces")
         if path:
             joined.append((kind, path))
-    return tuple(joined)
+    return frozenset(seen), tuple(joined)
 
 
 def _mounts(entries: list[Any], bundle: Path) -> tuple[tuple[Volume, ...], tuple[MountPoint, ...], tuple[str, ...]]:

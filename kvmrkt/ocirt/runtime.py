@@ -137,6 +137,7 @@ class OciRuntime:
                 self.engine.warn(f"mount {item} is not supported in a VM and was ignored")
             for name in bundle.unhonoured:
                 self.engine.warn(f"{name} is not honoured by a VM and was ignored")
+            sandbox.check_cri_namespaces(bundle)
             box = self._sandbox_of(cid, bundle)
             if box is not None:
                 pid = self._create_in_sandbox(cid, bundle, box, state_dir, console_socket)

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from kvmrkt.errors import AgentError, ConfigError, KvmrktError, ManifestError
 from kvmrkt.host import proc as _proc
-from kvmrkt.ocirt.bundle import Bundle
+from kvmrkt.ocirt.bundle import CRI_TYPE, Bundle
 from kvmrkt.pods.confinement import lift
 from kvmrkt.pods.manifest import AppSpec, MountPoint, Volume
 from kvmrkt.stage1 import ContainerSession, ContainerSpec
@@ -57,6 +57,28 @@ def named_pids(bundle: Bundle) -> set[int]:
     """The pids whose namespaces the bundle names (``/proc/<pid>/ns/<type>``): a pod's containers name their
     sandbox's init (for kvmrkt-oci, the sandbox's supervisor on the host)."""
     return {int(m.group(1)) for _, path in bundle.joined if (m := PROC_NS.fullmatch(os.path.normpath(path)))}
+
+
+# A Kubernetes pod asks for the node's namespace by leaving its type out of linux.namespaces (CRI's NODE mode).
+HOST_FIELDS = {"network": "hostNetwork", "ipc": "hostIPC", "pid": "hostPID", "uts": "hostNetwork (the node's "
+               "hostname)", "mount": "the node's mount namespace"}
+
+
+def check_cri_namespaces(bundle: Bundle) -> None:
+    """A CRI sandbox or container that leaves a namespace type out asks for the node's (``hostNetwork``,
+    ``hostIPC``, ``hostPID``): a VM cannot share the host's, and giving the pod's instead would silently ignore
+    what was asked.
+
+    Raises:
+        ManifestError: such a namespace is missing.
+    """
+    if bundle.annotations.get(CRI_TYPE) not in ("sandbox", "container"):
+        return
+    for kind, field in HOST_FIELDS.items():
+        if kind not in bundle.namespaces:
+            raise ManifestError(f"config.json: no {kind} namespace: the pod asks for {field}, and a pod in a VM "
+                                "cannot share the node's", hint="run such pods with a runtime class that does "
+                                                                "not use VMs (runc)")
 
 
 def check_standalone(bundle: Bundle) -> None:

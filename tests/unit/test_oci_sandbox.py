@@ -107,3 +107,18 @@ def test_a_sandbox_is_sized_by_its_pods_annotations(tmp_path: Path) -> None:
     assert (b.memory_mib, b.cpus) == (600, 3)
     with pytest.raises(ManifestError, match="sandbox-memory must be a positive integer"):
         load_bundle(bundle(tmp_path, annotations={**sizes, "io.kubernetes.cri.sandbox-memory": "-1"}))
+
+
+@pytest.mark.parametrize(("left_out", "field"), [("network", "hostNetwork"), ("ipc", "hostIPC"), ("pid", "hostPID")])
+def test_a_kubernetes_pod_asking_for_the_nodes_namespaces_is_refused(tmp_path: Path, left_out: str,
+                                                                     field: str) -> None:
+    every = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
+    for kind in ("sandbox", "container"):
+        notes = {**CRI, "io.kubernetes.cri.container-type": kind}
+        b = load_bundle(bundle(tmp_path, annotations=notes, linux__namespaces=every))
+        sandbox.check_cri_namespaces(b)
+        b = load_bundle(bundle(tmp_path, annotations=notes,
+                               linux__namespaces=[n for n in every if n["type"] != left_out]))
+        with pytest.raises(ManifestError, match=f"the pod asks for {field}"):
+            sandbox.check_cri_namespaces(b)
+    sandbox.check_cri_namespaces(load_bundle(bundle(tmp_path, annotations={}, linux__namespaces=[])))  # not a pod's
