@@ -227,10 +227,10 @@ static void ns_fail(struct app *a, int err, const char *what)
 
 /*
  * PID 1 of an app's new mount, PID, IPC and UTS namespaces (a clone of this init): mount /proc, mqueue and /sys,
- * pivot_root into the app's root (the old root is detached: no way back to the VM's), mask and protect paths,
- * shed every descriptor but the app's stdio and make itself undumpable, then start the app and, like tini,
- * forward every signal to it, copy its output to its ports (relay_output) and exit with its status (its
- * leftovers die with the namespace). Never returns.
+ * then its volumes (the OCI spec's order), pivot_root into the app's root (the old root is detached: no way back
+ * to the VM's), mask and protect paths, shed every descriptor but the app's stdio and make itself undumpable,
+ * then start the app and, like tini, forward every signal to it, copy its output to its ports (relay_output) and
+ * exit with its status (its leftovers die with the namespace). Never returns.
  */
 void ns_init(struct app *a, const char *hostname, int in, int out, int err)
 {
@@ -265,6 +265,8 @@ void ns_init(struct app *a, const char *hostname, int in, int out, int err)
     snprintf(p, sizeof(p), "%s/sys", a->root);
     if (mount("sysfs", p, "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
         ns_fail(a, err, "mounting /sys");
+    if (mount_volumes(a, p, sizeof(p)) < 0)  /* config.json's mounts, after the defaults */
+        ns_fail(a, err, p);
     if (hostname)
         sethostname(hostname, strlen(hostname));
     if (chdir(a->root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)

@@ -119,7 +119,7 @@ int parse_config(const char *path, struct pod *pod)
         } else if (cur && !strcmp(k, "env") && n == 2 && cur->envc < MAX_LIST - 1) {
             cur->env[cur->envc++] = fv[1];
         } else if (cur && !strcmp(k, "mount") && n == 3 && cur->nmounts < MAX_VOLS) {
-            cur->mounts[cur->nmounts++] = (struct mountspec){fv[1], fv[2]};
+            cur->mounts[cur->nmounts++] = (struct mountspec){.vol = fv[1], .target = fv[2]};
         } else if (cur && !strcmp(k, "caps") && n == 2) {
             cur->caps = strtoull(fv[1], NULL, 16);
         } else if (cur && !strcmp(k, "capsets") && n == 5) {

@@ -36,7 +36,8 @@
 #define POD_CONFIG_VERSION "6"
 #define SHARED_DIR "/kvmrkt/shared"  /* the pod's shared export (9p), outside every app's root */
 
-struct mountspec { char *vol; char *target; };
+struct volume;
+struct mountspec { char *vol; char *target; const struct volume *v; };  /* v: set by setup_app */
 
 struct app {
     char *name;
@@ -159,6 +160,7 @@ int setup_network(struct nic *nics, int nnics);
 /* rootfs.c */
 int setup_volumes(const struct pod *pod);
 int setup_app(const struct pod *pod, struct app *a);
+int mount_volumes(struct app *a, char *why, size_t len);
 
 /* apps.c */
 void exec_app(struct app *a, char **argv, int in, int out, int err) __attribute__((noreturn));

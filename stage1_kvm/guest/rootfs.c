@@ -1,7 +1,8 @@
 /*
  * kvmrkt guest init: each app's filesystem, made before it starts. The pod's volumes; the app's root (its erofs
  * image, through dm-verity when configured, or a 9p share, under a writable overlay in guest memory); its
- * minimal read-only /dev (the OCI defaults), its volume mounts and the pod's files (hostname, hosts, resolv.conf).
+ * minimal read-only /dev (the OCI defaults), its volume mounts (bound by its ns-init after the default mounts,
+ * mount_volumes) and the pod's files (hostname, hosts, resolv.conf).
  *
  * Trust: the pod config is the host's; the root's contents are the image's (hostile): files are written with
  * RESOLVE_IN_ROOT and O_NOFOLLOW, the roots are nodev and /dev is read-only once made.
@@ -124,6 +125,16 @@ static int mount_in_root(struct app *a, const char *src, const char *target, int
     int rc = mount(src, at, NULL, flags, NULL);
     close(fd);
     return rc;
+}
+
+/* Where a volume is in the VM: a bind volume in the shared export, the others under /kvmrkt/vol. */
+static const char *volume_source(const struct volume *v, char *src, size_t len)
+{
+    if (is_bind(v))
+        snprintf(src, len, "%s/%s", SHARED_DIR, v->tag);
+    else
+        snprintf(src, len, "/kvmrkt/vol/%s", v->name);
+    return src;
 }
 
 static const struct volume *volume_named(const struct pod *pod, const char *name)
@@ -333,30 +344,53 @@ int setup_app(const struct pod *pod, struct app *a)
         return app_error(a, "sys"), -1;
     if (setup_dev(a) < 0)
         return -1;
-    for (int i = 0; i < a->nmounts; i++) {
+    /* The volume mounts: checked, and their mount points made now (the root may be made read-only below). */
+    for (int i = 0; i < a->nmounts; i++) {  /* The app's ns-init binds them: mount_volumes */
         const struct volume *v = volume_named(pod, a->mounts[i].vol);
         char src[PATH_MAX];
+        struct stat st;
         if (!v) {
             errno = ENOENT;
             return app_error(a, "mount of an undefined volume"), -1;
         }
-        if (is_bind(v))
-            snprintf(src, sizeof(src), "%s/%s", SHARED_DIR, v->tag);
-        else
-            snprintf(src, sizeof(src), "/kvmrkt/vol/%s", v->name);
-        struct stat st;
-        if (stat(src, &st) < 0)
+        if (stat(volume_source(v, src, sizeof(src)), &st) < 0)
             return app_error(a, "a volume's source"), -1;
-        if (mount_in_root(a, src, a->mounts[i].target, S_ISDIR(st.st_mode), MS_BIND) < 0)
-            return app_error(a, "bind-mounting a volume"), -1;
-        if (v->ro && mount_in_root(a, NULL, a->mounts[i].target, S_ISDIR(st.st_mode),
-                                   MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV) < 0)
-            return app_error(a, "remounting a volume read-only"), -1;
+        int fd = mount_point(a->root, a->mounts[i].target, S_ISDIR(st.st_mode));
+        if (fd < 0)
+            return app_error(a, "a volume's mount point"), -1;
+        close(fd);
+        a->mounts[i].v = v;
     }
     if (write_files(pod, a) < 0)
         return app_error(a, "writing /etc/hostname, /etc/hosts or /etc/resolv.conf"), -1;
     if (a->rootshare && a->rootshare_ro &&
         mount(NULL, a->root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV, NULL) < 0)
         return app_error(a, "making the root read-only"), -1;
+    return 0;
+}
+
+/*
+ * Bind the app's volumes onto their mount points (made by setup_app; resolved inside its root again) in the pod
+ * config's order, each read-only one remounted read-only. Run by the app's ns-init in its own mount namespace
+ * after the default mounts (/proc ... /sys), so its mount table lists them in the OCI spec's order. On failure
+ * returns -1 with errno set and `why` naming the mount.
+ */
+int mount_volumes(struct app *a, char *why, size_t len)
+{
+    for (int i = 0; i < a->nmounts; i++) {
+        const struct volume *v = a->mounts[i].v;
+        char src[PATH_MAX];
+        struct stat st;
+        snprintf(why, len, "mounting volume %s at %s", v ? v->name : a->mounts[i].vol, a->mounts[i].target);
+        if (!v) {  /* not checked by setup_app */
+            errno = EINVAL;
+            return -1;
+        }
+        if (stat(volume_source(v, src, sizeof(src)), &st) < 0 ||
+            mount_in_root(a, src, a->mounts[i].target, S_ISDIR(st.st_mode), MS_BIND) < 0 ||
+            (v->ro && mount_in_root(a, NULL, a->mounts[i].target, S_ISDIR(st.st_mode),
+                                    MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV) < 0))
+            return -1;
+    }
     return 0;
 }

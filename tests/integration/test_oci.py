@@ -176,6 +176,35 @@ def test_dev_rlimits_and_capabilities_are_what_config_json_asks(oci: Oci, tmp_pa
     assert oci("delete", "dev").returncode == 0
 
 
+def test_config_mounts_follow_the_default_mounts_in_their_order(oci: Oci, tmp_path: Path, subreaper: None) -> None:
+    """config.json's mounts appear in the container's mount table after the default ones (/proc ... /sys) and in
+    config.json's order, as the spec and runtime-tools want (they were bound before ns-init mounted /proc and
+    /sys); a read-only bind stays read-only, a writable one writes through."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "ro" / "f").write_text("ro\n")
+    mounts = [{"destination": "/mnt/rw", "type": "bind", "source": str(tmp_path / "rw"), "options": ["rbind"]},
+              {"destination": "/tmp/t", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+              {"destination": "/mnt/ro", "type": "bind", "source": str(tmp_path / "ro"), "options": ["bind", "ro"]}]
+    script = (f"echo mounts $(awk {MOUNTS_AWK} /proc/self/mountinfo | cut -d: -f1); cat /mnt/ro/f; "
+              "echo x > /mnt/ro/f || echo refused; echo written > /mnt/rw/f")
+    b = oci.bundle(tmp_path / "b", ["/bin/sh", "-c", script])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["mounts"] += mounts
+    (b / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = oci.create("order", b)
+    assert rc == 0, err.read_text()
+    oci("start", "order")
+    assert wait_exit(oci.pid("order", b)) == 0, err.read_text()
+    lines = out.read_text().splitlines()
+    points = lines[0].split()[1:]
+    first = [points.index(p) for p in ("/proc", "/sys", "/mnt/rw", "/tmp/t", "/mnt/ro")]
+    assert first == sorted(first), lines[0]  # each one's first appearance, in this order
+    assert lines[1:] == ["ro", "refused"], (lines, err.read_text())
+    assert (tmp_path / "rw" / "f").read_text() == "written\n" and (tmp_path / "ro" / "f").read_text() == "ro\n"
+    assert oci("delete", "order").returncode == 0
+
+
 def _mountinfo(pid: int | str, under: str) -> dict[str, str]:
     """Mount point -> per-mount options of the mounts at or under ``under`` in ``pid``'s mount namespace."""
     out = {}
