@@ -1,9 +1,11 @@
-"""A software TPM for the benchmarks: ``with swtpm(state_dir) as tcti:`` (started, waited for, stopped by pid)."""
+"""A software TPM for the benchmarks: ``with swtpm(state_dir) as tcti:`` (started, waited for, stopped by pid).
+
+It serves on a unix socket in ``state_dir``, which any network namespace can reach (bench/oci.py's CRI node runs
+kvmrkt-oci in a namespace of its own, where the host's loopback is not)."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,29 +14,19 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def swtpm(state: Path) -> Iterator[str]:
-    """Run swtpm on a free loopback port pair (another port pair when one is taken meanwhile); yields its TCTI
+    """Run swtpm on ``state``/tpm (keep ``state`` short: a unix socket path fits in 108 bytes); yields its TCTI
     string."""
-    for _attempt in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server",
-                                 f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}", "--flags",
-                                 "not-need-init,startup-clear"], stderr=subprocess.DEVNULL)
+    sock = state / "tpm"
+    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server",
+                             f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl", "--flags",
+                             "not-need-init,startup-clear"], stderr=subprocess.DEVNULL)
+    try:
         deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        while not (sock.exists() and Path(f"{sock}.ctrl").exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("swtpm did not start")
             time.sleep(0.02)
-        else:
-            proc.kill()
-            proc.wait()
-            continue
-        try:
-            yield f"swtpm:host=127.0.0.1,port={port}"
-        finally:
-            proc.terminate()
-            proc.wait()
-        return
-    raise SystemExit("swtpm did not start")
+        yield f"swtpm:path={sock}"
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -158,7 +158,10 @@ def _pod_memory(work: Path, runtime: Path) -> dict[str, float]:
     node = CriNode.start(Path(f"/tmp/kvmrkt-bench-cri-{os.getpid()}"), tools / "bin" / "crictl", runtime)
     try:
         pod_json = node.pod_config(work / "pod", "bench")
-        pod = node.crictl("runp", "--runtime", "kvmrkt", str(pod_json)).stdout.strip()
+        run = node.crictl("runp", "--runtime", "kvmrkt", str(pod_json))
+        if run.returncode != 0:
+            sys.exit(f"crictl runp failed: {run.stderr}")
+        pod = run.stdout.strip()
         time.sleep(2)
         sandbox = json.loads(node.crictl("inspectp", "-o", "json", pod).stdout)["info"]["pid"]
         alone = _tree_pss([sandbox])
@@ -167,8 +170,10 @@ def _pod_memory(work: Path, runtime: Path) -> dict[str, float]:
             cfg = work / f"{name}.json"
             cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": PAUSE_IMAGE},
                                        "command": ["/bin/busybox", "sleep", "600"], "log_path": f"{name}.log"}))
-            cid = node.crictl("create", pod, str(cfg), str(pod_json)).stdout.strip()
-            node.crictl("start", cid)
+            made = node.crictl("create", pod, str(cfg), str(pod_json))
+            if made.returncode != 0 or node.crictl("start", made.stdout.strip()).returncode != 0:
+                sys.exit(f"crictl create/start failed: {made.stderr}")
+            cid = made.stdout.strip()
             holders.append(json.loads(node.crictl("inspect", "-o", "json", cid).stdout)["info"]["pid"])
         time.sleep(2)
         both = _tree_pss([sandbox, *holders])
