@@ -37,6 +37,7 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -224,35 +225,18 @@ class OciRuntime:
         sandbox.make_fifo(state_dir)
         backend.add_container(pod, spec)
         try:
-            term = _send_terminal(console_socket) if console_socket is not None else None
-            report_r, report_w = os.pipe()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the holder; containerd's shim (a subreaper) becomes its parent when create exits
-                os.close(report_r)
-                code = 125
-                try:
-                    if term is not None:
-                        _take_terminal(term)
-                    session = backend.open_container(pod, name, tty=term is not None, stdin=True)
-                    code = sandbox.hold(session, state_dir, tty=term is not None, report=report_w)
-                except BaseException as exc:  # the creating process reports it
-                    msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"
-                    with contextlib.suppress(OSError):
-                        os.write(report_w, f"FAIL {msg}".encode()[:65536])
-                os._exit(code)
-            os.close(report_w)
-            if term is not None:
-                os.close(term)
+            def holder(report: int, tty: bool) -> int:  # in the forked holder
+                session = backend.open_container(pod, name, tty=tty, stdin=True)
+                return sandbox.hold(session, state_dir, tty=tty, report=report)
+
+            pid, report_r = _fork_reporting(console_socket, holder)
             with os.fdopen(report_r, "rb") as fh:
-                answer = fh.readline().decode(errors="replace").strip()
-                if answer != "HELD":
-                    answer += fh.read(65536).decode(errors="replace")
-            if answer != "HELD":
-                os.waitpid(pid, 0)
-                raise Stage1Error(f"the container could not be created in its pod's VM: "
-                                  f"{answer.removeprefix('FAIL ') or 'its holder ended'}")
+                answer = fh.readline()
+                if answer != b"HELD\n":  # the holder ended, with its reason
+                    os.waitpid(pid, 0)
+                    reason = (answer + fh.read(65536)).decode(errors="replace").strip()
+                    raise Stage1Error(f"the container could not be created in its pod's VM: "
+                                      f"{reason or 'its holder ended'}")
             self._write_record(state_dir, cid, bundle, pod.uuid, pid, kind="container", sandbox=sid, guest=name)
         except BaseException:
             backend.remove_container(pod, name)
@@ -272,22 +256,15 @@ class OciRuntime:
         until the guest holds the process ready to start. With a console socket, the supervisor's stdio is a
         new terminal whose master end is sent to that socket (runc's protocol); the guest gives the process a
         terminal of its own and the two are relayed."""
-        term = _send_terminal(console_socket) if console_socket is not None else None
         backend = self.engine.backend_for(pod)
-        err_r, err_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the supervisor; containerd's shim (a subreaper) becomes its parent when create exits
-            os.close(err_r)
-            if term is not None:
-                _take_terminal(term)
+
+        def supervisor(report: int, tty: bool) -> int:  # in the forked supervisor
+            if tty:
                 signal.signal(signal.SIGWINCH, lambda _s, _f: threading.Thread(
                     target=_relay_size, args=(pod, backend), daemon=True).start())
-            os._exit(self._supervise(pod, bundle, err_w))
-        os.close(err_w)
-        if term is not None:
-            os.close(term)
+            return self._supervise(pod, bundle)
+
+        pid, err_r = _fork_reporting(console_socket, supervisor)
         pod.unlock()  # the supervisor holds the same lock (flock belongs to the shared open file)
         deadline = Deadline(self.engine.config.stage1.boot_timeout + 30)
         while True:
@@ -309,26 +286,20 @@ class OciRuntime:
                 raise Stage1Error("the container's VM did not get ready in time")
             time.sleep(0.01)
 
-    def _supervise(self, pod: Pod, bundle: Bundle, err_fd: int) -> int:
+    def _supervise(self, pod: Pod, bundle: Bundle) -> int:
         """The supervisor's body: run the pod (measured, labelled) and exit with the process's status."""
-        try:
-            manifest = self.engine.pod_manifest(pod)
-            backend = self.engine.backend_for(pod)
-            verdict = bundle_verdict(bundle.image_id, bundle.image_name)
-            measured = [sandbox.measured_app(bundle, APP, verdict)]
-            # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
-            intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
-            request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
-                                    interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
-                                    shared_export=True, accel=self.engine.config.stage1.accel, cgroup=bundle.cgroup)
-            result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
-                                      intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
-            return pod_exit_code(result.exit_codes) if result.exit_codes else 137
-        except BaseException as exc:  # the parent reports it; nothing else can
-            msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(OSError):
-                os.write(err_fd, msg.encode()[:65536])
-            return 125
+        manifest = self.engine.pod_manifest(pod)
+        backend = self.engine.backend_for(pod)
+        verdict = bundle_verdict(bundle.image_id, bundle.image_name)
+        measured = [sandbox.measured_app(bundle, APP, verdict)]
+        # The rootfs is the engine's (and may be read-only): kvmrkt writes no hostname/hosts files into it.
+        intent = Intent("join", netns=bundle.netns) if bundle.netns else Intent("none", files=False)
+        request = LaunchRequest(rootfs={APP: bundle.rootfs}, shared_roots={APP: bundle.readonly},
+                                interactive=True, hold=True, tty=bundle.terminal, measured_apps=measured,
+                                shared_export=True, accel=self.engine.config.stage1.accel, cgroup=bundle.cgroup)
+        result = self.engine.boot(pod, manifest, backend, request, trust=pod.read_json(TRUST) or {},
+                                  intent=intent, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+        return pod_exit_code(result.exit_codes) if result.exit_codes else 137
 
     def start(self, cid: str) -> None:
         """Start the held process.
@@ -466,6 +437,34 @@ class OciRuntime:
         """Host pids of the container (the supervisor; the guest's processes are not host processes)."""
         st = self.state(cid)
         return [st["pid"]] if st["pid"] else []
+
+
+def _fork_reporting(console_socket: Path | None, body: Callable[[int, bool], int]) -> tuple[int, int]:
+    """Fork a container's host process (a VM's supervisor, or a holder), which keeps this process's stdio (with
+    ``console_socket``: a new terminal whose master goes to that socket) and exits with ``body(report, tty)``'s
+    status; if ``body`` raises, the reason is written to ``report`` and it exits 125. Returns its pid and the
+    read end of ``report``. containerd's shim (a subreaper) becomes its parent when ``create`` exits."""
+    term = _send_terminal(console_socket) if console_socket is not None else None
+    report_r, report_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        code = 125
+        try:
+            if term is not None:
+                _take_terminal(term)
+            code = body(report_w, term is not None)
+        except BaseException as exc:  # the creating process reports it; nothing else can
+            msg = exc.diagnostics() if isinstance(exc, KvmrktError) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                os.write(report_w, msg.encode()[:65536])
+        os._exit(code)
+    os.close(report_w)
+    if term is not None:
+        os.close(term)
+    return pid, report_r
 
 
 def _relay_size(pod: Pod, backend: Stage1) -> None:
