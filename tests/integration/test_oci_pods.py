@@ -10,9 +10,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kvmrkt.host.wait import wait_until
 
-from .conftest import Oci
+from .conftest import Oci, use_backend
 from .test_oci import subreaper, wait_exit  # noqa: F401 (a fixture)
 
 SANDBOX = {"io.kubernetes.cri.container-type": "sandbox"}
@@ -27,7 +29,11 @@ def member(sandbox: str, pid: int) -> dict[str, Any]:
                                      {"type": "network", "path": f"/proc/{pid}/ns/net"}]}}
 
 
-def test_containers_of_a_sandbox_share_its_vm(oci: Oci, tmp_path: Path, subreaper: None) -> None:  # noqa: F811
+@pytest.mark.parametrize("backend", ["qemu", "libvirt"])
+def test_containers_of_a_sandbox_share_its_vm(oci: Oci, tmp_path: Path, request: pytest.FixtureRequest,
+                                              backend: str) -> None:
+    use_backend(oci.kvmrkt, request, backend)  # (libvirtd first: one started under a subreaper would be its child)
+    request.getfixturevalue("subreaper")
     box = oci.bundle(tmp_path / "box", ["/bin/sleep", "600"], annotations=SANDBOX, hostname="podhost")
     rc, _, err = oci.create("box", box)
     assert rc == 0, err.read_text()
