@@ -63,7 +63,11 @@ def _kvmrkt_pods(kvmrkt: Kvmrkt) -> list[dict[str, Any]]:
 def test_a_kubernetes_pod_is_one_vm_with_every_container_inside(cri: CriNode, oci: Oci, kvmrkt: Kvmrkt,
                                                                  tmp_path: Path) -> None:
     node_links = _links(cri)
-    run = cri.crictl("runp", "--runtime", "kvmrkt", str(cri.pod_config(tmp_path / "pod", "web")))
+    pod_json = cri.pod_config(tmp_path / "pod", "web")
+    pod_cfg = json.loads(pod_json.read_text())  # kubelet gives the pod's sizes: the sum of its containers' limits
+    pod_cfg["linux"]["resources"] = {"memory_limit_in_bytes": 400 << 20, "cpu_quota": 150000, "cpu_period": 100000}
+    pod_json.write_text(json.dumps(pod_cfg))
+    run = cri.crictl("runp", "--runtime", "kvmrkt", str(pod_json))
     assert run.returncode == 0, f"{run.stderr}\n{cri.log()}"
     pod = run.stdout.strip()
     status = json.loads(cri.crictl("inspectp", "-o", "json", pod).stdout)["status"]
@@ -72,6 +76,8 @@ def test_a_kubernetes_pod_is_one_vm_with_every_container_inside(cri: CriNode, oc
     assert ipaddress.ip_address(ip) in ipaddress.ip_network(POD_SUBNET)
     pods = _kvmrkt_pods(kvmrkt)
     assert len(pods) == 1, pods
+    vm = json.loads(kvmrkt.ok("status", "--format", "json", pods[0]["uuid"]).out)
+    assert (vm["memory_mib"], vm["vcpus"]) == (400 + 128, 2), vm  # + [stage1] memory_overhead_mib
 
     # The server: ten volumes (host directories), a page served on the pod's port 8080.
     volumes = []
