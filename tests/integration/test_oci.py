@@ -835,6 +835,11 @@ def test_podman_pod_is_one_vm(podman: list[str], oci: Oci) -> None:
                           "for i in $(seq 50); do [ -e /dev/shm/x ] && break; sleep 0.2; done; cat /dev/shm/x; "
                           "wget -q -O - http://127.0.0.1:8080/; exit 6"], capture_output=True, text=True, timeout=180)
     assert res.returncode == 6 and res.stdout == "pod-shared\nserved from a VM\n", res.stdout + res.stderr
+    cmd = " ".join([*pm, "run", "--rm", "-t", "--pod", "p1", "localhost/busybox:latest", "/bin/sh", "-c",
+                    "'tty; stty size; exit 7'"])  # a terminal of its own in the pod's VM (--console-socket)
+    res = subprocess.run(["script", "-qec", f"stty rows 33 cols 101; {cmd}", "/dev/null"], capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 7 and "/dev/pts/0" in res.stdout and "33 101" in res.stdout, res.stdout + res.stderr
     assert len(json.loads(oci.kvmrkt.ok("list", "--format", "json").out)) == 1
     res = subprocess.run([*pm, "pod", "rm", "--force", "p1"], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
