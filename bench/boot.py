@@ -3,7 +3,8 @@ command line, measured in the same run. Prints JSON: medians, ratio, the same ru
 the cost of the VMM jail (the bare QEMU started jailed as kvmrkt starts it: its cgroup created, limited and
 removed, the mount namespace and private root built, privileges dropped, the guard's filter, versus started
 plainly as root; and the same for ``/bin/true``, which shows the jail's own cost without the VM's noise), and
-the host memory of the QEMU process outside guest RAM.
+the host memory of the QEMU process outside guest RAM; and the kernel-only floor (``bench/kernel_boot.py``: the same
+kernel and command line, an initramfs whose init is ``reboot -f``).
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/boot.py [--runs N] [--accel auto|tcg|kvm] [--kernel minimal|debian-cloud]
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchtpm import swtpm
+from kernel_boot import Floor
 
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine
@@ -196,6 +198,7 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
         return Bare(spec, cwd, jail, shutil.which(cfg.qemu) or cfg.qemu, assets.guard)
 
     bare = bare_pod(["/bin/true"], "bare")
+    floor = Floor.create(work / "floor", cfg, accel=accel)
     # The bare VM has no NIC, so the like-for-like kvmrkt run has none either; the default network's cost is
     # measured separately in the same run.
     run_argv = [*kvmrkt, "run", f"--accel={accel}", "--net=none", "busybox", "--exec", "/bin/true"]
@@ -204,12 +207,14 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
     _time(net_argv, REPO)
     bare.time(jailed=False)
     bare.time(jailed=True)
-    kv, plain, jailed, net = [], [], [], []
+    floor.time()
+    kv, plain, jailed, net, kernel = [], [], [], [], []
     for _ in range(runs):
         kv.append(_time(run_argv, REPO))
         plain.append(bare.time(jailed=False))
         jailed.append(bare.time(jailed=True))
         net.append(_time(net_argv, REPO))
+        kernel.append(floor.time())
         subprocess.run([*kvmrkt, "gc", "--grace-period=0s"], capture_output=True, check=True)
     probe = bare_pod(["/bin/sleep", "30"], "mem")
     return {
@@ -223,6 +228,7 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
         "jail_added_s": round(statistics.median(jailed) - statistics.median(plain), 4),
         "kvmrkt_run_default_net_median_s": round(statistics.median(net), 3),
         "default_net_added_s": round(statistics.median(net) - statistics.median(kv), 3),
+        "kernel_floor_median_s": round(statistics.median(kernel), 3),
         "kvmrkt_run_s": [round(x, 3) for x in kv],
         "bare_qemu_s": [round(x, 3) for x in plain],
         "bare_qemu_jailed_s": [round(x, 3) for x in jailed],

@@ -1,0 +1,261 @@
+"""Kernel boot benchmark: kvmrkt's own guest kernel under bare QEMU (the machine flags of ``stage1_kvm.qemu_argv``),
+with an initramfs whose init is busybox's ``reboot -f``, for a set of kernel command-line variants run interleaved.
+Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start) and, with
+``--profile``, the guest-clock timeline of one boot under ``initcall_debug ignore_loglevel printk.time=1``: when
+init was reached, the largest initcalls, the largest gaps between two kernel messages, and the named waits.
+
+A variant is a list of tokens added to the base command line (kvmrkt's, from ``stage1_kvm.vmspec``); a token
+``-NAME`` removes the base's ``NAME``/``NAME=...``; ``lpj=auto`` is the loops_per_jiffy of a profiled boot.
+
+Usage (as root, after `make setup`):
+    .venv/bin/python bench/kernel_boot.py [--runs N] [--accel auto|tcg|kvm] [--vcpus N] [--profile]
+        [--variant 'NAME:TOKENS' ...]
+
+Trust boundary: none beyond the benchmark's own files; the guest runs only busybox from the host's package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kvmrkt.config import Stage1Config, load_config
+from stage1_kvm import agent
+from stage1_kvm.assets import cpio_archive, load_assets
+from stage1_kvm.qemu import choose_accel, runtime_fds
+from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vm import host_tsc_khz
+from stage1_kvm.vmspec import VMSpec, kernel_cmdline
+
+BUSYBOX = Path("/bin/busybox")  # static (busybox-static): the guest has no libc
+INIT = "/sbin/reboot"  # busybox picks its applet by argv[0]; the kernel passes what follows `--` to init
+PROFILE = "initcall_debug ignore_loglevel printk.time=1"
+TIMEOUT_S = 60.0
+LPJ_AUTO = "lpj=auto"  # replaced by the loops_per_jiffy a profiled boot printed
+
+# kvmrkt's line, without the levers it adopted, and each other lever added to it or removed (the admin-guide's
+# kernel-parameters.txt says what each does; mitigations=off is measured only: the guest runs hostile code).
+VARIANTS: dict[str, str] = {
+    "kvmrkt": "",
+    "kvmrkt_before_levers": "-no_timer_check -noapictimer",
+    "-no_timer_check": "-no_timer_check",
+    "-noapictimer": "-noapictimer",
+    "+tsc=reliable": "tsc=reliable",
+    "+tsc=reliable-tsc_early_khz": "tsc=reliable -tsc_early_khz",
+    "+lpj": "lpj=auto",
+    "+nosmp": "nosmp",
+    "+maxcpus=1": "maxcpus=1",
+    "+clocksource=tsc": "clocksource=tsc",
+    "+lapic=notscdeadline": "lapic=notscdeadline",
+    "+mitigations=off": "mitigations=off",
+    "-random.trust_cpu": "-random.trust_cpu",
+}
+
+
+def floor_initrd(out: Path) -> Path:
+    """An initramfs holding only the static busybox, as ``/sbin/reboot``."""
+    out.write_bytes(cpio_archive([("sbin", stat.S_IFDIR | 0o755, b""),
+                                  (INIT.lstrip("/"), stat.S_IFREG | 0o755, BUSYBOX.read_bytes())]))
+    return out
+
+
+def _key(token: str) -> str:
+    return token.split("=", 1)[0]
+
+
+def apply_variant(base: str, tokens: str, lpj: int | None = None) -> str:
+    """The base command line with a variant's tokens added (``-NAME`` removes ``NAME``), and init made
+    busybox's ``reboot -f``."""
+    words = base.split()
+    for token in tokens.split():
+        if token.startswith("-"):
+            words = [w for w in words if _key(w) != token[1:]]
+            continue
+        if token == LPJ_AUTO:
+            if lpj is None:
+                raise SystemExit("variant lpj=auto needs a profiled boot first (run with --profile)")
+            token = f"lpj={lpj}"
+        words = [w for w in words if _key(w) != _key(token)] + [token]
+    words = [f"rdinit={INIT}" if _key(w) == "rdinit" else w for w in words]
+    return " ".join([*words, "--", "-f"])
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The kernel-only VM: kvmrkt's machine, kernel and base command line, no devices, init = ``reboot -f``."""
+
+    spec: VMSpec
+    qemu: str
+    work: Path
+
+    @classmethod
+    def create(cls, work: Path, cfg: Stage1Config, *, accel: str = "auto", vcpus: int = 1) -> Floor:
+        """``work``: a directory for the initramfs and sockets; ``cfg``: the stage1 settings whose kernel boots."""
+        work.mkdir(parents=True, exist_ok=True)
+        assets = load_assets(cfg)
+        acc = choose_accel(accel)
+        spec = VMSpec(name="kvmrkt-kernel-floor", accel=acc, memory_mib=cfg.min_memory_mib,
+                      vcpus=vcpus, kernel=assets.kernel, initrd=str(floor_initrd(work / "floor.img")),
+                      cmdline=kernel_cmdline(accel=acc, tsc_khz=host_tsc_khz(), debug=False),
+                      disks=(), shares=(), ports=(), acpi=assets.acpi)
+        return cls(spec, shutil.which(cfg.qemu) or cfg.qemu, work)
+
+    @contextlib.contextmanager
+    def _started(self, cmdline: str, console: bool) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket | None]]:
+        spec = replace(self.spec, cmdline=cmdline)
+        with runtime_fds(self.work, spec) as fds:
+            reader = None
+            if console:  # connected before QEMU starts (queued in the backlog), so no early message is lost
+                reader = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                with agent.socket_path(self.work, spec.console_socket) as path:
+                    reader.connect(path)
+            proc = subprocess.Popen(build_argv(spec, qemu=self.qemu, fds=fds), pass_fds=list(fds.values()),
+                                    cwd=self.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            yield proc, reader
+        finally:
+            if reader is not None:
+                reader.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    def time(self, cmdline: str | None = None) -> float:
+        """Wall seconds from starting QEMU to its exit (default: kvmrkt's command line)."""
+        cmdline = cmdline or apply_variant(self.spec.cmdline, "")
+        begin = time.perf_counter()
+        with self._started(cmdline, console=False) as (proc, _):
+            try:
+                _, err = proc.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                sys.exit(f"the guest did not power off within {TIMEOUT_S:.0f} s: {cmdline}")
+            if proc.returncode != 0:
+                sys.exit(f"QEMU failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
+        return time.perf_counter() - begin
+
+    def console(self, cmdline: str) -> str:
+        """The serial console of one boot."""
+        chunks: list[bytes] = []
+        with self._started(cmdline, console=True) as (proc, reader):
+            assert reader is not None
+            reader.settimeout(TIMEOUT_S)
+            with contextlib.suppress(TimeoutError):
+                while chunk := reader.recv(65536):
+                    chunks.append(chunk)
+            proc.wait(timeout=TIMEOUT_S)
+        return b"".join(chunks).decode(errors="replace")
+
+
+_STAMP = re.compile(r"^\[\s*(\d+\.\d+)\] (.*)$")
+_ADDR = re.compile(r"0xffffffff[0-9a-f]{8}")
+_INITCALL = re.compile(r"initcall (\S+?)(?:\+\S*)? returned \S+ after (\d+) usecs")
+# Waits worth naming: the message that ends each (the kernel prints when a wait is over, or that it gave up).
+MARKERS = {
+    "apic_timer_check": "APIC timer disabled due to verification failure",
+    "apic_timer_calibration": "calibrating APIC timer",
+    "smp_alternatives": "SMP alternatives",
+    "smp_boot": "smp: Brought up",
+    "delay_loop": "Calibrating delay loop",
+    "tsc_unstable": "Marking TSC unstable",
+    "tsc_clocksource": "Switched to clocksource tsc",
+    "clocksource_switch": "clocksource: Switched to clocksource",
+    "unpack_initramfs": "Trying to unpack rootfs",
+    "init": "Run /",
+}
+
+
+def symbols(vmlinux: Path) -> dict[str, str]:
+    """Kernel addresses to function names, from the vmlinux's symbol table (the minimal kernel has no kallsyms,
+    so ``initcall_debug`` prints addresses)."""
+    out = subprocess.run(["nm", "--defined-only", str(vmlinux)], capture_output=True, text=True, check=False).stdout
+    return {f"0x{addr.lstrip('0')}": name for addr, kind, name in (line.split()[:3] for line in out.splitlines()
+                                                                  if len(line.split()) >= 3) if kind in "tT"}
+
+
+def timeline(console: str, names: dict[str, str] | None = None, top: int = 10) -> dict[str, object]:
+    """What a profiled boot's console says about where the guest's time went (guest clock, seconds)."""
+    names = names or {}
+    lines = [(float(m[1]), _ADDR.sub(lambda a: names.get(a[0], a[0]), m[2]))
+             for m in map(_STAMP.match, console.splitlines()) if m]
+    initcalls = sorted(((int(m[2]), names.get(m[1], m[1])) for _, text in lines if (m := _INITCALL.search(text))),
+                       reverse=True)
+    gaps = sorted(((b[0] - a[0], a, b) for a, b in itertools.pairwise(lines)), reverse=True)[:top]
+    lpj = re.search(r"\(lpj=(\d+)\)", console)
+    return {
+        "to_init_s": next((t for t, text in lines if text.startswith(MARKERS["init"])), None),
+        "last_message_s": lines[-1][0] if lines else None,
+        "initcalls_total_s": round(sum(us for us, _ in initcalls) / 1e6, 3),
+        "largest_initcalls_ms": {name: round(us / 1000, 1) for us, name in initcalls[:top]},
+        "largest_gaps": [{"s": round(d, 3), "at": round(a[0], 3), "after": a[1][:90], "before": b[1][:90]}
+                         for d, a, b in gaps],
+        "markers_s": {name: t for name, needle in MARKERS.items()
+                      if (t := next((t for t, text in lines if needle in text), None)) is not None},
+        "lpj": int(lpj[1]) if lpj else None,
+    }
+
+
+def run(floor: Floor, variants: dict[str, str], runs: int, profile: bool) -> dict[str, object]:
+    """Interleaved timings (A, B, C, A, B, C, ...) of every variant, after one warm-up round."""
+    base = floor.spec.cmdline
+    out: dict[str, object] = {"accel": floor.spec.accel, "vcpus": floor.spec.vcpus, "base_cmdline": base,
+                              "runs": runs}
+    lpj = None
+    if profile:
+        profiles, names = {}, symbols(floor.spec.kernel)
+        for name, tokens in variants.items():
+            if LPJ_AUTO in tokens.split() and lpj is None:
+                continue
+            prof = timeline(floor.console(apply_variant(base, f"{tokens} {PROFILE}", lpj)), names)
+            lpj = lpj or (prof["lpj"] if isinstance(prof["lpj"], int) else None)
+            profiles[name] = prof
+        out["profiles"] = profiles
+    lines = {name: apply_variant(base, tokens, lpj) for name, tokens in variants.items()
+             if LPJ_AUTO not in tokens.split() or lpj is not None}
+    times: dict[str, list[float]] = {name: [] for name in lines}
+    for cmdline in lines.values():  # warm the page cache and QEMU's first start
+        floor.time(cmdline)
+    for _ in range(runs):
+        for name, cmdline in lines.items():
+            times[name].append(floor.time(cmdline))
+    out["median_s"] = {name: round(statistics.median(t), 3) for name, t in times.items()}
+    out["times_s"] = {name: [round(x, 3) for x in t] for name, t in times.items()}
+    out["cmdlines"] = lines
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--accel", default="auto")
+    ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="also print each variant's guest-clock timeline")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:TOKENS",
+                    help="measure these variants (and kvmrkt's line) instead of the built-in set")
+    args = ap.parse_args()
+    variants = dict(VARIANTS)
+    if args.variant:
+        variants = {"kvmrkt": ""} | dict(v.split(":", 1) if ":" in v else (v, v) for v in args.variant)
+    if os.geteuid() != 0:
+        sys.exit("run as root (the guest assets are root-only)")
+    with tempfile.TemporaryDirectory(prefix="kvmrkt-kboot-") as tmp:
+        floor = Floor.create(Path(tmp), load_config().stage1, accel=args.accel, vcpus=args.vcpus)
+        print(json.dumps(run(floor, variants, args.runs, args.profile), indent=2))
+
+
+if __name__ == "__main__":
+    main()
