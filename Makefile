@@ -82,6 +82,7 @@ test: setup lint
 bench: setup
 	$(PY) bench/boot.py
 	$(PY) bench/boot.py --kernel debian-cloud
+	$(PY) bench/kernel_boot.py --profile
 	$(PY) bench/images.py
 	$(PY) bench/measured_launch.py
 	$(PY) bench/net.py

@@ -1,15 +1,17 @@
 """Kernel boot benchmark: kvmrkt's own guest kernel under bare QEMU (the machine flags of ``stage1_kvm.qemu_argv``),
 with an initramfs whose init is busybox's ``reboot -f``, for a set of kernel command-line variants run interleaved.
 Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start) and, with
-``--profile``, the guest-clock timeline of one boot under ``initcall_debug ignore_loglevel printk.time=1``: when
-init was reached, the largest initcalls, the largest gaps between two kernel messages, and the named waits.
+``--profile``, the guest-clock timeline of one boot per variant under ``initcall_debug printk.time=1`` (the console
+stays quiet, the init prints the ring buffer with ``dmesg``): when init was reached, the largest initcalls, the
+largest gaps between two kernel messages, and the named waits.
 
 A variant is a list of tokens added to the base command line (kvmrkt's, from ``stage1_kvm.vmspec``); a token
 ``-NAME`` removes the base's ``NAME``/``NAME=...``; ``lpj=auto`` is the loops_per_jiffy of a profiled boot.
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/kernel_boot.py [--runs N] [--accel auto|tcg|kvm] [--vcpus N] [--profile]
-        [--variant 'NAME:TOKENS' ...]
+        [--kernel minimal|debian-cloud]
+        [--variant='NAME:TOKENS' ...]
 
 Trust boundary: none beyond the benchmark's own files; the guest runs only busybox from the host's package.
 """
@@ -43,21 +45,27 @@ from stage1_kvm.vm import host_tsc_khz
 from stage1_kvm.vmspec import VMSpec, kernel_cmdline
 
 BUSYBOX = Path("/bin/busybox")  # static (busybox-static): the guest has no libc
-INIT = "/sbin/reboot"  # busybox picks its applet by argv[0]; the kernel passes what follows `--` to init
-PROFILE = "initcall_debug ignore_loglevel printk.time=1"
-TIMEOUT_S = 60.0
+# busybox picks its applet by argv[0]; the kernel passes what follows `--` to init (and QEMU appends the
+# virtio-mmio device list after it, which reboot ignores and sh takes as $0).
+INIT = ("/sbin/reboot", "-f")
+# The profiled boot stays quiet (a console at emulated serial speed would stretch the timeline) and its init
+# prints the kernel's ring buffer before powering off.
+PROFILE = "initcall_debug printk.time=1 log_buf_len=1M"
+PROFILE_INIT = ("/bin/sh", '-c "/bin/busybox dmesg; /bin/busybox reboot -f"')
+TIMEOUT_S = 30.0
 LPJ_AUTO = "lpj=auto"  # replaced by the loops_per_jiffy a profiled boot printed
 
 # kvmrkt's line, without the levers it adopted, and each other lever added to it or removed (the admin-guide's
 # kernel-parameters.txt says what each does; mitigations=off is measured only: the guest runs hostile code).
 VARIANTS: dict[str, str] = {
     "kvmrkt": "",
-    "kvmrkt_before_levers": "-no_timer_check -noapictimer",
+    "kvmrkt_before_levers": "-no_timer_check -noapictimer -tsc -lpj",
     "-no_timer_check": "-no_timer_check",
     "-noapictimer": "-noapictimer",
-    "+tsc=reliable": "tsc=reliable",
-    "+tsc=reliable-tsc_early_khz": "tsc=reliable -tsc_early_khz",
-    "+lpj": "lpj=auto",
+    "-tsc=reliable": "-tsc",
+    "-tsc_early_khz": "-tsc_early_khz",
+    "-lpj": "-lpj",
+    "+lpj=measured": "lpj=auto",
     "+nosmp": "nosmp",
     "+maxcpus=1": "maxcpus=1",
     "+clocksource=tsc": "clocksource=tsc",
@@ -67,10 +75,14 @@ VARIANTS: dict[str, str] = {
 }
 
 
-def floor_initrd(out: Path) -> Path:
-    """An initramfs holding only the static busybox, as ``/sbin/reboot``."""
-    out.write_bytes(cpio_archive([("sbin", stat.S_IFDIR | 0o755, b""),
-                                  (INIT.lstrip("/"), stat.S_IFREG | 0o755, BUSYBOX.read_bytes())]))
+def floor_initrd(out: Path, *, profile: bool = False) -> Path:
+    """An initramfs holding only the static busybox: as ``/sbin/reboot``, or (``profile``) as ``/bin/busybox``
+    with ``/bin/sh`` linked to it."""
+    busybox = BUSYBOX.read_bytes()
+    files = ([("bin", stat.S_IFDIR | 0o755, b""), ("bin/busybox", stat.S_IFREG | 0o755, busybox),
+              ("bin/sh", stat.S_IFLNK | 0o777, b"busybox")] if profile else
+             [("sbin", stat.S_IFDIR | 0o755, b""), (INIT[0].lstrip("/"), stat.S_IFREG | 0o755, busybox)])
+    out.write_bytes(cpio_archive(files))
     return out
 
 
@@ -78,9 +90,9 @@ def _key(token: str) -> str:
     return token.split("=", 1)[0]
 
 
-def apply_variant(base: str, tokens: str, lpj: int | None = None) -> str:
-    """The base command line with a variant's tokens added (``-NAME`` removes ``NAME``), and init made
-    busybox's ``reboot -f``."""
+def apply_variant(base: str, tokens: str, lpj: int | None = None, init: tuple[str, str] = INIT) -> str:
+    """The base command line with a variant's tokens added (``-NAME`` removes ``NAME``), and ``init`` (path,
+    arguments) as init: busybox's ``reboot -f``."""
     words = base.split()
     for token in tokens.split():
         if token.startswith("-"):
@@ -91,8 +103,8 @@ def apply_variant(base: str, tokens: str, lpj: int | None = None) -> str:
                 raise SystemExit("variant lpj=auto needs a profiled boot first (run with --profile)")
             token = f"lpj={lpj}"
         words = [w for w in words if _key(w) != _key(token)] + [token]
-    words = [f"rdinit={INIT}" if _key(w) == "rdinit" else w for w in words]
-    return " ".join([*words, "--", "-f"])
+    words = [f"rdinit={init[0]}" if _key(w) == "rdinit" else w for w in words]
+    return " ".join([*words, "--", init[1]])
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class Floor:
     """The kernel-only VM: kvmrkt's machine, kernel and base command line, no devices, init = ``reboot -f``."""
 
     spec: VMSpec
+    profile_initrd: str
     qemu: str
     work: Path
 
@@ -111,13 +124,15 @@ class Floor:
         acc = choose_accel(accel)
         spec = VMSpec(name="kvmrkt-kernel-floor", accel=acc, memory_mib=cfg.min_memory_mib,
                       vcpus=vcpus, kernel=assets.kernel, initrd=str(floor_initrd(work / "floor.img")),
-                      cmdline=kernel_cmdline(accel=acc, tsc_khz=host_tsc_khz(), debug=False),
+                      cmdline=kernel_cmdline(accel=acc, tsc_khz=host_tsc_khz(), debug=False, vcpus=vcpus,
+                                             acpi=assets.acpi),
                       disks=(), shares=(), ports=(), acpi=assets.acpi)
-        return cls(spec, shutil.which(cfg.qemu) or cfg.qemu, work)
+        return cls(spec, str(floor_initrd(work / "profile.img", profile=True)), shutil.which(cfg.qemu) or cfg.qemu,
+                   work)
 
     @contextlib.contextmanager
     def _started(self, cmdline: str, console: bool) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket | None]]:
-        spec = replace(self.spec, cmdline=cmdline)
+        spec = replace(self.spec, cmdline=cmdline, **({"initrd": self.profile_initrd} if console else {}))
         with runtime_fds(self.work, spec) as fds:
             reader = None
             if console:  # connected before QEMU starts (queued in the backlog), so no early message is lost
@@ -149,15 +164,18 @@ class Floor:
         return time.perf_counter() - begin
 
     def console(self, cmdline: str) -> str:
-        """The serial console of one boot."""
+        """The serial console of one boot with the profile's initramfs (a guest that hangs is killed after
+        ``TIMEOUT_S``: its console so far, where the hang shows)."""
         chunks: list[bytes] = []
-        with self._started(cmdline, console=True) as (proc, reader):
+        deadline = time.monotonic() + TIMEOUT_S
+        with self._started(cmdline, console=True) as (_, reader):
             assert reader is not None
-            reader.settimeout(TIMEOUT_S)
             with contextlib.suppress(TimeoutError):
-                while chunk := reader.recv(65536):
+                while (left := deadline - time.monotonic()) > 0:
+                    reader.settimeout(left)
+                    if not (chunk := reader.recv(65536)):
+                        break
                     chunks.append(chunk)
-            proc.wait(timeout=TIMEOUT_S)
         return b"".join(chunks).decode(errors="replace")
 
 
@@ -190,11 +208,13 @@ def symbols(vmlinux: Path) -> dict[str, str]:
 def timeline(console: str, names: dict[str, str] | None = None, top: int = 10) -> dict[str, object]:
     """What a profiled boot's console says about where the guest's time went (guest clock, seconds)."""
     names = names or {}
-    lines = [(float(m[1]), _ADDR.sub(lambda a: names.get(a[0], a[0]), m[2]))
-             for m in map(_STAMP.match, console.splitlines()) if m]
+    # the messages the quiet console printed come again in the dmesg dump: once each, in guest-clock order
+    lines = sorted(dict.fromkeys((float(m[1]), _ADDR.sub(lambda a: names.get(a[0], a[0]), m[2]))
+                                 for m in map(_STAMP.match, console.splitlines()) if m), key=lambda line: line[0])
     initcalls = sorted(((int(m[2]), names.get(m[1], m[1])) for _, text in lines if (m := _INITCALL.search(text))),
                        reverse=True)
-    gaps = sorted(((b[0] - a[0], a, b) for a, b in itertools.pairwise(lines)), reverse=True)[:top]
+    boot = lines[:next((i + 1 for i, (_, text) in enumerate(lines) if text.startswith(MARKERS["init"])), len(lines))]
+    gaps = sorted(((b[0] - a[0], a, b) for a, b in itertools.pairwise(boot)), reverse=True)[:top]  # up to init
     lpj = re.search(r"\(lpj=(\d+)\)", console)
     return {
         "to_init_s": next((t for t, text in lines if text.startswith(MARKERS["init"])), None),
@@ -220,7 +240,7 @@ def run(floor: Floor, variants: dict[str, str], runs: int, profile: bool) -> dic
         for name, tokens in variants.items():
             if LPJ_AUTO in tokens.split() and lpj is None:
                 continue
-            prof = timeline(floor.console(apply_variant(base, f"{tokens} {PROFILE}", lpj)), names)
+            prof = timeline(floor.console(apply_variant(base, f"{tokens} {PROFILE}", lpj, PROFILE_INIT)), names)
             lpj = lpj or (prof["lpj"] if isinstance(prof["lpj"], int) else None)
             profiles[name] = prof
         out["profiles"] = profiles
@@ -243,6 +263,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--accel", default="auto")
     ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--kernel", default=None, choices=["minimal", "debian-cloud"], help="default: [stage1] kernel")
     ap.add_argument("--profile", action="store_true", help="also print each variant's guest-clock timeline")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:TOKENS",
                     help="measure these variants (and kvmrkt's line) instead of the built-in set")
@@ -253,7 +274,9 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root (the guest assets are root-only)")
     with tempfile.TemporaryDirectory(prefix="kvmrkt-kboot-") as tmp:
-        floor = Floor.create(Path(tmp), load_config().stage1, accel=args.accel, vcpus=args.vcpus)
+        cfg = load_config().stage1
+        floor = Floor.create(Path(tmp), replace(cfg, kernel=args.kernel or cfg.kernel), accel=args.accel,
+                             vcpus=args.vcpus)
         print(json.dumps(run(floor, variants, args.runs, args.profile), indent=2))
 
 

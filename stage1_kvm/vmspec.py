@@ -137,13 +137,45 @@ class VMSpec:
     netns: str | None = ""  # where QEMU runs: a namespace path, "" a new empty one, None the host's
 
 
-def kernel_cmdline(*, accel: str, tsc_khz: int | None, debug: bool) -> str:
-    """The guest kernel command line. Under TCG, ``tsc_early_khz`` skips the TSC calibration that hangs
-    about one boot in six on nested hosts."""
-    parts = ["console=ttyS0", "panic=-1", "reboot=t", "rdinit=/init", "random.trust_cpu=on", "8250.nr_uarts=1"]
+# The lowest tick rate an x86 kernel can have (CONFIG_HZ_100). A preset loops_per_jiffy computed for it is too
+# large for a kernel with a faster tick (kvmrkt's kernels: 250 Hz), so delays can only be longer than asked, never
+# shorter (the admin-guide warns that a wrong lpj makes delays wrong).
+MIN_GUEST_HZ = 100
+
+
+def kernel_cmdline(*, accel: str, tsc_khz: int | None, debug: bool, vcpus: int = 1, acpi: bool = False) -> str:
+    """The guest kernel command line (measured: it is part of the stage1 event). Each lever was measured with
+    ``bench/kernel_boot.py`` (the kernel-only floor, and the guest clock under ``initcall_debug``):
+
+    - ``no_timer_check`` (both accelerators): skips the IO-APIC timer check (``timer_irq_works``: a few ticks of
+      busy-waiting, ~20 ms of guest time under TCG); the timer wiring is QEMU's microvm, known good.
+    - ``tsc_early_khz`` (TCG): skips the TSC calibration against the PIT that hangs about one boot in six on
+      nested hosts.
+    - ``noapictimer`` (TCG, the minimal kernel): TCG has no TSC-deadline timer, so the kernel calibrates the
+      local APIC timer for ~0.24 s of guest time before the first CPU is up (and on this host class often
+      disables it afterwards, "verification failure"); without it the tick comes from the PIT through the
+      IO-APIC, broadcast to other vCPUs. Not with ``acpi`` (Debian's cloud kernel hangs after reaching init
+      without its APIC timer), nor under KVM, where the TSC-deadline timer skips the calibration.
+    - ``tsc=reliable`` (TCG): TCG's TSC is one counter derived from the host's, kept monotonic by QEMU for every
+      vCPU, but TCG's CPU model lacks ``constant_tsc``, so with two or more vCPUs the kernel declares it
+      "unsynchronized" and the pod's clock falls back to refined-jiffies (4 ms resolution); this keeps the TSC
+      and turns off the watchdog, whose false alarms come from emulated timer jitter. Under KVM: kvm-clock.
+    - ``lpj`` (TCG, two or more vCPUs): the first CPU takes loops_per_jiffy from tsc_khz, each other one
+      calibrates its delay loop for ~0.4 s of guest time (``calibrate_delay_direct() failed``); preset for
+      ``MIN_GUEST_HZ`` so a delay is never shorter than asked. Under KVM the other CPUs copy the first one's.
+
+    Measured and not adopted: ``mitigations=off`` (the guest runs hostile code: never), ``nosmp`` (also turns
+    off the IO-APIC that virtio-mmio interrupts use), ``maxcpus=1`` (a no-op for one vCPU), ``lpj`` for one
+    vCPU (already skipped), ``clocksource=`` (no gain), ``lapic=notscdeadline`` (forces the calibration)."""
+    parts = ["console=ttyS0", "panic=-1", "reboot=t", "rdinit=/init", "random.trust_cpu=on", "8250.nr_uarts=1",
+             "no_timer_check"]
     parts.append("loglevel=7" if debug else "quiet")
-    if accel == "tcg" and tsc_khz:
-        parts.append(f"tsc_early_khz={tsc_khz}")
+    if accel == "tcg":
+        parts += ["tsc=reliable", *(() if acpi else ("noapictimer",))]
+        if tsc_khz:
+            parts.append(f"tsc_early_khz={tsc_khz}")
+            if vcpus > 1:
+                parts.append(f"lpj={tsc_khz * 1000 // MIN_GUEST_HZ}")
     return " ".join(parts)
 
 
@@ -200,7 +232,7 @@ def build_vmspec(
         vcpus=jail.vcpus,
         kernel=kernel,
         initrd=POD_INITRD,
-        cmdline=kernel_cmdline(accel=accel, tsc_khz=tsc_khz, debug=debug),
+        cmdline=kernel_cmdline(accel=accel, tsc_khz=tsc_khz, debug=debug, vcpus=jail.vcpus, acpi=acpi),
         disks=tuple(disks),
         shares=shares,
         ports=tuple(ports),

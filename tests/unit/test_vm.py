@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from stage1_kvm.vmspec import (
     escape,
     guest_container_config,
     guest_pod_config,
+    kernel_cmdline,
 )
 
 JAIL = JailSpec(uid=2000000001, gid=2000000001, memory_mib=256, vcpus=1, memory_limit_mib=512, pids_max=1024)
@@ -56,6 +58,46 @@ def test_cmdline_skips_tsc_calibration_only_under_tcg() -> None:
     assert "tsc_early_khz=2500000" in tcg
     assert "tsc_early_khz" not in kvm
     assert "panic=-1" in tcg and "reboot=t" in tcg
+
+
+def test_cmdline_skips_apic_timer_calibration_only_under_tcg() -> None:
+    # TCG has no TSC-deadline timer: the APIC timer calibration costs ~0.24 s of guest time (bench/kernel_boot.py);
+    # under KVM the deadline timer skips it and the APIC timer stays the clock event.
+    tcg = spec(pod()).cmdline.split()
+    kvm = spec(pod(), accel="kvm").cmdline.split()
+    assert "noapictimer" in tcg and "noapictimer" not in kvm
+    # Debian's cloud kernel (devices through ACPI) hangs after init without its APIC timer
+    assert "noapictimer" not in spec(pod(), acpi=True).cmdline.split()
+    assert "no_timer_check" in tcg and "no_timer_check" in kvm
+
+
+def test_cmdline_keeps_the_tsc_clocksource_only_under_tcg() -> None:
+    # TCG's CPU lacks constant_tsc: with 2 vCPUs the kernel called the TSC unsynchronized and the pod's clock fell
+    # back to refined-jiffies (bench/kernel_boot.py --vcpus 2 --profile). KVM guests use kvm-clock.
+    assert "tsc=reliable" in spec(pod()).cmdline.split()
+    assert "tsc=reliable" not in spec(pod(), accel="kvm").cmdline.split()
+
+
+def test_cmdline_presets_lpj_for_other_vcpus_under_tcg_never_shorter_than_the_kernels_tick() -> None:
+    one = kernel_cmdline(accel="tcg", tsc_khz=2_500_000, debug=False, vcpus=1).split()
+    two = kernel_cmdline(accel="tcg", tsc_khz=2_500_000, debug=False, vcpus=2).split()
+    kvm = kernel_cmdline(accel="kvm", tsc_khz=2_500_000, debug=False, vcpus=2).split()
+    unknown = kernel_cmdline(accel="tcg", tsc_khz=None, debug=False, vcpus=2).split()
+    assert not [w for w in one + kvm + unknown if w.startswith("lpj=")]
+    (lpj,) = [int(w.split("=")[1]) for w in two if w.startswith("lpj=")]
+    assert lpj >= 2_500_000 * 1000 // 250  # what the kernel (HZ=250) derives itself: delays only get longer
+    pod2 = build_vmspec(pod(), cfg=Stage1Config(), jail=dataclasses.replace(JAIL, vcpus=2), accel="tcg",
+                        kernel=Path("/k"), rootfs={"web": Path("/x")}, interactive=False, debug=False,
+                        tsc_khz=2_500_000)
+    assert f"lpj={lpj}" in pod2.cmdline.split()  # the pod's vCPU count reaches the command line
+
+
+def test_cmdline_never_trades_isolation_for_boot_time() -> None:
+    # Measured levers that weaken the guest (it runs hostile code) or its interrupts are never on the line.
+    for accel in ("tcg", "kvm"):
+        words = spec(pod(), accel=accel).cmdline.split()
+        assert not {w for w in words if w.split("=")[0] in ("mitigations", "nosmp", "nopti", "spectre_v2")}
+        assert "random.trust_cpu=on" in words
 
 
 def test_argv_is_a_lean_microvm() -> None:
