@@ -152,14 +152,14 @@ def kernel_cmdline(*, accel: str, tsc_khz: int | None, debug: bool, vcpus: int =
     - ``tsc_early_khz`` (TCG): skips the TSC calibration against the PIT that hangs about one boot in six on
       nested hosts.
     - ``noapictimer`` (TCG, the minimal kernel): TCG has no TSC-deadline timer, so the kernel calibrates the
-      local APIC timer for ~0.24 s of guest time before the first CPU is up (and on this host class often
-      disables it afterwards, "verification failure"); without it the tick comes from the PIT through the
+      local APIC timer for ~0.24 s of guest time before the first CPU is up (issue 16's profile saw it then
+      disabled anyway, "verification failure"); without it the tick comes from the PIT through the
       IO-APIC, broadcast to other vCPUs. Not with ``acpi`` (Debian's cloud kernel hangs after reaching init
       without its APIC timer), nor under KVM, where the TSC-deadline timer skips the calibration.
     - ``tsc=reliable`` (TCG): TCG's TSC is one counter derived from the host's, kept monotonic by QEMU for every
       vCPU, but TCG's CPU model lacks ``constant_tsc``, so with two or more vCPUs the kernel declares it
       "unsynchronized" and the pod's clock falls back to refined-jiffies (4 ms resolution); this keeps the TSC
-      and turns off the watchdog, whose false alarms come from emulated timer jitter. Under KVM: kvm-clock.
+      and turns off the clocksource watchdog. Under KVM the clocksource is kvm-clock.
     - ``lpj`` (TCG, two or more vCPUs): the first CPU takes loops_per_jiffy from tsc_khz, each other one
       calibrates its delay loop for ~0.4 s of guest time (``calibrate_delay_direct() failed``); preset for
       ``MIN_GUEST_HZ`` so a delay is never shorter than asked. Under KVM the other CPUs copy the first one's.
