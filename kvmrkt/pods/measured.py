@@ -22,6 +22,21 @@ from measure.events import Event, launch_events
 from measure.tpm import Measurer
 
 
+def _measurer(config: RuntimeConfig, what: str) -> Measurer:
+    """The configured TPM's measurer.
+
+    Raises:
+        TpmUnavailableError: no TPM is configured (fail closed).
+    """
+    cfg = config.measure
+    if not cfg.tcti:
+        raise TpmUnavailableError(
+            f"no TPM is configured and /dev/tpmrm0 does not exist: the {what} cannot be measured",
+            hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
+                 "with --insecure-options=tpm (unmeasured)")
+    return Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
+
+
 def measure_launch(config: RuntimeConfig, store: Store, pod: Pod, manifest: PodManifest, trust: dict[str, Any],
                    facts: dict[str, Any], *, policy_digest: str | None, warn: Callable[[str], None],
                    apps: list[dict[str, Any]] | None = None) -> None:
@@ -31,22 +46,16 @@ def measure_launch(config: RuntimeConfig, store: Store, pod: Pod, manifest: PodM
         warn(f"WARNING: --insecure-options=tpm: pod {pod.uuid} runs UNMEASURED (nothing in the TPM)")
         pod.write_json(MEASURE, {"measured": False, "reason": "--insecure-options=tpm"})
         return
-    cfg = config.measure
-    if not cfg.tcti:
-        raise TpmUnavailableError(
-            "no TPM is configured and /dev/tpmrm0 does not exist: the pod cannot be measured",
-            hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
-                 "with --insecure-options=tpm (unmeasured)")
+    measurer = _measurer(config, "pod")
     deps: list[dict[str, Any]] = []
     if apps is None:
         apps, deps = admission.measured_images(manifest, store, trust)
     events = launch_events(pod=pod.uuid, manifest=manifest.canonical_bytes(), apps=apps, dependencies=deps,
                            stage1=facts, trust={"policy": policy_digest, "decisions": trust},
                            insecure=sorted(config.insecure_options))
-    measurer = Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
     recnums = measurer.measure(events)
     warn_about(measurer, warn)
-    pod.write_json(MEASURE, {"measured": True, "pcr": cfg.pcr, "log": str(measurer.log.path),
+    pod.write_json(MEASURE, {"measured": True, "pcr": measurer.pcr, "log": str(measurer.log.path),
                              "records": recnums, "events": [e.kind for e in events]})
 
 
@@ -69,11 +78,7 @@ def measure_app_added(config: RuntimeConfig, pod: Pod, app: dict[str, Any], *, w
     if "tpm" in config.insecure_options:
         warn(f"WARNING: --insecure-options=tpm: app {app.get('app')} of pod {pod.uuid} runs UNMEASURED")
         return
-    cfg = config.measure
-    if not cfg.tcti:
-        raise TpmUnavailableError("no TPM is configured and /dev/tpmrm0 does not exist: the app cannot be measured",
-                                  hint="set [measure] tcti in config.toml, or run with --insecure-options=tpm")
-    measurer = Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
+    measurer = _measurer(config, "app")
     recnums = measurer.measure([Event("app", {"pod": pod.uuid, **app})])
     warn_about(measurer, warn)
     rec = pod.read_json(MEASURE, {}) or {}
