@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kvmrkt.errors import ManifestError
+from kvmrkt.errors import ConfigError, ManifestError
 from kvmrkt.ocirt import sandbox
 from kvmrkt.ocirt.bundle import load_bundle
 
@@ -122,3 +122,13 @@ def test_a_kubernetes_pod_asking_for_the_nodes_namespaces_is_refused(tmp_path: P
         with pytest.raises(ManifestError, match=f"the pod asks for {field}"):
             sandbox.check_cri_namespaces(b)
     sandbox.check_cri_namespaces(load_bundle(bundle(tmp_path, annotations={}, linux__namespaces=[])))  # not a pod's
+
+
+def test_start_refuses_a_fifo_nobody_holds_and_a_file_that_is_no_fifo(tmp_path: Path) -> None:
+    sandbox.make_fifo(tmp_path)
+    with pytest.raises(ConfigError, match="did not take the start"):  # the holder is gone: no writer
+        sandbox.release(tmp_path, timeout=0.2)
+    (tmp_path / sandbox.EXEC_FIFO).unlink()
+    (tmp_path / sandbox.EXEC_FIFO).write_text("planted")
+    with pytest.raises(ConfigError, match="is not the container's start fifo"):
+        sandbox.release(tmp_path, timeout=0.2)
