@@ -436,9 +436,13 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
         for path in work.iterdir():
             os.chmod(path, 0o600)
         final = root / key
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            work.rename(final)
+        except OSError as exc:  # another build of the same shape won the race
+            raise TemplateError(f"template {key} could not be put in place: {exc}",
+                                hint="is another `kvmrkt stage1 template build` running? try again") from exc
         (root / WANTED / f"{key}.json").unlink(missing_ok=True)
         return _load(final)
     finally:
