@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -310,7 +311,7 @@ class Kvmrkt:
         if "cgroup_parent" not in text:
             text = text.replace("[jail]\n", f'[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n', 1) if "[jail]\n" in \
                 text else text + f'\n[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n'
-        line = "" if "templates" in text else (
+        line = "" if re.search(r"^templates(_dir)? *=", text, re.M) else (
             f'templates_dir = "{self.templates}"\n' if self.templates else "templates = false\n")
         if self.backend != "qemu":
             line += f'backend = "{self.backend}"\n'
