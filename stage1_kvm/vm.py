@@ -36,6 +36,7 @@ from kvmrkt.errors import (
     VMLaunchError,
 )
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
 from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
@@ -95,6 +96,20 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class _GuestStamps:
+    """Timeline stamps (``kvmrkt.host.timeline``) when the guest status first shows the init ready, an app
+    started, and every app done."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, st: GuestState) -> None:
+        for stage, reached in (("guest-ready", st.ready), ("app-started", bool(st.pids)), ("apps-done", st.done)):
+            if reached and stage not in self.seen:
+                self.seen.add(stage)
+                stamp(stage)
 
 
 class _StopRequest:
@@ -165,6 +180,7 @@ class VmStage1(Stage1):
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
+        stamp("assets-verified")
         exported = opts.shared_export or any(v.kind in BIND_KINDS for v in manifest.volumes)
         if "9p" not in assets.features and (opts.shared_roots or exported
                                             or any(v.kind == "host" for v in manifest.volumes)):
@@ -202,6 +218,7 @@ class VmStage1(Stage1):
                                   tty=opts.tty, shared_export=exported)
         initrd = pod.file(POD_INITRD)
         pod_initrd(assets.initrd, config, initrd)
+        stamp("initrd-written")
         os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
         os.chmod(initrd, 0o640)
         record = {
@@ -267,6 +284,7 @@ class VmStage1(Stage1):
         started = time.monotonic()
         stopping = StopEscalation(cfg.stop_timeout)
         stdin_thread: threading.Thread | None = None
+        stamp_guest = _GuestStamps()
         with _StopRequest() as stop:
             while proc.poll() is None:
                 st = agent.read_status(pod.file(GUEST_STATUS))
@@ -278,6 +296,7 @@ class VmStage1(Stage1):
                     proc.wait()
                     raise Stage1Error(f"the guest wrote more than {agent.MAX_FRAME} bytes of status messages (a "
                                       "broken or hostile guest): the VM was killed")
+                stamp_guest(st)
                 if opts.interactive and stdin_thread is None and st.ready:
                     stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
                     stdin_thread.start()
@@ -301,6 +320,7 @@ class VmStage1(Stage1):
                 if stopping.kill_due():
                     proc.kill()
                 time.sleep(0.005 if now - started < 2 else 0.02)
+        stamp("vm-exited")
         for error in outputs.finish():
             stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
         st = agent.read_status(pod.file(GUEST_STATUS))
