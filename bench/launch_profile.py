@@ -5,12 +5,12 @@ stage of the launch on the monotonic clock (CLI start, imports done, image resol
 verified, pod prepared, network up, assets verified, per-pod initramfs written, measured, jail built, QEMU
 spawned, guest init ready, app started, apps done, VM exited, network down), and this script adds its own
 stamps for the process spawned and ended. It prints JSON: for ``--net=none`` and ``--net=default``, the median
-time spent in each stage (from the previous stamp to this one), the median total, and which stages are the
-host's (everything but guest boot and the app). With ``--compare TREE`` the same command from another source tree
-(an older commit, e.g. from ``git worktree add`` or ``git archive``) runs interleaved with this one (ABAB...),
-and its total medians and the ratio are reported: a before/after table from one run. Modules are
-byte-compiled as in an installed package (``bench/pycache.py``). ``--importtime`` adds the
-largest imports of one run (``python -X importtime``), by cumulative microseconds.
+time spent in each stage (from the previous stamp to this one), the median total, which stages are the host's
+(everything but guest boot and the app), and the CLI process's own CPU time. With ``--compare TREE`` the same
+command from another source tree (an older commit, e.g. from ``git archive``) runs interleaved with this one
+(ABAB...), and its total medians, the ratio and (if it has the timeline) its stages are reported: a
+before/after table from one run. Modules are byte-compiled as in an installed package (``bench/pycache.py``).
+``--importtime`` adds the largest imports of one run (``python -X importtime``), by cumulative microseconds.
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/launch_profile.py [--runs N] [--net none,default] [--compare TREE] [--importtime]
@@ -42,8 +42,11 @@ def _command(tree: Path, data: Path, etc: Path, net: str) -> tuple[list[str], di
     return argv, {**os.environ, "PYTHONPATH": str(tree)}
 
 
-def _one(argv: list[str], env: dict[str, str], *, gc: list[str]) -> tuple[float, list[tuple[str, float]]]:
-    """One run: its total and its stages, each as seconds since the process was spawned."""
+Sample = list[tuple[str, float, float]]  # (stage, seconds since spawn, the CLI's own CPU seconds so far)
+
+
+def _one(argv: list[str], env: dict[str, str], *, gc: list[str]) -> tuple[float, Sample]:
+    """One run: its total and its stages."""
     rfd, wfd = os.pipe()
     begin = time.monotonic_ns()
     proc = subprocess.Popen(argv, env={**env, "KVMRKT_TIMELINE_FD": str(wfd)}, pass_fds=[wfd], cwd=REPO,
@@ -56,17 +59,22 @@ def _one(argv: list[str], env: dict[str, str], *, gc: list[str]) -> tuple[float,
     if proc.returncode != 0:
         sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{err.decode()[-2000:]}")
     subprocess.run(gc, env=env, capture_output=True, check=True)
-    stages = [(name, (int(ns) - begin) / 1e9) for ns, name in (line.split(" ", 1) for line in text.splitlines())]
-    return (end - begin) / 1e9, [*stages, ("cli-exited", (end - begin) / 1e9)]
+    stages = [(name, (int(ns) - begin) / 1e9, int(cpu) / 1e9)
+              for ns, cpu, name in (line.split(" ", 2) for line in text.splitlines())]
+    return (end - begin) / 1e9, [*stages, ("cli-exited", (end - begin) / 1e9, stages[-1][2] if stages else 0.0)]
 
 
-def _profile(samples: list[list[tuple[str, float]]]) -> dict[str, object]:
-    """Median time of each stage (since the previous stamp), in the order the stages were reached."""
+def _profile(samples: list[Sample]) -> dict[str, object]:
+    """Median wall time of each stage (since the previous stamp), in the order the stages were reached; the
+    host's and the guest's share; and the CLI's own CPU time (its children's, QEMU's and the plugins', not
+    included), which a busy host disturbs less than wall times."""
+    if not samples or len(samples[0]) < 2:
+        return {}
     order: list[str] = []
     spans: dict[str, list[float]] = {}
     for stages in samples:
         prev = 0.0
-        for name, at in stages:
+        for name, at, _cpu in stages:
             if name not in spans:
                 order.append(name)
                 spans[name] = []
@@ -74,7 +82,9 @@ def _profile(samples: list[list[tuple[str, float]]]) -> dict[str, object]:
             prev = at
     medians = {name: round(statistics.median(spans[name]) * 1000, 1) for name in order}
     guest = sum(v for k, v in medians.items() if k in GUEST_STAGES)
-    return {"stage_ms": medians, "host_ms": round(sum(medians.values()) - guest, 1), "guest_ms": round(guest, 1)}
+    cpu = statistics.median(stages[-1][2] for stages in samples)
+    return {"stage_ms": medians, "host_ms": round(sum(medians.values()) - guest, 1), "guest_ms": round(guest, 1),
+            "cli_cpu_ms": round(cpu * 1000, 1)}
 
 
 def _importtime(argv: list[str], env: dict[str, str], gc: list[str], top: int = 25) -> dict[str, int]:
@@ -125,17 +135,18 @@ def _bench(work: Path, args: argparse.Namespace) -> dict[str, object]:
             for name in trees:  # warm the page cache
                 _one(*cmds[name], gc=gcs[name])
             totals: dict[str, list[float]] = {name: [] for name in trees}
-            samples = []
+            samples: dict[str, list[Sample]] = {name: [] for name in trees}
             for _ in range(args.runs):
                 for name in trees:
                     total, stages = _one(*cmds[name], gc=gcs[name])
                     totals[name].append(total)
-                    if name == "this":
-                        samples.append(stages)
+                    samples[name].append(stages)
             result: dict[str, object] = {"total_median_s": {k: round(statistics.median(v), 3)
                                                             for k, v in totals.items()},
                                          "total_s": {k: [round(x, 3) for x in v] for k, v in totals.items()},
-                                         **_profile(samples)}
+                                         **_profile(samples["this"])}
+            if args.compare:  # a baseline with the timeline (any commit since it exists) is profiled as well
+                result["baseline"] = _profile(samples["baseline"])
             if args.compare:
                 result["ratio_this_to_baseline"] = round(statistics.median(totals["this"])
                                                          / statistics.median(totals["baseline"]), 3)

@@ -1,6 +1,7 @@
 """Launch timeline: monotonic stamps at the stages of a command, for ``bench/launch_profile.py``.
 
-Role: ``stamp("stage")`` writes one line ``<CLOCK_MONOTONIC ns> <stage>`` to the file descriptor named by the
+Role: ``stamp("stage")`` writes one line ``<CLOCK_MONOTONIC ns> <CPU ns> <stage>`` (the CPU time is this process's
+own, all threads, without its children's) to the file descriptor named by the
 environment variable ``KVMRKT_TIMELINE_FD``, and does nothing at all when it is unset (the normal case). The
 profiler passes the write end of a pipe; it reads the same clock, so its own stamps (process spawned, process
 ended) line up with these. Trust boundary: the variable comes from whoever started this process (root's own
@@ -33,6 +34,6 @@ def stamp(stage: str) -> None:
     if _FD is None:
         return
     try:
-        os.write(_FD, f"{time.monotonic_ns()} {stage}\n".encode())
+        os.write(_FD, f"{time.monotonic_ns()} {time.process_time_ns()} {stage}\n".encode())
     except OSError:
         _FD = None

@@ -26,9 +26,9 @@ def test_stamps_go_to_the_named_descriptor_in_order() -> None:
         lines = os.read(rfd, 4096).decode().splitlines()
     finally:
         os.close(rfd)
-    assert [line.split(" ")[1] for line in lines] == ["one", "two"]
-    first, second = (int(line.split(" ")[0]) for line in lines)
-    assert 0 < first <= second
+    assert [line.split(" ")[2] for line in lines] == ["one", "two"]
+    (first, cpu1), (second, cpu2) = ((int(x) for x in line.split(" ")[:2]) for line in lines)
+    assert 0 < first <= second and 0 < cpu1 <= cpu2
 
 
 def test_unset_bad_or_closed_descriptors_are_ignored() -> None:
@@ -47,7 +47,7 @@ def test_the_cli_stamps_its_start_and_imports() -> None:
                               env={**os.environ, "PYTHONPATH": str(REPO), "KVMRKT_TIMELINE_FD": str(wfd)},
                               check=False)
         os.close(wfd)
-        stages = [line.split(" ")[1] for line in os.read(rfd, 4096).decode().splitlines()]
+        stages = [line.split(" ")[2] for line in os.read(rfd, 4096).decode().splitlines()]
     finally:
         os.close(rfd)
     assert proc.returncode == 0, proc.stderr
