@@ -26,7 +26,7 @@ from kvmrkt.net.network import Intent, PodNetworks
 from kvmrkt.pods import confinement, labels
 from kvmrkt.pods import jail as jails
 from kvmrkt.pods.manifest import PodManifest
-from kvmrkt.pods.measured import measure_launch
+from kvmrkt.pods.measured import measure_launch, prepare_to_measure
 from kvmrkt.pods.pod import Phase, Pod
 from kvmrkt.pods.prepare import PodOptions, Preparer
 from kvmrkt.pods.records import EXIT, TRUST, ExitRecord, backend_for, pod_manifest
@@ -93,6 +93,7 @@ class Launcher:
         """
         if pod.lock_fd is None:
             pod.lock()
+        prepare_to_measure(self.config)
         try:
             pod.refresh()
             if pod.phase != Phase.PREPARED:
@@ -167,6 +168,7 @@ class Launcher:
         """prepare + run-prepared without letting another process take the pod in between."""
         if interactive and len(apps) != 1 and opts.pod_manifest is None:
             raise ConfigError("--interactive needs a pod with exactly one app")
+        prepare_to_measure(self.config)
         pod = self.preparer.prepare(apps, opts, progress=progress, keep_lock=True)
         on_prepared(pod)
         return self.run_prepared(pod, interactive=interactive, accel=accel, stdout=stdout, stderr=stderr,
