@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ from kvmrkt.errors import (
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
+from kvmrkt.host.watch import Waker
 from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.stopping import StopEscalation
@@ -285,7 +287,8 @@ class VmStage1(Stage1):
         stopping = StopEscalation(cfg.stop_timeout)
         stdin_thread: threading.Thread | None = None
         stamp_guest = _GuestStamps()
-        with _StopRequest() as stop:
+        pid = proc.pid if isinstance(proc, subprocess.Popen) else None  # libvirt's VMM is not our child
+        with _StopRequest() as stop, Waker(pod.file(GUEST_STATUS), pid) as waker:
             while proc.poll() is None:
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
@@ -319,7 +322,8 @@ class VmStage1(Stage1):
                             stopping.unanswered()
                 if stopping.kill_due():
                     proc.kill()
-                time.sleep(0.005 if now - started < 2 else 0.02)
+                # A status line or the VMM's end wakes it at once, a stop request (signal) within 0.1 s.
+                waker.wait(0.1, unwatched=0.005 if now - started < 2 else 0.02)
         stamp("vm-exited")
         for error in outputs.finish():
             stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
