@@ -37,6 +37,8 @@ GUEST_STAGES = ("guest-ready", "app-started", "apps-done", "vm-exited")
 
 
 def _command(tree: Path, data: Path, etc: Path, net: str) -> tuple[list[str], dict[str, str]]:
+    """The command and its environment; it runs in / (``python -m`` imports from its working directory first,
+    which would make every tree run the one it was started in)."""
     argv = [sys.executable, "-m", "kvmrkt", "--dir", str(data), "--config-dir", str(etc), "run", "--accel=tcg",
             f"--net={net}", "busybox", "--exec", "/bin/true"]
     return argv, {**os.environ, "PYTHONPATH": str(tree)}
@@ -49,7 +51,7 @@ def _one(argv: list[str], env: dict[str, str], *, gc: list[str]) -> tuple[float,
     """One run: its total and its stages."""
     rfd, wfd = os.pipe()
     begin = time.monotonic_ns()
-    proc = subprocess.Popen(argv, env={**env, "KVMRKT_TIMELINE_FD": str(wfd)}, pass_fds=[wfd], cwd=REPO,
+    proc = subprocess.Popen(argv, env={**env, "KVMRKT_TIMELINE_FD": str(wfd)}, pass_fds=[wfd], cwd="/",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as stamps:
@@ -88,7 +90,7 @@ def _profile(samples: list[Sample]) -> dict[str, object]:
 
 
 def _importtime(argv: list[str], env: dict[str, str], gc: list[str], top: int = 25) -> dict[str, int]:
-    proc = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env, cwd=REPO, capture_output=True,
+    proc = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env, cwd="/", capture_output=True,
                           check=True)
     subprocess.run(gc, env=env, capture_output=True, check=True)
     rows = []
