@@ -57,7 +57,7 @@ def _pytss() -> Any:
 
 def preload() -> None:
     """Start importing tpm2_pytss (and cryptography under it: ~0.1 s) in the background, for a command that will
-    measure: it then overlaps the command's waits for other programs and for the disk. Nothing depends on it
+    measure: it then overlaps the command's waits for other programs (a launch's network plugins). Nothing depends on it
     succeeding: ``esapi`` imports (or waits for this import to finish) as before, and reports its errors."""
     if "tpm2_pytss" not in sys.modules:
         threading.Thread(target=_quiet_import, name="tpm2-pytss-preload", daemon=True).start()

@@ -93,7 +93,6 @@ class Launcher:
         """
         if pod.lock_fd is None:
             pod.lock()
-        prepare_to_measure(self.config)
         try:
             pod.refresh()
             if pod.phase != Phase.PREPARED:
@@ -134,6 +133,7 @@ class Launcher:
             stamp("measured")
 
         pod.move(Phase.RUN)
+        prepare_to_measure(self.config)  # while the network's plugins run (the GIL is free while they do)
         try:
             network = self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid))
             stamp("network-up")
@@ -168,7 +168,6 @@ class Launcher:
         """prepare + run-prepared without letting another process take the pod in between."""
         if interactive and len(apps) != 1 and opts.pod_manifest is None:
             raise ConfigError("--interactive needs a pod with exactly one app")
-        prepare_to_measure(self.config)
         pod = self.preparer.prepare(apps, opts, progress=progress, keep_lock=True)
         on_prepared(pod)
         return self.run_prepared(pod, interactive=interactive, accel=accel, stdout=stdout, stderr=stderr,

@@ -38,7 +38,9 @@ def _measurer(config: RuntimeConfig, what: str) -> Measurer:
 
 
 def prepare_to_measure(config: RuntimeConfig) -> None:
-    """A launch that will be measured starts loading the TPM library now (``measure.tpm.preload``)."""
+    """A launch that will be measured starts loading the TPM library now (``measure.tpm.preload``). Called as
+    the network is set up: started earlier, while the pod is prepared, the import competed with Python work
+    for the interpreter lock and gained nothing (measured)."""
     if "tpm" not in config.insecure_options and config.measure.tcti:
         preload()
 
