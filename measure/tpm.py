@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,19 +51,6 @@ def _pytss() -> Any:
         warnings.simplefilter("ignore")
         import tpm2_pytss
     return tpm2_pytss
-
-
-def preload() -> None:
-    """Start importing tpm2_pytss (and cryptography under it: ~0.1 s) in the background, for a command that will
-    measure: it then overlaps the command's waits for other programs (a launch's network plugins). Nothing depends on it
-    succeeding: ``esapi`` imports (or waits for this import to finish) as before, and reports its errors."""
-    if "tpm2_pytss" not in sys.modules:
-        threading.Thread(target=_quiet_import, name="tpm2-pytss-preload", daemon=True).start()
-
-
-def _quiet_import() -> None:
-    with contextlib.suppress(Exception):  # reported by the real import in esapi(), if it fails again
-        _pytss()
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from kvmrkt.net.network import Intent, PodNetworks
 from kvmrkt.pods import confinement, labels
 from kvmrkt.pods import jail as jails
 from kvmrkt.pods.manifest import PodManifest
-from kvmrkt.pods.measured import measure_launch, prepare_to_measure
+from kvmrkt.pods.measured import measure_launch
 from kvmrkt.pods.pod import Phase, Pod
 from kvmrkt.pods.prepare import PodOptions, Preparer
 from kvmrkt.pods.records import EXIT, TRUST, ExitRecord, backend_for, pod_manifest
@@ -133,7 +133,6 @@ class Launcher:
             stamp("measured")
 
         pod.move(Phase.RUN)
-        prepare_to_measure(self.config)  # while the network's plugins run (the GIL is free while they do)
         try:
             network = self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid))
             stamp("network-up")

@@ -19,7 +19,7 @@ from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.records import MEASURE
 from kvmrkt.trust import admission
 from measure.events import Event, launch_events
-from measure.tpm import Measurer, preload
+from measure.tpm import Measurer
 
 
 def _measurer(config: RuntimeConfig, what: str) -> Measurer:
@@ -35,14 +35,6 @@ def _measurer(config: RuntimeConfig, what: str) -> Measurer:
             hint='set [measure] tcti in config.toml (e.g. "swtpm:port=2321" for an emulated TPM), or run '
                  "with --insecure-options=tpm (unmeasured)")
     return Measurer(cfg.tcti, cfg.pcr, cfg.log_dir)
-
-
-def prepare_to_measure(config: RuntimeConfig) -> None:
-    """A launch that will be measured starts loading the TPM library now (``measure.tpm.preload``). Called as
-    the network is set up: started earlier, while the pod is prepared, the import competed with Python work
-    for the interpreter lock and gained nothing (measured)."""
-    if "tpm" not in config.insecure_options and config.measure.tcti:
-        preload()
 
 
 def measure_launch(config: RuntimeConfig, store: Store, pod: Pod, manifest: PodManifest, trust: dict[str, Any],
