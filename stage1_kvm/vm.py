@@ -55,9 +55,9 @@ from kvmrkt.stage1 import (
     RunResult,
     Stage1,
 )
-from stage1_kvm import agent, ctlmux, export
+from stage1_kvm import agent, ctlmux, export, template
 from stage1_kvm import jail as jails
-from stage1_kvm.assets import load_assets, pod_initrd
+from stage1_kvm.assets import Assets, load_assets, pod_initrd
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump, Stream
 from stage1_kvm.vmspec import (
@@ -71,6 +71,7 @@ from stage1_kvm.vmspec import (
     QMP_SOCKET,
     SIG_SOCKET,
     STDIN_SOCKET,
+    VMSpec,
     app_log,
     build_vmspec,
     export_path,
@@ -223,6 +224,7 @@ class VmStage1(Stage1):
         stamp("initrd-written")
         os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
         os.chmod(initrd, 0o640)
+        tmpl = self._template(spec, assets, vmm)
         record = {
             "backend": self.name,
             "interface_version": self.interface_version,
@@ -231,6 +233,7 @@ class VmStage1(Stage1):
             "initrd": {"path": str(assets.initrd), "digest": str(assets.initrd_digest)},
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
+            "template": tmpl.describe() if tmpl else None,
         }
         opts.before_boot({
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
@@ -238,14 +241,18 @@ class VmStage1(Stage1):
             "vmm_guard": str(assets.guard_digest),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
             "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
+            **({"template": {"key": tmpl.key, "state": tmpl.digest, "initrd": tmpl.initrd_digest}} if tmpl else {}),
         })  # fmt: skip
         outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
         try:
             if exported:
                 export.up(pod, manifest, opts.jail, self.config.data_dir)
-            with ctlmux.serve(pod.path, stderr):  # enter sessions, for the VM's life
-                vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs)
+            with ctlmux.serve(pod.path, stderr, held=tmpl is not None) as mux:  # enter sessions, for the VM's life
+                vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs,
+                                    template=tmpl)
                 try:
+                    if tmpl:
+                        mux.handoff(template.handoff_frame(config))
                     return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
                 finally:
                     if vm.poll() is None:
@@ -254,6 +261,20 @@ class VmStage1(Stage1):
         finally:
             outputs.finish()
             self._unjail(pod)
+
+    def _template(self, spec: VMSpec, assets: Assets, vmm: str) -> template.Template | None:
+        """The template to restore this pod's VM from (None: boot it), where the backend and config allow; a
+        shape without one is recorded as wanted."""
+        cfg = self.config.stage1
+        if not (cfg.templates and self.hv.templates):
+            return None
+        shape = template.shape_of(spec, assets=assets, qemu=vmm)
+        if shape is None:
+            return None
+        found = template.find(cfg, shape)
+        if found is None:
+            template.want(cfg, shape)
+        return found
 
     def _outputs(self, pod: Pod, manifest: PodManifest, *, stdout: IO[bytes], stderr: IO[bytes]) -> OutputPump:
         """The VM's console and app output: bounded logs in the pod directory, the apps' copied to our stdout

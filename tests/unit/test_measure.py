@@ -155,6 +155,23 @@ def test_reference_policy_pins_the_vmm_guard() -> None:
     assert launch.problems == ["stage1 vmm_guard sha256:g is not an allowed digest"]
 
 
+def test_reference_policy_pins_the_vm_templates_a_pod_may_be_restored_from() -> None:
+    from measure.attest import Launch, evaluate
+
+    booted, restored = Launch("b"), Launch("r")
+    booted.stage1 = {"kernel": "sha256:k"}
+    restored.stage1 = {"kernel": "sha256:k", "template": {"key": "k1", "state": "sha256:t", "initrd": "sha256:i"}}
+    for launch in (booted, restored):
+        evaluate(launch, {"stage1": {"template": ["sha256:t"]}})
+        evaluate(launch, {"stage1": {}})  # no "template" key: restored pods are accepted (and reported)
+    assert booted.problems == [] and restored.problems == []
+    for launch in (booted, restored):
+        evaluate(launch, {"stage1": {"template": []}})  # no restored pod at all
+    assert booted.problems == []
+    assert restored.problems == ["the pod VM was restored from VM template sha256:t, which is not an allowed "
+                                 "template digest"]
+
+
 def test_reference_policy_judges_each_image_by_its_own_signers() -> None:
     """An unsigned app renamed to a trusted name does not borrow another app's signer; a dependency is judged
     on its own."""
