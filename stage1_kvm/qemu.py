@@ -24,6 +24,7 @@ from typing import Any
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import AccelError, Stage1Error
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.timeline import stamp
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import agent
@@ -135,6 +136,7 @@ class QemuProcess(QemuHypervisor):
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
                                     vmm=Path(vmm))
         cg = jails.PodJail(pod, self.config.data_dir).up(spec, jail, layout)
+        stamp("jail-built")
         assert pod.lock_fd is not None and cg is not None
         root = pod.file(jails.ROOT)
         root.mkdir(exist_ok=True, mode=0o700)
@@ -147,6 +149,7 @@ class QemuProcess(QemuHypervisor):
                 proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd, *fds.values()],
                                    cwd=pod.path, exec_label=opts.exec_label, netns=spec.netns,
                                    setup=jails.confine(root, layout, jail.uid, jail.gid, cg.procs_files))
+        stamp("qemu-spawned")
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
         if template:
             try:

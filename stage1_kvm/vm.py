@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,7 +37,9 @@ from kvmrkt.errors import (
     VMLaunchError,
 )
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
+from kvmrkt.host.watch import Waker
 from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.stopping import StopEscalation
@@ -96,6 +99,20 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class _GuestStamps:
+    """Timeline stamps (``kvmrkt.host.timeline``) when the guest status first shows the init ready, an app
+    started, and every app done."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, st: GuestState) -> None:
+        for stage, reached in (("guest-ready", st.ready), ("app-started", bool(st.pids)), ("apps-done", st.done)):
+            if reached and stage not in self.seen:
+                self.seen.add(stage)
+                stamp(stage)
 
 
 class _StopRequest:
@@ -166,6 +183,7 @@ class VmStage1(Stage1):
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
+        stamp("assets-verified")
         exported = opts.shared_export or any(v.kind in BIND_KINDS for v in manifest.volumes)
         if "9p" not in assets.features and (opts.shared_roots or exported
                                             or any(v.kind == "host" for v in manifest.volumes)):
@@ -203,6 +221,7 @@ class VmStage1(Stage1):
                                   tty=opts.tty, shared_export=exported)
         initrd = pod.file(POD_INITRD)
         pod_initrd(assets.initrd, config, initrd)
+        stamp("initrd-written")
         os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
         os.chmod(initrd, 0o640)
         tmpl = self._template(spec, assets, vmm)
@@ -288,7 +307,9 @@ class VmStage1(Stage1):
         started = time.monotonic()
         stopping = StopEscalation(cfg.stop_timeout)
         stdin_thread: threading.Thread | None = None
-        with _StopRequest() as stop:
+        stamp_guest = _GuestStamps()
+        pid = proc.pid if isinstance(proc, subprocess.Popen) else None  # libvirt's VMM is not our child
+        with _StopRequest() as stop, Waker(pod.file(GUEST_STATUS), pid) as waker:
             while proc.poll() is None:
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
@@ -299,6 +320,7 @@ class VmStage1(Stage1):
                     proc.wait()
                     raise Stage1Error(f"the guest wrote more than {agent.MAX_FRAME} bytes of status messages (a "
                                       "broken or hostile guest): the VM was killed")
+                stamp_guest(st)
                 if opts.interactive and stdin_thread is None and st.ready:
                     stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
                     stdin_thread.start()
@@ -321,7 +343,9 @@ class VmStage1(Stage1):
                             stopping.unanswered()
                 if stopping.kill_due():
                     proc.kill()
-                time.sleep(0.005 if now - started < 2 else 0.02)
+                # A status line or the VMM's end wakes it at once, a stop request (signal) within 0.1 s.
+                waker.wait(0.1, unwatched=0.005 if now - started < 2 else 0.02)
+        stamp("vm-exited")
         for error in outputs.finish():
             stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
         st = agent.read_status(pod.file(GUEST_STATUS))
