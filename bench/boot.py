@@ -3,8 +3,11 @@ command line, measured in the same run. Prints JSON: medians, ratio, the same ru
 the cost of the VMM jail (the bare QEMU started jailed as kvmrkt starts it: its cgroup created, limited and
 removed, the mount namespace and private root built, privileges dropped, the guard's filter, versus started
 plainly as root; and the same for ``/bin/true``, which shows the jail's own cost without the VM's noise), and
-the host memory of the QEMU process outside guest RAM; and the kernel-only floor (``bench/kernel_boot.py``: the same
-kernel and command line, an initramfs whose init is ``reboot -f``).
+the host memory of the QEMU process outside guest RAM; the kernel-only floor (``bench/kernel_boot.py``: the same
+kernel and command line, an initramfs whose init is ``reboot -f``); ``kvmrkt run`` restored from a VM template
+(``stage1_kvm.template``: the bench builds templates of both shapes first, in a directory of its own), on no
+network and on the default one; and the host memory of idle pods, two side by side, booted and restored (PSS, so
+pages they share count once: QEMU's, its guest RAM's, and the supervising ``kvmrkt run``'s).
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/boot.py [--runs N] [--accel auto|tcg|kvm] [--kernel minimal|debian-cloud]
@@ -153,6 +156,64 @@ def _overhead_mib(bare: Bare) -> dict[str, float]:
                 "qemu_overhead_mib": round((total - guest) / 1024, 1)}
 
 
+def _pss_kib(pid: int, *, guest_mib: int = 0) -> tuple[int, int]:
+    """A process's PSS, and the PSS of its guest RAM mapping (the one of exactly ``guest_mib``), in KiB."""
+    total = guest = size = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "Size:":
+            size = int(parts[1])
+        elif len(parts) >= 2 and parts[0] == "Pss:":
+            total += int(parts[1])
+            guest += int(parts[1]) if guest_mib and size == guest_mib * 1024 else 0
+    return total, guest
+
+
+def _idle_pods(kvmrkt: list[str], data: Path, count: int) -> dict[str, float]:
+    """Start ``count`` pods whose app sleeps, side by side, and read each one's host memory once all are idle:
+    PSS (shared pages counted once across them) of QEMU and of the supervising ``kvmrkt run``, and how much of
+    QEMU's is guest RAM."""
+    procs, uuids = [], []
+    for i in range(count):
+        uuid_file = data / f"idle-{time.monotonic_ns()}-{i}"
+        procs.append(subprocess.Popen([*kvmrkt, "run", "--net=none", "--uuid-file-save", str(uuid_file), "busybox",
+                                       "--exec", "/bin/sleep", "--", "600"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        uuids.append(uuid_file)
+    try:
+        deadline = time.monotonic() + 120
+        pods = []
+        for uuid_file in uuids:
+            while not (uuid_file.exists() and uuid_file.read_text().strip()
+                       and "START" in _read(data / "pods" / "run" / uuid_file.read_text().strip() / "guest-status")):
+                if time.monotonic() > deadline:
+                    sys.exit("idle pods did not start")
+                time.sleep(0.05)
+            pods.append(data / "pods" / "run" / uuid_file.read_text().strip())
+        time.sleep(1.0)
+        qemu = guest = supervisor = 0
+        for pod, proc in zip(pods, procs, strict=True):
+            rec = json.loads((pod / "stage1-run.json").read_text())
+            total, ram = _pss_kib(json.loads((pod / "pid").read_text())["pid"], guest_mib=rec["memory_mib"])
+            qemu, guest, supervisor = qemu + total, guest + ram, supervisor + _pss_kib(proc.pid)[0]
+        return {"qemu_pss_mib": round(qemu / count / 1024, 1), "guest_ram_pss_mib": round(guest / count / 1024, 1),
+                "supervisor_pss_mib": round(supervisor / count / 1024, 1),
+                "beyond_guest_ram_mib": round((qemu - guest + supervisor) / count / 1024, 1)}
+    finally:
+        for uuid_file in uuids:
+            if uuid_file.exists():
+                subprocess.run([*kvmrkt, "stop", "--force", uuid_file.read_text().strip()], capture_output=True)
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -169,9 +230,15 @@ def _bench(work: Path, runs: int, requested_accel: str, kernel: str) -> dict[str
     etc.mkdir()
     # The real launch path: trust check (a policy that accepts the bench image) and measured launch into a swtpm.
     with swtpm(work) as tcti:
-        (etc / "config.toml").write_text(f'[stage1]\nkernel = "{kernel}"\n[measure]\ntcti = "{tcti}"\n'
-                                         f'log_dir = "{data / "measure"}"\n')  # the bench TPM's own log
-        (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        # Cold boots (templates off), and, with a config of its own, pods restored from the bench's templates.
+        templates = work / "templates"
+        templates.mkdir(mode=0o700)
+        for config_dir, stage1 in ((etc, "templates = false"), (work / "etc-tmpl", f'templates_dir = "{templates}"')):
+            config_dir.mkdir(exist_ok=True)
+            (config_dir / "config.toml").write_text(
+                f'[stage1]\nkernel = "{kernel}"\n{stage1}\n[measure]\ntcti = "{tcti}"\n'
+                f'log_dir = "{data / "measure"}"\n')  # the bench TPM's own log
+            (config_dir / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
         return _measure_runs(work, data, etc, runs, requested_accel)
 
 
@@ -205,20 +272,31 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
     # measured separately in the same run.
     run_argv = [*kvmrkt, "run", f"--accel={accel}", "--net=none", "busybox", "--exec", "/bin/true"]
     net_argv = [*kvmrkt, "run", f"--accel={accel}", "--net=default", "busybox", "--exec", "/bin/true"]
+    templated = [*kvmrkt[:-1], str(work / "etc-tmpl")]
+    tmpl_argv = [*templated, *run_argv[len(kvmrkt):]]
+    tmpl_net_argv = [*templated, *net_argv[len(kvmrkt):]]
     _time(run_argv, REPO)  # warm the page cache for all
     _time(net_argv, REPO)
+    for argv in (tmpl_argv, tmpl_net_argv):  # records the two shapes, which the build then makes templates of
+        _time(argv, REPO)
+    build_began = time.perf_counter()
+    subprocess.run([*templated, "stage1", "template", "build"], check=True, capture_output=True)
+    template_build_s = (time.perf_counter() - build_began) / 2
     bare.time(jailed=False)
     bare.time(jailed=True)
     floor.time()
-    kv, plain, jailed, net, kernel = [], [], [], [], []
+    kv, plain, jailed, net, kernel, tmpl, tmpl_net = [], [], [], [], [], [], []
     for _ in range(runs):
         kv.append(_time(run_argv, REPO))
+        tmpl.append(_time(tmpl_argv, REPO))
         plain.append(bare.time(jailed=False))
         jailed.append(bare.time(jailed=True))
         net.append(_time(net_argv, REPO))
+        tmpl_net.append(_time(tmpl_net_argv, REPO))
         kernel.append(floor.time())
         subprocess.run([*kvmrkt, "gc", "--grace-period=0s"], capture_output=True, check=True)
     probe = bare_pod(["/bin/sleep", "30"], "mem")
+    idle = {"booted": _idle_pods(kvmrkt, data, 2), "from_template": _idle_pods(templated, data, 2)}
     return {
         "accel": accel,
         "kernel": assets.kind,
@@ -231,6 +309,13 @@ def _measure_runs(work: Path, data: Path, etc: Path, runs: int, requested_accel:
         "kvmrkt_run_default_net_median_s": round(statistics.median(net), 3),
         "default_net_added_s": round(statistics.median(net) - statistics.median(kv), 3),
         "kernel_floor_median_s": round(statistics.median(kernel), 3),
+        "kvmrkt_run_from_template_median_s": round(statistics.median(tmpl), 3),
+        "template_ratio_to_cold": round(statistics.median(tmpl) / statistics.median(kv), 3),
+        "kvmrkt_run_from_template_default_net_median_s": round(statistics.median(tmpl_net), 3),
+        "template_default_net_added_s": round(statistics.median(tmpl_net) - statistics.median(tmpl), 3),
+        "template_build_s": round(template_build_s, 2),
+        "idle_pod_memory_2_pods_each": idle,
+        "kvmrkt_run_from_template_s": [round(x, 3) for x in tmpl],
         "kvmrkt_run_s": [round(x, 3) for x in kv],
         "bare_qemu_s": [round(x, 3) for x in plain],
         "bare_qemu_jailed_s": [round(x, 3) for x in jailed],

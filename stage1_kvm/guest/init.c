@@ -135,6 +135,10 @@ int main(void)
         status("FATAL bad%%20pod%%20configuration");
         shutdown_vm();
     }
+    if (ctl >= 0 && template_set_macs(&pod) < 0) {  /* a clone of a template */
+        status("FATAL template%%20handoff%%20failed%%20(see%%20the%%20console%%20log)");
+        shutdown_vm();
+    }
     if (reroot() < 0) {
         status("FATAL cannot%%20leave%%20the%%20initramfs");
         shutdown_vm();

@@ -146,6 +146,7 @@ int mount_at(const char *src, const char *dir, const char *type, unsigned long f
 /* template.c */
 int template_mode(void);
 int template_handoff(void);  /* the ctl port, open; -1: failed */
+int template_set_macs(const struct pod *pod);
 /* config.c */
 int parse_config(const char *path, struct pod *pod);
 

@@ -27,6 +27,8 @@
 #include <unistd.h>
 #include <dirent.h>
 #include <linux/random.h>
+#include <net/if.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #define MAX_POD_CONFIG (4 << 20)
@@ -47,6 +49,13 @@ static int write_sysfs(const char *path, const char *value)
     close(fd);
     errno = err;
     return n == (ssize_t)strlen(value) ? 0 : -1;
+}
+
+/* virtioN in N's order: the order QEMU created the devices in (the host's order of disks and NICs). */
+static int by_device_number(const void *a, const void *b)
+{
+    const char *x = ((const typeof(detached[0]) *)a)->dev, *y = ((const typeof(detached[0]) *)b)->dev;
+    return atoi(x + 6) - atoi(y + 6);
 }
 
 /* Unbind every device of the drivers whose device identity differs per clone. */
@@ -72,6 +81,7 @@ static int detach_devices(void)
         }
         closedir(dh);
     }
+    qsort(detached, (size_t)ndetached, sizeof(detached[0]), by_device_number);
     for (int i = 0; i < ndetached; i++) {
         char path[160];
         snprintf(path, sizeof(path), "/sys/bus/virtio/drivers/%s/unbind", detached_drivers[detached[i].driver]);
@@ -138,6 +148,47 @@ static int digits(const char *s)
         if (*s < '0' || *s > '9')
             return 0;
     return 1;
+}
+
+/*
+ * Give the clone's NICs the pod's MACs, the n-th virtio-net device the n-th "net" line's: a NIC's MAC is device
+ * state that the snapshot restores (the template's), not the clone's command line. Through the driver, so QEMU's
+ * device takes it too (its receive filter).
+ */
+int template_set_macs(const struct pod *pod)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), n = 0;
+    for (int i = 0; fd >= 0 && i < ndetached; i++) {
+        if (strcmp(detached_drivers[detached[i].driver], "virtio_net"))
+            continue;
+        if (n == pod->nnics)
+            return logmsg("template: more NICs than the pod has"), close(fd), -1;
+        char dir[96];
+        snprintf(dir, sizeof(dir), "/sys/bus/virtio/devices/%s/net", detached[i].dev);
+        DIR *dh = opendir(dir);
+        struct dirent *e = NULL;
+        while (dh && (e = readdir(dh)) && e->d_name[0] == '.')
+            ;
+        struct ifreq ifr = {0};
+        unsigned m[6];
+        if (!e || strlen(e->d_name) >= IFNAMSIZ
+            || sscanf(pod->nics[n].mac, "%2x:%2x:%2x:%2x:%2x:%2x", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]) != 6) {
+            if (dh)
+                closedir(dh);
+            return logmsg("template: no interface for NIC %d", n), close(fd), -1;
+        }
+        snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", e->d_name);
+        closedir(dh);
+        ifr.ifr_hwaddr.sa_family = 1;  /* ARPHRD_ETHER */
+        for (int b = 0; b < 6; b++)
+            ifr.ifr_hwaddr.sa_data[b] = (char)m[b];
+        if (ioctl(fd, SIOCSIFHWADDR, &ifr) < 0)
+            return logmsg("template: setting the MAC of %s: %s", ifr.ifr_name, strerror(errno)), close(fd), -1;
+        n++;
+    }
+    if (fd >= 0)
+        close(fd);
+    return fd < 0 || n != pod->nnics ? (logmsg("template: the pod has %d NICs, the VM %d", pod->nnics, n), -1) : 0;
 }
 
 int template_mode(void)

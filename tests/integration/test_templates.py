@@ -122,3 +122,22 @@ def test_templates_off_boots(templated: Kvmrkt, tmp_path: Path) -> None:
     k.write_config("[stage1]\ntemplates = false\n")
     assert _probe(k, tmp_path)[1]["template"] is None
     shutil.rmtree(k.templates)  # type: ignore[arg-type]
+
+
+def test_a_clone_on_the_default_network_gets_its_own_mac_and_address(templated: Kvmrkt, tmp_path: Path) -> None:
+    """The NIC's MAC is device state the snapshot restores: the clone sets the pod's own before the network is
+    configured (else the pod config's NIC is not found, or two clones would share a MAC)."""
+    k = templated
+    probe = "cat /sys/class/net/eth0/address; ip -o -4 addr show eth0; ping -c1 -W5 172.16.28.1"
+    k.ok("run", "--net=default", "busybox", "--exec", "/bin/sh", "--", "-c", "true")
+    _build(k)
+    macs = set()
+    for _ in range(2):
+        uuid_file = tmp_path / f"net-{time.monotonic_ns()}"
+        res = k.ok("run", "--net=default", "--uuid-file-save", str(uuid_file), "busybox", "--exec", "/bin/sh", "--",
+                   "-c", probe)
+        pod = next(k.data.glob(f"pods/*/{uuid_file.read_text().strip()}"))
+        assert json.loads((pod / "stage1-run.json").read_text())["template"] is not None
+        assert "eth0    inet 172.16.28." in res.out and "1 packets received" in res.out, res.out
+        macs.add(res.out.split()[0])
+    assert len(macs) == 2 and "52:54:00:00:00:01" not in macs  # the pods' own, not the template's
