@@ -1,6 +1,7 @@
 """Kernel boot benchmark: kvmrkt's own guest kernel under bare QEMU (the machine flags of ``stage1_kvm.qemu_argv``),
 with an initramfs whose init is busybox's ``reboot -f``, for a set of kernel command-line variants run interleaved.
-Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start) and, with
+Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start), the median
+CPU time QEMU used (steadier than the wall time when other work shares the host) and, with
 ``--profile``, the guest-clock timeline of one boot per variant under ``initcall_debug printk.time=1`` (the console
 stays quiet, the init prints the ring buffer with ``dmesg``): when init was reached, the largest initcalls, the
 largest gaps between two kernel messages, and the named waits. ``--sample`` finds what the messages cannot
@@ -31,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -66,7 +68,7 @@ LPJ_AUTO = "lpj=auto"  # replaced by the loops_per_jiffy a profiled boot printed
 # kernel-parameters.txt says what each does; mitigations=off is measured only: the guest runs hostile code).
 VARIANTS: dict[str, str] = {
     "kvmrkt": "",
-    "kvmrkt_before_levers": "-no_timer_check -noapictimer -tsc -lpj",
+    "kvmrkt_before_levers": "-no_timer_check -noapictimer -tsc -lpj -noreplace-smp",
     "-no_timer_check": "-no_timer_check",
     "-noapictimer": "-noapictimer",
     "-tsc=reliable": "-tsc",
@@ -77,7 +79,7 @@ VARIANTS: dict[str, str] = {
     "+maxcpus=1": "maxcpus=1",
     "+clocksource=tsc": "clocksource=tsc",
     "+lapic=notscdeadline": "lapic=notscdeadline",
-    "+noreplace-smp": "noreplace-smp",
+    "-noreplace-smp": "-noreplace-smp",
     "+rcu_expedited": "rcupdate.rcu_expedited=1",
     "+clearcpuid=erms": "clearcpuid=erms",
     "+clearcpuid=erms,fsrm": "clearcpuid=erms,fsrm",
@@ -165,7 +167,13 @@ class Floor:
 
     def time(self, cmdline: str | None = None, kernel: str | None = None) -> float:
         """Wall seconds from starting QEMU to its exit (default: kvmrkt's command line and kernel)."""
+        return self.measure(cmdline, kernel)[0]
+
+    def measure(self, cmdline: str | None = None, kernel: str | None = None) -> tuple[float, float]:
+        """Wall seconds from starting QEMU to its exit, and the CPU seconds QEMU used (user + system: what
+        other load on the host inflates less than the wall time)."""
         cmdline = cmdline or apply_variant(self.spec.cmdline, "")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         begin = time.perf_counter()
         with self._started(cmdline, console=False, kernel=kernel) as (proc, _):
             try:
@@ -174,7 +182,9 @@ class Floor:
                 sys.exit(f"the guest did not power off within {TIMEOUT_S:.0f} s: {cmdline}")
             if proc.returncode != 0:
                 sys.exit(f"QEMU failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
-        return time.perf_counter() - begin
+        wall = time.perf_counter() - begin
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     def console(self, cmdline: str, kernel: str | None = None) -> str:
         """The serial console of one boot with the profile's initramfs (a guest that hangs is killed after
@@ -310,14 +320,15 @@ def run(floor: Floor, variants: dict[str, str], runs: int, profile: bool,
              if LPJ_AUTO not in tokens.split() or lpj is not None}
     boots = {_label(name, label): (cmdline, kernel) for name, cmdline in lines.items()
              for label, kernel in kernels.items()}
-    times: dict[str, list[float]] = {name: [] for name in boots}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in boots}
     for cmdline, kernel in boots.values():  # warm the page cache and QEMU's first start
         floor.time(cmdline, kernel)
     for _ in range(runs):
         for name, (cmdline, kernel) in boots.items():
-            times[name].append(floor.time(cmdline, kernel))
-    out["median_s"] = {name: round(statistics.median(t), 3) for name, t in times.items()}
-    out["times_s"] = {name: [round(x, 3) for x in t] for name, t in times.items()}
+            times[name].append(floor.measure(cmdline, kernel))
+    out["median_s"] = {name: round(statistics.median(w for w, _ in t), 3) for name, t in times.items()}
+    out["median_cpu_s"] = {name: round(statistics.median(c for _, c in t), 3) for name, t in times.items()}
+    out["times_s"] = {name: [round(w, 3) for w, _ in t] for name, t in times.items()}
     out["cmdlines"] = lines
     return out
 
