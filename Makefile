@@ -87,6 +87,7 @@ bench: setup
 	$(PY) bench/measured_launch.py
 	$(PY) bench/net.py
 	$(PY) bench/oci.py
+	$(PY) bench/launch_profile.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

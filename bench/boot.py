@@ -27,6 +27,7 @@ from pathlib import Path
 
 from benchtpm import swtpm
 from kernel_boot import Floor
+from pycache import use_bytecode_cache
 
 from kvmrkt.config import Stage1Config, load_config
 from kvmrkt.engine import Engine
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--kernel", default="minimal", choices=["minimal", "debian-cloud"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmrkt-bench-") as tmp:
+        use_bytecode_cache(Path(tmp))  # the CLI as installed: byte-compiled
         print(json.dumps(_bench(Path(tmp), args.runs, args.accel, args.kernel), indent=2))
 
 

@@ -109,6 +109,10 @@ class Stage1Config:
     min_memory_mib: int = 256
     sandbox: bool = True
     libvirt_uri: str = "qemu:///system"
+    # Start pods from VM templates (stage1_kvm.template) where one of the pod's shape was built; a shape without
+    # one boots cold and is recorded for `kvmrkt stage1 template build`. templates_dir: default assets_dir/templates.
+    templates: bool = True
+    templates_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +261,8 @@ _STAGE1_KEYS: dict[str, type | tuple[type, ...]] = {
     "min_memory_mib": int,
     "sandbox": bool,
     "libvirt_uri": str,
+    "templates": bool,
+    "templates_dir": str,
 }
 
 
@@ -341,8 +347,9 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             s1[key] = value
-    if "assets_dir" in s1:
-        s1["assets_dir"] = Path(s1["assets_dir"])
+    for key in ("assets_dir", "templates_dir"):
+        if key in s1:
+            s1[key] = Path(s1[key])
     stage1 = Stage1Config(**s1)
     if stage1.accel not in ACCELS:
         raise ConfigError(f"invalid accel {stage1.accel!r}", hint="use one of: " + ", ".join(ACCELS))

@@ -12,6 +12,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kvmrkt.errors import DigestMismatchError, ManifestError
 
@@ -46,10 +47,15 @@ class Digest:
     @classmethod
     def of_file(cls, path: Path, algorithm: str = "sha256") -> Digest:
         """The digest of a file, read in 1 MiB chunks."""
-        h = hashlib.new(algorithm)
         with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+            return cls.of_stream(fh, algorithm)
+
+    @classmethod
+    def of_stream(cls, fh: BinaryIO, algorithm: str = "sha256") -> Digest:
+        """The digest of what is left to read in an open file, read in 1 MiB chunks."""
+        h = hashlib.new(algorithm)
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
         return cls(algorithm, h.hexdigest())
 
     def matches(self, other: Digest) -> bool:

@@ -180,6 +180,10 @@ class AssetError(Stage1Error):
     """Guest kernel or initramfs missing, unbuilt or altered."""
 
 
+class TemplateError(Stage1Error):
+    """A VM template could not be built, or was refused (altered, or not kvmrkt's own)."""
+
+
 class AccelError(Stage1Error):
     """The requested accelerator cannot be used on this host."""
 

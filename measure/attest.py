@@ -279,7 +279,9 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
 
     Reference keys: ``images``: list of ``{"digest": D}`` or ``{"name": N, "signer": FPR}``, matched against
     every app's image and every dependency image separately (its digest; or the name it was judged as and
-    its own signers); ``stage1``: ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...]}``;
+    its own signers); ``stage1``: ``{"kernel": [D...], "initrd": [D...], "vmm_guard": [D...], "template": [D...]}``
+    (``template``: the VM templates a pod may be restored from, by state digest; ``[]`` refuses every restored pod;
+    without it, restored pods are accepted, and reported);
     ``allow_insecure``: list of options tolerated (default none); ``allow_unjudged_bundles``: true to accept
     ``kvmrkt-oci`` apps, whose bundle rootfs no trust policy judged (default false: no ``images`` rule matches
     them, whatever name their annotations give).
@@ -304,6 +306,12 @@ def evaluate(launch: Launch, reference: dict[str, Any]) -> None:
     for part in ("kernel", "initrd", "vmm_guard"):
         if part in s1 and launch.stage1.get(part) not in s1[part]:
             launch.problems.append(f"stage1 {part} {launch.stage1.get(part)} is not an allowed digest")
+    restored = launch.stage1.get("template")
+    if "template" in s1 and restored is not None:
+        state = restored.get("state") if isinstance(restored, dict) else None
+        if state not in s1["template"]:
+            launch.problems.append(f"the pod VM was restored from VM template {state}, which is not an allowed "
+                                   "template digest")
     tolerated = set(reference.get("allow_insecure", []))
     bad = sorted(set(launch.insecure) - tolerated)
     if bad:

@@ -187,7 +187,12 @@ class EventLog:
                 tail = fh.read()
         except FileNotFoundError:
             tail = b""
-        records = parse_log(tail[tail.find(RS):]) if RS in tail else []
+        # Only the last complete record is parsed (a torn one after it, from a crash mid-write, is skipped as
+        # parse_log skips it): re-parsing the whole tail made each append cost up to 1 MiB of JSON parsing.
+        start = tail.rfind(RS)
+        if start >= 0 and not tail.endswith(b"\n"):
+            start = tail.rfind(RS, 0, start)
+        records = parse_log(tail[start:]) if start >= 0 else []
         if not records:
             raise EventLogError(f"{self.path}: the log has no start record")
         return int(records[-1]["recnum"]) + 1

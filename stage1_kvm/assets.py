@@ -31,6 +31,7 @@ from kvmrkt.digest import Digest
 from kvmrkt.errors import AssetError
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.files import write_json
+from stage1_kvm.digestcache import file_digest
 
 HERE = Path(__file__).resolve().parent
 KERNEL_CONFIG = HERE / "kernel.config"
@@ -58,16 +59,24 @@ class Assets:
     guard_digest: Digest
     acpi: bool = False
     features: tuple[str, ...] = ()
+    verified_in: Path | None = None  # where digests of unchanged files are remembered (stage1_kvm.digestcache)
 
     def verify(self) -> None:
-        """Re-hash the kernel, the initramfs and the VMM guard against the recorded digests.
+        """Check the kernel, the initramfs and the VMM guard against the recorded digests: re-hashed, or, for a
+        root-only file whose identity (inode, size, mtime, ctime) is the one hashed before, remembered.
 
         Raises:
             AssetError: a file changed since it was built.
         """
         for path, digest in ((self.kernel, self.kernel_digest), (self.initrd, self.initrd_digest),
                              (self.guard, self.guard_digest)):
-            if not Digest.of_file(path, digest.algorithm).matches(digest):
+            try:
+                actual = (file_digest(path, digest.algorithm, self.verified_in) if self.verified_in is not None
+                          else Digest.of_file(path, digest.algorithm))
+            except OSError as exc:
+                raise AssetError(f"guest asset {path} cannot be read: {exc.strerror}",
+                                 hint=f"rebuild it with `kvmrkt stage1 build --kernel={self.kind}`") from None
+            if not actual.matches(digest):
                 raise AssetError(
                     f"guest asset {path} does not match its recorded digest {digest}",
                     hint=f"rebuild it with `kvmrkt stage1 build --kernel={self.kind}`",
@@ -96,6 +105,7 @@ def load_assets(cfg: Stage1Config, kind: str | None = None) -> Assets:
             guard_digest=Digest.parse(doc["guard"]["digest"]),
             acpi=bool(doc.get("machine", {}).get("acpi", False)),
             features=tuple(doc.get("features", ())),
+            verified_in=cfg.assets_dir,
         )
     except FileNotFoundError as exc:
         raise AssetError(f"no guest assets for kernel {kind!r} in {cfg.assets_dir}", hint=hint) from exc

@@ -161,7 +161,7 @@ class CtlMux:
     """Serves ``SESSIONS_SOCKET`` in ``pod_dir`` over the one connection to the VM's ctl port (a thread)."""
 
     def __init__(self, pod_dir: Path, *, ctl_socket: str = CTL_SOCKET, sessions_socket: str = SESSIONS_SOCKET,
-                 max_sessions: int = MAX_SESSIONS, out_limit: int = CLIENT_OUT_LIMIT) -> None:
+                 max_sessions: int = MAX_SESSIONS, out_limit: int = CLIENT_OUT_LIMIT, held: bool = False) -> None:
         self.pod_dir = pod_dir
         self.ctl_socket = ctl_socket
         self.sessions_socket = sessions_socket
@@ -178,6 +178,9 @@ class CtlMux:
         self._gone: set[int] = set()  # sessions hung up on the host side whose EXIT the guest has not sent yet
         self._stop = False
         self._shut = False
+        # Held: no connection to the guest until handoff() (a template clone reads its pod first on this port).
+        self._held = held
+        self._preface: bytes | None = None
         self._listener = agent.listen(pod_dir, sessions_socket)
         with agent.socket_path(pod_dir, sessions_socket) as path:
             os.chmod(path, 0o600)
@@ -187,6 +190,12 @@ class CtlMux:
     def start(self) -> CtlMux:
         self._thread.start()
         return self
+
+    def handoff(self, frame: bytes) -> None:
+        """Send ``frame`` to the guest before any session's frames, and connect to it (a held mux)."""
+        self._preface = frame
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
     def close(self) -> None:
         """End the mux (the VM is gone or going): flush what clients can take, close them, remove the socket."""
@@ -208,9 +217,12 @@ class CtlMux:
             self._sel.register(self._listener, selectors.EVENT_READ)
             next_connect = 0.0
             while not self._stop:
-                if self._guest is None and time.monotonic() >= next_connect:
+                if self._preface is not None:
+                    self._to_guest[:0], self._preface, self._held = self._preface, None, False
+                if self._guest is None and not self._held and time.monotonic() >= next_connect:
                     self._connect_guest()
                     next_connect = time.monotonic() + 0.02
+                    self._update_interest()  # what was queued before the connection (a handoff) goes out now
                 timeout = 0.02 if self._guest is None else None
                 for key, events in self._sel.select(timeout):
                     if key.fileobj == self._wake_r:
@@ -455,10 +467,11 @@ class CtlMux:
 
 
 @contextlib.contextmanager
-def serve(pod_dir: Path, warn: IO[bytes]) -> Iterator[CtlMux]:
-    """Run a ``CtlMux`` for the VM started inside the block; what it dropped from the guest is a warning."""
+def serve(pod_dir: Path, warn: IO[bytes], *, held: bool = False) -> Iterator[CtlMux]:
+    """Run a ``CtlMux`` for the VM started inside the block (``held``: see ``CtlMux.handoff``); what it dropped
+    from the guest is a warning."""
     try:
-        mux = CtlMux(pod_dir).start()
+        mux = CtlMux(pod_dir, held=held).start()
     except OSError as exc:
         raise Stage1Error(f"cannot serve {SESSIONS_SOCKET} in the pod directory: {exc}") from exc
     try:

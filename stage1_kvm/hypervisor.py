@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm.output import OutputPump
 from stage1_kvm.vmspec import VMSpec
+
+if TYPE_CHECKING:
+    from stage1_kvm.template import Template
 
 RUN_RECORD = "stage1-run.json"  # written by launch: the stage1 record plus the hypervisor's own facts
 PID_FILE = "pid"  # written by launch: {"pid", "started"} of the VMM process
@@ -48,6 +51,8 @@ class Hypervisor(ABC):
     # it advertises the same).
     network_modes: ClassVar[frozenset[str]] = frozenset({"none", "user", "cni"})
     user_port_forwards: ClassVar[bool] = True
+    # Whether ``launch`` can restore a VM template (``stage1_kvm.template``) instead of booting.
+    templates: ClassVar[bool] = False
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
@@ -62,10 +67,12 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump) -> VMHandle:
+               outputs: OutputPump, template: Template | None = None) -> VMHandle:
         """Start the VM for ``spec`` jailed (``opts.jail``), through the VMM guard ``guard``; write ``RUN_RECORD``
         (``record`` plus the hypervisor's facts) and ``PID_FILE``; call ``outputs.connect()`` before the guest can
-        write anything. Raises ``VMLaunchError``/``JailError`` (the caller undoes the jail)."""
+        write anything. With ``template`` (only where ``templates``), restore it instead of booting, and return
+        once the guest runs (it then waits for its handoff). Raises ``VMLaunchError``/``JailError``/
+        ``TemplateError`` (the caller undoes the jail)."""
 
     def quit(self, pod: Pod) -> None:
         """Ask the VMM to end the VM now, best effort (the first step of a hard kill; ``destroy`` follows)."""

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
 from kvmrkt.host.files import write_atomic
@@ -42,6 +42,9 @@ from stage1_kvm.output import OutputPump
 from stage1_kvm.qemu import QemuHypervisor
 from stage1_kvm.vm import VmStage1
 from stage1_kvm.vmspec import VMSpec
+
+if TYPE_CHECKING:
+    from stage1_kvm.template import Template
 
 RUNTIME_DIR = Path("/run/kvmrkt")
 DEFAULT_URI = "qemu:///system"
@@ -135,7 +138,8 @@ class LibvirtDomain(QemuHypervisor):
         return RUNTIME_DIR / pod.uuid
 
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump) -> VMHandle:
+               outputs: OutputPump, template: Template | None = None) -> VMHandle:
+        assert template is None, "libvirt pods boot: no templates (templates = False)"
         jail = opts.jail
         if jail.placement is not None:
             raise JailError(f"a caller-chosen cgroup ({jail.placement.path!r}, an OCI bundle's linux.cgroupsPath) "

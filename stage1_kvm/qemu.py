@@ -24,6 +24,7 @@ from typing import Any
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import AccelError, Stage1Error
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.timeline import stamp
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import agent
@@ -31,6 +32,7 @@ from stage1_kvm import jail as jails
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump
 from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.template import Template, restore
 from stage1_kvm.vm import VmStage1
 from stage1_kvm.vmspec import QMP_SOCKET, VMSpec
 
@@ -124,25 +126,38 @@ class QemuProcess(QemuHypervisor):
 
     name = "qemu"
 
+    templates = True
+
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump) -> VMHandle:
-        """Start QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with this process."""
+               outputs: OutputPump, template: Template | None = None) -> VMHandle:
+        """Start QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with this process
+        (with ``template``: restored from it, ``-incoming defer`` then ``stage1_kvm.template.restore``)."""
         jail = opts.jail
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
                                     vmm=Path(vmm))
         cg = jails.PodJail(pod, self.config.data_dir).up(spec, jail, layout)
+        stamp("jail-built")
         assert pod.lock_fd is not None and cg is not None
         root = pod.file(jails.ROOT)
         root.mkdir(exist_ok=True, mode=0o700)
         with runtime_fds(pod.path, spec) as fds:
-            argv = jails.guarded(vmm, build_argv(jailed, qemu=vmm, fds=fds))
+            incoming = ["-incoming", "defer"] if template else []
+            argv = jails.guarded(vmm, build_argv(jailed, qemu=vmm, fds=fds) + incoming)
             pod.write_json(RUN_RECORD, {**record, "argv": argv})
             outputs.connect()  # queued on our own listening sockets: QEMU accepts them as it starts
             with pod.file(QEMU_LOG).open("wb") as qlog:
                 proc = _proc.spawn(argv, stdout=qlog, stderr=qlog, pass_fds=[pod.lock_fd, *fds.values()],
                                    cwd=pod.path, exec_label=opts.exec_label, netns=spec.netns,
                                    setup=jails.confine(root, layout, jail.uid, jail.gid, cg.procs_files))
+        stamp("qemu-spawned")
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
+        if template:
+            try:
+                restore(pod.path, template, timeout=self.config.stage1.boot_timeout)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         return proc
 
     def _our_qemu(self, pod: Pod) -> int | None:

@@ -29,9 +29,12 @@ def _opt(value: str | Path) -> str:
     return text.replace(",", ",,")
 
 
-def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system-x86_64") -> list[str]:
+def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system-x86_64",
+               nic_backends: bool = True) -> list[str]:
     """The full argv to start the VM described by ``spec``; ``fds`` maps the spec's console, QMP and port names
-    to the descriptors QEMU inherits (the status file open for writing, sockets listening).
+    to the descriptors QEMU inherits (the status file open for writing, sockets listening). Without
+    ``nic_backends`` the NICs are plugged into nothing (a template VM: ``stage1_kvm.template``; a clone gets its
+    own backends, which hold no migrated state).
 
     Raises:
         ConfigError: a descriptor is missing, or a path cannot be passed.
@@ -83,6 +86,9 @@ def build_argv(spec: VMSpec, *, fds: Mapping[str, int], qemu: str = "qemu-system
             "-device", f"virtio-9p-device,fsdev={share.id},mount_tag={share.tag}",
         ]  # fmt: skip
     for i, nic in enumerate(spec.nics):
+        if not nic_backends:
+            argv += ["-device", f"virtio-net-device,mac={nic.mac}"]
+            continue
         if nic.tap is not None:  # QEMU runs in the pod's network namespace, where the tap is
             netdev = f"tap,id=net{i},ifname={_opt(nic.tap)},script=no,downscript=no"
         else:

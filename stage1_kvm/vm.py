@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,7 +37,9 @@ from kvmrkt.errors import (
     VMLaunchError,
 )
 from kvmrkt.host import proc as _proc
+from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
+from kvmrkt.host.watch import Waker
 from kvmrkt.pods.manifest import PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 from kvmrkt.pods.stopping import StopEscalation
@@ -52,9 +55,9 @@ from kvmrkt.stage1 import (
     RunResult,
     Stage1,
 )
-from stage1_kvm import agent, ctlmux, export
+from stage1_kvm import agent, ctlmux, export, template
 from stage1_kvm import jail as jails
-from stage1_kvm.assets import load_assets, pod_initrd
+from stage1_kvm.assets import Assets, load_assets, pod_initrd
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump, Stream
 from stage1_kvm.vmspec import (
@@ -68,6 +71,7 @@ from stage1_kvm.vmspec import (
     QMP_SOCKET,
     SIG_SOCKET,
     STDIN_SOCKET,
+    VMSpec,
     app_log,
     build_vmspec,
     export_path,
@@ -95,6 +99,20 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class _GuestStamps:
+    """Timeline stamps (``kvmrkt.host.timeline``) when the guest status first shows the init ready, an app
+    started, and every app done."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, st: GuestState) -> None:
+        for stage, reached in (("guest-ready", st.ready), ("app-started", bool(st.pids)), ("apps-done", st.done)):
+            if reached and stage not in self.seen:
+                self.seen.add(stage)
+                stamp(stage)
 
 
 class _StopRequest:
@@ -165,6 +183,7 @@ class VmStage1(Stage1):
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
+        stamp("assets-verified")
         exported = opts.shared_export or any(v.kind in BIND_KINDS for v in manifest.volumes)
         if "9p" not in assets.features and (opts.shared_roots or exported
                                             or any(v.kind == "host" for v in manifest.volumes)):
@@ -202,8 +221,10 @@ class VmStage1(Stage1):
                                   tty=opts.tty, shared_export=exported)
         initrd = pod.file(POD_INITRD)
         pod_initrd(assets.initrd, config, initrd)
+        stamp("initrd-written")
         os.chown(initrd, 0, opts.jail.gid)  # the pod's VMM reads it; it may hold secrets (the apps' environment)
         os.chmod(initrd, 0o640)
+        tmpl = self._template(spec, assets, vmm)
         record = {
             "backend": self.name,
             "interface_version": self.interface_version,
@@ -212,6 +233,7 @@ class VmStage1(Stage1):
             "initrd": {"path": str(assets.initrd), "digest": str(assets.initrd_digest)},
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
+            "template": tmpl.describe() if tmpl else None,
         }
         opts.before_boot({
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
@@ -219,14 +241,18 @@ class VmStage1(Stage1):
             "vmm_guard": str(assets.guard_digest),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
             "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
+            **({"template": {"key": tmpl.key, "state": tmpl.digest, "initrd": tmpl.initrd_digest}} if tmpl else {}),
         })  # fmt: skip
         outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
         try:
             if exported:
                 export.up(pod, manifest, opts.jail, self.config.data_dir)
-            with ctlmux.serve(pod.path, stderr):  # enter sessions, for the VM's life
-                vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs)
+            with ctlmux.serve(pod.path, stderr, held=tmpl is not None) as mux:  # enter sessions, for the VM's life
+                vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs,
+                                    template=tmpl)
                 try:
+                    if tmpl:
+                        mux.handoff(template.handoff_frame(config))
                     return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
                 finally:
                     if vm.poll() is None:
@@ -235,6 +261,20 @@ class VmStage1(Stage1):
         finally:
             outputs.finish()
             self._unjail(pod)
+
+    def _template(self, spec: VMSpec, assets: Assets, vmm: str) -> template.Template | None:
+        """The template to restore this pod's VM from (None: boot it), where the backend and config allow; a
+        shape without one is recorded as wanted."""
+        cfg = self.config.stage1
+        if not (cfg.templates and self.hv.templates):
+            return None
+        shape = template.shape_of(spec, assets=assets, qemu=vmm)
+        if shape is None:
+            return None
+        found = template.find(cfg, shape)
+        if found is None:
+            template.want(cfg, shape)
+        return found
 
     def _outputs(self, pod: Pod, manifest: PodManifest, *, stdout: IO[bytes], stderr: IO[bytes]) -> OutputPump:
         """The VM's console and app output: bounded logs in the pod directory, the apps' copied to our stdout
@@ -267,7 +307,9 @@ class VmStage1(Stage1):
         started = time.monotonic()
         stopping = StopEscalation(cfg.stop_timeout)
         stdin_thread: threading.Thread | None = None
-        with _StopRequest() as stop:
+        stamp_guest = _GuestStamps()
+        pid = proc.pid if isinstance(proc, subprocess.Popen) else None  # libvirt's VMM is not our child
+        with _StopRequest() as stop, Waker(pod.file(GUEST_STATUS), pid) as waker:
             while proc.poll() is None:
                 st = agent.read_status(pod.file(GUEST_STATUS))
                 now = time.monotonic()
@@ -278,6 +320,7 @@ class VmStage1(Stage1):
                     proc.wait()
                     raise Stage1Error(f"the guest wrote more than {agent.MAX_FRAME} bytes of status messages (a "
                                       "broken or hostile guest): the VM was killed")
+                stamp_guest(st)
                 if opts.interactive and stdin_thread is None and st.ready:
                     stdin_thread = threading.Thread(target=_pump_stdin, args=(pod.path,), daemon=True)
                     stdin_thread.start()
@@ -300,7 +343,9 @@ class VmStage1(Stage1):
                             stopping.unanswered()
                 if stopping.kill_due():
                     proc.kill()
-                time.sleep(0.005 if now - started < 2 else 0.02)
+                # A status line or the VMM's end wakes it at once, a stop request (signal) within 0.1 s.
+                waker.wait(0.1, unwatched=0.005 if now - started < 2 else 0.02)
+        stamp("vm-exited")
         for error in outputs.finish():
             stderr.write(f"kvmrkt: warning: a log could not be written, the rest of it is lost: {error}\n".encode())
         st = agent.read_status(pod.file(GUEST_STATUS))

@@ -1,8 +1,7 @@
-"""The ``kvmrkt`` command line: one module per command group, registered on the group in ``_base``."""
+"""The ``kvmrkt`` command line: one module per command group, registered on the group in ``_base`` (``oci``, the
+OCI runtime's commands, is imported only when used: see ``_base._Group``)."""
 
-from kvmrkt.cli import attest, images, oci, pods, trust
+from kvmrkt.cli import attest, images, pods, templates, trust
 from kvmrkt.cli._base import cli, main
 
-cli.add_command(oci.oci, "oci")
-
-__all__ = ["attest", "cli", "images", "main", "oci", "pods", "trust"]
+__all__ = ["attest", "cli", "images", "main", "pods", "templates", "trust"]

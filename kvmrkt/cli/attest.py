@@ -70,8 +70,11 @@ def attest_verify(c: CliContext, evidence: Path, ak_pub: Path, nonce: str, refer
     \b
     Reference policy (all keys optional):
       {"images": [{"digest": "sha256:..."}, {"name": "example.com/app:1", "signer": "FPR"}],
-       "stage1": {"kernel": ["sha256:..."], "initrd": ["sha256:..."], "vmm_guard": ["sha256:..."]},
+       "stage1": {"kernel": ["sha256:..."], "initrd": ["sha256:..."], "vmm_guard": ["sha256:..."],
+                  "template": ["sha256:..."]},
        "allow_insecure": []}
+      stage1.template: the VM templates (state digests, `kvmrkt stage1 template list`) a pod may be restored
+      from; [] refuses every restored pod; left out, restored pods pass and are reported.
     """
     from kvmrkt.errors import AttestationError
     from measure import attest as attestation

@@ -18,7 +18,7 @@ from typing import IO, Any
 import click
 
 from kvmrkt import __version__, jsondoc
-from kvmrkt.cli._base import CliContext
+from kvmrkt.cli._base import CliContext, skip_final_collection
 from kvmrkt.config import DEFAULT_CONFIG_DIR, load_config
 from kvmrkt.engine import Engine
 from kvmrkt.errors import KvmrktError
@@ -235,6 +235,13 @@ def features_() -> None:
 
 def main() -> None:
     """Console entry point (``kvmrkt-oci``): errors -> stderr, the --log file, exit 1."""
+    try:
+        _main()
+    finally:
+        skip_final_collection()
+
+
+def _main() -> None:
     try:
         oci.main(standalone_mode=False, prog_name="kvmrkt-oci")
     except click.exceptions.Exit as exc:

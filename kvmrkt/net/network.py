@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import NetworkPlan, Nic
 
 NETNS_DIR = Path("/run/netns")
+NETNS_NAME = re.compile(r"kvmrkt-[0-9a-f-]{36}")  # netns_name(uuid): the namespaces kvmrkt makes
 JOIN = "join"
 STATE = "net.json"
 CNI_TIMEOUT = 60.0
@@ -210,14 +212,13 @@ class PodNetworks:
                               "config": a.net.to_dict(), "result": None} for a in intent.attachments]
         pod.write_json(STATE, state)
         self._iproute("netns", "add", name)
-        self._iproute("link", "set", "dev", "lo", "up", netns=netns)
         for entry, att in zip(state["networks"], intent.attachments, strict=True):
             entry["added"] = True
             pod.write_json(STATE, state)
             entry["result"] = self._add(pod.uuid, netns, att)
             entry["ips"] = result_ips(entry["result"])
             pod.write_json(STATE, state)
-        nics = self._join_taps(netns, [a.ifname for a in intent.attachments], owner)
+        nics = self._join_taps(netns, [a.ifname for a in intent.attachments], owner, lo_up=True)
         for entry, nic in zip(state["networks"], nics, strict=True):
             entry["mac"] = nic.mac
             entry["tap"] = nic.tap
@@ -256,20 +257,26 @@ class PodNetworks:
         return tuple(files)
 
     def _iproute(self, *args: str, tool: str = "ip", stdin: str | None = None, netns: str | None = None) -> str:
-        """Run ``ip``/``tc`` (in the network namespace at path ``netns``, through nsenter)."""
+        """Run ``ip``/``tc`` (in the network namespace at path ``netns``: a namespace of ours, named in
+        ``NETNS_DIR``, by the tool's own ``-n NAME``; any other path through nsenter)."""
         argv = [_proc.which(tool, hint="apt-get install iproute2"), *args]
         if netns is not None:
-            argv = [_proc.which("nsenter", hint="apt-get install util-linux"), f"--net={netns}", *argv]
+            path = Path(netns)
+            if path.parent == NETNS_DIR and NETNS_NAME.fullmatch(path.name):
+                argv = [argv[0], "-n", path.name, *args]  # one program started instead of two
+            else:
+                argv = [_proc.which("nsenter", hint="apt-get install util-linux"), f"--net={netns}", *argv]
         try:
             proc = _proc.run(argv, timeout=30, input_bytes=stdin.encode() if stdin is not None else None)
         except CommandError as exc:
             raise NetworkError(f"{tool} {' '.join(args[:4])} failed: {exc.stderr_tail or exc.message}") from None
         return proc.stdout.decode()
 
-    def _join_taps(self, netns: str, ifnames: list[str], owner: tuple[int, int]) -> tuple[Nic, ...]:
+    def _join_taps(self, netns: str, ifnames: list[str], owner: tuple[int, int], *,
+                   lo_up: bool = False) -> tuple[Nic, ...]:
         """A tap per interface of the namespace at ``netns`` owned by ``owner`` (uid, gid), with every frame
         redirected between the two (tc mirred), and the interface's MAC, MTU, IPv4 addresses and routes read
-        back for the guest."""
+        back for the guest; ``lo_up``: the namespace is ours, its loopback is brought up with the taps."""
         shows = "".join(f"addr show dev {name}\nroute show dev {name}\n" for name in ifnames)
         docs = _parse_json_stream(self._iproute("-j", "-batch", "-", stdin=shows, netns=netns))
         if len(docs) != 2 * len(ifnames):
@@ -293,7 +300,7 @@ class PodNetworks:
             if not addrs:
                 self.warn(f"interface {name} in {netns} has no IPv4 address; the guest configures IPv4 only")
             nics.append(Nic(name, str(info["address"]), mtu, tap, addrs, routes_for_guest(routes)))
-        self._iproute("-batch", "-", stdin="".join(taps), netns=netns)
+        self._iproute("-batch", "-", stdin=("link set dev lo up\n" if lo_up else "") + "".join(taps), netns=netns)
         try:
             self._iproute("-batch", "-", tool="tc", stdin="".join(redirects), netns=netns)
         except NetworkError as exc:

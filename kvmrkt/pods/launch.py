@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, IntegrityError, KvmrktError, PodStateError
+from kvmrkt.host.timeline import stamp
 from kvmrkt.images.records import Progress, no_progress
 from kvmrkt.images.store import Store
 from kvmrkt.net.netconf import NetOptions
@@ -129,18 +130,22 @@ class Launcher:
             labels.label_files(self.config, pod, applied)
             measure_launch(self.config, self.store, pod, manifest, trust, {**facts, "selinux": applied.to_dict()},
                            policy_digest=self.trust.policy_digest(), warn=self.warn, apps=request.measured_apps)
+            stamp("measured")
 
         pod.move(Phase.RUN)
         try:
+            network = self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid))
+            stamp("network-up")
             opts = RunOptions(rootfs=request.rootfs, verity=request.verity, interactive=request.interactive,
                               accel=request.accel, shared_roots=request.shared_roots, hold=request.hold,
                               tty=request.tty, shared_export=request.shared_export, jail=jail,
                               exec_label=applied.process if applied.process_applied else None,
-                              network=self.networks.setup(pod, manifest, intent, owner=(jail.uid, jail.gid)),
+                              network=network,
                               before_boot=before_boot)
             result = backend.run(pod, manifest, opts, stdout=stdout, stderr=stderr)
         finally:
             self.teardown_network(pod)
+            stamp("network-down")
         pod.write_json(EXIT, ExitRecord(result.exit_codes, result.stopped, result.integrity_failures,
                                         time.time()).to_dict())
         if result.integrity_failures:

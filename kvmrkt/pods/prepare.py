@@ -19,6 +19,7 @@ from typing import Any
 from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, ImageError, KvmrktError, ManifestError
+from kvmrkt.host.timeline import stamp
 from kvmrkt.images.records import ImageRecord, Progress, no_progress
 from kvmrkt.images.service import ImageService
 from kvmrkt.pods import confinement, labels
@@ -146,8 +147,10 @@ class Preparer:
 
         def judge(manifest: PodManifest) -> dict[str, Any]:
             trust = self.trust.judge_pod(manifest)
+            stamp("policy-checked")
             for app in manifest.apps:
                 self.rootfs(app, progress)
+            stamp("rootfs-verified")
             return trust
 
         return self.new_pod(lambda uuid: self._build_manifest(uuid, apps, opts, progress), judge,
@@ -166,6 +169,7 @@ class Preparer:
         try:
             pod.move(Phase.PREPARE)
             manifest = build(pod.uuid)
+            stamp("image-resolved")
             label = labels.allocate(self.config, pod.uuid)
             manifest = replace(manifest, annotations=(
                 *manifest.annotations, (labels.PROCESS_LABEL, label.process_label),
@@ -178,6 +182,7 @@ class Preparer:
             pod.write_json(STAGE1, Stage1Record(backend.name, backend.interface_version, time.time(),
                                                 tuple(self.config.insecure_options)).to_dict())
             pod.move(Phase.PREPARED)
+            stamp("pod-prepared")
         except BaseException:
             with contextlib.suppress(KvmrktError, OSError):
                 jails.release(self.config, pod.uuid)

@@ -20,8 +20,8 @@ from kvmrkt.images.records import ImageRecord, Provenance
 from kvmrkt.images.store import Store
 from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.trust import admission, sigfiles
-from policy.model import Policy, load_policy
-from policy.trust import Decision, Subject, decide, decide_unnamed, match_scope
+from policy.model import Policy, Requirement, load_policy
+from policy.trust import Decision, Subject, Verified, decide, decide_unnamed, match_scope
 
 
 def subject_of(record: ImageRecord) -> Subject:
@@ -56,10 +56,14 @@ class TrustGate:
 
     def _decide(self, subject: Subject, files: dict[str, bytes], detached_target: Path | None, *,
                 named: bool = True) -> Decision:
-        from policy import signatures  # gpg and cryptography only when a signature is to be checked
-
         sigset = sigfiles.signature_set(files, detached_target)
-        return (decide if named else decide_unnamed)(self.policy(), subject, lambda req: signatures.verify(req, sigset))
+
+        def verify(req: Requirement) -> list[Verified]:
+            from policy import signatures  # gpg and cryptography only when a requirement checks a signature
+
+            return signatures.verify(req, sigset)
+
+        return (decide if named else decide_unnamed)(self.policy(), subject, verify)
 
     def gate(self, prov: Provenance, digest: Digest, files: dict[str, bytes]) -> None:
         """The import gate: refuse an image the policy does not accept, before anything but its manifest digest

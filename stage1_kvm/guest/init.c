@@ -125,6 +125,11 @@ int main(void)
 
     int status_fd = open_port("kvmrkt.status", O_WRONLY);
     status_set_fd(status_fd);
+    int ctl = -1;
+    if (status_fd >= 0 && template_mode() && (ctl = template_handoff()) < 0) {
+        status("FATAL template%%20handoff%%20failed%%20(see%%20the%%20console%%20log)");
+        shutdown_vm();
+    }
     if (status_fd < 0 || parse_config("/kvmrkt/pod.cfg", &pod) < 0 || pod.napps == 0) {
         logmsg("no usable pod configuration; halting");
         status("FATAL bad%%20pod%%20configuration");
@@ -139,7 +144,8 @@ int main(void)
     if (pod.interactive)
         relay.in = open_port("kvmrkt.in.0", O_RDONLY);
     status("READY");
-    int ctl = open_port("kvmrkt.ctl", O_RDWR);
+    if (ctl < 0)
+        ctl = open_port("kvmrkt.ctl", O_RDWR);
     int sig = open_port("kvmrkt.sig", O_RDWR);
     if (setup_network(pod.nics, pod.nnics) < 0) {
         status("FATAL network%%20setup%%20failed%%20(see%%20the%%20console%%20log)");

@@ -5,7 +5,9 @@
  * escaping, status lines, directories and mounts), config.c (reading /kvmrkt/pod.cfg), devices.c (modules,
  * virtio disks and ports, dm-verity), network.c (the NICs), rootfs.c (each app's root, /dev and volumes),
  * apps.c (starting, confining, signalling and reaping the apps), agent.c (the sig and ctl ports: requests,
- * enter sessions, app 0's terminal), containers.c (containers created in the running VM: CREATE sessions). The protocol is documented in docs/guest-protocol.md.
+ * enter sessions, app 0's terminal), containers.c (containers created in the running VM: CREATE sessions),
+ * template.c (a template VM's wait for its pod, and a clone's handoff). The protocol is documented in
+ * docs/guest-protocol.md.
  *
  * Trust: the pod config and the host's requests come from stage0 and are trusted; the apps are hostile.
  * There are no shared globals: main (init.c) owns the parsed pod config and app 0's terminal relay and passes
@@ -141,6 +143,9 @@ int split(char *line, char **fields, int max);
 int mkdirs(const char *path, mode_t mode);
 int mount_at(const char *src, const char *dir, const char *type, unsigned long flags, const char *data);
 
+/* template.c */
+int template_mode(void);
+int template_handoff(void);  /* the ctl port, open; -1: failed */
 /* config.c */
 int parse_config(const char *path, struct pod *pod);
 

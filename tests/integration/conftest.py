@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -273,6 +274,7 @@ class Kvmrkt:
     tcti: str = ""
     backend: str = "qemu"
     image: str = "busybox:latest"
+    templates: Path | None = None  # pods start from VM templates kept there (else: templates off, pods boot)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def argv(self, *args: str) -> list[str]:
@@ -297,8 +299,9 @@ class Kvmrkt:
 
     def write_config(self, text: str) -> None:
         """Write config.toml; every test config measures into the test's swtpm, with the event log in the data
-        directory, and runs pods without a network unless it says otherwise (tests/integration/test_network.py
-        asks for networks explicitly)."""
+        directory, runs pods without a network unless it says otherwise (tests/integration/test_network.py
+        asks for networks explicitly), and boots every pod unless ``templates`` names where its VM templates are
+        (a test's pods never pick up templates built elsewhere on the host)."""
         if "[measure]" not in text:
             text += f'\n[measure]\ntcti = "{self.tcti}"\n'
         if "log_dir" not in text:
@@ -308,8 +311,11 @@ class Kvmrkt:
         if "cgroup_parent" not in text:
             text = text.replace("[jail]\n", f'[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n', 1) if "[jail]\n" in \
                 text else text + f'\n[jail]\ncgroup_parent = "{CGROUP_PARENT}"\n'
+        line = "" if re.search(r"^templates(_dir)? *=", text, re.M) else (
+            f'templates_dir = "{self.templates}"\n' if self.templates else "templates = false\n")
         if self.backend != "qemu":
-            line = f'backend = "{self.backend}"\n'
+            line += f'backend = "{self.backend}"\n'
+        if line:
             text = text.replace("[stage1]\n", "[stage1]\n" + line, 1) if "[stage1]\n" in text else (
                 text + "\n[stage1]\n" + line)
         (self.config / "config.toml").write_text(text)
@@ -330,12 +336,27 @@ class Kvmrkt:
 
 
 def use_backend(kvmrkt: Kvmrkt, request: pytest.FixtureRequest, backend: str) -> Kvmrkt:
-    """Point a test's kvmrkt at a stage1 backend (starting libvirtd for ``libvirt``)."""
+    """Point a test's kvmrkt at a stage1 backend (starting libvirtd for ``libvirt``); ``qemu-template``: the
+    qemu backend with pods restored from VM templates (``vm_templates``) where their shape has one."""
     if backend == "libvirt":
         request.getfixturevalue("libvirtd")
+    if backend == "qemu-template":
+        backend, kvmrkt.templates = "qemu", request.getfixturevalue("vm_templates")
     kvmrkt.backend = backend
     kvmrkt.write_config(BASE_CONFIG)
+    if kvmrkt.templates and not any(kvmrkt.templates.glob("*/template.json")):
+        # The shape of a plain one-app pod: booted once (which records it), then built.
+        kvmrkt.ok("run", "busybox", "--exec", "/bin/true")
+        kvmrkt.ok("stage1", "template", "build")
     return kvmrkt
+
+
+@pytest.fixture(scope="session")
+def vm_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test session keeps its VM templates (root-only, as kvmrkt requires)."""
+    path = tmp_path_factory.mktemp("templates")
+    path.chmod(0o700)
+    return path
 
 
 def wait_output(kvmrkt: Kvmrkt, uuid: str, text: str, app: str = "busybox", timeout: float = 30) -> None:

@@ -16,9 +16,11 @@ from .conftest import REPO, Kvmrkt, use_backend, wait_output
 SH = ["busybox", "--exec", "/bin/sh", "--"]
 
 
-@pytest.fixture(params=["qemu", "libvirt"])
+@pytest.fixture(params=["qemu", "libvirt", "qemu-template"])
 def kvmrkt(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> Kvmrkt:
-    """Every lifecycle test runs against both backends: QEMU started directly, and a libvirt domain."""
+    """Every lifecycle test runs against both backends: QEMU started directly, and a libvirt domain; and with
+    QEMU, its pods restored from a VM template (those of the template's shape: one app, no volume, no terminal;
+    the others boot, as a pod without a template of its shape does)."""
     return use_backend(kvmrkt, request, request.param)
 
 

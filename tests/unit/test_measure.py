@@ -155,6 +155,23 @@ def test_reference_policy_pins_the_vmm_guard() -> None:
     assert launch.problems == ["stage1 vmm_guard sha256:g is not an allowed digest"]
 
 
+def test_reference_policy_pins_the_vm_templates_a_pod_may_be_restored_from() -> None:
+    from measure.attest import Launch, evaluate
+
+    booted, restored = Launch("b"), Launch("r")
+    booted.stage1 = {"kernel": "sha256:k"}
+    restored.stage1 = {"kernel": "sha256:k", "template": {"key": "k1", "state": "sha256:t", "initrd": "sha256:i"}}
+    for launch in (booted, restored):
+        evaluate(launch, {"stage1": {"template": ["sha256:t"]}})
+        evaluate(launch, {"stage1": {}})  # no "template" key: restored pods are accepted (and reported)
+    assert booted.problems == [] and restored.problems == []
+    for launch in (booted, restored):
+        evaluate(launch, {"stage1": {"template": []}})  # no restored pod at all
+    assert booted.problems == []
+    assert restored.problems == ["the pod VM was restored from VM template sha256:t, which is not an allowed "
+                                 "template digest"]
+
+
 def test_reference_policy_judges_each_image_by_its_own_signers() -> None:
     """An unsigned app renamed to a trusted name does not borrow another app's signer; a dependency is judged
     on its own."""
@@ -211,3 +228,32 @@ def test_malformed_evidence_is_a_format_failure(change: dict[str, object]) -> No
     with pytest.raises(AttestationError) as exc:
         verify(evidence, ak_pem=b"", nonce=b"n" * 16, reference=None)
     assert exc.value.check == "format"
+
+
+def test_an_append_after_a_torn_record_numbers_on_from_the_last_complete_one(tmp_path: Path) -> None:
+    """A crash mid-write leaves a torn record; the next append follows the last complete record, and replay
+    then sees a contiguous log that ignores the torn bytes."""
+    log, _ = _log(tmp_path)
+    with log.path.open("ab") as fh:
+        fh.write(b'\x1e{"recnum": 4, "pcr": 15, "conte')
+    with log.locked():
+        assert log.append(15, Event("app", {"i": 9})) == 4
+
+
+def test_an_append_parses_only_the_last_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each append of a launch used to re-parse up to 1 MiB of the log's JSON to number the next record."""
+    from kvmrkt import jsondoc
+    from measure import events
+
+    log, _ = _log(tmp_path, n=200)
+    parsed: list[bytes] = []
+    real = jsondoc.loads
+
+    def counting(data: bytes) -> object:
+        parsed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(events.jsondoc, "loads", counting)
+    with log.locked():
+        assert log.append(15, Event("app", {"i": 200})) == 201
+    assert len(parsed) == 1

@@ -1,0 +1,465 @@
+"""VM templates: a pod VM restored from a snapshot of a VM that booted kvmrkt's init up to its wait for a pod.
+
+Role: a template is kept per *shape*, everything about a pod's VM that its guest state depends on: QEMU (binary),
+accelerator, memory, vCPUs, kernel, base initramfs, kernel command line, and the device layout (disk ids and
+serials, 9p shares and tags, virtio-serial ports, NIC count). ``shape_of`` derives it from a pod's ``VMSpec``; a
+pod whose shape has a template is started by restoring it (QEMU ``-incoming defer``, the state passed as a
+descriptor, ``cont`` only once its digest matched), then handed its pod over the ctl port (``handoff_frame``:
+its config, 64 bytes from the host's RNG that the guest mixes in and reseeds its CRNG with before anything
+runs, the wall clock). The guest half is ``guest/template.c``: the template's init detaches virtio-blk and
+virtio-net before the snapshot and reattaches them after the handoff, so a clone probes its own disks (capacity,
+serial) and MAC from its own command line. Paths, sockets, disk files and tap devices are the clone's own: the
+migration stream holds device state, never a backend.
+
+``build`` boots the template VM (placeholder disks, an empty share, NICs plugged into nothing), waits for the
+guest's ``TEMPLATE`` status, stops it and migrates it to a file. A cold launch of a shape without a template
+records the shape as wanted (``want``), so ``kvmrkt stage1 template build`` builds what this host runs.
+
+Trust boundary: templates are kvmrkt's own. They live under the root-only assets directory (``templates/<key>``,
+0700, files 0600), are refused unless root owns them with no group/other access, and their state is hashed on
+every use while QEMU reads it (the VM is resumed only when the digest matches the one recorded at build time, so
+an altered template never runs). The template VM runs only kvmrkt's init on kvmrkt's placeholder inputs, nothing
+a pod supplies, so it is built outside the pod jail; every clone runs jailed like any pod. The clone's pod config
+is the bytes a cold boot would put in its initramfs (and is measured the same way); the template's digest is in
+the stage1 event, so a verifier can tell a clone from a booted pod.
+
+Caveat that comes with cloning (as Firecracker's snapshot documentation says): the guest kernel's own secrets
+that are fixed at boot (its stack canary, its hash seeds, the address-space layout of the guest init) are the
+same in every clone of a template; the apps' processes are all started after the reseed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmrkt.config import Stage1Config
+from kvmrkt.errors import TemplateError
+from kvmrkt.host import proc as _proc
+from kvmrkt.stage1 import Nic
+from stage1_kvm import agent
+from stage1_kvm.assets import Assets, cpio_archive
+from stage1_kvm.qemu_argv import build_argv
+from stage1_kvm.vmspec import GUEST_STATUS, QMP_SOCKET, Disk, Port, Share, VMSpec
+
+FORMAT = 1
+TEMPLATES = "templates"
+WANTED = "wanted"
+META = "template.json"
+STATE = "state"
+INITRD = "initrd.img"
+SEED_BYTES = 64
+_READ = 1 << 20
+
+Progress = Callable[[str], None]
+
+
+def templates_dir(cfg: Stage1Config) -> Path:
+    return cfg.templates_dir or cfg.assets_dir / TEMPLATES
+
+
+def _qemu_identity(qemu: str) -> list[Any]:
+    st = os.stat(qemu)
+    return [os.path.realpath(qemu), st.st_size, st.st_mtime_ns]
+
+
+def shape_of(spec: VMSpec, *, assets: Assets, qemu: str) -> dict[str, Any] | None:
+    """The pod VM's shape (JSON-able), or None when no template can stand for it (user-mode networking: its
+    NAT state would be the template's)."""
+    if spec.user_forwards or any(nic.tap is None for nic in spec.nics):
+        return None
+    return {
+        "format": FORMAT,
+        "qemu": _qemu_identity(qemu),
+        "accel": spec.accel,
+        "memory_mib": spec.memory_mib,
+        "vcpus": spec.vcpus,
+        "kernel": str(assets.kernel_digest),
+        "initrd": str(assets.initrd_digest),
+        "cmdline": spec.cmdline,
+        "acpi": spec.acpi,
+        "sandbox": spec.sandbox,
+        "disks": [[d.id, d.serial] for d in spec.disks],
+        "shares": [[s.id, s.tag, s.read_only, s.live] for s in spec.shares],
+        "ports": [[p.name, p.kind, p.path] for p in spec.ports],
+        "nics": [[n.ifname, n.mtu] for n in spec.nics],
+    }
+
+
+def shape_key(shape: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A built template: its key (of its shape), directory, state digest and size, template initramfs digest."""
+
+    key: str
+    path: Path
+    shape: dict[str, Any]
+    digest: str
+    size: int
+    initrd_digest: str
+    created: float
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    def describe(self) -> dict[str, Any]:
+        s = self.shape
+        return {"key": self.key, "digest": self.digest, "size": self.size, "initrd": self.initrd_digest,
+                "created": self.created, "memory_mib": s["memory_mib"], "vcpus": s["vcpus"], "accel": s["accel"],
+                "disks": len(s["disks"]), "nics": len(s["nics"]), "ports": len(s["ports"]),
+                "kernel": s["kernel"], "path": str(self.path)}
+
+
+def _root_only(path: Path, *, directory: bool) -> bool:
+    """Root owns it, nobody else may write or read it, and it is what it claims to be (no symlink)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == 0 and not st.st_mode & 0o077
+
+
+def _load(path: Path) -> Template:
+    """Read a template's record.
+
+    Raises:
+        TemplateError: it is not kvmrkt's own (ownership, modes) or its record is unreadable.
+    """
+    meta_path, state = path / META, path / STATE
+    if not (_root_only(path, directory=True) and _root_only(meta_path, directory=False)
+            and _root_only(state, directory=False)):
+        raise TemplateError(f"template {path} is not root's own (owner root, no access for group or others)",
+                            hint=f"remove it: kvmrkt stage1 template rm {path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        return Template(key=path.name, path=path, shape=meta["shape"], digest=meta["state"]["digest"],
+                        size=int(meta["state"]["size"]), initrd_digest=meta["initrd"], created=meta["created"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TemplateError(f"template {path}: unreadable record: {exc}",
+                            hint=f"remove it: kvmrkt stage1 template rm {path.name}") from exc
+
+
+def find(cfg: Stage1Config, shape: dict[str, Any]) -> Template | None:
+    """The template for this shape, if one was built (None: boot cold).
+
+    Raises:
+        TemplateError: one is there but is not kvmrkt's own, or was built for another shape.
+    """
+    path = templates_dir(cfg) / shape_key(shape)
+    if not path.exists():
+        return None
+    tmpl = _load(path)
+    if tmpl.shape != shape:
+        raise TemplateError(f"template {path} was built for another shape than its name says",
+                            hint=f"remove it: kvmrkt stage1 template rm {path.name}")
+    return tmpl
+
+
+def want(cfg: Stage1Config, shape: dict[str, Any]) -> None:
+    """Record that a pod of this shape booted cold, for ``build_wanted`` (best effort: never fails a launch)."""
+    with contextlib.suppress(OSError):
+        wanted = templates_dir(cfg) / WANTED
+        wanted.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = wanted / f"{shape_key(shape)}.json"
+        if not path.exists():
+            tmp = wanted / f".{path.name}.{os.getpid()}"
+            tmp.write_text(json.dumps(shape, sort_keys=True))
+            os.chmod(tmp, 0o600)
+            tmp.replace(path)
+
+
+def wanted(cfg: Stage1Config) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((templates_dir(cfg) / WANTED).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            shape = json.loads(path.read_text())
+            if isinstance(shape, dict) and shape.get("format") == FORMAT:
+                out.append(shape)
+    return out
+
+
+def listing(cfg: Stage1Config) -> list[Template]:
+    """Every template built here (ones that are not root's own are listed by ``TemplateError``)."""
+    root = templates_dir(cfg)
+    return [_load(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name != WANTED] if root.is_dir() else []
+
+
+def remove(cfg: Stage1Config, key: str) -> bool:
+    """Remove one template (and its wanted record); False if there was none."""
+    if not key.isalnum():
+        raise TemplateError(f"bad template key {key[:40]!r}", hint="kvmrkt stage1 template list shows them")
+    path = templates_dir(cfg) / key
+    (templates_dir(cfg) / WANTED / f"{key}.json").unlink(missing_ok=True)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    shutil.rmtree(path)
+    return True
+
+
+# --- QMP, just what templates need (one client, synchronous, descriptors passed with getfd) ------------------
+
+
+class _Qmp:
+    def __init__(self, path: str, deadline: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise TemplateError(f"QEMU's monitor did not answer: {exc}") from exc
+                time.sleep(0.002)
+        self.sock.settimeout(max(1.0, deadline - time.monotonic()))
+        self.buf = b""
+        self._reply()  # the greeting
+        self.cmd("qmp_capabilities")
+
+    def _reply(self) -> dict[str, Any]:
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise TemplateError("QEMU closed its monitor (see qemu.log)")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "event" not in msg:
+                return dict(msg)
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None, *, fd: int | None = None) -> Any:
+        data = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
+        if fd is None:
+            self.sock.sendall(data)
+        else:
+            socket.send_fds(self.sock, [data], [fd])
+        reply = self._reply()
+        if "error" in reply:
+            raise TemplateError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def _qmp(pod_dir: Path, deadline: float) -> Iterator[_Qmp]:
+    with agent.socket_path(pod_dir, QMP_SOCKET) as path:
+        q = _Qmp(path, deadline)
+    try:
+        yield q
+    finally:
+        q.close()
+
+
+def _wait(q: _Qmp, done: Callable[[], bool], deadline: float, what: str) -> None:
+    while not done():
+        if time.monotonic() > deadline:
+            raise TemplateError(f"timed out {what}")
+        time.sleep(0.002)
+
+
+# --- restoring a clone ---------------------------------------------------------------------------------------
+
+
+def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
+    """Load the template into the QEMU just started with ``-incoming defer`` in ``pod_dir`` and resume it, once
+    its state hashed to the recorded digest (hashed while QEMU reads it; QEMU gets a read-only descriptor).
+
+    Raises:
+        TemplateError: the state is altered (the VM was never resumed), or QEMU failed to load it.
+    """
+    deadline = time.monotonic() + timeout
+    fd = os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        digest: list[str] = []
+
+        def hash_state() -> None:
+            h = hashlib.sha256()
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
+                while chunk := fh.read(_READ):
+                    h.update(chunk)
+            digest.append(f"sha256:{h.hexdigest()}")
+
+        hasher = threading.Thread(target=hash_state, daemon=True)
+        with _qmp(pod_dir, deadline) as q:
+            incoming = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # its own offset
+            try:
+                q.cmd("getfd", {"fdname": "template"}, fd=incoming)
+            finally:
+                os.close(incoming)
+            hasher.start()
+            q.cmd("migrate-incoming", {"uri": "fd:template"})
+            _wait(q, lambda: q.cmd("query-status")["status"] not in ("inmigrate", "prelaunch", "restore-vm"),
+                  deadline, "loading the template")
+            hasher.join(max(0.0, deadline - time.monotonic()))
+            status = q.cmd("query-status")["status"]
+            if status != "paused":
+                migration = q.cmd("query-migrate")
+                raise TemplateError(f"QEMU could not load template {tmpl.key} ({status}): "
+                                    f"{migration.get('error-desc', migration.get('status', '?'))}")
+            if not digest or digest[0] != tmpl.digest:
+                raise TemplateError(
+                    f"template {tmpl.key} is altered: its state hashes to {digest[0] if digest else '(unread)'}, "
+                    f"{tmpl.digest} was recorded when it was built; the VM was not resumed",
+                    hint=f"remove it and build it again: kvmrkt stage1 template rm {tmpl.key}; "
+                         "kvmrkt stage1 template build")
+            q.cmd("cont")
+    finally:
+        os.close(fd)
+
+
+def handoff_frame(config: bytes) -> bytes:
+    """The first bytes a clone reads on its ctl port (``guest/template.c``): its pod config, a fresh seed, the
+    wall clock."""
+    now = time.time_ns()
+    seed = secrets.token_bytes(SEED_BYTES).hex()
+    return f"POD {len(config)} {seed} {now // 10**9} {now % 10**9}\n".encode() + config
+
+
+# --- building a template -------------------------------------------------------------------------------------
+
+
+def _template_initrd(base: Path, out: Path) -> None:
+    extra = cpio_archive([("kvmrkt", stat.S_IFDIR | 0o755, b""),
+                          ("kvmrkt/template", stat.S_IFREG | 0o600, f"{FORMAT}\n".encode())])
+    with base.open("rb") as src, out.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(extra)
+
+
+def template_spec(shape: dict[str, Any], *, kernel: Path, initrd: Path, work: Path) -> VMSpec:
+    """The template VM for ``shape``: its devices, with placeholder backends in ``work``."""
+    placeholder = work / "placeholder.img"
+    placeholder.write_bytes(b"\0" * 4096)
+    empty = work / "share"
+    empty.mkdir(mode=0o700, exist_ok=True)
+    return VMSpec(
+        name=f"kvmrkt-template-{shape_key(shape)}", accel=shape["accel"], memory_mib=shape["memory_mib"],
+        vcpus=shape["vcpus"], kernel=kernel, initrd=str(initrd), cmdline=shape["cmdline"],
+        disks=tuple(Disk(i, placeholder, serial) for i, serial in shape["disks"]),
+        shares=tuple(Share(i, empty, tag, ro, live) for i, tag, ro, live in shape["shares"]),
+        ports=tuple(Port(name, kind, path) for name, kind, path in shape["ports"]),
+        acpi=shape["acpi"], sandbox=shape["sandbox"],
+        nics=tuple(Nic(ifname, f"52:54:00:00:00:{i + 1:02x}", mtu, tap="") for i, (ifname, mtu)
+                   in enumerate(shape["nics"])),
+        netns=None,
+    )
+
+
+def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str,
+          progress: Progress = lambda _m: None) -> Template:
+    """Boot the template VM for ``shape``, snapshot it at the guest's wait for a pod, record it.
+
+    Raises:
+        TemplateError: the shape is for other assets or another QEMU, or the VM failed to get there.
+    """
+    if shape.get("format") != FORMAT or shape["kernel"] != str(assets.kernel_digest) \
+            or shape["initrd"] != str(assets.initrd_digest) or shape["qemu"] != _qemu_identity(qemu):
+        raise TemplateError("this shape was recorded for another kernel, initramfs or QEMU than the current ones",
+                            hint="run a pod of that shape once (it is recorded again), then build")
+    from stage1_kvm.qemu import runtime_fds
+
+    key = shape_key(shape)
+    root = templates_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        progress(f"booting template {key} ({shape['memory_mib']} MiB, {shape['vcpus']} vCPU)")
+        initrd = work / INITRD
+        _template_initrd(assets.initrd, initrd)
+        spec = template_spec(shape, kernel=assets.kernel, initrd=initrd, work=work)
+        deadline = time.monotonic() + cfg.boot_timeout
+        with runtime_fds(work, spec) as fds:
+            argv = build_argv(spec, fds=fds, qemu=qemu, nic_backends=False)
+            with (work / "qemu.log").open("wb") as log:
+                proc = subprocess.Popen(argv, cwd=work, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                        pass_fds=list(fds.values()))
+        status = work / GUEST_STATUS
+        while b"TEMPLATE" not in status.read_bytes():
+            if proc.poll() is not None or b"FATAL" in status.read_bytes() or time.monotonic() > deadline:
+                raise TemplateError(f"the template VM did not reach its wait for a pod: "
+                                    f"{status.read_bytes()[-300:].decode(errors='replace').strip() or 'no status'}"
+                                    f"\n{_proc.tail((work / 'qemu.log').read_bytes())}")
+            time.sleep(0.01)
+        progress(f"saving template {key}")
+        state = work / STATE
+        with _qmp(work, deadline) as q:
+            q.cmd("stop")
+            out = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                q.cmd("getfd", {"fdname": "template"}, fd=out)
+            finally:
+                os.close(out)
+            q.cmd("migrate", {"uri": "fd:template"})
+            _wait(q, lambda: q.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled"),
+                  deadline, "saving the template")
+            result = q.cmd("query-migrate")
+            if result.get("status") != "completed":
+                raise TemplateError(f"saving the template failed: {result.get('error-desc', result.get('status'))}")
+            q.cmd("quit")
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        meta = {"format": FORMAT, "shape": shape, "created": time.time(),
+                "state": {"digest": f"sha256:{_sha256(state)}", "size": state.stat().st_size},
+                "initrd": f"sha256:{_sha256(initrd)}"}
+        for junk in ("share", "placeholder.img", GUEST_STATUS, *(p[2] for p in shape["ports"]), QMP_SOCKET,
+                     spec.console_socket, "qemu.log"):
+            path = work / junk
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for path in work.iterdir():
+            os.chmod(path, 0o600)
+        final = root / key
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            work.rename(final)
+        except OSError as exc:  # another build of the same shape won the race
+            raise TemplateError(f"template {key} could not be put in place: {exc}",
+                                hint="is another `kvmrkt stage1 template build` running? try again") from exc
+        (root / WANTED / f"{key}.json").unlink(missing_ok=True)
+        return _load(final)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_READ):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["Template", "build", "find", "handoff_frame", "listing", "remove", "restore", "shape_key", "shape_of",
+           "templates_dir", "want", "wanted"]
