@@ -1,17 +1,23 @@
 """Kernel boot benchmark: kvmrkt's own guest kernel under bare QEMU (the machine flags of ``stage1_kvm.qemu_argv``),
 with an initramfs whose init is busybox's ``reboot -f``, for a set of kernel command-line variants run interleaved.
-Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start) and, with
+Prints JSON: per variant the median wall time to QEMU's exit (the kernel-only floor of a pod's start), the median
+CPU time QEMU used (steadier than the wall time when other work shares the host) and, with
 ``--profile``, the guest-clock timeline of one boot per variant under ``initcall_debug printk.time=1`` (the console
 stays quiet, the init prints the ring buffer with ``dmesg``): when init was reached, the largest initcalls, the
-largest gaps between two kernel messages, and the named waits.
+largest gaps between two kernel messages, and the named waits. ``--sample`` finds what the messages cannot
+show: it boots kvmrkt's line while asking QEMU's monitor for the guest's instruction pointer as often as it
+answers, and prints the kernel functions the samples fell in, overall and per 50 ms of wall time (the sampling
+slows the guest down about threefold: read it for shares, not for times).
 
 A variant is a list of tokens added to the base command line (kvmrkt's, from ``stage1_kvm.vmspec``); a token
 ``-NAME`` removes the base's ``NAME``/``NAME=...``; ``lpj=auto`` is the loops_per_jiffy of a profiled boot.
+``--vmlinux [LABEL=]PATH`` adds another kernel (e.g. one built from an edited ``kernel.config``): every variant
+also boots it, interleaved with the installed kernel, reported as ``VARIANT@LABEL``.
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/kernel_boot.py [--runs N] [--accel auto|tcg|kvm] [--vcpus N] [--profile]
         [--kernel minimal|debian-cloud]
-        [--variant='NAME:TOKENS' ...]
+        [--variant='NAME:TOKENS' ...] [--vmlinux LABEL=PATH ...] [--sample]
 
 Trust boundary: none beyond the benchmark's own files; the guest runs only busybox from the host's package.
 """
@@ -19,11 +25,14 @@ Trust boundary: none beyond the benchmark's own files; the guest runs only busyb
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import contextlib
 import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -42,7 +51,7 @@ from stage1_kvm.assets import cpio_archive, load_assets
 from stage1_kvm.qemu import choose_accel, runtime_fds
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vm import host_tsc_khz
-from stage1_kvm.vmspec import VMSpec, kernel_cmdline
+from stage1_kvm.vmspec import QMP_SOCKET, VMSpec, kernel_cmdline
 
 BUSYBOX = Path("/bin/busybox")  # static (busybox-static): the guest has no libc
 # busybox picks its applet by argv[0]; the kernel passes what follows `--` to init (and QEMU appends the
@@ -59,7 +68,7 @@ LPJ_AUTO = "lpj=auto"  # replaced by the loops_per_jiffy a profiled boot printed
 # kernel-parameters.txt says what each does; mitigations=off is measured only: the guest runs hostile code).
 VARIANTS: dict[str, str] = {
     "kvmrkt": "",
-    "kvmrkt_before_levers": "-no_timer_check -noapictimer -tsc -lpj",
+    "kvmrkt_before_levers": "-no_timer_check -noapictimer -tsc -lpj -noreplace-smp",
     "-no_timer_check": "-no_timer_check",
     "-noapictimer": "-noapictimer",
     "-tsc=reliable": "-tsc",
@@ -70,6 +79,10 @@ VARIANTS: dict[str, str] = {
     "+maxcpus=1": "maxcpus=1",
     "+clocksource=tsc": "clocksource=tsc",
     "+lapic=notscdeadline": "lapic=notscdeadline",
+    "-noreplace-smp": "-noreplace-smp",
+    "+rcu_expedited": "rcupdate.rcu_expedited=1",
+    "+clearcpuid=erms": "clearcpuid=erms",
+    "+clearcpuid=erms,fsrm": "clearcpuid=erms,fsrm",
     "+mitigations=off": "mitigations=off",
     "-random.trust_cpu": "-random.trust_cpu",
 }
@@ -131,8 +144,10 @@ class Floor:
                    work)
 
     @contextlib.contextmanager
-    def _started(self, cmdline: str, console: bool) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket | None]]:
-        spec = replace(self.spec, cmdline=cmdline, **({"initrd": self.profile_initrd} if console else {}))
+    def _started(self, cmdline: str, console: bool,
+                 kernel: str | None) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket | None]]:
+        spec = replace(self.spec, cmdline=cmdline, kernel=Path(kernel) if kernel else self.spec.kernel,
+                       **({"initrd": self.profile_initrd} if console else {}))
         with runtime_fds(self.work, spec) as fds:
             reader = None
             if console:  # connected before QEMU starts (queued in the backlog), so no early message is lost
@@ -150,25 +165,33 @@ class Floor:
                 proc.kill()
             proc.wait()
 
-    def time(self, cmdline: str | None = None) -> float:
-        """Wall seconds from starting QEMU to its exit (default: kvmrkt's command line)."""
+    def time(self, cmdline: str | None = None, kernel: str | None = None) -> float:
+        """Wall seconds from starting QEMU to its exit (default: kvmrkt's command line and kernel)."""
+        return self.measure(cmdline, kernel)[0]
+
+    def measure(self, cmdline: str | None = None, kernel: str | None = None) -> tuple[float, float]:
+        """Wall seconds from starting QEMU to its exit, and the CPU seconds QEMU used (user + system: what
+        other load on the host inflates less than the wall time)."""
         cmdline = cmdline or apply_variant(self.spec.cmdline, "")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         begin = time.perf_counter()
-        with self._started(cmdline, console=False) as (proc, _):
+        with self._started(cmdline, console=False, kernel=kernel) as (proc, _):
             try:
                 _, err = proc.communicate(timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 sys.exit(f"the guest did not power off within {TIMEOUT_S:.0f} s: {cmdline}")
             if proc.returncode != 0:
                 sys.exit(f"QEMU failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
-        return time.perf_counter() - begin
+        wall = time.perf_counter() - begin
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
-    def console(self, cmdline: str) -> str:
+    def console(self, cmdline: str, kernel: str | None = None) -> str:
         """The serial console of one boot with the profile's initramfs (a guest that hangs is killed after
         ``TIMEOUT_S``: its console so far, where the hang shows)."""
         chunks: list[bytes] = []
         deadline = time.monotonic() + TIMEOUT_S
-        with self._started(cmdline, console=True) as (_, reader):
+        with self._started(cmdline, console=True, kernel=kernel) as (_, reader):
             assert reader is not None
             with contextlib.suppress(TimeoutError):
                 while (left := deadline - time.monotonic()) > 0:
@@ -177,6 +200,49 @@ class Floor:
                         break
                     chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace")
+
+
+    def sample(self, cmdline: str, kernel: str | None = None) -> list[tuple[float, int]]:
+        """One boot's (wall seconds, guest instruction pointer) samples, taken through QEMU's monitor."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        samples: list[tuple[float, int]] = []
+        with self._started(cmdline, console=False, kernel=kernel) as (proc, _):
+            begin = time.perf_counter()
+            with agent.socket_path(self.work, QMP_SOCKET) as path:
+                qmp = QEMUMonitorProtocol(path)
+                qmp.connect()
+                with contextlib.suppress(Exception):  # the guest powered off between two samples
+                    while proc.poll() is None:
+                        reply = qmp.cmd("human-monitor-command", {"command-line": "info registers"})
+                        if rip := re.search(r"RIP=([0-9a-f]+)", str(reply.get("return", ""))):
+                            samples.append((time.perf_counter() - begin, int(rip[1], 16)))
+                with contextlib.suppress(Exception):
+                    qmp.close()
+        return samples
+
+
+def sampled(samples: list[tuple[float, int]], vmlinux: Path, top: int = 25) -> dict[str, object]:
+    """Where the samples fell: the kernel function holding each (user space is one bucket), overall and per
+    50 ms of wall time."""
+    out = subprocess.run(["nm", "-n", "--defined-only", str(vmlinux)], capture_output=True, text=True,
+                         check=False).stdout
+    syms = [(int(f[0], 16), f[2]) for f in map(str.split, out.splitlines()) if len(f) >= 3 and f[1] in "tTwW"]
+    addrs = [a for a, _ in syms]
+
+    def name(rip: int) -> str:
+        i = bisect.bisect_right(addrs, rip) - 1
+        return syms[i][1] if rip >= 0xFFFFFFFF80000000 and i >= 0 else "(user space)"
+
+    per_slot: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for at, rip in samples:
+        per_slot[int(at * 20)][name(rip)] += 1
+    return {
+        "samples": len(samples),
+        "wall_s": round(samples[-1][0], 3) if samples else None,
+        "functions": dict(collections.Counter(name(rip) for _, rip in samples).most_common(top)),
+        "per_50ms": {f"{slot / 20:.2f}": dict(c.most_common(3)) for slot, c in sorted(per_slot.items())},
+    }
 
 
 _STAMP = re.compile(r"^\[\s*(\d+\.\d+)\] (.*)$")
@@ -229,33 +295,46 @@ def timeline(console: str, names: dict[str, str] | None = None, top: int = 10) -
     }
 
 
-def run(floor: Floor, variants: dict[str, str], runs: int, profile: bool) -> dict[str, object]:
-    """Interleaved timings (A, B, C, A, B, C, ...) of every variant, after one warm-up round."""
+def run(floor: Floor, variants: dict[str, str], runs: int, profile: bool,
+        kernels: dict[str, str] | None = None) -> dict[str, object]:
+    """Interleaved timings (A, B, C, A, B, C, ...) of every variant on every kernel (the installed one, and
+    ``kernels``: label -> vmlinux), after one warm-up round."""
     base = floor.spec.cmdline
+    kernels = {"": str(floor.spec.kernel), **(kernels or {})}
     out: dict[str, object] = {"accel": floor.spec.accel, "vcpus": floor.spec.vcpus, "base_cmdline": base,
-                              "runs": runs}
+                              "runs": runs, "kernels": kernels}
     lpj = None
     if profile:
-        profiles, names = {}, symbols(floor.spec.kernel)
-        for name, tokens in variants.items():
-            if LPJ_AUTO in tokens.split() and lpj is None:
-                continue
-            prof = timeline(floor.console(apply_variant(base, f"{tokens} {PROFILE}", lpj, PROFILE_INIT)), names)
-            lpj = lpj or (prof["lpj"] if isinstance(prof["lpj"], int) else None)
-            profiles[name] = prof
+        profiles = {}
+        for label, kernel in kernels.items():
+            names = symbols(Path(kernel))
+            for name, tokens in variants.items():
+                if LPJ_AUTO in tokens.split() and lpj is None:
+                    continue
+                prof = timeline(floor.console(apply_variant(base, f"{tokens} {PROFILE}", lpj, PROFILE_INIT),
+                                              kernel), names)
+                lpj = lpj or (prof["lpj"] if isinstance(prof["lpj"], int) else None)
+                profiles[_label(name, label)] = prof
         out["profiles"] = profiles
     lines = {name: apply_variant(base, tokens, lpj) for name, tokens in variants.items()
              if LPJ_AUTO not in tokens.split() or lpj is not None}
-    times: dict[str, list[float]] = {name: [] for name in lines}
-    for cmdline in lines.values():  # warm the page cache and QEMU's first start
-        floor.time(cmdline)
+    boots = {_label(name, label): (cmdline, kernel) for name, cmdline in lines.items()
+             for label, kernel in kernels.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in boots}
+    for cmdline, kernel in boots.values():  # warm the page cache and QEMU's first start
+        floor.time(cmdline, kernel)
     for _ in range(runs):
-        for name, cmdline in lines.items():
-            times[name].append(floor.time(cmdline))
-    out["median_s"] = {name: round(statistics.median(t), 3) for name, t in times.items()}
-    out["times_s"] = {name: [round(x, 3) for x in t] for name, t in times.items()}
+        for name, (cmdline, kernel) in boots.items():
+            times[name].append(floor.measure(cmdline, kernel))
+    out["median_s"] = {name: round(statistics.median(w for w, _ in t), 3) for name, t in times.items()}
+    out["median_cpu_s"] = {name: round(statistics.median(c for _, c in t), 3) for name, t in times.items()}
+    out["times_s"] = {name: [round(w, 3) for w, _ in t] for name, t in times.items()}
     out["cmdlines"] = lines
     return out
+
+
+def _label(variant: str, kernel: str) -> str:
+    return f"{variant}@{kernel}" if kernel else variant
 
 
 def main() -> None:
@@ -267,6 +346,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print each variant's guest-clock timeline")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:TOKENS",
                     help="measure these variants (and kvmrkt's line) instead of the built-in set")
+    ap.add_argument("--sample", action="store_true",
+                    help="only sample where one boot of each kernel spends its time (kvmrkt's line)")
+    ap.add_argument("--vmlinux", action="append", default=[], metavar="LABEL=PATH",
+                    help="also boot this kernel with every variant, interleaved with the installed one")
     args = ap.parse_args()
     variants = dict(VARIANTS)
     if args.variant:
@@ -277,7 +360,17 @@ def main() -> None:
         cfg = load_config().stage1
         floor = Floor.create(Path(tmp), replace(cfg, kernel=args.kernel or cfg.kernel), accel=args.accel,
                              vcpus=args.vcpus)
-        print(json.dumps(run(floor, variants, args.runs, args.profile), indent=2))
+        kernels = dict(k.split("=", 1) if "=" in k else (Path(k).name, k) for k in args.vmlinux)
+        for path in kernels.values():
+            if not Path(path).is_file():
+                sys.exit(f"no kernel at {path}")
+        if args.sample:
+            kernels = {"": str(floor.spec.kernel), **kernels}
+            report = {label or "kvmrkt": sampled(floor.sample(apply_variant(floor.spec.cmdline, ""), kernel),
+                                                 Path(kernel)) for label, kernel in kernels.items()}
+            print(json.dumps(report, indent=2))
+            return
+        print(json.dumps(run(floor, variants, args.runs, args.profile, kernels), indent=2))
 
 
 if __name__ == "__main__":
