@@ -62,6 +62,8 @@ run: setup
 	  'echo "hello from app $$AC_APP_NAME on $$(hostname), kernel $$(uname -r), $$(nproc) vCPU"; \
 	   echo "root filesystem: $$(grep " / " /proc/mounts)"'
 	kvmrkt status $$(cat $(DEMO_DIR)/uuid)
+	kvmrkt stage1 template build
+	time kvmrkt run demo/busybox --exec /bin/sh -- -c 'echo "hello again, from a VM restored from a template"'
 	kvmrkt attest log | tail -n 6
 	kvmrkt list
 	kvmrkt gc --grace-period=0s

@@ -141,3 +141,23 @@ def test_a_clone_on_the_default_network_gets_its_own_mac_and_address(templated: 
         assert "eth0    inet 172.16.28." in res.out and "1 packets received" in res.out, res.out
         macs.add(res.out.split()[0])
     assert len(macs) == 2 and "52:54:00:00:00:01" not in macs  # the pods' own, not the template's
+
+
+def test_a_clone_mounts_its_own_host_volume(templated: Kvmrkt, tmp_path: Path) -> None:
+    """A 9p share is plugged into the template unmounted; each clone's QEMU exports the pod's own directory."""
+    k = templated
+    outs = []
+    for i in range(3):  # boots (recording the shape), then two clones after the build
+        vol = tmp_path / f"v{i}"
+        vol.mkdir()
+        (vol / "in").write_text(f"volume {i}\n")
+        uuid_file = tmp_path / f"vol-{i}"
+        res = k.ok("run", "--uuid-file-save", str(uuid_file), "--volume", f"v,kind=host,source={vol}", "busybox",
+                   "--mount", "volume=v,target=/v", "--exec", "/bin/sh", "--", "-c", "cat /v/in; echo out > /v/out")
+        outs.append(res.out)
+        assert (vol / "out").read_text() == "out\n"
+        record = json.loads(next(k.data.glob(f"pods/*/{uuid_file.read_text().strip()}/stage1-run.json")).read_text())
+        assert (record["template"] is None) == (i == 0)
+        if i == 0:
+            _build(k)
+    assert outs == [f"volume {i}\n" for i in range(3)]
