@@ -140,7 +140,12 @@ def cpio_archive(files: list[tuple[str, int, bytes]]) -> bytes:
 
 def pod_initrd(base: Path, pod_config: bytes, out: Path) -> None:
     """Write the base initramfs followed by a second archive holding ``/kvmrkt/pod.cfg``."""
-    extra = cpio_archive([("kvmrkt", stat.S_IFDIR | 0o755, b""), ("kvmrkt/pod.cfg", stat.S_IFREG | 0o600, pod_config)])
+    initrd_with(base, "pod.cfg", pod_config, out)
+
+
+def initrd_with(base: Path, name: str, data: bytes, out: Path) -> None:
+    """Write the base initramfs followed by a second archive holding ``/kvmrkt/<name>`` (0600)."""
+    extra = cpio_archive([("kvmrkt", stat.S_IFDIR | 0o755, b""), (f"kvmrkt/{name}", stat.S_IFREG | 0o600, data)])
     with base.open("rb") as src, out.open("wb") as dst:
         shutil.copyfileobj(src, dst)
         dst.write(b"\0" * (-dst.tell() % 4))

@@ -52,7 +52,7 @@ from kvmrkt.errors import TemplateError
 from kvmrkt.host import proc as _proc
 from kvmrkt.stage1 import Nic
 from stage1_kvm import agent
-from stage1_kvm.assets import Assets, cpio_archive
+from stage1_kvm.assets import Assets, initrd_with
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import GUEST_STATUS, QMP_SOCKET, Disk, Port, Share, VMSpec
 
@@ -340,15 +340,6 @@ def handoff_frame(config: bytes) -> bytes:
 # --- building a template -------------------------------------------------------------------------------------
 
 
-def _template_initrd(base: Path, out: Path) -> None:
-    extra = cpio_archive([("kvmrkt", stat.S_IFDIR | 0o755, b""),
-                          ("kvmrkt/template", stat.S_IFREG | 0o600, f"{FORMAT}\n".encode())])
-    with base.open("rb") as src, out.open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-        dst.write(b"\0" * (-dst.tell() % 4))
-        dst.write(extra)
-
-
 def template_spec(shape: dict[str, Any], *, kernel: Path, initrd: Path, work: Path) -> VMSpec:
     """The template VM for ``shape``: its devices, with placeholder backends in ``work``."""
     placeholder = work / "placeholder.img"
@@ -390,7 +381,7 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
     try:
         progress(f"booting template {key} ({shape['memory_mib']} MiB, {shape['vcpus']} vCPU)")
         initrd = work / INITRD
-        _template_initrd(assets.initrd, initrd)
+        initrd_with(assets.initrd, "template", f"{FORMAT}\n".encode(), initrd)
         spec = template_spec(shape, kernel=assets.kernel, initrd=initrd, work=work)
         deadline = time.monotonic() + cfg.boot_timeout
         with runtime_fds(work, spec) as fds:

@@ -51,6 +51,19 @@ static int write_sysfs(const char *path, const char *value)
     return n == (ssize_t)strlen(value) ? 0 : -1;
 }
 
+/* "unbind" or "bind" every detached device (bind: the driver probes the clone's device, its capacity, serial and
+ * MAC, as at a cold boot). */
+static int rebind(const char *op)
+{
+    for (int i = 0; i < ndetached; i++) {
+        char path[160];
+        snprintf(path, sizeof(path), "/sys/bus/virtio/drivers/%s/%s", detached_drivers[detached[i].driver], op);
+        if (write_sysfs(path, detached[i].dev) < 0)
+            return logmsg("template: %s %s: %s", op, detached[i].dev, strerror(errno)), -1;
+    }
+    return 0;
+}
+
 /* virtioN in N's order: the order QEMU created the devices in (the host's order of disks and NICs). */
 static int by_device_number(const void *a, const void *b)
 {
@@ -82,25 +95,7 @@ static int detach_devices(void)
         closedir(dh);
     }
     qsort(detached, (size_t)ndetached, sizeof(detached[0]), by_device_number);
-    for (int i = 0; i < ndetached; i++) {
-        char path[160];
-        snprintf(path, sizeof(path), "/sys/bus/virtio/drivers/%s/unbind", detached_drivers[detached[i].driver]);
-        if (write_sysfs(path, detached[i].dev) < 0)
-            return logmsg("template: unbinding %s: %s", detached[i].dev, strerror(errno)), -1;
-    }
-    return 0;
-}
-
-/* Bind them again: the driver probes the clone's device (capacity, serial, MAC) as at a cold boot. */
-static int attach_devices(void)
-{
-    for (int i = 0; i < ndetached; i++) {
-        char path[160];
-        snprintf(path, sizeof(path), "/sys/bus/virtio/drivers/%s/bind", detached_drivers[detached[i].driver]);
-        if (write_sysfs(path, detached[i].dev) < 0)
-            return logmsg("template: binding %s: %s", detached[i].dev, strerror(errno)), -1;
-    }
-    return 0;
+    return rebind("unbind");
 }
 
 /* Read exactly `len` bytes from the ctl port. Until the host connects, a read returns 0 at once (the port is
@@ -238,7 +233,7 @@ int template_handoff(void)
     write_all(fd, config, (size_t)size);
     free(config);
     close(fd);
-    if (attach_devices() < 0) {
+    if (rebind("bind") < 0) {
         close(ctl);
         return -1;
     }
