@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmrkt.config import Stage1Config
+from kvmrkt.digest import Digest
 from kvmrkt.errors import TemplateError
 from kvmrkt.host import proc as _proc
 from kvmrkt.stage1 import Nic
@@ -63,7 +64,6 @@ META = "template.json"
 STATE = "state"
 INITRD = "initrd.img"
 SEED_BYTES = 64
-_READ = 1 << 20
 
 Progress = Callable[[str], None]
 
@@ -98,6 +98,12 @@ def shape_of(spec: VMSpec, *, assets: Assets, qemu: str) -> dict[str, Any] | Non
         "ports": [[p.name, p.kind, p.path] for p in spec.ports],
         "nics": [[n.ifname, n.mtu] for n in spec.nics],
     }
+
+
+def current(shape: dict[str, Any], assets: Assets, qemu: str) -> bool:
+    """Whether a recorded shape is for the guest assets and the QEMU installed now."""
+    return (shape.get("format") == FORMAT and shape.get("kernel") == str(assets.kernel_digest)
+            and shape.get("initrd") == str(assets.initrd_digest) and shape.get("qemu") == _qemu_identity(qemu))
 
 
 def shape_key(shape: dict[str, Any]) -> str:
@@ -203,6 +209,14 @@ def listing(cfg: Stage1Config) -> list[Template]:
     return [_load(p) for p in sorted(root.iterdir()) if p.is_dir() and p.name != WANTED] if root.is_dir() else []
 
 
+def remove_all(cfg: Stage1Config) -> None:
+    """Remove every template and every recorded shape."""
+    root = templates_dir(cfg)
+    for path in root.glob("*") if root.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
 def remove(cfg: Stage1Config, key: str) -> bool:
     """Remove one template (and its wanted record); False if there was none."""
     if not key.isalnum():
@@ -295,11 +309,8 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
         digest: list[str] = []
 
         def hash_state() -> None:
-            h = hashlib.sha256()
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
-                while chunk := fh.read(_READ):
-                    h.update(chunk)
-            digest.append(f"sha256:{h.hexdigest()}")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                digest.append(str(Digest.of_stream(fh)))
 
         hasher = threading.Thread(target=hash_state, daemon=True)
         with _qmp(pod_dir, deadline) as q:
@@ -366,8 +377,7 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
     Raises:
         TemplateError: the shape is for other assets or another QEMU, or the VM failed to get there.
     """
-    if shape.get("format") != FORMAT or shape["kernel"] != str(assets.kernel_digest) \
-            or shape["initrd"] != str(assets.initrd_digest) or shape["qemu"] != _qemu_identity(qemu):
+    if not current(shape, assets, qemu):
         raise TemplateError("this shape was recorded for another kernel, initramfs or QEMU than the current ones",
                             hint="run a pod of that shape once (it is recorded again), then build")
     from stage1_kvm.qemu import runtime_fds
@@ -414,8 +424,8 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             q.cmd("quit")
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         meta = {"format": FORMAT, "shape": shape, "created": time.time(),
-                "state": {"digest": f"sha256:{_sha256(state)}", "size": state.stat().st_size},
-                "initrd": f"sha256:{_sha256(initrd)}"}
+                "state": {"digest": str(Digest.of_file(state)), "size": state.stat().st_size},
+                "initrd": str(Digest.of_file(initrd))}
         for junk in ("share", "placeholder.img", GUEST_STATUS, *(p[2] for p in shape["ports"]), QMP_SOCKET,
                      spec.console_socket, "qemu.log"):
             path = work / junk
@@ -444,13 +454,5 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_READ):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-__all__ = ["Template", "build", "find", "handoff_frame", "listing", "remove", "restore", "shape_key", "shape_of",
-           "templates_dir", "want", "wanted"]
+__all__ = ["Template", "build", "current", "find", "handoff_frame", "listing", "remove", "remove_all", "restore",
+           "shape_key", "shape_of", "templates_dir", "want", "wanted"]

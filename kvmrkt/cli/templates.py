@@ -35,7 +35,7 @@ def template_build(c: CliContext, fmt: str) -> None:
     assets.verify()
     built, skipped = [], 0
     for shape in tm.wanted(cfg):
-        if shape["kernel"] != str(assets.kernel_digest) or shape["initrd"] != str(assets.initrd_digest):
+        if not tm.current(shape, assets, qemu):
             skipped += 1
             continue
         start = time.monotonic()
@@ -50,7 +50,8 @@ def template_build(c: CliContext, fmt: str) -> None:
     if not built:
         click.echo("no shape is waiting for a template: run a pod first (each cold-booted shape is recorded)")
     if skipped:
-        click.echo(f"warning: {skipped} recorded shape(s) are for other guest assets: skipped", err=True)
+        click.echo(f"warning: {skipped} recorded shape(s) are for other guest assets or another QEMU: skipped",
+                   err=True)
 
 
 @template.command("list")
@@ -83,10 +84,9 @@ def template_rm(c: CliContext, keys: tuple[str, ...], everything: bool) -> None:
 
     cfg = c.config().stage1
     if everything:
-        keys = (*keys, *(p.name for p in tm.templates_dir(cfg).glob("*") if p.is_dir() and p.name != tm.WANTED))
-        for path in (tm.templates_dir(cfg) / tm.WANTED).glob("*.json"):
-            path.unlink()
-    elif not keys:
+        tm.remove_all(cfg)
+        return
+    if not keys:
         raise ConfigError("name the templates to remove, or --all", hint="kvmrkt stage1 template list")
     missing = [k for k in dict.fromkeys(keys) if not tm.remove(cfg, k)]
     if missing:
