@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -98,6 +99,38 @@ def shape_of(spec: VMSpec, *, assets: Assets, qemu: str) -> dict[str, Any] | Non
         "ports": [[p.name, p.kind, p.path] for p in spec.ports],
         "nics": [[n.ifname, n.mtu] for n in spec.nics],
     }
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")  # ids, serials, tags, port names and socket file names
+_SHAPE_KEYS = {"format", "qemu", "accel", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "acpi", "sandbox",
+               "disks", "shares", "ports", "nics"}
+
+
+def valid_shape(shape: Any) -> bool:
+    """Whether a recorded shape has exactly the form ``shape_of`` writes: its strings become QEMU options and
+    file names in the build directory, so nothing but plain names and bounded numbers is accepted."""
+
+    def name(v: Any) -> bool:
+        return isinstance(v, str) and bool(_NAME.fullmatch(v))
+
+    def number(v: Any, top: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= top
+
+    try:
+        return (isinstance(shape, dict) and set(shape) == _SHAPE_KEYS and shape["format"] == FORMAT
+                and shape["accel"] in ("tcg", "kvm") and number(shape["memory_mib"], 1 << 22)
+                and number(shape["vcpus"], 512) and isinstance(shape["acpi"], bool)
+                and isinstance(shape["sandbox"], bool) and isinstance(shape["kernel"], str)
+                and isinstance(shape["initrd"], str) and isinstance(shape["cmdline"], str)
+                and shape["cmdline"].isprintable() and len(shape["cmdline"]) < 4096
+                and isinstance(shape["qemu"], list) and len(shape["qemu"]) == 3
+                and all(name(i) and name(serial) for i, serial in shape["disks"])
+                and all(name(i) and name(tag) and isinstance(ro, bool) and isinstance(live, bool)
+                        for i, tag, ro, live in shape["shares"])
+                and all(name(n) and kind in ("file", "socket") and name(path) for n, kind, path in shape["ports"])
+                and all(name(ifname) and number(mtu, 65535) for ifname, mtu in shape["nics"]))
+    except (TypeError, ValueError):  # a list of the wrong length, or not a list
+        return False
 
 
 def current(shape: dict[str, Any], assets: Assets, qemu: str) -> bool:
@@ -194,12 +227,18 @@ def want(cfg: Stage1Config, shape: dict[str, Any]) -> None:
 
 
 def wanted(cfg: Stage1Config) -> list[dict[str, Any]]:
+    """The recorded shapes: only root's own records (in a root-only directory) of the form ``shape_of`` writes;
+    anything else (planted, edited, torn) is ignored."""
+    directory = templates_dir(cfg) / WANTED
+    if not _root_only(directory, directory=True):
+        return []
     out = []
-    for path in sorted((templates_dir(cfg) / WANTED).glob("*.json")):
+    for path in sorted(directory.glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
-            shape = json.loads(path.read_text())
-            if isinstance(shape, dict) and shape.get("format") == FORMAT:
-                out.append(shape)
+            if _root_only(path, directory=False):
+                shape = json.loads(path.read_text())
+                if valid_shape(shape):
+                    out.append(shape)
     return out
 
 
@@ -377,6 +416,9 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
     Raises:
         TemplateError: the shape is for other assets or another QEMU, or the VM failed to get there.
     """
+    if not valid_shape(shape):
+        raise TemplateError("not a shape kvmrkt records (a plain name or a bounded number was expected where "
+                            "something else is)", hint="kvmrkt stage1 template rm --all, then run the pods again")
     if not current(shape, assets, qemu):
         raise TemplateError("this shape was recorded for another kernel, initramfs or QEMU than the current ones",
                             hint="run a pod of that shape once (it is recorded again), then build")
@@ -455,4 +497,4 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
 
 
 __all__ = ["Template", "build", "current", "find", "handoff_frame", "listing", "remove", "remove_all", "restore",
-           "shape_key", "shape_of", "templates_dir", "want", "wanted"]
+           "shape_key", "shape_of", "templates_dir", "valid_shape", "want", "wanted"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import socket
 import time
@@ -81,3 +83,41 @@ def test_a_held_mux_sends_the_handoff_before_anything_else(tmp_path: Path) -> No
         conn.settimeout(5)
         assert conn.recv(64) == b"POD 0\n"
         conn.close()
+
+
+def _plant(directory: Path, name: str, shape: object, *, uid: int = 0, mode: int = 0o600) -> None:
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(shape))
+    os.chown(path, uid, 0)
+    path.chmod(mode)
+
+
+def test_only_roots_well_formed_records_are_built(tmp_path: Path) -> None:
+    """A recorded shape becomes QEMU options and file names of a VM that `template build` runs as root: a record
+    another user planted, or one whose strings are not plain names, is never built."""
+    qemu = str(tmp_path / "qemu")
+    Path(qemu).write_text("")
+    good = template.shape_of(_spec(), assets=_assets(), qemu=qemu)
+    assert good is not None and template.valid_shape(json.loads(json.dumps(good)))
+    cfg = Stage1Config(templates_dir=tmp_path / "t")
+    template.want(cfg, good)
+    wanted = tmp_path / "t" / template.WANTED
+    hostile = [
+        {**good, "disks": [["app0,file=/etc/shadow", "app0"]]},  # an option smuggled into -drive
+        {**good, "ports": [["kvmrkt.ctl", "socket", "../../../etc/cron.d/x"]]},  # a socket made anywhere
+        {**good, "memory_mib": True},
+        {**good, "cmdline": "console=ttyS0\ninit=/bin/sh"},
+        {**good, "nics": [["eth0"]]},
+        {**good, "extra": 1},
+        [good],
+    ]
+    for i, shape in enumerate(hostile):
+        assert not template.valid_shape(shape), shape
+        _plant(wanted, f"root{i}", shape)
+    _plant(wanted, "other-user", {**good, "memory_mib": 512}, uid=65534)
+    _plant(wanted, "group-writable", {**good, "memory_mib": 1024}, mode=0o620)
+    assert template.wanted(cfg) == [good]
+    wanted.chmod(0o770)  # a directory others may write into: nothing in it is believed
+    assert template.wanted(cfg) == []
+    with pytest.raises(TemplateError, match="not a shape kvmrkt records"):
+        template.build(cfg, _assets(), hostile[0], qemu=qemu)
