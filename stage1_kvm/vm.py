@@ -357,6 +357,8 @@ class VmStage1(Stage1):
         if oom and not st.done:
             raise Stage1Error(oom + "\n" + self._console_tail(pod),
                               hint="give the apps less memory, or raise [jail] memory_margin_mib")
+        if st.fatal:  # also before READY: a bad pod config or template handoff says so
+            raise Stage1Error(f"the guest init failed: {st.fatal}\n" + self._console_tail(pod))
         if not st.ready and not stopping.outcome.forced:
             raise VMLaunchError(
                 f"QEMU exited with code {proc.returncode} before the guest was ready\n"
@@ -364,8 +366,6 @@ class VmStage1(Stage1):
                 + "\n"
                 + self._console_tail(pod)
             )
-        if st.fatal:
-            raise Stage1Error(f"the guest init failed: {st.fatal}\n" + self._console_tail(pod))
         if not st.done and not stopping.outcome.forced:
             raise Stage1Error(
                 f"the VM ended (QEMU exit code {proc.returncode}) before all apps reported their exit status\n"

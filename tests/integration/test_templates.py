@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 from measure.events import parse_log
 from measure.replay import replay
 
-from .conftest import Kvmrkt, _our_processes
+from .conftest import REPO, Kvmrkt, _our_processes
 
 PROBE = ("echo host=$(hostname); echo rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); "
          "echo boot=$(cat /proc/sys/kernel/random/boot_id); echo time=$(date +%s); echo disk=$(ls /)")
@@ -161,3 +163,25 @@ def test_a_clone_mounts_its_own_host_volume(templated: Kvmrkt, tmp_path: Path) -
         if i == 0:
             _build(k)
     assert outs == [f"volume {i}\n" for i in range(3)]
+
+
+@pytest.mark.parametrize("frame", [
+    b"POD x 00 1 2\n",  # not numbers, a short seed
+    b"POD 5000000 " + b"00" * 64 + b" 1 2\nversion 6\n",  # a config over the 4 MiB limit
+    b"POD 10 " + b"zz" * 64 + b" 1 2\nversion 6\n",  # a seed that is not hex
+    b"NOT A FRAME\n",
+])
+def test_a_malformed_handoff_ends_the_clone(templated: Kvmrkt, tmp_path: Path, frame: bytes) -> None:
+    """The guest parses its handoff with bounds: a malformed one (sent here by patching the host) ends the VM
+    with a FATAL status, never a pod started on half a config."""
+    k = templated
+    _probe(k, tmp_path)
+    _build(k)
+    patched = ("import sys, stage1_kvm.template as t; "
+               f"t.handoff_frame = lambda config: {frame!r}; "
+               "from kvmrkt.cli import main; sys.argv[0] = 'kvmrkt'; main()")
+    argv = [sys.executable, "-c", patched, *k.argv("run", "busybox", "--exec", "/bin/sh", "--", "-c", "echo ran")[3:]]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 8 and "template handoff failed" in res.stderr, res.stderr
+    assert "ran" not in res.stdout and "Traceback" not in res.stderr
+    assert not _our_processes(str(k.data))
