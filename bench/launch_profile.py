@@ -11,9 +11,12 @@ command from another source tree (an older commit, e.g. from ``git archive``) ru
 (ABAB...), and its total medians, the ratio and (if it has the timeline) its stages are reported: a
 before/after table from one run. Modules are byte-compiled as in an installed package (``bench/pycache.py``).
 ``--importtime`` adds the largest imports of one run (``python -X importtime``), by cumulative microseconds.
+``--template`` starts the pods from VM templates (built by each tree after its warm-up run, in a directory of the
+bench's own) instead of booting them; without it templates are off.
 
 Usage (as root, after `make setup`):
     .venv/bin/python bench/launch_profile.py [--runs N] [--net none,default] [--compare TREE] [--importtime]
+                                                   [--template]
 """
 
 from __future__ import annotations
@@ -107,15 +110,19 @@ def main() -> None:
     ap.add_argument("--net", default="none,default", help="comma list of --net values to profile")
     ap.add_argument("--compare", type=Path, help="another source tree, run interleaved as the baseline")
     ap.add_argument("--importtime", action="store_true")
+    ap.add_argument("--template", action="store_true", help="start pods from VM templates, not booted")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmrkt-lp-") as tmp:
         print(json.dumps(_bench(Path(tmp), args), indent=2))
 
 
-def _setup(work: Path, tree: Path, tcti: str, name: str) -> tuple[Path, Path]:
+def _setup(work: Path, tree: Path, tcti: str, name: str, template: bool) -> tuple[Path, Path]:
     data, etc = work / f"data-{name}", work / f"etc-{name}"
     etc.mkdir()
-    (etc / "config.toml").write_text(f'[stage1]\nkernel = "minimal"\n[measure]\ntcti = "{tcti}"\n'
+    templates = work / f"templates-{name}"
+    templates.mkdir(mode=0o700)
+    stage1 = f'templates_dir = "{templates}"' if template else "templates = false"
+    (etc / "config.toml").write_text(f'[stage1]\nkernel = "minimal"\n{stage1}\n[measure]\ntcti = "{tcti}"\n'
                                      f'log_dir = "{data / "measure"}"\n')
     (etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     argv = [sys.executable, "-m", "kvmrkt", "--dir", str(data), "--config-dir", str(etc), "image", "import",
@@ -130,12 +137,15 @@ def _bench(work: Path, args: argparse.Namespace) -> dict[str, object]:
     trees = {"this": REPO, **({"baseline": args.compare.resolve()} if args.compare else {})}
     out: dict[str, object] = {"runs": args.runs, "trees": {k: str(v) for k, v in trees.items()}}
     with swtpm(work) as tcti:
-        dirs = {name: _setup(work, tree, tcti, name) for name, tree in trees.items()}
+        dirs = {name: _setup(work, tree, tcti, name, args.template) for name, tree in trees.items()}
         for net in args.net.split(","):
             cmds = {name: _command(trees[name], *dirs[name], net) for name in trees}
             gcs = {name: [*cmds[name][0][:7], "gc", "--grace-period=0s"] for name in trees}
-            for name in trees:  # warm the page cache
+            for name in trees:  # warm the page cache (and record the pod's shape)
                 _one(*cmds[name], gc=gcs[name])
+                if args.template:
+                    subprocess.run([*cmds[name][0][:7], "stage1", "template", "build"], env=cmds[name][1],
+                                   check=True, capture_output=True, cwd="/")
             totals: dict[str, list[float]] = {name: [] for name in trees}
             samples: dict[str, list[Sample]] = {name: [] for name in trees}
             for _ in range(args.runs):

@@ -31,6 +31,18 @@ class KvmrktError(Exception):
         """The message, then the hint on its own line when there is one."""
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its class, arguments and attributes (subclasses take keyword-only arguments, which the
+        default reduction loses): ``kvmrkt.host.forked`` passes a failed step's error to the parent."""
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[KvmrktError], args: tuple[object, ...], state: dict[str, object]) -> KvmrktError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class CommandError(KvmrktError):
     """A host program kvmrkt ran failed; carries its argv and the tail of its stderr."""

@@ -17,6 +17,8 @@ from typing import IO, Any, ClassVar, Protocol
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError
+from kvmrkt.host import forked
+from kvmrkt.host.forked import Pending
 from kvmrkt.pods.manifest import AppSpec, PodManifest, Volume
 from kvmrkt.pods.pod import Pod
 
@@ -28,8 +30,8 @@ BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
 """The backends' names, in order (the default first): the CLI's ``--stage1`` choices come from here."""
 
 
-def _nothing(_facts: dict[str, Any]) -> None:
-    pass
+def _nothing(_facts: dict[str, Any]) -> Pending:
+    return forked.done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +122,11 @@ class JailSpec:
 class RunOptions:
     """How to run a prepared pod (not part of the manifest: the same pod can run with other options).
 
-    ``before_boot(facts)`` is called by the backend once the VM is fully described and before any guest code can
-    run (facts: backend, accel, kernel/initrd digests, kernel command line); raising there aborts the launch.
-    Measured launch hangs off it. ``shared_roots`` (app -> read-only): apps whose ``rootfs`` entry is a host
+    ``before_boot(facts)`` is called by the backend once the VM is fully described (facts: backend, accel,
+    kernel/initrd digests, kernel command line); raising there aborts the launch. Measured launch hangs off it:
+    it starts measuring and returns at once; the backend may start the VMM meanwhile, paused, and lets guest code
+    run only once the returned ``Pending``'s ``wait()`` returned (it raises if the measurement failed: the VMM is
+    killed, the guest never ran). ``shared_roots`` (app -> read-only): apps whose ``rootfs`` entry is a host
     directory shared over 9p (an OCI bundle's rootfs) rather than an erofs image. ``hold``: set the apps up
     but start them only when asked (``Stage1.start_held``), as the OCI runtime's create/start do.
     ``tty`` (with ``interactive``): the first app runs on a terminal in the guest, relayed over its stdin and
@@ -143,7 +147,7 @@ class RunOptions:
     hold: bool = False
     tty: bool = False
     shared_export: bool = False
-    before_boot: Callable[[dict[str, Any]], None] = _nothing
+    before_boot: Callable[[dict[str, Any]], Pending] = _nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ what it recorded for this pod (never a pid it has not checked).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -67,11 +68,13 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump, template: Template | None = None) -> VMHandle:
+               outputs: OutputPump, measured: Callable[[], None], template: Template | None = None) -> VMHandle:
         """Start the VM for ``spec`` jailed (``opts.jail``), through the VMM guard ``guard``; write ``RUN_RECORD``
         (``record`` plus the hypervisor's facts) and ``PID_FILE``; call ``outputs.connect()`` before the guest can
-        write anything. With ``template`` (only where ``templates``), restore it instead of booting, and return
-        once the guest runs (it then waits for its handoff). Raises ``VMLaunchError``/``JailError``/
+        write anything. The VMM may start before ``measured()`` returned (the measured launch's gate), but no guest
+        code runs until it did; if it raises, the VMM is killed and the error passes on. With ``template`` (only
+        where ``templates``), restore it instead of booting, and return once the guest runs (it then waits for its
+        handoff). Raises ``VMLaunchError``/``JailError``/
         ``TemplateError`` (the caller undoes the jail)."""
 
     def quit(self, pod: Pod) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,7 +139,7 @@ class LibvirtDomain(QemuHypervisor):
         return RUNTIME_DIR / pod.uuid
 
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump, template: Template | None = None) -> VMHandle:
+               outputs: OutputPump, measured: Callable[[], None], template: Template | None = None) -> VMHandle:
         assert template is None, "libvirt pods boot: no templates (templates = False)"
         jail = opts.jail
         if jail.placement is not None:
@@ -184,10 +185,18 @@ class LibvirtDomain(QemuHypervisor):
             pod_jail.record(cgroup=cg.to_dict())
             pod.write_json(PID_FILE, {"pid": pid, "started": time.time()})
             outputs.connect()  # libvirt's QEMU listens; the guest has not run yet
-            dom.resume()
         except (OSError, ValueError, KvmrktError, lv.libvirtError) as exc:
             handle.kill()
             raise VMLaunchError(f"the pod's domain could not be put under its limits: {exc}") from exc
+        try:
+            measured()
+            dom.resume()
+        except lv.libvirtError as exc:
+            handle.kill()
+            raise VMLaunchError(f"libvirt could not resume the pod's domain: {exc}") from exc
+        except BaseException:
+            handle.kill()
+            raise
         return handle
 
     def destroy(self, pod: Pod) -> None:

@@ -5,9 +5,10 @@ Role: the only module that starts and kills the pod VM's QEMU process (``QemuPro
 cgroup with the limits, access to its shared directories, the record gc undoes), opens every file and socket
 QEMU writes or serves, and starts QEMU jailed (``stage1_kvm.jail``: the pod's own uid, no capabilities, a
 private root holding only its inputs; the pod lock fd inherited so the pod reads as running exactly while QEMU
-lives, killed if stage0 dies). QMP (``qemu.qmp``) on ``qmp.sock`` is used to quit the VM and to query it; a
-forced kill signals only the recorded pid whose command line names the pod. Also here: the accelerator choice
-(KVM or TCG). Trust boundary: QEMU runs the untrusted guest under ``-sandbox`` inside the jail.
+lives, killed if stage0 dies), paused until the measured launch is done. QMP (``stage1_kvm.monitor``) on
+``qmp.sock`` resumes the VM, quits it and queries it; a forced kill signals only the recorded pid whose command
+line names the pod. Also here: the accelerator choice (KVM or TCG). Trust boundary: QEMU runs the untrusted guest
+under ``-sandbox`` inside the jail.
 """
 
 from __future__ import annotations
@@ -17,24 +18,24 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kvmrkt.config import RuntimeConfig
-from kvmrkt.errors import AccelError, Stage1Error
+from kvmrkt.errors import AccelError, Stage1Error, VMLaunchError
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.timeline import stamp
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
-from stage1_kvm import agent
+from stage1_kvm import agent, monitor
 from stage1_kvm import jail as jails
 from stage1_kvm.hypervisor import PID_FILE, QEMU_LOG, RUN_RECORD, Hypervisor, VMHandle
 from stage1_kvm.output import OutputPump
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.template import Template, restore
 from stage1_kvm.vm import VmStage1
-from stage1_kvm.vmspec import QMP_SOCKET, VMSpec
+from stage1_kvm.vmspec import VMSpec
 
 
 def probe_kvm() -> str | None:
@@ -92,18 +93,8 @@ def qmp_command(pod_dir: Path, command: str, timeout: float = 5.0) -> Any:
     Raises:
         Stage1Error: QMP is unreachable or the command failed.
     """
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    try:
-        with agent.socket_path(pod_dir, QMP_SOCKET) as path:
-            qmp = QEMUMonitorProtocol(path)
-            try:
-                qmp.connect()
-                return qmp.cmd(command)
-            finally:
-                qmp.close()
-    except Exception as exc:  # qemu.qmp raises a family of its own errors and OSError
-        raise Stage1Error(f"QMP {command} failed: {exc}") from exc
+    with monitor.connect(pod_dir, time.monotonic() + timeout) as q:
+        return q.cmd(command)
 
 
 def find_qemu(config: RuntimeConfig) -> str:
@@ -129,9 +120,10 @@ class QemuProcess(QemuHypervisor):
     templates = True
 
     def launch(self, pod: Pod, spec: VMSpec, opts: RunOptions, record: dict[str, Any], *, vmm: str, guard: Path,
-               outputs: OutputPump, template: Template | None = None) -> VMHandle:
-        """Start QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with this process
-        (with ``template``: restored from it, ``-incoming defer`` then ``stage1_kvm.template.restore``)."""
+               outputs: OutputPump, measured: Callable[[], None], template: Template | None = None) -> VMHandle:
+        """Start QEMU itself, jailed and through the VMM guard, holding the pod lock and dying with this process:
+        paused (``-S``; with ``template``, ``-incoming defer`` then ``stage1_kvm.template.restore``), resumed over
+        QMP once ``measured`` returned."""
         jail = opts.jail
         jailed, layout = jails.plan(spec, pod.path, resolv_conf=opts.network.mode == "user", guard=guard,
                                     vmm=Path(vmm))
@@ -141,8 +133,8 @@ class QemuProcess(QemuHypervisor):
         root = pod.file(jails.ROOT)
         root.mkdir(exist_ok=True, mode=0o700)
         with runtime_fds(pod.path, spec) as fds:
-            incoming = ["-incoming", "defer"] if template else []
-            argv = jails.guarded(vmm, build_argv(jailed, qemu=vmm, fds=fds) + incoming)
+            paused = ["-incoming", "defer"] if template else ["-S"]
+            argv = jails.guarded(vmm, build_argv(jailed, qemu=vmm, fds=fds) + paused)
             pod.write_json(RUN_RECORD, {**record, "argv": argv})
             outputs.connect()  # queued on our own listening sockets: QEMU accepts them as it starts
             with pod.file(QEMU_LOG).open("wb") as qlog:
@@ -151,13 +143,22 @@ class QemuProcess(QemuHypervisor):
                                    setup=jails.confine(root, layout, jail.uid, jail.gid, cg.procs_files))
         stamp("qemu-spawned")
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
-        if template:
-            try:
-                restore(pod.path, template, timeout=self.config.stage1.boot_timeout)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+        try:
+            if template:
+                restore(pod.path, template, timeout=self.config.stage1.boot_timeout, before_cont=measured)
+            else:
+                with monitor.connect(pod.path, time.monotonic() + self.config.stage1.boot_timeout) as q:
+                    measured()
+                    q.cmd("cont")
+        except BaseException as exc:
+            exited = proc.poll()
+            proc.kill()
+            proc.wait()
+            pod.file(PID_FILE).unlink(missing_ok=True)  # reaped: nothing of this pod runs
+            if exited is not None and isinstance(exc, Stage1Error):  # QEMU failed on its own: say why
+                raise VMLaunchError(f"QEMU exited with code {exited} before the guest could run\n"
+                                    + _proc.tail(pod.file(QEMU_LOG).read_bytes())) from exc
+            raise
         return proc
 
     def _our_qemu(self, pod: Pod) -> int | None:

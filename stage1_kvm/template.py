@@ -37,13 +37,12 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from kvmrkt.digest import Digest
 from kvmrkt.errors import TemplateError
 from kvmrkt.host import proc as _proc
 from kvmrkt.stage1 import Nic
-from stage1_kvm import agent
+from stage1_kvm import monitor
 from stage1_kvm.assets import Assets, initrd_with
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import GUEST_STATUS, QMP_SOCKET, Disk, Port, Share, VMSpec
@@ -268,79 +267,17 @@ def remove(cfg: Stage1Config, key: str) -> bool:
     return True
 
 
-# --- QMP, just what templates need (one client, synchronous, descriptors passed with getfd) ------------------
-
-
-class _Qmp:
-    def __init__(self, path: str, deadline: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    self.sock.close()
-                    raise TemplateError(f"QEMU's monitor did not answer: {exc}") from exc
-                time.sleep(0.002)
-        self.sock.settimeout(max(1.0, deadline - time.monotonic()))
-        self.buf = b""
-        self._reply()  # the greeting
-        self.cmd("qmp_capabilities")
-
-    def _reply(self) -> dict[str, Any]:
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise TemplateError("QEMU closed its monitor (see qemu.log)")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if "event" not in msg:
-                return dict(msg)
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None, *, fd: int | None = None) -> Any:
-        data = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
-        if fd is None:
-            self.sock.sendall(data)
-        else:
-            socket.send_fds(self.sock, [data], [fd])
-        reply = self._reply()
-        if "error" in reply:
-            raise TemplateError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@contextlib.contextmanager
-def _qmp(pod_dir: Path, deadline: float) -> Iterator[_Qmp]:
-    with agent.socket_path(pod_dir, QMP_SOCKET) as path:
-        q = _Qmp(path, deadline)
-    try:
-        yield q
-    finally:
-        q.close()
-
-
-def _wait(q: _Qmp, done: Callable[[], bool], deadline: float, what: str) -> None:
-    while not done():
-        if time.monotonic() > deadline:
-            raise TemplateError(f"timed out {what}")
-        time.sleep(0.002)
-
-
 # --- restoring a clone ---------------------------------------------------------------------------------------
 
 
-def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
+def restore(pod_dir: Path, tmpl: Template, *, timeout: float, before_cont: Callable[[], None]) -> None:
     """Load the template into the QEMU just started with ``-incoming defer`` in ``pod_dir`` and resume it, once
-    its state hashed to the recorded digest (hashed while QEMU reads it; QEMU gets a read-only descriptor).
+    its state hashed to the recorded digest (hashed while QEMU reads it; QEMU gets a read-only descriptor) and
+    ``before_cont`` returned (the measured launch's gate).
 
     Raises:
         TemplateError: the state is altered (the VM was never resumed), or QEMU failed to load it.
+        Stage1Error: QEMU's monitor failed; whatever ``before_cont`` raised (the VM was not resumed).
     """
     deadline = time.monotonic() + timeout
     fd = os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -352,7 +289,7 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
                 digest.append(str(Digest.of_stream(fh)))
 
         hasher = threading.Thread(target=hash_state, daemon=True)
-        with _qmp(pod_dir, deadline) as q:
+        with monitor.connect(pod_dir, deadline) as q:
             incoming = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # its own offset
             try:
                 q.cmd("getfd", {"fdname": "template"}, fd=incoming)
@@ -360,8 +297,8 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
                 os.close(incoming)
             hasher.start()
             q.cmd("migrate-incoming", {"uri": "fd:template"})
-            _wait(q, lambda: q.cmd("query-status")["status"] not in ("inmigrate", "prelaunch", "restore-vm"),
-                  deadline, "loading the template")
+            q.until(lambda: q.cmd("query-status")["status"] not in ("inmigrate", "prelaunch", "restore-vm"), deadline,
+                    "loading the template")
             hasher.join(max(0.0, deadline - time.monotonic()))
             status = q.cmd("query-status")["status"]
             if status != "paused":
@@ -374,6 +311,7 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float) -> None:
                     f"{tmpl.digest} was recorded when it was built; the VM was not resumed",
                     hint=f"remove it and build it again: kvmrkt stage1 template rm {tmpl.key}; "
                          "kvmrkt stage1 template build")
+            before_cont()
             q.cmd("cont")
     finally:
         os.close(fd)
@@ -450,7 +388,7 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             time.sleep(0.01)
         progress(f"saving template {key}")
         state = work / STATE
-        with _qmp(work, deadline) as q:
+        with monitor.connect(work, deadline) as q:
             q.cmd("stop")
             out = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -458,8 +396,8 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             finally:
                 os.close(out)
             q.cmd("migrate", {"uri": "fd:template"})
-            _wait(q, lambda: q.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled"),
-                  deadline, "saving the template")
+            q.until(lambda: q.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled"), deadline,
+                    "saving the template")
             result = q.cmd("query-migrate")
             if result.get("status") != "completed":
                 raise TemplateError(f"saving the template failed: {result.get('error-desc', result.get('status'))}")

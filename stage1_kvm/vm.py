@@ -36,6 +36,7 @@ from kvmrkt.errors import (
     Stage1Error,
     VMLaunchError,
 )
+from kvmrkt.host import forked
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
@@ -235,21 +236,23 @@ class VmStage1(Stage1):
             "vcpus": spec.vcpus,
             "template": tmpl.describe() if tmpl else None,
         }
-        opts.before_boot({
+        facts = {
             "backend": self.name, "accel": accel, "kernel": str(assets.kernel_digest),
             "initrd": str(assets.initrd_digest), "pod_initrd": str(Digest.of_file(pod.file(POD_INITRD))),
             "vmm_guard": str(assets.guard_digest),
             "cmdline": spec.cmdline, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
             "network": opts.network.mode, "jail": self._jail_facts(opts.jail, accel),
             **({"template": {"key": tmpl.key, "state": tmpl.digest, "initrd": tmpl.initrd_digest}} if tmpl else {}),
-        })  # fmt: skip
-        outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)
+        }  # fmt: skip
+        outputs = self._outputs(pod, manifest, stdout=stdout, stderr=stderr)  # its threads start at connect()
+        measured = forked.done()
         try:
+            measured = opts.before_boot(facts)  # the VMM starts paused meanwhile; the guest runs once it is done
             if exported:
                 export.up(pod, manifest, opts.jail, self.config.data_dir)
             with ctlmux.serve(pod.path, stderr, held=tmpl is not None) as mux:  # enter sessions, for the VM's life
                 vm = self.hv.launch(pod, spec, opts, record, vmm=vmm, guard=assets.guard, outputs=outputs,
-                                    template=tmpl)
+                                    template=tmpl, measured=measured.wait)
                 try:
                     if tmpl:
                         mux.handoff(template.handoff_frame(config))
@@ -259,6 +262,7 @@ class VmStage1(Stage1):
                         vm.kill()
                         vm.wait()
         finally:
+            measured.reap()  # waited for already, unless the launch failed before the guest could run
             outputs.finish()
             self._unjail(pod)
 

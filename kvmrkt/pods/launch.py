@@ -2,7 +2,8 @@
 
 Role: ``run``, ``run-prepared`` and kvmrkt-oci's supervisor end here. ``boot`` is the one path into a backend's
 ``run``: it decides the jail and the labels, sets up the network, and measures the launch from the backend's
-``before_boot`` hook, before any guest code runs; whatever happens, the network is torn down when the VM ends.
+``before_boot`` hook, before any guest code runs (in a forked child, ``kvmrkt.host.forked``, while the backend
+starts the VMM paused); whatever happens, the network is torn down when the VM ends.
 Trust boundary: the pod directory is locked by this process for the whole run; images are judged by the policy
 as it is now, not as it was at prepare; the backend gets typed, validated inputs only (``LaunchRequest`` ->
 ``RunOptions``).
@@ -18,6 +19,8 @@ from typing import IO, Any
 
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import ConfigError, IntegrityError, KvmrktError, PodStateError
+from kvmrkt.host import forked
+from kvmrkt.host.forked import Pending
 from kvmrkt.host.timeline import stamp
 from kvmrkt.images.records import Progress, no_progress
 from kvmrkt.images.store import Store
@@ -126,11 +129,17 @@ class Launcher:
             self.warn(f"WARNING: --insecure-options={layer}: the apps of pod {pod.uuid} run without the {layer} "
                       "restrictions")
 
-        def before_boot(facts: dict[str, Any]) -> None:
+        def before_boot(facts: dict[str, Any]) -> Pending:
             labels.label_files(self.config, pod, applied)
-            measure_launch(self.config, self.store, pod, manifest, trust, {**facts, "selinux": applied.to_dict()},
-                           policy_digest=self.trust.policy_digest(), warn=self.warn, apps=request.measured_apps)
-            stamp("measured")
+            stage1 = {**facts, "selinux": applied.to_dict()}
+            policy_digest = self.trust.policy_digest()
+
+            def measure() -> None:
+                measure_launch(self.config, self.store, pod, manifest, trust, stage1, policy_digest=policy_digest,
+                               warn=self.warn, apps=request.measured_apps)
+                stamp("measured")
+
+            return forked.start("measured launch", measure)  # overlaps the VMM's start; the guest waits for it
 
         pod.move(Phase.RUN)
         try:

@@ -107,7 +107,8 @@ class FakeStage1(Stage1):
                                     "memory_mib": opts.jail.memory_mib, "vcpus": opts.jail.vcpus,
                                     "jail": opts.jail.to_dict(), "rootfs": {k: str(v) for k, v in opts.rootfs.items()}})
         opts.before_boot({"backend": self.name, "accel": "none", "cmdline": "fake", "memory_mib": opts.jail.memory_mib,
-                          "vcpus": opts.jail.vcpus, "network": opts.network.mode, "jail": opts.jail.to_dict()})
+                          "vcpus": opts.jail.vcpus, "network": opts.network.mode,
+                          "jail": opts.jail.to_dict()}).wait()  # the measured launch's gate, as a VMM's start
         self._log("booted", pod.uuid)
         if script.get("run_error"):
             raise VMLaunchError(f"fake VM of pod {pod.uuid} died: {script['run_error']}")

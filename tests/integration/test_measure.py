@@ -57,6 +57,9 @@ def test_tpm_unreachable_means_no_boot(kvmrkt: Kvmrkt) -> None:
     assert res.rc == 5 and "cannot open the TPM" in res.err and "--insecure-options=tpm" in res.err
     assert not _our_processes(str(kvmrkt.data))
     assert not list((kvmrkt.data / "pods" / "run").glob("*/pid"))
+    # QEMU may have started (paused, while the TPM was tried): the guest never ran, not one line on its console.
+    consoles = list(kvmrkt.data.glob("pods/*/*/console.log"))
+    assert consoles and not [p for p in consoles if p.stat().st_size]
     res = kvmrkt("--insecure-options=tpm", "run", "--uuid-file-save", str(kvmrkt.data / "u"), "busybox",
                  "--exec", "/bin/true")
     assert res.rc == 0 and "UNMEASURED" in res.err
