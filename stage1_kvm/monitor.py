@@ -4,7 +4,8 @@ Role: ``connect(pod_dir, deadline)`` opens the monitor (QEMU may still be starti
 deadline), negotiates capabilities, and yields a ``Monitor`` whose ``cmd`` runs one command (optionally passing
 a descriptor with it, for ``getfd``) and whose ``until`` polls a condition. Used to resume a VM that was started
 paused, to restore and build VM templates, and to quit a VM. Trust boundary: QEMU runs the untrusted guest, so
-its replies are bounded JSON lines read only as data; asynchronous events are skipped.
+its replies are bounded JSON lines read only as data, a result is checked for its type (``query``), error text
+is made printable; asynchronous events are skipped.
 """
 
 from __future__ import annotations
@@ -76,8 +77,16 @@ class Monitor:
         reply = self._reply()
         if "error" in reply:
             error = reply["error"]
-            raise Stage1Error(f"QMP {name}: {error.get('desc', error) if isinstance(error, dict) else error}")
+            desc = str(error.get("desc", error) if isinstance(error, dict) else error)[:500]
+            raise Stage1Error(f"QMP {name}: {agent.printable(desc)}")  # shown on a terminal
         return reply.get("return")
+
+    def query(self, name: str) -> dict[str, Any]:
+        """Run a ``query-*`` command whose result is an object (raises ``Stage1Error`` for anything else)."""
+        result = self.cmd(name)
+        if not isinstance(result, dict):
+            raise Stage1Error(f"QMP {name}: the reply is not an object")
+        return result
 
     def until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
         """Poll ``done`` (which asks this monitor) every 2 ms until it holds; raises ``Stage1Error`` at the

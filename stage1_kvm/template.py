@@ -52,7 +52,7 @@ from kvmrkt.digest import Digest
 from kvmrkt.errors import TemplateError
 from kvmrkt.host import proc as _proc
 from kvmrkt.stage1 import Nic
-from stage1_kvm import monitor
+from stage1_kvm import agent, monitor
 from stage1_kvm.assets import Assets, initrd_with
 from stage1_kvm.qemu_argv import build_argv
 from stage1_kvm.vmspec import GUEST_STATUS, QMP_SOCKET, Disk, Port, Share, VMSpec
@@ -297,14 +297,15 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float, before_cont: Calla
                 os.close(incoming)
             hasher.start()
             q.cmd("migrate-incoming", {"uri": "fd:template"})
-            q.until(lambda: q.cmd("query-status")["status"] not in ("inmigrate", "prelaunch", "restore-vm"), deadline,
-                    "loading the template")
+            q.until(lambda: q.query("query-status").get("status") not in ("inmigrate", "prelaunch", "restore-vm"),
+                    deadline, "loading the template")
             hasher.join(max(0.0, deadline - time.monotonic()))
-            status = q.cmd("query-status")["status"]
+            status = q.query("query-status").get("status")
             if status != "paused":
-                migration = q.cmd("query-migrate")
-                raise TemplateError(f"QEMU could not load template {tmpl.key} ({status}): "
-                                    f"{migration.get('error-desc', migration.get('status', '?'))}")
+                migration = q.query("query-migrate")
+                why = str(migration.get("error-desc", migration.get("status", "?")))[:500]
+                raise TemplateError(f"QEMU could not load template {tmpl.key} ({agent.printable(str(status)[:40])}): "
+                                    f"{agent.printable(why)}")
             if not digest or digest[0] != tmpl.digest:
                 raise TemplateError(
                     f"template {tmpl.key} is altered: its state hashes to {digest[0] if digest else '(unread)'}, "
@@ -396,9 +397,9 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             finally:
                 os.close(out)
             q.cmd("migrate", {"uri": "fd:template"})
-            q.until(lambda: q.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled"), deadline,
-                    "saving the template")
-            result = q.cmd("query-migrate")
+            q.until(lambda: q.query("query-migrate").get("status") in ("completed", "failed", "cancelled"),
+                    deadline, "saving the template")
+            result = q.query("query-migrate")
             if result.get("status") != "completed":
                 raise TemplateError(f"saving the template failed: {result.get('error-desc', result.get('status'))}")
             q.cmd("quit")
