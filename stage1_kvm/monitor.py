@@ -1,11 +1,11 @@
 """QMP, the QEMU monitor, as kvmrkt speaks it: one small synchronous client on the pod's ``qmp.sock``.
 
 Role: ``connect(pod_dir, deadline)`` opens the monitor (QEMU may still be starting: it retries until the
-deadline), negotiates capabilities, and yields a ``Monitor`` whose ``cmd`` runs one command (optionally passing
-a descriptor with it, for ``getfd``) and whose ``until`` polls a condition. Used to resume a VM that was started
-paused, to restore and build VM templates, and to quit a VM. Trust boundary: QEMU runs the untrusted guest, so
-its replies are bounded JSON lines read only as data, a result is checked for its type (``query``), error text
-is made printable; asynchronous events are skipped.
+deadline, or until ``alive`` says QEMU is gone), negotiates capabilities, and yields a ``Monitor`` whose ``cmd``
+runs one command (optionally passing a descriptor with it, for ``getfd``) and whose ``until`` polls a condition.
+Used to resume a VM that was started paused, to restore and build VM templates, and to quit a VM. Trust
+boundary: QEMU runs the untrusted guest, so its replies are bounded JSON lines read only as data, a result is
+checked for its type (``query``), error text is made printable; asynchronous events are skipped.
 """
 
 from __future__ import annotations
@@ -28,16 +28,18 @@ MAX_REPLY = 1 << 20  # no answer kvmrkt asks for is near this
 class Monitor:
     """A QMP connection, past its greeting and capabilities negotiation."""
 
-    def __init__(self, path: str, deadline: float) -> None:
+    def __init__(self, path: str, deadline: float, alive: Callable[[], bool] | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         while True:
             try:
                 self.sock.connect(path)
                 break
             except OSError as exc:
-                if time.monotonic() > deadline:
+                gone = alive is not None and not alive()
+                if gone or time.monotonic() > deadline:
                     self.sock.close()
-                    raise Stage1Error(f"QEMU's monitor did not answer: {exc}") from exc
+                    why = "QEMU exited" if gone else "QEMU's monitor did not answer"
+                    raise Stage1Error(f"{why}: {exc}") from exc
                 time.sleep(0.002)
         self.sock.settimeout(max(1.0, deadline - time.monotonic()))
         self.buf = b""
@@ -101,11 +103,11 @@ class Monitor:
 
 
 @contextlib.contextmanager
-def connect(pod_dir: Path, deadline: float) -> Iterator[Monitor]:
+def connect(pod_dir: Path, deadline: float, alive: Callable[[], bool] | None = None) -> Iterator[Monitor]:
     """The monitor of the QEMU serving ``pod_dir/qmp.sock`` (raises ``Stage1Error`` if it does not answer by
-    ``deadline``, a ``time.monotonic()`` value)."""
+    ``deadline``, a ``time.monotonic()`` value, or, while it cannot be reached, ``alive`` says QEMU exited)."""
     with agent.socket_path(pod_dir, QMP_SOCKET) as path:
-        q = Monitor(path, deadline)
+        q = Monitor(path, deadline, alive)
     try:
         yield q
     finally:

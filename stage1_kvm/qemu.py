@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,15 +144,23 @@ class QemuProcess(QemuHypervisor):
                                    setup=jails.confine(root, layout, jail.uid, jail.gid, cg.procs_files))
         stamp("qemu-spawned")
         pod.write_json(PID_FILE, {"pid": proc.pid, "started": time.time()})
+        def alive() -> bool:
+            return proc.poll() is None
+
         try:
             if template:
-                restore(pod.path, template, timeout=self.config.stage1.boot_timeout, before_cont=measured)
+                restore(pod.path, template, timeout=self.config.stage1.boot_timeout, before_cont=measured,
+                        alive=alive)
             else:
-                with monitor.connect(pod.path, time.monotonic() + self.config.stage1.boot_timeout) as q:
+                with monitor.connect(pod.path, time.monotonic() + self.config.stage1.boot_timeout, alive) as q:
                     measured()
                     q.cmd("cont")
         except BaseException as exc:
             exited = proc.poll()
+            if exited is None and isinstance(exc, Stage1Error):
+                # the monitor's socket closes as QEMU exits, a moment before its exit status can be reaped
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    exited = proc.wait(timeout=1.0)
             proc.kill()
             proc.wait()
             pod.file(PID_FILE).unlink(missing_ok=True)  # reaped: nothing of this pod runs

@@ -270,10 +270,11 @@ def remove(cfg: Stage1Config, key: str) -> bool:
 # --- restoring a clone ---------------------------------------------------------------------------------------
 
 
-def restore(pod_dir: Path, tmpl: Template, *, timeout: float, before_cont: Callable[[], None]) -> None:
+def restore(pod_dir: Path, tmpl: Template, *, timeout: float, before_cont: Callable[[], None],
+            alive: Callable[[], bool] | None = None) -> None:
     """Load the template into the QEMU just started with ``-incoming defer`` in ``pod_dir`` and resume it, once
     its state hashed to the recorded digest (hashed while QEMU reads it; QEMU gets a read-only descriptor) and
-    ``before_cont`` returned (the measured launch's gate).
+    ``before_cont`` returned (the measured launch's gate). ``alive`` tells whether that QEMU still runs.
 
     Raises:
         TemplateError: the state is altered (the VM was never resumed), or QEMU failed to load it.
@@ -289,7 +290,7 @@ def restore(pod_dir: Path, tmpl: Template, *, timeout: float, before_cont: Calla
                 digest.append(str(Digest.of_stream(fh)))
 
         hasher = threading.Thread(target=hash_state, daemon=True)
-        with monitor.connect(pod_dir, deadline) as q:
+        with monitor.connect(pod_dir, deadline, alive) as q:
             incoming = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # its own offset
             try:
                 q.cmd("getfd", {"fdname": "template"}, fd=incoming)
@@ -389,7 +390,7 @@ def build(cfg: Stage1Config, assets: Assets, shape: dict[str, Any], *, qemu: str
             time.sleep(0.01)
         progress(f"saving template {key}")
         state = work / STATE
-        with monitor.connect(work, deadline) as q:
+        with monitor.connect(work, deadline, lambda: proc.poll() is None) as q:
             q.cmd("stop")
             out = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

@@ -85,3 +85,15 @@ def test_a_silent_monitor_times_out(qemu: tuple[Path, list[bytes | None]]) -> No
     with pytest.raises(Stage1Error, match="timed out"), monitor.connect(pod_dir, time.monotonic() + 1) as q:
         q.cmd("cont")
     assert time.monotonic() - began < 2.5
+
+
+def test_connecting_stops_once_qemu_is_gone(tmp_path: Path) -> None:
+    """QEMU that exits before its monitor is up (a bad option) ends the wait at once, not at the deadline."""
+    began = time.monotonic()
+    with pytest.raises(Stage1Error, match="QEMU exited"), monitor.connect(tmp_path, time.monotonic() + 30,
+                                                                          alive=lambda: False):
+        pass
+    assert time.monotonic() - began < 5
+    with pytest.raises(Stage1Error, match="did not answer"), monitor.connect(tmp_path, time.monotonic() + 0.1,
+                                                                             alive=lambda: True):
+        pass
