@@ -18,6 +18,7 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, NetworkError
+from kvmrkt.net import firewall
 from kvmrkt.pods.manifest import DNS_NAME_RE
 
 NONE = "none"
@@ -99,7 +100,8 @@ class NetworkConfig:
 
     @property
     def ip_masq(self) -> bool:
-        return any(p.get("ipMasq") is True for p in self.plugins)
+        return any(p.get("ipMasq") is True or (p.get("type") == firewall.TYPE and p.get("masquerade") is True)
+                   for p in self.plugins)
 
     def has_capability(self, cap: str) -> bool:
         return any(isinstance(p.get("capabilities"), dict) and p["capabilities"].get(cap) for p in self.plugins)
@@ -294,6 +296,8 @@ def _load_one(path: Path, text: str) -> NetworkConfig:
             r"[A-Za-z0-9_\-]+\Z", plugin["type"]
         ):
             raise ConfigError(f"{path}: plugin {i} has no valid \"type\"")
+        if plugin["type"] == firewall.TYPE:
+            firewall.check_config(plugin, f"{path}: plugin {i}")
     if name in (NONE, USER, "host", "all"):
         raise ConfigError(f"{path}: the network name {name!r} is reserved")
     return NetworkConfig(name, version, tuple(plugins), str(path))

@@ -25,6 +25,7 @@ from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import CommandError, ConfigError, NetworkError
 from kvmrkt.host import proc as _proc
+from kvmrkt.net import firewall
 from kvmrkt.net.netconf import (
     ANY_V4,
     NONE,
@@ -321,6 +322,11 @@ class PodNetworks:
 
     def _cni(self, command: str, net: NetworkConfig, plugin: dict[str, Any], conf: dict[str, Any], *, uuid: str,
              netns: str, ifname: str, args: str) -> dict[str, Any]:
+        if plugin["type"] == firewall.TYPE:  # built in: run here, not as a program
+            if command == "ADD":
+                return firewall.add(conf, pod=uuid)
+            firewall.delete(conf, pod=uuid)
+            return {}
         env = {
             "CNI_COMMAND": command, "CNI_CONTAINERID": uuid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
             "CNI_ARGS": ";".join(filter(None, ["IgnoreUnknown=1", args])),

@@ -208,7 +208,8 @@ def _our_processes(marker: str) -> list[int]:
 
 
 def net_snapshot() -> dict[str, set[str]]:
-    """Host network state pods could leak: kvmrkt namespaces, veths, and iptables rules naming a CNI container."""
+    """Host network state pods could leak: kvmrkt namespaces, veths, iptables rules naming a CNI container, and
+    kvmrkt-firewall's per-pod chains."""
     def out(*argv: str) -> str:
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
@@ -216,7 +217,8 @@ def net_snapshot() -> dict[str, set[str]]:
         "netns": {ln.split()[0] for ln in out("ip", "netns", "list").splitlines() if ln.startswith("kvmrkt-")},
         "veth": {link["ifname"] for link in json.loads(out("ip", "-j", "link", "show"))
                  if link["ifname"].startswith("veth")},
-        "rules": {ln for ln in out("iptables-save").splitlines() if ln.startswith("-A") and 'id: \"' in ln},
+        "rules": {ln for ln in out("iptables-save").splitlines()
+                  if (ln.startswith("-A") and 'id: \"' in ln) or ln.startswith(":KVMRKT-")},
     }
 
 

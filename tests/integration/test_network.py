@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid as uuid_mod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from kvmrkt.net import firewall
 
 from .conftest import Kvmrkt, net_leaks, net_snapshot, use_backend
 from .registry import free_port
@@ -169,6 +172,50 @@ def test_egress_is_masqueraded(kvmrkt: Kvmrkt, tmp_path: Path, peer: Peer) -> No
     finally:
         server.kill()
         server.wait()
+
+
+def test_egress_where_the_host_drops_forwarded_traffic(kvmrkt: Kvmrkt, peer: Peer) -> None:
+    """kvmrkt-firewall accepts the pod's forwarded traffic ahead of a DROP policy (a host with Docker has one)."""
+    policy = next(ln.split()[2] for ln in sh("iptables", "-S", "FORWARD").splitlines() if ln.startswith("-P "))
+    server = subprocess.Popen(["ip", "netns", "exec", peer.netns, sys.executable, "-c", ECHO_SERVER])
+    try:
+        assert http_get(f"http://{peer.peer_ip}:8000/") == peer.host_ip
+        sh("iptables", "-P", "FORWARD", "DROP")
+        res = kvmrkt("run", "--net=default", *SH, "-c", f"wget -q -O- http://{peer.peer_ip}:8000/")
+        assert res.rc == 0, res.err
+        assert res.out.strip() == peer.host_ip
+    finally:
+        sh("iptables", "-P", "FORWARD", policy)
+        server.kill()
+        server.wait()
+
+
+def test_firewall_rules_go_whatever_is_left_of_them() -> None:
+    """kvmrkt-firewall's DEL against real iptables: after ADD, after a rule was removed by hand (a DEL repeated by
+    gc finds part gone), twice, and without the ADD's result (found by the pod's comment)."""
+    pod = str(uuid_mod.uuid4())
+    conf = {"name": "kvt-fw", "type": firewall.TYPE, "masquerade": True,
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "172.31.252.7/24"}]}}
+
+    def mine() -> list[str]:
+        return [ln for ln in sh("iptables-save").splitlines() if pod in ln or firewall.chain("kvt-fw", pod) in ln]
+
+    try:
+        firewall.add(conf, pod=pod)
+        assert len(mine()) == 6  # two FORWARD accepts, the chain, its two rules, the POSTROUTING jump
+        firewall.delete(conf, pod=pod)
+        assert mine() == []
+        firewall.delete(conf, pod=pod)  # idempotent
+        firewall.add(conf, pod=pod)
+        sh("iptables", "-D", "FORWARD", "-s", "172.31.252.7/32", "-m", "comment", "--comment",
+           f'name: "kvt-fw" id: "{pod}"', "-j", "ACCEPT")
+        firewall.delete(conf, pod=pod)
+        assert mine() == []
+        firewall.add(conf, pod=pod)
+        firewall.delete({"name": "kvt-fw", "masquerade": True}, pod=pod)
+        assert mine() == []
+    finally:
+        firewall.delete({"name": "kvt-fw"}, pod=pod)
 
 
 def test_net_none_is_loopback_only(kvmrkt: Kvmrkt, tmp_path: Path) -> None:

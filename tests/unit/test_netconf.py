@@ -99,7 +99,8 @@ def test_hosts_file() -> None:
 def test_load_networks(tmp_path: Path) -> None:
     assert set(load_networks(tmp_path)) == {"default"}  # shipped with kvmrkt
     default = load_networks(tmp_path)["default"]
-    assert default.ip_masq and default.has_capability("portMappings")
+    assert default.ip_masq and not default.has_capability("portMappings")  # portmap is chained only for --port
+    assert [p["type"] for p in default.plugins] == ["ptp", "kvmrkt-firewall"]
     assert default.plugins[0]["ipam"]["ranges"] == [[{"subnet": "172.16.28.0/24"}]]
     d = tmp_path / "net.d"
     d.mkdir()
@@ -112,7 +113,9 @@ def test_load_networks(tmp_path: Path) -> None:
     assert nets["a"].with_portmap().with_portmap() == nets["a"].with_portmap()
     for text, msg in [("{x", "not valid JSON"), ("[]", "JSON object"), ('{"type": "ptp"}', "name"),
                       ('{"name": "b", "plugins": []}', "non-empty"), ('{"name": "b", "type": "../x"}', "type"),
-                      ('{"name": "none", "type": "ptp"}', "reserved"), ('{"name": "a", "type": "ptp"}', "twice")]:
+                      ('{"name": "none", "type": "ptp"}', "reserved"), ('{"name": "a", "type": "ptp"}', "twice"),
+                      ('{"name": "b", "type": "kvmrkt-firewall", "masquerade": "yes"}', "true or false"),
+                      ('{"name": "b", "type": "kvmrkt-firewall", "chain": "FORWARD"}', "does not take 'chain'")]:
         (d / "30-bad.conf").write_text(text)
         with pytest.raises(ConfigError, match=msg):
             load_networks(tmp_path)
@@ -122,7 +125,7 @@ def test_load_networks(tmp_path: Path) -> None:
 
 
 def test_plugin_config_passes_only_declared_capabilities(tmp_path: Path) -> None:
-    net = load_networks(tmp_path)["default"]
+    net = load_networks(tmp_path)["default"].with_portmap()
     runtime = {"portMappings": [{"hostPort": 1, "containerPort": 2, "protocol": "tcp"}], "bandwidth": {}}
     first = plugin_config(net, net.plugins[0], prev=None, runtime=runtime)
     assert first["name"] == "default" and first["cniVersion"] == "1.0.0"
