@@ -36,7 +36,7 @@ from kvmrkt.errors import (
     Stage1Error,
     VMLaunchError,
 )
-from kvmrkt.host import forked
+from kvmrkt.host import forked, memory
 from kvmrkt.host import proc as _proc
 from kvmrkt.host.timeline import stamp
 from kvmrkt.host.wait import wait_until
@@ -182,6 +182,7 @@ class VmStage1(Stage1):
         cfg = self.config.stage1
         if pod.lock_fd is None:
             raise PodStateError(f"pod {pod.uuid} must be locked by the running process", state=pod.state())
+        memory.lean()  # this process then supervises the pod for its whole life
         assets = load_assets(cfg)
         assets.verify()  # the kernel and initramfs that boot are the ones whose digests were recorded
         stamp("assets-verified")
@@ -256,6 +257,7 @@ class VmStage1(Stage1):
                 try:
                     if tmpl:
                         mux.handoff(template.handoff_frame(config))
+                    memory.release()  # what the launch freed, before the pod's life-long wait
                     return self._supervise(pod, manifest, vm, opts, outputs, stderr=stderr)
                 finally:
                     if vm.poll() is None:
