@@ -83,6 +83,21 @@ def _restore(version: int, text: str) -> None:
               input_bytes=text.encode(), timeout=30, what=TOOLS[version][0])
 
 
+def _transaction(net: str, pod: str, addrs: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+                 masquerade: bool, *, adding: bool) -> str:
+    """The ``iptables-restore`` input that installs (``adding``) or deletes the rules for ``addrs`` (one family)."""
+    nat, filt = [], []
+    for a in addrs:
+        n, f = _rules(net, pod, a, masquerade)
+        nat += [("-I " if r.startswith("POSTROUTING") else "-A ") + r if adding else f"-D {r}" for r in n]
+        filt += [("-I " if adding else "-D ") + r for r in f]
+    ch, text = chain(net, pod), ""
+    if nat:
+        text = "*nat\n" + (f":{ch} - [0:0]\n" if adding else "") + "\n".join(nat) \
+            + ("" if adding else f"\n-X {ch}") + "\nCOMMIT\n"
+    return text + "*filter\n" + "\n".join(filt) + "\nCOMMIT\n"
+
+
 def add(conf: dict[str, Any], *, pod: str) -> dict[str, Any]:
     """CNI ADD: install the pod's rules (one transaction per address family) and pass the result through.
 
@@ -91,21 +106,13 @@ def add(conf: dict[str, Any], *, pod: str) -> dict[str, Any]:
     """
     net, masquerade = str(conf["name"]), conf.get("masquerade") is True
     prev = conf.get("prevResult")
+    addrs = _addresses(prev)
     for version in (4, 6):
-        addrs = [a for a in _addresses(prev) if a.version == version]
-        if not addrs:
+        mine = [a for a in addrs if a.version == version]
+        if not mine:
             continue
-        nat, filt = [], []
-        for a in addrs:
-            n, f = _rules(net, pod, a, masquerade)
-            nat += [f"-A {r}" if not r.startswith("POSTROUTING") else f"-I {r}" for r in n]
-            filt += [f"-I {r}" for r in f]
-        text = ""
-        if nat:
-            text += f"*nat\n:{chain(net, pod)} - [0:0]\n" + "\n".join(nat) + "\nCOMMIT\n"
-        text += "*filter\n" + "\n".join(filt) + "\nCOMMIT\n"
         try:
-            _restore(version, text)
+            _restore(version, _transaction(net, pod, mine, masquerade, adding=True))
         except CommandError as exc:
             raise NetworkError(f"{TYPE}: iptables refused the rules of pod {pod}: {exc.stderr_tail or exc.message}",
                                hint="is the iptables package installed and the kernel's netfilter usable?") from None
@@ -131,18 +138,8 @@ def delete(conf: dict[str, Any], *, pod: str) -> None:
         if addrs and not mine:
             continue  # ADD installed nothing for this family
         if mine:
-            nat, filt = [], []
-            for a in mine:
-                n, f = _rules(net, pod, a, masquerade)
-                nat += [f"-D {r}" for r in n]
-                filt += [f"-D {r}" for r in f]
-            text = ""
-            if nat:
-                ch = chain(net, pod)
-                text += "*nat\n" + "\n".join(nat) + f"\n-X {ch}\nCOMMIT\n"
-            text += "*filter\n" + "\n".join(filt) + "\nCOMMIT\n"
             try:
-                _restore(version, text)
+                _restore(version, _transaction(net, pod, mine, masquerade, adding=False))
                 continue
             except CommandError:
                 pass  # some are gone already (a DEL repeated by gc): remove what is left, by its comment
