@@ -1,5 +1,5 @@
 """kvmrkt's built-in chained CNI plugin ``kvmrkt-firewall``: what the ``firewall`` plugin and ``ptp``'s
-``ipMasq`` do for a pod, as one atomic ``iptables-restore`` per address family instead of about 27 ``iptables``
+``ipMasq`` do for a pod, as one atomic ``iptables-restore`` per address family instead of 29 ``iptables``
 programs (each plugin probes, checks and appends rule by rule).
 
 Role: for each address of the previous plugin's result (the pod's IPs): accept forwarded traffic from the pod and
