@@ -9,7 +9,7 @@ excepted), jumped to from ``POSTROUTING``. Every rule carries the comment CNI's 
 (``name: "NET" id: "POD"``), so leak checks and operators find them the same way. ADD is one transaction, so
 DEL finds all of a pod's rules or none; DEL removes exactly the rules carrying the pod's comment (read back from
 ``iptables-save`` when the direct delete finds them gone), and is idempotent. Trust boundary: the config comes
-from ``net.d`` (config management, validated by ``check_config``); the addresses come from the previous plugin,
+from ``net.d`` (config management, validated by ``kvmrkt.net.netconf``); the addresses come from the previous plugin,
 a host program, and are parsed as IP addresses before any becomes part of a rule; nothing comes from the guest.
 """
 
@@ -21,21 +21,11 @@ from typing import Any
 
 from kvmrkt.errors import CommandError, ConfigError, NetworkError
 from kvmrkt.host import proc as _proc
+from kvmrkt.net.netconf import FIREWALL_PLUGIN, result_ips
 
-TYPE = "kvmrkt-firewall"
-KEYS = frozenset({"type", "masquerade", "name", "cniVersion", "prevResult", "runtimeConfig"})
+TYPE = FIREWALL_PLUGIN
 TOOLS = {4: ("iptables-restore", "iptables-save"), 6: ("ip6tables-restore", "ip6tables-save")}
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-
-
-def check_config(plugin: dict[str, Any], where: str) -> None:
-    """Refuse a ``kvmrkt-firewall`` entry of a conflist with keys or values it does not take."""
-    extra = sorted(set(plugin) - KEYS)
-    if extra:
-        raise ConfigError(f"{where}: plugin {TYPE} does not take {', '.join(map(repr, extra))}",
-                          hint='it takes only "masquerade": true|false')
-    if not isinstance(plugin.get("masquerade", False), bool):
-        raise ConfigError(f"{where}: plugin {TYPE}: \"masquerade\" must be true or false")
 
 
 def chain(net: str, pod: str) -> str:
@@ -48,19 +38,14 @@ def _comment(net: str, pod: str) -> str:
 
 
 def _addresses(prev: Any) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-    """The pod's addresses in a CNI result (1.0 ``ips``, or 0.x ``ip4``/``ip6``), parsed strictly."""
+    """The pod's addresses in the previous plugin's result (any CNI version: ``netconf.result_ips``)."""
     if not isinstance(prev, dict):
         raise NetworkError(f"{TYPE} must follow a plugin that assigns addresses (it got no prevResult)")
-    raw = [e.get("address") for e in prev.get("ips", []) if isinstance(e, dict)] if isinstance(
-        prev.get("ips"), list) else []
-    raw += [prev[k].get("ip") for k in ("ip4", "ip6") if isinstance(prev.get(k), dict)]
-    out = []
-    for text in raw:
-        try:
-            out.append(ipaddress.ip_interface(str(text)))
-        except ValueError:
-            raise NetworkError(f"{TYPE}: the previous plugin's result has an address that is not one: "
-                               f"{str(text)[:60]!r}") from None
+    try:
+        out = [ipaddress.ip_interface(ip["address"]) for ip in result_ips(prev)]
+    except NetworkError as exc:
+        raise NetworkError(f"{TYPE}: the previous plugin's result has an address that is not one "
+                           f"({exc.message})") from None
     if not out:
         raise NetworkError(f"{TYPE}: the previous plugin's result has no address")
     return out

@@ -18,12 +18,13 @@ from typing import Any
 
 from kvmrkt import jsondoc
 from kvmrkt.errors import ConfigError, NetworkError
-from kvmrkt.net import firewall
 from kvmrkt.pods.manifest import DNS_NAME_RE
 
 NONE = "none"
 USER = "user"
 DEFAULT = "default"
+FIREWALL_PLUGIN = "kvmrkt-firewall"  # the chained plugin kvmrkt runs itself (kvmrkt.net.firewall)
+_FIREWALL_KEYS = frozenset({"type", "masquerade", "name", "cniVersion", "prevResult", "runtimeConfig"})
 NET_DIR = "net.d"
 _NET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
 # QEMU user-mode networking's fixed addresses (slirp defaults).
@@ -100,7 +101,7 @@ class NetworkConfig:
 
     @property
     def ip_masq(self) -> bool:
-        return any(p.get("ipMasq") is True or (p.get("type") == firewall.TYPE and p.get("masquerade") is True)
+        return any(p.get("ipMasq") is True or (p.get("type") == FIREWALL_PLUGIN and p.get("masquerade") is True)
                    for p in self.plugins)
 
     def has_capability(self, cap: str) -> bool:
@@ -296,11 +297,22 @@ def _load_one(path: Path, text: str) -> NetworkConfig:
             r"[A-Za-z0-9_\-]+\Z", plugin["type"]
         ):
             raise ConfigError(f"{path}: plugin {i} has no valid \"type\"")
-        if plugin["type"] == firewall.TYPE:
-            firewall.check_config(plugin, f"{path}: plugin {i}")
+        if plugin["type"] == FIREWALL_PLUGIN:
+            _check_firewall_plugin(plugin, f"{path}: plugin {i}")
     if name in (NONE, USER, "host", "all"):
         raise ConfigError(f"{path}: the network name {name!r} is reserved")
     return NetworkConfig(name, version, tuple(plugins), str(path))
+
+
+def _check_firewall_plugin(plugin: dict[str, Any], where: str) -> None:
+    """Refuse a ``kvmrkt-firewall`` entry with keys or values it does not take (its values become iptables
+    rules)."""
+    extra = sorted(set(plugin) - _FIREWALL_KEYS)
+    if extra:
+        raise ConfigError(f"{where}: plugin {FIREWALL_PLUGIN} does not take {', '.join(map(repr, extra))}",
+                          hint='it takes only "masquerade": true|false')
+    if not isinstance(plugin.get("masquerade", False), bool):
+        raise ConfigError(f"{where}: plugin {FIREWALL_PLUGIN}: \"masquerade\" must be true or false")
 
 
 def load_networks(config_dir: Path) -> dict[str, NetworkConfig]:
