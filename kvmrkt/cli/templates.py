@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import click
@@ -25,6 +26,7 @@ def template() -> None:
 def template_build(c: CliContext, fmt: str) -> None:
     """Build a template for every shape a pod booted cold with (since the last build), replacing older ones.
     Shapes recorded for another kernel, initramfs or QEMU than the current ones are skipped, with a warning."""
+    from kvmrkt.errors import TemplateError
     from stage1_kvm import template as tm
     from stage1_kvm.assets import load_assets
     from stage1_kvm.qemu import find_qemu
@@ -47,8 +49,13 @@ def template_build(c: CliContext, fmt: str) -> None:
     for t in built:
         click.echo(f"built {t['key']}  {t['memory_mib']} MiB  {t['vcpus']} vCPU  {t['disks']} disk(s)  "
                    f"{t['nics']} NIC(s)  {t['size'] / 2**20:.1f} MiB state  {t['build_seconds']:.1f}s")
-    if not built:
-        click.echo("no shape is waiting for a template: run a pod first (each cold-booted shape is recorded)")
+    if not built and not skipped:
+        have = 0
+        with contextlib.suppress(TemplateError):  # (`template list` names a template that is not root's own)
+            have = len(tm.listing(cfg))
+        click.echo(f"nothing to build: no pod booted cold since the last build ({have} template(s) here, "
+                   "`kvmrkt stage1 template list`)" if have else
+                   "no shape is waiting for a template: run a pod first (each cold-booted shape is recorded)")
     if skipped:
         click.echo(f"warning: {skipped} recorded shape(s) are for other guest assets or another QEMU: skipped",
                    err=True)
