@@ -81,9 +81,11 @@ def build_domain_xml(
         if share.read_only:
             _sub(fs, "readonly")
         _sub(fs, "address", **mmio)
-    for nic in spec.nics:  # user mode only (the libvirt backend refuses CNI networks and port forwards)
-        iface = _sub(dev, "interface", type="user")
+    for nic in spec.nics:  # a tap libvirtd opens in its namespace (lent there: kvmrkt.net.taps), or user mode
+        iface = _sub(dev, "interface", type="user" if nic.tap is None else "ethernet")
         _sub(iface, "mac", address=nic.mac)
+        if nic.tap is not None:
+            _sub(iface, "target", dev=nic.tap, managed="no")
         _sub(iface, "model", type="virtio")
         _sub(iface, "address", **mmio)
     serial = _sub(dev, "serial", type="unix")

@@ -13,7 +13,8 @@ capabilities in libvirt's own mount namespace and seccomp sandbox; what it reads
 relabels) and read-only bind mounts of its images and shared directories (unmounted when the VM ends, or by gc);
 libvirt's state directory is made traversable for that uid only while the pod runs. The domain starts paused,
 its cgroups get the pod's limits (libvirt's own placement, plus a pids cgroup of kvmrkt's), then it resumes.
-The console and the apps' output are unix sockets read into bounded logs, as with ``qemu``.
+The console and the apps' output are unix sockets read into bounded logs, as with ``qemu``. On CNI networks the
+pod's taps are lent to libvirtd's namespace only while the domain is paused (``kvmrkt.net.taps``).
 Unix sockets live in the same short directory (libvirt binds them by absolute path, and pod directories can be
 deeper than the 108-byte socket path limit), linked from the pod directory. Trust boundary: as for ``qemu``;
 libvirtd is trusted.
@@ -30,9 +31,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmrkt.errors import ConfigError, JailError, KvmrktError, Stage1Error, VMLaunchError
+from kvmrkt.errors import ConfigError, JailError, KvmrktError, NetworkError, Stage1Error, VMLaunchError
 from kvmrkt.host.files import write_atomic
 from kvmrkt.host.wait import wait_until
+from kvmrkt.net import taps
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import RunOptions
 from stage1_kvm import cgroups, shares
@@ -112,12 +114,13 @@ class _Domain:
 class LibvirtDomain(QemuHypervisor):
     """Pod VMs as transient libvirt domains.
 
-    Networking: --net=none and --net=user only. libvirtd opens taps in its own network namespace, so the
-    per-pod namespace that CNI networks are built in cannot be handed to it; user mode has no port forwards
-    (libvirt 9.0 forwards ports only with the passt backend).
+    Networking: CNI networks as for ``qemu`` (the pod's namespace, its plugins, port forwards and teardown are
+    the same), with one difference: libvirtd opens a domain's taps by name in its own (the host's) namespace, so
+    the pod's taps are lent to it while the domain is created paused and brought back into the pod's namespace
+    before the guest runs (``kvmrkt.net.taps``). User mode has no port forwards (libvirt 9.0 forwards ports only
+    with the passt backend).
     """
 
-    network_modes = frozenset({"none", "user"})
     user_port_forwards = False
 
     name = "libvirt"
@@ -168,8 +171,10 @@ class LibvirtDomain(QemuHypervisor):
             link.unlink(missing_ok=True)
             link.symlink_to(root / Path(name).name)
         label = opts.exec_label  # set only where SELinux is enabled
-        xml = build_domain_xml(jailed, uuid=pod.uuid, pod_dir=pod.path, qemu=str(emulator), jail=jail,
-                               selinux_label=label, socket_dir=root)
+        lent = self._lend_taps(pod, spec)
+        nics = tuple(replace(n, tap=lent[n.tap][0]) if n.tap else n for n in jailed.nics)
+        xml = build_domain_xml(replace(jailed, nics=nics), uuid=pod.uuid, pod_dir=pod.path, qemu=str(emulator),
+                               jail=jail, selinux_label=label, socket_dir=root)
         pod.file("domain.xml").write_text(xml)
         pod.write_json(RUN_RECORD, {**record, "domain": spec.name, "uri": self.uri})
         conn = self._connect()
@@ -180,6 +185,8 @@ class LibvirtDomain(QemuHypervisor):
             raise VMLaunchError(f"libvirt could not start the pod's domain: {exc}") from exc
         handle = _Domain(conn, spec.name)
         try:
+            if lent:  # libvirtd holds them open: back into the pod's namespace, before the guest runs
+                taps.bring_back(str(spec.netns), [(ifname, tap, host) for tap, (host, ifname) in lent.items()])
             pid = int((LIBVIRT_PID_DIR / f"{spec.name}.pid").read_text().strip())
             cg = cgroups.adopt(pid, jail.cgroup_parent, pod.uuid, jail)
             pod_jail.record(cgroup=cg.to_dict())
@@ -198,6 +205,17 @@ class LibvirtDomain(QemuHypervisor):
             handle.kill()
             raise
         return handle
+
+    @staticmethod
+    def _lend_taps(pod: Pod, spec: VMSpec) -> dict[str, tuple[str, str]]:
+        """Lend the pod's taps to libvirtd's (the host's) namespace: {tap: (name there, its CNI interface)}."""
+        lent = {n.tap: (taps.host_name(pod.uuid, i), n.ifname) for i, n in enumerate(spec.nics) if n.tap}
+        if lent:
+            try:
+                taps.lend(str(spec.netns), [(tap, host) for tap, (host, _) in lent.items()])
+            except NetworkError as exc:
+                raise VMLaunchError(f"cannot hand the pod's taps to libvirtd: {exc.message}") from exc
+        return lent
 
     def destroy(self, pod: Pod) -> None:
         """libvirt owns the process: destroy the domain (raises ``Stage1Error`` if libvirtd is unreachable)."""

@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from kvmrkt import jsondoc
 from kvmrkt.config import RuntimeConfig
 from kvmrkt.errors import CommandError, ConfigError, NetworkError
 from kvmrkt.host import proc as _proc
-from kvmrkt.net import firewall
+from kvmrkt.net import firewall, taps
 from kvmrkt.net.netconf import (
     ANY_V4,
     NONE,
@@ -49,12 +48,11 @@ from kvmrkt.net.netconf import (
     supports_prev_result,
 )
 from kvmrkt.net.nsguard import check_pod_namespace
+from kvmrkt.net.taps import NETNS_DIR
 from kvmrkt.pods.manifest import PodManifest
 from kvmrkt.pods.pod import Pod
 from kvmrkt.stage1 import NetworkPlan, Nic
 
-NETNS_DIR = Path("/run/netns")
-NETNS_NAME = re.compile(r"kvmrkt-[0-9a-f-]{36}")  # netns_name(uuid): the namespaces kvmrkt makes
 JOIN = "join"
 STATE = "net.json"
 CNI_TIMEOUT = 60.0
@@ -146,8 +144,7 @@ class PodNetworks:
         mode = first if first in (NONE, USER) else "cni"
         if mode not in modes:
             raise ConfigError(f"this stage1 backend cannot run --net={','.join(n.name for n in nets)}",
-                              hint="the libvirt backend supports --net=none and --net=user; use "
-                                   "--stage1=qemu for CNI networks")
+                              hint="use --stage1=qemu, or --net=none / --net=user")
         if mode == NONE:
             if forwards:
                 raise ConfigError("--port needs a network: --net=none has none", hint="use --net=default")
@@ -257,21 +254,9 @@ class PodNetworks:
             files.append(("/etc/resolv.conf", resolv))
         return tuple(files)
 
-    def _iproute(self, *args: str, tool: str = "ip", stdin: str | None = None, netns: str | None = None) -> str:
-        """Run ``ip``/``tc`` (in the network namespace at path ``netns``: a namespace of ours, named in
-        ``NETNS_DIR``, by the tool's own ``-n NAME``; any other path through nsenter)."""
-        argv = [_proc.which(tool, hint="apt-get install iproute2"), *args]
-        if netns is not None:
-            path = Path(netns)
-            if path.parent == NETNS_DIR and NETNS_NAME.fullmatch(path.name):
-                argv = [argv[0], "-n", path.name, *args]  # one program started instead of two
-            else:
-                argv = [_proc.which("nsenter", hint="apt-get install util-linux"), f"--net={netns}", *argv]
-        try:
-            proc = _proc.run(argv, timeout=30, input_bytes=stdin.encode() if stdin is not None else None)
-        except CommandError as exc:
-            raise NetworkError(f"{tool} {' '.join(args[:4])} failed: {exc.stderr_tail or exc.message}") from None
-        return proc.stdout.decode()
+    @staticmethod
+    def _iproute(*args: str, tool: str = "ip", stdin: str | None = None, netns: str | None = None) -> str:
+        return taps.iproute(*args, tool=tool, stdin=stdin, netns=netns)
 
     def _join_taps(self, netns: str, ifnames: list[str], owner: tuple[int, int], *,
                    lo_up: bool = False) -> tuple[Nic, ...]:
@@ -282,7 +267,7 @@ class PodNetworks:
         docs = _parse_json_stream(self._iproute("-j", "-batch", "-", stdin=shows, netns=netns))
         if len(docs) != 2 * len(ifnames):
             raise NetworkError(f"could not read the interfaces in {netns}")
-        taps, redirects, nics = [], [], []
+        made, redirects, nics = [], [], []
         for i, name in enumerate(ifnames):
             link, routes = docs[2 * i], docs[2 * i + 1]
             if not link:
@@ -290,18 +275,15 @@ class PodNetworks:
             info = link[0]
             tap = f"tap{i}"
             mtu = int(info.get("mtu", 1500))
-            taps.append(f"tuntap add dev {tap} mode tap user {owner[0]} group {owner[1]}\n"
+            made.append(f"tuntap add dev {tap} mode tap user {owner[0]} group {owner[1]}\n"
                         f"link set dev {tap} mtu {mtu} up\n")
-            for src, dst in ((name, tap), (tap, name)):
-                redirects.append(f"qdisc add dev {src} ingress\n"
-                                 f"filter add dev {src} parent ffff: protocol all u32 match u32 0 0 "
-                                 f"action mirred egress redirect dev {dst}\n")
+            redirects.append(taps.redirects(name, tap))
             addrs = tuple((a["local"], int(a["prefixlen"])) for a in info.get("addr_info", [])
                           if a.get("family") == "inet")
             if not addrs:
                 self.warn(f"interface {name} in {netns} has no IPv4 address; the guest configures IPv4 only")
             nics.append(Nic(name, str(info["address"]), mtu, tap, addrs, routes_for_guest(routes)))
-        self._iproute("-batch", "-", stdin=("link set dev lo up\n" if lo_up else "") + "".join(taps), netns=netns)
+        self._iproute("-batch", "-", stdin=("link set dev lo up\n" if lo_up else "") + "".join(made), netns=netns)
         try:
             self._iproute("-batch", "-", tool="tc", stdin="".join(redirects), netns=netns)
         except NetworkError as exc:
@@ -362,7 +344,7 @@ class PodNetworks:
 
     def teardown(self, pod: Pod) -> None:
         """Undo whatever ``setup`` recorded: CNI DEL for every network (plugins in reverse order), then the
-        namespace (and with it the taps). Idempotent.
+        namespace (and with it the taps; lent ones in the host's namespace too: ``taps.sweep``). Idempotent.
 
         Raises:
             NetworkError: some step failed; the record stays active so the next gc tries again.
@@ -371,9 +353,25 @@ class PodNetworks:
         if not isinstance(state, dict) or not state.get("active"):
             return
         errors: list[str] = []
+        try:
+            taps.sweep(pod.uuid)  # a libvirt pod's taps, if its launch was killed while they were lent
+        except NetworkError as exc:
+            errors.append(exc.message)
         if state.get("mode") == JOIN:
-            self._unjoin(pod, state)
-            return
+            if not errors:
+                self._unjoin(pod, state)
+                return
+        else:
+            errors += self._delete_networks(pod, state)
+        if errors:
+            pod.write_json(STATE, {**state, "teardown_errors": errors})
+            raise NetworkError(f"network teardown of pod {pod.uuid} incomplete: " + "; ".join(errors),
+                               hint="fix the cause and run `kvmrkt gc` again")
+        pod.write_json(STATE, {**state, "active": False, "teardown_errors": []})
+
+    def _delete_networks(self, pod: Pod, state: dict[str, Any]) -> list[str]:
+        """CNI DEL of every network added (plugins in reverse order), then our namespace; returns the errors."""
+        errors: list[str] = []
         name = str(state.get("netns") or "")
         netns = str(NETNS_DIR / name) if name else ""
         for entry in reversed(state.get("networks", [])):
@@ -394,19 +392,15 @@ class PodNetworks:
                 self._iproute("netns", "delete", name)
             except NetworkError as exc:
                 errors.append(exc.message)
-        if errors:
-            pod.write_json(STATE, {**state, "teardown_errors": errors})
-            raise NetworkError(f"network teardown of pod {pod.uuid} incomplete: " + "; ".join(errors),
-                               hint="fix the cause and run `kvmrkt gc` again")
-        pod.write_json(STATE, {**state, "active": False, "teardown_errors": []})
+        return errors
 
     def _unjoin(self, pod: Pod, state: dict[str, Any]) -> None:
         """Remove the taps and redirects added to a namespace that is not ours (gone already: nothing to do)."""
         netns = str(state["netns"])
         if os.path.exists(netns):
             cmds = "".join(f"qdisc del dev {e['ifname']} ingress\n" for e in state["networks"])
-            taps = "".join(f"link delete dev {e['tap']}\n" for e in state["networks"])
-            for tool, batch in (("tc", cmds), ("ip", taps)):
+            links = "".join(f"link delete dev {e['tap']}\n" for e in state["networks"])
+            for tool, batch in (("tc", cmds), ("ip", links)):
                 with contextlib.suppress(NetworkError):  # parts may be gone with the container's interfaces
                     self._iproute("-force", "-batch", "-", tool=tool, stdin=batch, netns=netns)
         pod.write_json(STATE, {**state, "active": False})

@@ -208,8 +208,8 @@ def _our_processes(marker: str) -> list[int]:
 
 
 def net_snapshot() -> dict[str, set[str]]:
-    """Host network state pods could leak: kvmrkt namespaces, veths, iptables rules naming a CNI container, and
-    kvmrkt-firewall's per-pod chains."""
+    """Host network state pods could leak: kvmrkt namespaces, veths, iptables rules naming a CNI container,
+    kvmrkt-firewall's per-pod chains, and libvirt pods' taps left in the host's namespace (``kvmrkt.net.taps``)."""
     def out(*argv: str) -> str:
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
@@ -219,6 +219,7 @@ def net_snapshot() -> dict[str, set[str]]:
                  if link["ifname"].startswith("veth")},
         "rules": {ln for ln in out("iptables-save").splitlines()
                   if (ln.startswith("-A") and 'id: \"' in ln) or ln.startswith(":KVMRKT-")},
+        "lent taps": {p.name for p in Path("/sys/class/net").glob("kvt*") if (p / "tun_flags").exists()},
     }
 
 

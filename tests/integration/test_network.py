@@ -1,7 +1,7 @@
 """Pod networking against real CNI plugins, real VMs and network namespaces this test makes (no address outside
 this machine is used): port forwarding from the host and from another "host" (a namespace behind a veth),
 two pods on one bridge, egress through masquerading, --net=none and --net=user, DNS and hosts files, teardown
-after normal runs, failed runs and a SIGKILLed run."""
+after normal runs, failed runs and a SIGKILLed run; each pod test on both stage1 backends (qemu, libvirt)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmrkt.net import firewall
+from kvmrkt.net import firewall, taps
 
 from .conftest import Kvmrkt, net_leaks, net_snapshot, use_backend
 from .registry import free_port
@@ -59,6 +59,16 @@ def http_get(url: str, *, netns: str | None = None, timeout: float = 60) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def kvmrkt(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> Kvmrkt:
+    """The pod tests of this module run on both backends (a libvirt pod's taps are lent to libvirtd's namespace
+    while its domain is created: ``kvmrkt.net.taps``); ``QEMU_ONLY`` marks the tests of one backend's features."""
+    return use_backend(kvmrkt, request, request.param) if request.param != "qemu" else kvmrkt
+
+
+QEMU_ONLY = pytest.mark.parametrize("kvmrkt", ["qemu"], indirect=True)
 
 
 @dataclass
@@ -252,6 +262,7 @@ def test_dns_host_copies_the_host_files(kvmrkt: Kvmrkt) -> None:
     assert hosts.startswith(Path("/etc/hosts").read_text())
 
 
+@QEMU_ONLY
 def test_user_mode_networking_forwards_ports(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
     port = free_port()
     before = net_snapshot()
@@ -284,6 +295,29 @@ def test_no_leaks_after_twenty_runs_and_a_killed_run(kvmrkt: Kvmrkt, tmp_path: P
     assert not list((kvmrkt.data / "pods").glob(f"*/{uuid}"))
 
 
+@pytest.mark.parametrize("kvmrkt", ["libvirt"], indirect=True)
+def test_gc_deletes_the_taps_a_killed_libvirt_launch_left_lent(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    """A libvirt launch killed between lending its taps to the host's namespace and bringing them back leaves
+    ``kvt<uuid>N`` taps there: gc deletes them, and nothing else. (The kill cannot be timed into that window, so
+    the leftover is made by hand, with the name the pod's launch gives it; a veth with such a name is no tap.)"""
+    before = net_snapshot()
+    uuid, proc = start_pod(kvmrkt, tmp_path, "--net=default", script="sleep 600")
+    stray, other = taps.host_name(uuid, 3), taps.host_name(uuid, 4)
+    sh("ip", "tuntap", "add", "dev", stray, "mode", "tap")
+    sh("ip", "link", "add", "name", other, "type", "veth", "peer", "name", f"{other[:-1]}p")
+    try:
+        proc.kill()
+        proc.communicate(timeout=30)
+        kvmrkt.ok("gc", "--grace-period=0s")
+        assert not Path(f"/sys/class/net/{stray}").exists()
+        assert Path(f"/sys/class/net/{other}").exists()
+        assert net_leaks(before) == {}
+    finally:
+        subprocess.run(["ip", "link", "delete", stray], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "delete", other], check=False, capture_output=True)
+
+
+@QEMU_ONLY
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["--net=nosuch"], 2, "unknown network(s): nosuch"),
     (["--net=host"], 2, "--net=host is not possible"),
@@ -293,7 +327,6 @@ def test_no_leaks_after_twenty_runs_and_a_killed_run(kvmrkt: Kvmrkt, tmp_path: P
     (["--net=default,default"], 2, "given twice"),
     (["--net=none", "--dns", "not-an-ip"], 2, "not an IP address"),
     (["--net=none", "--hosts-entry", "192.0.2.1"], 2, "expected IP=HOSTNAME"),
-    (["--net=default", "--stage1=libvirt"], 2, "cannot run --net=default"),
 ])
 def test_bad_network_flags_are_refused_before_anything_is_created(
     kvmrkt: Kvmrkt, args: list[str], code: int, message: str
@@ -305,6 +338,7 @@ def test_bad_network_flags_are_refused_before_anything_is_created(
     assert net_leaks(before) == {}
 
 
+@QEMU_ONLY
 @pytest.mark.parametrize(("conf", "code", "message"), [
     ("{not json", 2, "not valid JSON"),
     ('{"cniVersion": "1.0.0", "name": "broken", "type": "nosuchplugin"}', 2, "CNI plugin 'nosuchplugin' not found"),
@@ -324,8 +358,8 @@ def test_broken_network_configs_fail_cleanly(kvmrkt: Kvmrkt, conf: str, code: in
     subprocess.run(["ip", "link", "delete", "kvtbad0"], check=False, capture_output=True)
 
 
-def test_libvirt_backend_runs_user_mode_networking(kvmrkt: Kvmrkt, request: pytest.FixtureRequest) -> None:
-    use_backend(kvmrkt, request, "libvirt")
+@pytest.mark.parametrize("kvmrkt", ["libvirt"], indirect=True)
+def test_libvirt_backend_runs_user_mode_networking(kvmrkt: Kvmrkt) -> None:
     res = kvmrkt.ok("run", "--net=user", *SH, "-c", "ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf")
     assert "eth0    inet 10.0.2.15/24" in res.out and "default via 10.0.2.2 dev eth0" in res.out
     assert "nameserver 10.0.2.3" in res.out
@@ -333,6 +367,7 @@ def test_libvirt_backend_runs_user_mode_networking(kvmrkt: Kvmrkt, request: pyte
     assert res.rc == 2 and "cannot forward ports with --net=user" in res.err
 
 
+@QEMU_ONLY
 def test_debian_cloud_kernel_joins_networks(kvmrkt: Kvmrkt) -> None:
     kvmrkt.write_config('[stage1]\nkernel = "debian-cloud"\nstop_timeout = 3\n')  # virtio_net is a module there
     res = kvmrkt.ok("run", "--net=default", *SH, "-c", "ip -o -4 addr show eth0; ping -c1 -W5 172.16.28.1")

@@ -38,7 +38,7 @@ def test_backends_only_name_their_hypervisor(backend: type[VmStage1], hypervisor
         "name", "hypervisor", "network_modes", "user_port_forwards"}  # no behaviour of their own
     assert (backend.network_modes, backend.user_port_forwards) == (hypervisor.network_modes,
                                                                    hypervisor.user_port_forwards)
-    assert LibvirtStage1.network_modes == {"none", "user"} and not LibvirtStage1.user_port_forwards
+    assert LibvirtStage1.network_modes == {"none", "user", "cni"} and not LibvirtStage1.user_port_forwards
 
 
 class FakeHypervisor(Hypervisor):
