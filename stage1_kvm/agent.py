@@ -148,12 +148,12 @@ def _connect(pod_dir: Path, socket_name: str, *, timeout: float) -> socket.socke
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
-    with socket_path(pod_dir, socket_name) as path:
-        try:
+    try:
+        with socket_path(pod_dir, socket_name) as path:  # the directory itself is gone once the pod exited
             sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot reach the guest agent ({socket_name}): {exc}") from exc
     return sock
 
 

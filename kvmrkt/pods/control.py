@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import IO
 
 from kvmrkt.config import RuntimeConfig
-from kvmrkt.errors import ConfigError, KvmrktError, PodStateError
+from kvmrkt.errors import AgentError, ConfigError, KvmrktError, PodStateError
 from kvmrkt.host.mounts import mounts_under
 from kvmrkt.host.wait import wait_until
 from kvmrkt.pods import jail as jails
@@ -83,8 +83,17 @@ class PodControl:
             raise ConfigError(f"pod {pod.uuid} has no app {app!r}", hint="apps: " + ", ".join(names))
         opts = EnterOptions(stdin=stdin, tty=tty, forward_signals=(signal.SIGTERM,) if tty else
                             (signal.SIGINT, signal.SIGTERM))
-        return backend_for(self.config, pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout,
-                                                   stderr=stderr, opts=opts)
+        try:
+            return backend_for(self.config, pod).enter(pod, manifest, app, argv or ["/bin/sh"], stdout=stdout,
+                                                       stderr=stderr, opts=opts)
+        except AgentError as exc:
+            if not pod.path.exists():  # moved on to exited (or removed) meanwhile
+                raise PodStateError(f"pod {pod.uuid} stopped running before enter reached it",
+                                    state="exited") from None
+            if isinstance(exc.__cause__, FileNotFoundError):  # its supervisor has no session socket (yet/any more)
+                raise PodStateError(f"pod {pod.uuid} is not taking enter sessions: it is starting or stopping",
+                                    state="running", hint="try again, or see `kvmrkt status`") from None
+            raise
 
     def collect(self, pod: Pod) -> bool:
         """Delete a pod directory that this process holds locked, after network and backend cleanup; free its
@@ -132,8 +141,8 @@ class PodControl:
         marked: list[str] = []
         removed: list[str] = []
         for pod in Pod.all(self.config.data_dir):
-            state = pod.state()
-            try:
+            try:  # a pod another process (a second gc, rm) takes meanwhile is its to handle
+                state = pod.state()
                 if state == "exited":
                     pod.lock()
                     self.teardown_network(pod)  # a killed `run` left it: free addresses and ports now
@@ -150,11 +159,12 @@ class PodControl:
             except (PodStateError, FileNotFoundError):
                 continue
         for pod in Pod.all(self.config.data_dir):
-            if pod.state() in ("exited garbage", "garbage") and pod.age() >= grace_period:
-                try:
-                    pod.lock()
-                except (PodStateError, FileNotFoundError):
+            try:
+                if pod.state() not in ("exited garbage", "garbage") or pod.age() < grace_period:
                     continue
-                if self.collect(pod):
-                    removed.append(pod.uuid)
+                pod.lock()
+            except (PodStateError, FileNotFoundError):
+                continue
+            if self.collect(pod):
+                removed.append(pod.uuid)
         return {"marked": marked, "removed": removed}
