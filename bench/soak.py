@@ -713,6 +713,8 @@ def main() -> None:
     try:
         use_bytecode_cache(Path(tmp))
         print(json.dumps(run(Path(tmp), args), indent=2))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: everything was cleaned up on the way out
+        sys.exit("soak: interrupted (cleaned up)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
