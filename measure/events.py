@@ -96,7 +96,10 @@ def encode_record(recnum: int, pcr: int, content_type: str, content: dict[str, A
 
 
 def parse_log(data: bytes) -> list[dict[str, Any]]:
-    """Split a JSON-SEQ log into records (a torn last record, from a crash mid-write, is ignored).
+    """Split a JSON-SEQ log into records. A torn record (no final newline: a crash in the middle of writing it,
+    before its extend, which only follows a complete, fsynced record) is not part of the history and is skipped,
+    wherever later appends left it; hiding a complete record that way cannot help anyone, since its extend is in
+    the PCR and the replay would no longer match.
 
     Raises:
         EventLogError: a record that is not a JSON object.
@@ -106,8 +109,8 @@ def parse_log(data: bytes) -> list[dict[str, Any]]:
     if chunks and chunks[0].strip():
         raise EventLogError("event log does not start with a record separator (not JSON-SEQ)")
     for i, chunk in enumerate(chunks[1:]):
-        if not chunk.endswith(b"\n") and i == len(chunks) - 2:
-            break
+        if not chunk.endswith(b"\n"):
+            continue
         try:
             rec = jsondoc.loads(chunk)
         except ValueError as exc:

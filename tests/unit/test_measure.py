@@ -238,6 +238,7 @@ def test_an_append_after_a_torn_record_numbers_on_from_the_last_complete_one(tmp
         fh.write(b'\x1e{"recnum": 4, "pcr": 15, "conte')
     with log.locked():
         assert log.append(15, Event("app", {"i": 9})) == 4
+    assert [r["recnum"] for r in log.records()] == [0, 1, 2, 3, 4]  # it used to be "record 4 is not valid JSON"
 
 
 def test_an_append_parses_only_the_last_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
