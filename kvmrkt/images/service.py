@@ -42,7 +42,8 @@ class ImageService:
         """
         if sources.is_remote(ref):
             return self.fetch(ref, name=name, pull_policy="update", progress=progress)
-        return sources.import_local(self.store, ref, name=name, progress=progress, gate=self.trust.gate)
+        with self.store.importing():
+            return sources.import_local(self.store, ref, name=name, progress=progress, gate=self.trust.gate)
 
     def fetch(self, ref: str, *, name: str | None = None, pull_policy: str = "update",
               progress: Progress = no_progress) -> ImageRecord:
@@ -53,7 +54,9 @@ class ImageService:
         """
         if not sources.is_remote(ref):
             if sources.is_source(ref):
-                return sources.import_local(self.store, ref, name=name, progress=progress, gate=self.trust.gate)
+                with self.store.importing():
+                    return sources.import_local(self.store, ref, name=name, progress=progress,
+                                                gate=self.trust.gate)
             return self.store.resolve(ref)
         rref = oci.parse_registry_ref(ref.split("://", 1)[1])
         if pull_policy in ("new", "never"):
@@ -64,9 +67,10 @@ class ImageService:
                 raise ImageNotFoundError(f"{ref} is not in the store and --pull-policy=never forbids fetching it")
         from kvmrkt.images import registry  # network code only for network references
 
-        return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
-                              insecure=self.config.insecure_options, name=name, progress=progress,
-                              gate=self.trust.gate)
+        with self.store.importing():
+            return registry.fetch(self.store, rref, config_dir=self.config.config_dir,
+                                  insecure=self.config.insecure_options, name=name, progress=progress,
+                                  gate=self.trust.gate)
 
     def for_pod(self, ref: str, pull_policy: str, progress: Progress) -> ImageRecord:
         """The image an app names: fetched or imported when ``ref`` is a source, else from the store."""
@@ -108,7 +112,10 @@ class ImageService:
         rows = self.store.db.execute("SELECT id, last_used FROM images").fetchall()
         for image_id, last_used in rows:
             if image_id not in in_use and now - last_used >= grace_period:
-                record = self.store.get(image_id)
+                try:
+                    record = self.store.get(image_id)
+                except ImageNotFoundError:
+                    continue  # another gc (or image rm) removed it meanwhile
                 self.store.remove(record)
                 removed.append(f"{record.id} {record.name}")
         return {"images": removed, "files": self.store.gc_files()}

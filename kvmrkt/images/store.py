@@ -8,6 +8,7 @@ Role: the only module that writes image files. Layout under ``DATA_DIR/cas``::
     tmp/                   work area (0700): partial downloads, unpacked trees; never visible as an image
                            (each entry locked by its maker, see ``kvmrkt.images.scratch``; gc removes dead ones at once)
     lock                   flock held by writers
+    imports.lock           flock held shared by running imports, exclusively by gc (``importing``)
 
 Every write lands in ``tmp`` and is renamed into place, so an interrupted import or fetch leaves no half image,
 and what completed (whole blobs) is reused by a rerun. Trust boundary: images are hostile input. Blobs are
@@ -27,10 +28,10 @@ import shutil
 import sqlite3
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from kvmrkt.digest import Digest
 from kvmrkt.errors import CommandError, DigestMismatchError, ImageError, ImageNotFoundError
@@ -63,6 +64,43 @@ class _HashingReader:
             )
 
 
+_T = TypeVar("_T")
+
+
+class _Index:
+    """The store's SQLite index: each statement's rows read at once, and a database that cannot be read (damaged,
+    not a database, locked past the busy timeout) an ``ImageError`` naming the file, never a traceback. kvmrkt
+    does not repair it: the blobs it indexes are intact, and what to keep is the operator's call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = self._guard(lambda: sqlite3.connect(path, timeout=60, isolation_level=None))
+
+    def _guard(self, step: Callable[[], _T]) -> _T:
+        try:
+            return step()
+        except sqlite3.DatabaseError as exc:
+            raise ImageError(f"the image store's index {self.path} cannot be read: {exc}",
+                             hint="restore it from a backup, or move the store's cas directory aside and import "
+                                  "the images again") from exc
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> _Rows:
+        return _Rows(self._guard(lambda: self.conn.execute(sql, params).fetchall()))
+
+
+class _Rows:
+    """A statement's rows, already read."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+
 SHM = Path("/dev/shm")
 LEGACY_SCRATCH_PREFIX = "kvmrkt-unpack-"  # world-creatable names of older versions: only our own are removed
 
@@ -90,7 +128,7 @@ class Store:
         self.root = data_dir / "cas"
         self.limits = limits or LayerLimits()
         self.scratch = scratch
-        self._db: sqlite3.Connection | None = None
+        self._db: _Index | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -100,11 +138,11 @@ class Store:
         os.chmod(self.root, 0o700)
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> _Index:
         """The index (created on first use; WAL so readers never block on a writer)."""
         if self._db is None:
             self._dirs()
-            db = sqlite3.connect(self.root / "index.db", timeout=60, isolation_level=None)
+            db = _Index(self.root / "index.db")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=60000")
             db.execute("CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, "
@@ -122,6 +160,24 @@ class Store:
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def importing(self) -> Iterator[None]:
+        """Held (shared) by an import or fetch from its first blob to its record, so that ``gc_files``, which takes
+        it exclusively, never deletes a blob or rootfs an import has written (or found in the store) but not yet
+        recorded; gc waits for the imports running when it starts."""
+        with self._imports_lock(fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def _imports_lock(self, how: int) -> Iterator[None]:
+        self._dirs()
+        fd = os.open(self.root / "imports.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, how)
             yield
         finally:
             os.close(fd)
@@ -486,7 +542,7 @@ class Store:
         """Delete blobs and rootfs files no image refers to, and work entries whose maker is gone (older
         versions' unlocked ``/dev/shm`` trees once they are ``tmp_age`` old)."""
         removed: list[str] = []
-        with self.locked():
+        with self._imports_lock(fcntl.LOCK_EX), self.locked():
             records = self.images()
             keep_blobs = self._referenced(records)
             keep_rootfs = {Digest.parse(r.rootfs).hex for r in records}
