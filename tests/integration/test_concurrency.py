@@ -6,6 +6,7 @@ the state is consistent: ``list`` and ``status`` work, the store verifies, and (
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -122,3 +123,25 @@ def test_trust_writes_while_run_loads_the_policy(kvmrkt: Kvmrkt, tmp_path: Path)
     listed = kvmrkt.ok("trust", "list").out
     assert all(f"example.com/p{i}" in listed for i in range(4)), listed
     kvmrkt.ok("policy", "check", str(kvmrkt.config))
+
+
+def test_imports_racing_image_gc(kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path) -> None:
+    """Imports of new images while ``image gc`` runs: an import never fails because gc removed what it was
+    writing (gc may remove a finished, unused image: that is what --grace-period=0s asks), and whatever is
+    left verifies."""
+    layout, bundle = tmp_path / "layout", tmp_path / "bundle"
+    subprocess.run(["cp", "-a", str(busybox_layout), str(layout)], check=True)
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:latest", str(bundle)], check=True,
+                   capture_output=True)
+    for i in range(4):
+        (bundle / "rootfs" / f"variant-{i}").write_bytes(os.urandom(256 << 10))
+        subprocess.run(["umoci", "repack", "--image", f"{layout}:v{i}", str(bundle)], check=True, capture_output=True)
+    for _round in range(2):
+        imports = [["image", "import", f"oci:{layout}:v{i}", "--name", f"variant-{i}"] for i in range(4)]
+        gcs = [["image", "gc", "--grace-period=0s"]] * 3
+        results = together(kvmrkt, *[c for pair in zip(imports, [*gcs, gcs[0]], strict=True) for c in pair])
+        for argv, res in zip([c for pair in zip(imports, [*gcs, gcs[0]], strict=True) for c in pair], results,
+                             strict=True):
+            assert res.rc == 0 and "Traceback" not in res.err, f"{argv}: exit {res.rc}: {res.err}"
+        for image in json.loads(kvmrkt.ok("image", "list", "--format", "json").out):
+            kvmrkt.ok("image", "verify", image["id"])

@@ -1,0 +1,174 @@
+"""Faults at the worst moments, with real components: ``kill -9`` of ``kvmrkt run`` at each stage of a launch (the
+CLI's own timeline stamps, ``kvmrkt.host.timeline``, say when a stage is reached), of QEMU and of the guest's
+app, of the TPM during a launch and of a CNI plugin in the middle of its ADD; damaged files (a truncated pod
+manifest, a corrupted store database, a half-written measurement log record). After each, the failing command
+itself or the next ``kvmrkt gc`` leaves the host clean (the fixture's census: processes, networks, jail), what
+remains of the store verifies, the measurement log replays, and no later command ends in a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, Kvmrkt, Result, start_swtpm, stop_swtpm
+
+SH = ["busybox", "--exec", "/bin/sh", "--"]
+# Stages of `kvmrkt run` in order (see the stamp() calls); killing at one means killing while the next is done.
+STAGES = ["image-resolved", "pod-prepared", "network-up", "jail-built", "qemu-spawned", "measured", "guest-ready",
+          "app-started", "vm-exited"]
+
+
+def no_traceback(res: Result) -> Result:
+    assert "Traceback" not in res.err, res.err
+    return res
+
+
+def healthy(kvmrkt: Kvmrkt) -> None:
+    """What every fault must leave: gc cleans up, the store verifies, the measurement log replays, and a pod
+    runs again."""
+    no_traceback(kvmrkt.ok("gc", "--grace-period=0s", "--expire-prepared=0s"))
+    assert json.loads(no_traceback(kvmrkt.ok("list", "--format", "json")).out) == []
+    no_traceback(kvmrkt.ok("image", "verify", "busybox"))
+    assert kvmrkt.ok("run", *SH, "-c", "echo again").out == "again\n"
+    log = no_traceback(kvmrkt.ok("attest", "log"))  # exit 0: it replays, with no tamper evidence in it
+    assert "TAMPER" not in log.out + log.err, log.out + log.err
+    no_traceback(kvmrkt.ok("gc", "--grace-period=0s"))
+
+
+def run_until(kvmrkt: Kvmrkt, stage: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``kvmrkt run ARGS`` and return it once it has stamped ``stage`` (or ended without reaching it)."""
+    rfd, wfd = os.pipe()
+    proc = subprocess.Popen(kvmrkt.argv("run", *args), env={**os.environ, "KVMRKT_TIMELINE_FD": str(wfd)},
+                            pass_fds=[wfd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    kvmrkt.procs.append(proc)
+    os.close(wfd)
+    reached = []
+    with os.fdopen(rfd, "rb") as stamps:
+        for line in stamps:
+            reached.append(line.split()[2].decode())
+            if reached[-1] == stage:
+                return proc
+    raise AssertionError(f"kvmrkt run ended before {stage} (reached {reached}): {proc.communicate()[1]}")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_9_of_kvmrkt_run_at_each_stage(kvmrkt: Kvmrkt, stage: str) -> None:
+    proc = run_until(kvmrkt, stage, "--net=default", *SH, "-c", "sleep 1")
+    proc.kill()
+    proc.communicate(timeout=60)
+    pods = json.loads(no_traceback(kvmrkt.ok("list", "--format", "json")).out)
+    for pod in pods:
+        no_traceback(kvmrkt.ok("status", str(pod["uuid"])))
+    healthy(kvmrkt)
+
+
+def test_kill_9_of_qemu(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), "--net=default", *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    pid = json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err and "kvmrkt" in err, err
+    healthy(kvmrkt)
+
+
+def test_kill_9_of_the_guest_app(kvmrkt: Kvmrkt) -> None:
+    """The app dies of SIGKILL (sent by itself: ``enter`` runs in a PID namespace of its own, so it cannot see
+    the app's processes): the run ends with 137 and the host is clean."""
+    res = kvmrkt("run", "--net=default", *SH, "-c", "trap '' TERM; echo up; sleep 1; kill -9 $$; echo survived")
+    assert res.rc == 137 and res.out == "up\n" and "Traceback" not in res.err, (res.rc, res.out, res.err)
+    healthy(kvmrkt)
+
+
+def test_the_tpm_dies_during_a_launch(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    """The TPM is killed (-9) while a launch is on its way to measuring: the launch fails closed (exit 5, naming
+    the TPM) and no VM runs; once the TPM is back (restarted on its state: a TPM reset, as kvmrkt sees it) pods
+    run and the log says the TPM was reset, not that it was tampered with."""
+    (tmp_path / "tpm").mkdir()
+    tpm = start_swtpm(tmp_path / "tpm")
+    try:
+        config = (kvmrkt.config / "config.toml").read_text().replace(kvmrkt.tcti, tpm.tcti)
+        (kvmrkt.config / "config.toml").write_text(config)
+        kvmrkt.ok("run", *SH, "-c", "true")  # the log now starts on this TPM
+        proc = run_until(kvmrkt, "network-up", *SH, "-c", "true")
+        tpm.proc.kill()
+        tpm.proc.wait()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 5 and "Traceback" not in err and "TPM" in err, (proc.returncode, err)
+        no_traceback(kvmrkt.ok("gc", "--grace-period=0s"))
+        tpm = start_swtpm(tmp_path / "tpm", tpm.port)
+        res = kvmrkt.ok("run", *SH, "-c", "true")
+        assert "the TPM was reset" in res.err and "TAMPER" not in res.err, res.err
+        healthy(kvmrkt)
+    finally:
+        stop_swtpm(tpm)
+
+
+def test_a_cni_plugin_killed_in_the_middle_of_its_add(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    plugins = tmp_path / "cni"
+    plugins.mkdir()
+    pidfile = tmp_path / "plugin.pid"
+    (plugins / "stuck").write_text(f"#!/bin/sh\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\necho $$ > {pidfile}\n"
+                                   "exec sleep 600\n")
+    (plugins / "stuck").chmod(0o755)
+    (kvmrkt.config / "net.d").mkdir()
+    (kvmrkt.config / "net.d" / "10-stuck.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "stuck", "plugins": [{"type": "stuck"}]}))
+    config = (kvmrkt.config / "config.toml").read_text()
+    config = config.replace("[network]\n", f'[network]\nplugin_dirs = ["{plugins}", "/usr/lib/cni"]\n')
+    (kvmrkt.config / "config.toml").write_text(config)
+    proc = kvmrkt.start("run", "--net=stuck", *SH, "-c", "true")
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None, "the plugin never ran"
+        time.sleep(0.05)
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 9 and "stuck" in err and "Traceback" not in err, (proc.returncode, err)
+    healthy(kvmrkt)
+
+
+def test_a_truncated_pod_manifest(kvmrkt: Kvmrkt) -> None:
+    uuid = kvmrkt.ok("prepare", "--quiet", *SH, "-c", "true").out.strip()
+    manifest = next((kvmrkt.data / "pods").glob(f"*/{uuid}")) / "pod"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    for args in (["list"], ["status", uuid], ["cat-manifest", uuid]):
+        no_traceback(kvmrkt(*args))
+    res = no_traceback(kvmrkt("run-prepared", uuid))
+    assert res.rc != 0 and "pod" in res.err and uuid in res.err, res.err
+    healthy(kvmrkt)
+    assert kvmrkt("status", uuid).rc == 7
+
+
+def test_a_corrupted_store_database(kvmrkt: Kvmrkt) -> None:
+    """The store's index is damaged: every command that needs it says so and names the file (exit 3, no
+    traceback); what to rebuild is the operator's call (the blobs are intact), so kvmrkt changes nothing."""
+    db = kvmrkt.data / "cas" / "index.db"
+    for part in (db, db.with_name("index.db-wal")):  # its pages may all still be in the write-ahead log
+        if part.exists():
+            data = bytearray(part.read_bytes())
+            data[0:4096] = os.urandom(min(4096, len(data)))
+            part.write_bytes(bytes(data))
+    before = db.read_bytes()
+    for args in (["image", "list"], ["run", *SH, "-c", "true"], ["image", "verify", "busybox"]):
+        res = no_traceback(kvmrkt(*args))
+        assert res.rc == 3 and f"index {db} cannot be read" in res.err, (args, res.rc, res.err)
+    assert db.read_bytes() == before
+    no_traceback(kvmrkt.ok("gc", "--grace-period=0s"))  # pods do not need the index
+
+
+def test_a_half_written_measurement_log_record(kvmrkt: Kvmrkt) -> None:
+    """A crash in the middle of appending a record leaves a torn one at the log's end: later launches append
+    after it, and the log still replays (the torn record, never extended, is not part of the history)."""
+    kvmrkt.ok("run", *SH, "-c", "true")
+    log = next((kvmrkt.data / "measure").glob("*.cel"))
+    with log.open("ab") as f:
+        f.write(b'\x1e{"recnum": 99, "pcr": 15, "content_type": "kvmrkt-ev')
+    healthy(kvmrkt)
