@@ -8,6 +8,7 @@ boundary: operator input; nothing here touches images, pods or processes directl
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import json
@@ -167,4 +168,15 @@ def _main() -> None:
             raise
         click.echo(f"kvmrkt: error: {exc.diagnostics()}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the host ran out of something, wherever a command was writing: no traceback
+        if debug or exc.errno not in HOST_FAULTS:
+            raise
+        click.echo(f"kvmrkt: error: {exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+                   + "\n  hint: free space or fix the filesystem, then try again (kvmrkt gc and kvmrkt image gc remove "
+                     "what is no longer needed, including what a failed command left)", err=True)
+        sys.exit(1)
     sys.exit(0)
+
+
+# A full, over-quota, read-only or failing filesystem: reported as such by every command.
+HOST_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,49 @@ def test_a_half_written_measurement_log_record(kvmrkt: Kvmrkt) -> None:
     with log.open("ab") as f:
         f.write(b'\x1e{"recnum": 99, "pcr": 15, "content_type": "kvmrkt-ev')
     healthy(kvmrkt)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MiB ext4 filesystem on a loop device (no blocks reserved for root), unmounted after the test."""
+    image, mnt = tmp_path / "small.img", tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@contextmanager
+def nearly_full(fs: Path, keep: int) -> Iterator[None]:
+    """Fill ``fs`` up to ``keep`` free bytes for the block; free it after."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    with filler.open("wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, max(st.f_bavail * st.f_frsize - keep, 1))
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+def test_enospc_during_import_and_prepare(kvmrkt: Kvmrkt, busybox_layout: Path, small_fs: Path) -> None:
+    """The data dir's filesystem is full: import and prepare fail with the system's reason (no traceback), leave
+    no half image, work file or pod behind, and once there is room again the same commands work."""
+    small = Kvmrkt(small_fs / "data", kvmrkt.config, kvmrkt.tcti)
+    with nearly_full(small_fs, keep=512 << 10):
+        res = no_traceback(small("image", "import", f"oci:{busybox_layout}:latest", "--name", "busybox"))
+        assert res.rc != 0 and "No space left on device" in res.err, (res.rc, res.err)
+        assert json.loads(small.ok("image", "list", "--format", "json").out) == []
+        assert not list((small.data / "cas" / "tmp").iterdir())
+    small.ok("image", "import", f"oci:{busybox_layout}:latest", "--name", "busybox")
+    small.ok("image", "verify", "busybox")
+    with nearly_full(small_fs, keep=0):
+        res = no_traceback(small("prepare", "--quiet", *SH, "-c", "true"))
+        assert res.rc != 0 and "No space left on device" in res.err, (res.rc, res.err)
+        no_traceback(small.ok("gc", "--grace-period=0s", "--expire-prepared=0s"))
+    healthy(small)
+    assert not list((small.data / "pods").glob("*/*-*"))
