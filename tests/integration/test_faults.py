@@ -220,3 +220,37 @@ def test_enospc_during_import_and_prepare(kvmrkt: Kvmrkt, busybox_layout: Path, 
         no_traceback(small.ok("gc", "--grace-period=0s", "--expire-prepared=0s"))
     healthy(small)
     assert not list((small.data / "pods").glob("*/*-*"))
+
+
+def killed_after(kvmrkt: Kvmrkt, delay: float, *args: str) -> None:
+    """Start a kvmrkt command, SIGKILL it after ``delay`` seconds (if it is still running)."""
+    proc = kvmrkt.start(*args)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
+def test_kill_9_during_import(kvmrkt: Kvmrkt, busybox_layout: Path, tmp_path: Path, delay: float) -> None:
+    fresh = Kvmrkt(tmp_path / "fresh", kvmrkt.config, kvmrkt.tcti)
+    killed_after(fresh, delay, "image", "import", f"oci:{busybox_layout}:latest", "--name", "busybox")
+    for image in json.loads(no_traceback(fresh.ok("image", "list", "--format", "json")).out):
+        fresh.ok("image", "verify", image["id"])  # whatever the killed import recorded is whole
+    no_traceback(fresh.ok("image", "gc", "--grace-period=0s"))  # sweeps the dead import's work files
+    assert not list((fresh.data / "cas" / "tmp").iterdir())
+    fresh.ok("image", "import", f"oci:{busybox_layout}:latest", "--name", "busybox")
+    healthy(fresh)
+
+
+def test_kill_9_during_stop_and_during_gc(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), "--net=default", *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    killed_after(kvmrkt, 0.2, "stop", uuid)
+    no_traceback(kvmrkt("status", uuid))
+    no_traceback(kvmrkt.ok("stop", uuid))  # a stop again, whole this time
+    proc.communicate(timeout=60)
+    for code in range(3):
+        assert kvmrkt("run", "--net=default", *SH, "-c", f"exit {code}").rc == code
+    killed_after(kvmrkt, 0.3, "gc", "--grace-period=0s")
+    healthy(kvmrkt)
