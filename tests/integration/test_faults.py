@@ -82,8 +82,8 @@ def test_kill_9_of_qemu(kvmrkt: Kvmrkt, tmp_path: Path) -> None:
 
 
 def test_kill_9_of_the_guest_app(kvmrkt: Kvmrkt) -> None:
-    """The app dies of SIGKILL (sent by itself: ``enter`` runs in a PID namespace of its own, so it cannot see
-    the app's processes): the run ends with 137 and the host is clean."""
+    """The app dies of SIGKILL (sent by itself: a kill sent through ``enter`` would race the end of the enter
+    session's own command, which dies with the app's PID namespace): the run ends with 137, the host is clean."""
     res = kvmrkt("run", "--net=default", *SH, "-c", "trap '' TERM; echo up; sleep 1; kill -9 $$; echo survived")
     assert res.rc == 137 and res.out == "up\n" and "Traceback" not in res.err, (res.rc, res.out, res.err)
     healthy(kvmrkt)
