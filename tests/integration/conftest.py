@@ -109,6 +109,19 @@ def _answers(sock_path: str) -> bool:
     return True
 
 
+# The pid file of the libvirtd this test session started (None: it found one running, which it must not stop).
+OWN_LIBVIRTD: list[Path] = []
+
+
+def start_libvirtd(pidfile: Path) -> None:
+    """Start libvirtd as a daemon writing ``pidfile``, and wait until it answers."""
+    subprocess.run(["libvirtd", "-d", "-p", str(pidfile)], check=True)
+    deadline = time.monotonic() + 30
+    while not _answers("/run/libvirt/libvirt-sock"):
+        assert time.monotonic() < deadline, "libvirtd did not start"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real libvirtd (and virtlogd) on the system URI: the one running, or one started here and stopped after."""
@@ -123,11 +136,8 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not _answers("/run/libvirt/virtlogd-sock"):
         subprocess.run(["virtlogd", "-d", "-p", str(pids / "virtlogd.pid")], check=True)
         started.append("virtlogd")
-    subprocess.run(["libvirtd", "-d", "-p", str(pids / "libvirtd.pid")], check=True)
-    deadline = time.monotonic() + 30
-    while not _answers("/run/libvirt/libvirt-sock"):
-        assert time.monotonic() < deadline, "libvirtd did not start"
-        time.sleep(0.1)
+    start_libvirtd(pids / "libvirtd.pid")
+    OWN_LIBVIRTD.append(pids / "libvirtd.pid")
     yield uri
     for name in started:
         pid = int((pids / f"{name}.pid").read_text())
@@ -218,7 +228,7 @@ def net_snapshot() -> dict[str, set[str]]:
         "veth": {link["ifname"] for link in json.loads(out("ip", "-j", "link", "show"))
                  if link["ifname"].startswith("veth")},
         "rules": {ln for ln in out("iptables-save").splitlines()
-                  if (ln.startswith("-A") and 'id: \"' in ln) or ln.startswith(":KVMRKT-")},
+                  if (ln.startswith("-A") and 'id: \\"' in ln) or ln.startswith(":KVMRKT-")},
         "lent taps": {p.name for p in Path("/sys/class/net").glob("kvt*") if (p / "tun_flags").exists()},
     }
 
@@ -257,8 +267,60 @@ def jail_leaks(data: Path) -> list[str]:
 
 
 def net_leaks(before: dict[str, set[str]]) -> dict[str, set[str]]:
-    """What exists now and did not in ``before``."""
-    return {k: v - before[k] for k, v in net_snapshot().items() if v - before[k]}
+    """What exists now and did not in ``before``, less what belongs to another session's live pods (suites and
+    benches run side by side on one host: their pods are not this test's leaks)."""
+    now = net_snapshot()
+    new = {k: v - before[k] for k, v in now.items() if v - before[k]}
+    foreign = _foreign_pods() if new else set()
+    if not foreign:
+        return new
+    names = {f"kvmrkt-{u}" for u in foreign}
+    ids = {str(ns.get("id")) for ns in json.loads(_out("ip", "-j", "netns", "list") or "[]") if ns["name"] in names}
+    veths = {link["ifname"] for link in json.loads(_out("ip", "-j", "link", "show"))
+             if str(link.get("link_netnsid")) in ids}
+    rules = {ln for ln in new.get("rules", set()) if any(f'id: \\"{u}\\"' in ln for u in foreign)}
+    chains = {m.group(1) for ln in rules for m in [re.search(r"-j (KVMRKT-[0-9A-F]+)", ln)] if m}
+    theirs = {"netns": names, "veth": veths, "lent taps": {p for p in new.get("lent taps", set())
+                                                           if any(p.startswith(f"kvt{u.replace('-', '')[:10]}")
+                                                                  for u in foreign)},
+              "rules": rules | {ln for ln in new.get("rules", set()) if ln.split()[0][1:] in chains}}
+    new = {k: v - theirs.get(k, set()) for k, v in new.items()}
+    return {k: v for k, v in new.items() if v}
+
+
+def _out(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+POD_DIR = re.compile(r"/pods/[a-z-]+/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(/|$)")
+SESSION_TMP: list[str] = []  # this test session's temporary base directory (every test's data dir is under it)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    SESSION_TMP.append(str(tmp_path_factory.getbasetemp()))
+
+
+def _foreign_pods() -> set[str]:
+    """The uuids of pods whose directory a live process holds open outside this session's temporary directory
+    (a pod's supervising ``kvmrkt`` holds its directory locked from its creation to its end)."""
+    found: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            m = POD_DIR.search(target)
+            if m and not any(target.startswith(base) for base in SESSION_TMP):
+                found.add(m.group(1))
+    return found
 
 
 @dataclass

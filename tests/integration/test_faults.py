@@ -1,7 +1,8 @@
 """Faults at the worst moments, with real components: ``kill -9`` of ``kvmrkt run`` at each stage of a launch (the
 CLI's own timeline stamps, ``kvmrkt.host.timeline``, say when a stage is reached), of QEMU and of the guest's
 app, of the TPM during a launch and of a CNI plugin in the middle of its ADD; damaged files (a truncated pod
-manifest, a corrupted store database, a half-written measurement log record). After each, the failing command
+manifest, a corrupted store database, a half-written measurement log record), a full filesystem under the data
+dir, and libvirtd killed under a running libvirt pod. After each, the failing command
 itself or the next ``kvmrkt gc`` leaves the host clean (the fixture's census: processes, networks, jail), what
 remains of the store verifies, the measurement log replays, and no later command ends in a traceback."""
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Kvmrkt, Result, start_swtpm, stop_swtpm
+from .conftest import OWN_LIBVIRTD, REPO, Kvmrkt, Result, start_libvirtd, start_swtpm, stop_swtpm, use_backend
 
 SH = ["busybox", "--exec", "/bin/sh", "--"]
 # Stages of `kvmrkt run` in order (see the stamp() calls); killing at one means killing while the next is done.
@@ -253,4 +254,31 @@ def test_kill_9_during_stop_and_during_gc(kvmrkt: Kvmrkt, tmp_path: Path) -> Non
     for code in range(3):
         assert kvmrkt("run", "--net=default", *SH, "-c", f"exit {code}").rc == code
     killed_after(kvmrkt, 0.3, "gc", "--grace-period=0s")
+    healthy(kvmrkt)
+
+
+def test_kill_9_of_libvirtd_while_a_libvirt_pod_runs(kvmrkt: Kvmrkt, request: pytest.FixtureRequest,
+                                                     tmp_path: Path) -> None:
+    """libvirtd dies (-9) under a running libvirt pod: the pod runs on (its QEMU is not libvirtd's child, and
+    status and enter go through kvmrkt's own supervisor), a forced stop says libvirtd is unreachable (no
+    traceback), and once libvirtd is back the pod stops and gc leaves the host clean."""
+    use_backend(kvmrkt, request, "libvirt")
+    if not OWN_LIBVIRTD:
+        pytest.skip("libvirtd was running before this test session: only one it started may be killed")
+    uuid_file = tmp_path / "uuid"
+    proc = kvmrkt.start("run", "--uuid-file-save", str(uuid_file), "--net=default", *SH, "-c", "sleep 600")
+    uuid = kvmrkt.wait_running(uuid_file)
+    pidfile = OWN_LIBVIRTD[0]
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    try:
+        assert json.loads(kvmrkt.ok("status", "--format", "json", uuid).out)["state"] == "running"
+        assert kvmrkt.ok("enter", uuid, "/bin/echo", "still-here").out == "still-here\n"
+        res = no_traceback(kvmrkt("stop", "--force", uuid))
+        assert res.rc != 0 and "libvirt" in res.err, (res.rc, res.err)
+    finally:
+        pidfile.unlink(missing_ok=True)
+        start_libvirtd(pidfile)
+    kvmrkt.ok("stop", uuid)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143, proc.returncode
     healthy(kvmrkt)
