@@ -25,18 +25,18 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO
 
 from kvmrkt.digest import Digest
 from kvmrkt.errors import CommandError, DigestMismatchError, ImageError, ImageNotFoundError
 from kvmrkt.host import proc as _proc
 from kvmrkt.images import scratch
+from kvmrkt.images.index import Index
 from kvmrkt.images.layers import LayerApplier, LayerLimits
 from kvmrkt.images.records import ImageRecord, Progress, Readable, Staged, no_progress, normalise_name, passwd_tables
 
@@ -62,43 +62,6 @@ class _HashingReader:
                 f"(its bytes hash to {self.digest.algorithm}:{self.h.hexdigest()})",
                 hint="it was deleted; fetch or import the image again",
             )
-
-
-_T = TypeVar("_T")
-
-
-class _Index:
-    """The store's SQLite index: each statement's rows read at once, and a database that cannot be read (damaged,
-    not a database, locked past the busy timeout) an ``ImageError`` naming the file, never a traceback. kvmrkt
-    does not repair it: the blobs it indexes are intact, and what to keep is the operator's call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.conn = self._guard(lambda: sqlite3.connect(path, timeout=60, isolation_level=None))
-
-    def _guard(self, step: Callable[[], _T]) -> _T:
-        try:
-            return step()
-        except sqlite3.DatabaseError as exc:
-            raise ImageError(f"the image store's index {self.path} cannot be read: {exc}",
-                             hint="restore it from a backup, or move the store's cas directory aside and import "
-                                  "the images again") from exc
-
-    def execute(self, sql: str, params: tuple[object, ...] = ()) -> _Rows:
-        return _Rows(self._guard(lambda: self.conn.execute(sql, params).fetchall()))
-
-
-class _Rows:
-    """A statement's rows, already read."""
-
-    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
-        self.rows = rows
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return self.rows
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        return self.rows[0] if self.rows else None
 
 
 SHM = Path("/dev/shm")
@@ -128,7 +91,7 @@ class Store:
         self.root = data_dir / "cas"
         self.limits = limits or LayerLimits()
         self.scratch = scratch
-        self._db: _Index | None = None
+        self._db: Index | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -138,11 +101,11 @@ class Store:
         os.chmod(self.root, 0o700)
 
     @property
-    def db(self) -> _Index:
+    def db(self) -> Index:
         """The index (created on first use; WAL so readers never block on a writer)."""
         if self._db is None:
             self._dirs()
-            db = _Index(self.root / "index.db")
+            db = Index(self.root / "index.db")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=60000")
             db.execute("CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, "
