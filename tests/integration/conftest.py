@@ -113,6 +113,11 @@ def _answers(sock_path: str) -> bool:
 OWN_LIBVIRTD: list[Path] = []
 
 
+def libvirtd_answers() -> bool:
+    """Whether a libvirtd serves the system URI now."""
+    return _answers("/run/libvirt/libvirt-sock")
+
+
 def start_libvirtd(pidfile: Path) -> None:
     """Start libvirtd as a daemon writing ``pidfile``, and wait until it answers."""
     subprocess.run(["libvirtd", "-d", "-p", str(pidfile)], check=True)
