@@ -258,3 +258,15 @@ def test_an_append_parses_only_the_last_record(tmp_path: Path, monkeypatch: pyte
     with log.locked():
         assert log.append(15, Event("app", {"i": 200})) == 201
     assert len(parsed) == 1
+
+
+def test_a_complete_record_made_torn_by_an_editor_no_longer_replays_to_the_pcr(tmp_path: Path) -> None:
+    """Torn records are skipped (a crash mid-append), so an attacker with the log could try to hide an extended
+    event by deleting its final newline: the record numbers then have a gap, and the replay refuses the log."""
+    log, _ = _log(tmp_path)
+    data = log.path.read_bytes()
+    victim = canonical(json.loads(data.split(RS)[2]))  # the first app event, extended into the PCR
+    log.path.write_bytes(data.replace(victim + b"\n", victim, 1))
+    assert [r["recnum"] for r in log.records()] == [0, 2, 3]
+    with pytest.raises(EventLogError, match="record number 2"):
+        replay(log.records())
